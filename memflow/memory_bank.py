@@ -1,0 +1,228 @@
+"""The memory bank: Narrative Adaptive Memory (NAM) and Sparse Memory Activation (SMA).
+
+The bank holds up to `slots` past latent frames per layer (RoPE'd keys and raw values, one frame
+of tokens per slot). Its life cycle per chunk (spec §3):
+
+1. **stage** (inside the committing clean re-run of chunk n): when the record policy says so, the
+   chunk's first latent frame becomes the pending *prototype* and the count of opened slots
+   becomes n // record_interval + 1.
+2. **refresh** (before any layer runs, on the first denoising call of the next chunk): the
+   prototype is written into the next free slot; once every slot is used, `nam_select` keeps the
+   `slots - 1` stored frames that the chunk's prompt finds most relevant and the prototype is
+   appended.
+3. **read** (every self-attention call): the used slots sit between the sink and the local
+   window; with SMA on, `sma_select` keeps only the top-k sink/bank frames per head.
+
+Invariants: only `refresh` changes the bank's K/V; only `stage` changes the prototype and the
+opened count; denoising calls only read.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import MemoryOptions
+
+
+def nam_scores(
+    text_keys: torch.Tensor,
+    frame_keys: torch.Tensor,
+    frame_len: int,
+    text_mask: torch.Tensor | None,
+    options: MemoryOptions,
+) -> torch.Tensor:
+    """Relevance of each stored frame to the prompt, [B, num_frames].
+
+    text_keys: [B, T, H, D], the cross-attention key projections of the prompt (they act as
+    queries, as in the reference); frame_keys: [B, num_frames * frame_len, H, D].
+
+    "mean_qk" (reference): mean over text positions (padding included), heads and frame tokens of
+    q.k / sqrt(D), no softmax. "softmax_masked": for each real text token and head, softmax over
+    all stored tokens, then the attention mass each frame receives, averaged.
+    """
+    b, length, h, d = frame_keys.shape
+    if options.score_in_fp32:
+        text_keys, frame_keys = text_keys.float(), frame_keys.float()
+    q = text_keys.permute(0, 2, 1, 3).reshape(b * h, -1, d)
+    k = frame_keys.permute(0, 2, 1, 3).reshape(b * h, length, d)
+    logits = torch.bmm(q, k.transpose(1, 2)) * (d**-0.5)  # [B*H, T, L]
+    if options.bank_score == "mean_qk":
+        per_token = logits.mean(dim=1).view(b, h, length).mean(dim=1)
+        return per_token.view(b, -1, frame_len).mean(dim=2)
+    probs = logits.float().softmax(dim=-1).view(b, h, -1, length)
+    if text_mask is None:
+        text_mask = torch.ones(b, probs.shape[2], dtype=torch.bool, device=probs.device)
+    weights = text_mask.to(probs.dtype)[:, None, :, None]
+    count = text_mask.sum(dim=1).clamp(min=1).to(probs.dtype)
+    per_token = (probs * weights).sum(dim=2).mean(dim=1) / count[:, None]
+    return per_token.view(b, -1, frame_len).sum(dim=2)
+
+
+def nam_select(scores: torch.Tensor, keep: int, order: str = "score_desc") -> torch.Tensor:
+    """Indices [B, keep] of the frames to keep: the top `keep` by score, in descending score
+    order (reference) or in temporal/slot order."""
+    keep = min(keep, scores.shape[1])
+    idx = torch.topk(scores, k=keep, dim=1).indices
+    if order == "temporal":
+        idx = idx.sort(dim=1).values
+    return idx
+
+
+def sma_select(
+    q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, frame_len: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse Memory Activation: keep, per head, the `top_k` memory frames most relevant to the
+    query chunk (spec §4).
+
+    q: [B, Lq, H, D] RoPE'd queries of the chunk; mem_k/mem_v: [B, F*frame_len, H, D], the sink
+    and bank frames. Descriptors are token means (one per head for the whole query chunk, one per
+    memory frame); relevance is their inner product. The kept frames stay in temporal order.
+    Returns K/V of shape [B, k*frame_len, H, D] whose frames may differ per head.
+    """
+    b, length, h, d = mem_k.shape
+    frames = length // frame_len
+    k_sel = min(top_k, frames)
+    if k_sel == frames:
+        return mem_k, mem_v
+    phi_q = q.mean(dim=1).unsqueeze(2)  # [B, H, 1, D]
+    k_frames = mem_k.view(b, frames, frame_len, h, d)
+    phi_k = k_frames.mean(dim=2).permute(0, 2, 1, 3)  # [B, H, F, D]
+    relevance = torch.matmul(phi_q, phi_k.transpose(-2, -1)).squeeze(2)  # [B, H, F]
+    idx = torch.topk(relevance, k=k_sel, dim=-1).indices.sort(dim=-1).values  # [B, H, k]
+    gather_idx = idx[..., None, None].expand(-1, -1, -1, frame_len, d)
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        per_head = x.view(b, frames, frame_len, h, d).permute(0, 3, 1, 2, 4)
+        chosen = torch.gather(per_head, 2, gather_idx)  # [B, H, k, frame_len, D]
+        return chosen.reshape(b, h, k_sel * frame_len, d).permute(0, 2, 1, 3)
+
+    return pick(mem_k), pick(mem_v)
+
+
+class MemoryBank:
+    """Per-layer bank buffers [layers, B, slots*frame_len, H, D] plus the staged prototype.
+
+    `opened` counts slots opened so far (the reference's W / frame_len); it grows past `slots`
+    once the bank is saturated, after which refreshes compress instead of inserting.
+    `slot_frames[layer]` and `prototype_frame` track which absolute latent frame each slot holds,
+    for tests and debugging (the tensors are the source of truth; frames are tracked for batch
+    element 0).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        slots: int,
+        frame_len: int,
+        num_heads: int,
+        head_dim: int,
+        record_interval: int,
+        options: MemoryOptions,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.slots = slots
+        self.frame_len = frame_len
+        self.record_interval = record_interval
+        self.options = options
+        shape = (num_layers, batch_size, slots * frame_len, num_heads, head_dim)
+        proto_shape = (num_layers, batch_size, frame_len, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.proto_k = torch.zeros(proto_shape, dtype=dtype, device=device)
+        self.proto_v = torch.zeros(proto_shape, dtype=dtype, device=device)
+        self.opened = 0
+        self.fresh = False
+        self.prototype_frame: int | None = None
+        self.slot_frames: list[list[int | None]] = [[None] * slots for _ in range(num_layers)]
+        self.last_selection: list[list[list[int]]] | None = None  # [layer][batch][kept slot]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def used_slots(self) -> int:
+        return min(self.opened, self.slots)
+
+    def reset(self) -> None:
+        for t in (self.k, self.v, self.proto_k, self.proto_v):
+            t.zero_()
+        self.opened, self.fresh, self.prototype_frame = 0, False, None
+        self.slot_frames = [[None] * self.slots for _ in range(self.num_layers)]
+
+    def wants_prototype(self, chunk_index: int) -> bool:
+        """Whether the commit of this chunk stages a prototype (the record policy, spec Q1)."""
+        if self.slots == 0:
+            return False
+        if self.options.record_policy == "every_chunk":
+            return True
+        return chunk_index % self.record_interval == 0
+
+    def stage_layer(self, layer: int, k_frame: torch.Tensor, v_frame: torch.Tensor) -> None:
+        """Store one layer's prototype (the first frame of the chunk just committed)."""
+        self.proto_k[layer].copy_(k_frame)
+        self.proto_v[layer].copy_(v_frame)
+
+    def finish_stage(self, chunk_index: int, frame_index: int) -> None:
+        """After all layers staged: open the slot this chunk's interval maps to."""
+        self.opened = chunk_index // self.record_interval + 1
+        self.fresh = True
+        self.prototype_frame = frame_index
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The used slots of one layer, in slot order: ([B, used*frame_len, H, D], same for v)."""
+        n = self.used_slots * self.frame_len
+        return self.k[layer, :, :n], self.v[layer, :, :n]
+
+    def refresh(
+        self,
+        text_keys: Callable[[int], torch.Tensor],
+        text_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Insert the prototype into the next slot, or compress when the bank is full.
+
+        `text_keys(layer)` gives that layer's prompt key projections [B, T, H, D] (all zeros when
+        the text cache is empty, which is what the reference scores with right after a switch).
+        Without `reinsert_stale_prototype`, nothing happens unless a new prototype was staged
+        since the last refresh.
+        """
+        if self.opened < 1 or self.slots == 0:
+            return
+        if not self.fresh and not self.options.reinsert_stale_prototype:
+            return
+        if self.opened <= self.slots:
+            lo, hi = (self.opened - 1) * self.frame_len, self.opened * self.frame_len
+            self.k[:, :, lo:hi] = self.proto_k
+            self.v[:, :, lo:hi] = self.proto_v
+            for frames in self.slot_frames:
+                frames[self.opened - 1] = self.prototype_frame
+        else:
+            chosen = [
+                self._compress_layer(layer, text_keys(layer), text_mask)
+                for layer in range(self.num_layers)
+            ]
+            # One device->host transfer for the bookkeeping, not one per layer.
+            self.last_selection = torch.stack(chosen).cpu().tolist()  # [layers, B, keep]
+            for layer, per_batch in enumerate(self.last_selection):
+                old = self.slot_frames[layer]
+                frames = [old[i] for i in per_batch[0]] + [self.prototype_frame]
+                self.slot_frames[layer] = frames + [None] * (self.slots - len(frames))
+        self.fresh = False
+
+    def _compress_layer(
+        self, layer: int, text_keys: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b = self.k.shape[1]
+        scores = nam_scores(text_keys, self.k[layer], self.frame_len, text_mask, self.options)
+        idx = nam_select(scores, self.slots - 1, self.options.keep_order)  # [B, keep]
+        keep = idx.shape[1]
+        shape = (b, self.slots, self.frame_len) + tuple(self.k.shape[-2:])
+        gather_idx = idx.view(b, keep, 1, 1, 1).expand(-1, -1, *shape[2:])
+        for buf, proto in ((self.k, self.proto_k), (self.v, self.proto_v)):
+            kept = torch.gather(buf[layer].view(shape), 1, gather_idx)
+            new = torch.cat([kept, proto[layer].unsqueeze(1)], dim=1)
+            buf[layer, :, : new.shape[1] * self.frame_len] = new.flatten(1, 2)
+        return idx

@@ -1,0 +1,314 @@
+"""The Wan2.1 text-to-video diffusion transformer, bidirectional and causal/streaming.
+
+Parameter names are those of the original Wan2.1 checkpoints (`blocks.0.self_attn.q.weight`, ...)
+so Wan `diffusion_pytorch_model.safetensors` and MemFlow `base.pt` load without renaming.
+
+One module serves every use:
+* `model(x, t, context)`: full bidirectional attention (the Wan teacher / critic);
+* `model(x, t, context, attn_mask=block_causal_mask(...))`: block-causal training forward;
+* `model(x, t, context, stream=state, call=StreamCall...)`: streaming generation through the KV
+  cache, frame sink and memory bank of a `StreamState`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import DiTConfig
+from .rope import RotaryEmbedding, apply_rope
+from .streaming import CallContext, StreamCall, StreamState
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sinusoidal_embedding(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[cos, sin] timestep features computed in float64 (spec §1.3)."""
+    half = dim // 2
+    pos = positions.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    angles = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times the weight (Wan's order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the parameter dtype, cast back to the input's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def block_causal_mask(
+    num_frames: int, frames_per_block: int, frame_len: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Boolean [L, L] mask: a token of chunk i sees every token of chunks 0..i (bidirectional
+    inside its own chunk). This is what a cached chunk-by-chunk forward computes while the
+    window is not exceeded."""
+    block = torch.arange(num_frames, device=device) // frames_per_block
+    token_block = block.repeat_interleave(frame_len)
+    return token_block[:, None] >= token_block[None, :]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        # Wan normalises q/k over all heads together, before the head split.
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, phases: torch.Tensor, layer: int, attend: AttendFn
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        heads = (b, length, self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).view(heads), phases)
+        k = apply_rope(self.norm_k(self.k(x)).view(heads), phases)
+        v = self.v(x).view(heads)
+        return self.o(attend(layer, q, k, v).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to the embedded prompt (all text positions, no mask, no RoPE)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text keys and values [B, T, H, D]; they are cached per prompt while streaming and the
+        keys also serve as the memory bank's retrieval queries."""
+        b, t, _ = context.shape
+        k = self.norm_k(self.k(context)).view(b, t, self.num_heads, -1)
+        v = self.v(context).view(b, t, self.num_heads, -1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, length, self.num_heads, -1)
+        return self.o(attention(q, text_k, text_v).flatten(2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        phases: torch.Tensor,
+        layer: int,
+        attend: AttendFn,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x: [B, F*Lf, dim]; e0: [B, F, 6, dim] per-frame modulation from the timestep."""
+        frames = e0.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(
+            6, dim=2
+        )
+
+        def per_frame(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(1, (frames, -1))
+
+        h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
+        y = self.self_attn(h, phases, layer, attend)
+        x = x + (per_frame(y) * gate1).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x), *text_kv)
+        h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
+        return x + (per_frame(self.ffn(h)) * gate2).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: [B, F*Lf, dim]; e: [B, F, 1, dim], the time embedding (not the projection)."""
+        shift, scale = (self.modulation.unsqueeze(1) + e).chunk(2, dim=2)
+        return self.head(self.norm(x).unflatten(1, (e.shape[1], -1)) * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT. Input latents [B, C, F, h, w], timesteps [B, F] (or [B]), prompt embeddings
+    [B, T<=text_len, text_dim]; output the flow prediction [B, out_dim, F, h, w]."""
+
+    def __init__(self, config: DiTConfig | None = None):
+        super().__init__()
+        cfg = config or DiTConfig()
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.rope = RotaryEmbedding(cfg.head_dim, max_frames=cfg.rope_max_frames)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the prompt embeddings to text_len rows and embed them [B, text_len, dim]."""
+        cfg = self.config
+        b, t, c = context.shape
+        if c != cfg.text_dim or t > cfg.text_len:
+            raise ValueError(
+                f"prompt embeddings {tuple(context.shape)} do not fit text_dim {cfg.text_dim} "
+                f"and text_len {cfg.text_len}"
+            )
+        context = context.to(self.dtype)
+        if t < cfg.text_len:
+            context = torch.cat([context, context.new_zeros(b, cfg.text_len - t, c)], dim=1)
+        return self.text_embedding(context)
+
+    def build_text_cache(self, context: torch.Tensor, stream: StreamState) -> None:
+        """Fill every layer's cross-attention K/V for this prompt (no-op when already built)."""
+        if stream.text.complete:
+            return
+        emb = self.embed_text(context)
+        for i, block in enumerate(self.blocks):
+            if stream.text.k[i] is None:
+                stream.text.set_layer(i, *block.cross_attn.project_text(emb))
+        stream.text.mask = _text_mask(context, self.config.text_len)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        stream: StreamState | None = None,
+        call: StreamCall | None = None,
+        attn_mask: torch.Tensor | None = None,
+        start_frame: int = 0,
+    ) -> torch.Tensor:
+        if (stream is None) != (call is None):
+            raise ValueError("stream and call must be given together")
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"expected latents [B, {cfg.in_dim}, F, h, w], got {tuple(x.shape)}")
+        b, _, frames, height, width = x.shape
+        tokens = self.patch_embedding(x.to(self.dtype))
+        grid = tokens.shape[2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        if t.dim() == 1:
+            t = t[:, None].expand(b, frames)
+        if t.shape != (b, frames):
+            raise ValueError(f"timesteps must be [B, F] = [{b}, {frames}], got {tuple(t.shape)}")
+
+        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.flatten()).type_as(tokens))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, frames))
+
+        ctx: CallContext | None = None
+        if stream is not None:
+            start_frame = call.start_frame
+            ctx = stream.begin(call, frames)
+            if call.refresh_memory:
+                if stream.config.memory.text_keys_before_refresh:
+                    self.build_text_cache(context, stream)
+                stream.bank.refresh(stream.text.keys, stream.text.mask)
+            if stream.text.mask is None:
+                stream.text.mask = _text_mask(context, cfg.text_len)
+        phases = self.rope.phases(start_frame, *grid, device=tokens.device)
+
+        emb: list[torch.Tensor] = []
+
+        def text_embedding() -> torch.Tensor:
+            if not emb:
+                emb.append(self.embed_text(context))
+            return emb[0]
+
+        if ctx is not None:
+            attend: AttendFn = ctx.attend
+        else:
+            if attn_mask is not None:
+                attn_mask = attn_mask.to(tokens.device)
+
+            def attend(layer, q, k, v):
+                return attention(q, k, v, attn_mask)
+
+        for i, block in enumerate(self.blocks):
+            if ctx is not None:
+                text_kv = ctx.text_kv(i, lambda blk=block: blk.cross_attn.project_text(text_embedding()))
+            else:
+                text_kv = block.cross_attn.project_text(text_embedding())
+            tokens = block(tokens, e0, phases, i, attend, text_kv)
+        if ctx is not None:
+            stream.finish(ctx)
+
+        out = self.head(tokens, e.unflatten(0, (b, frames)).unsqueeze(2))
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, out: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+        """[B, F, gh*gw, pt*ph*pw*C] (channels fastest) -> [B, C, F*pt, gh*ph, gw*pw]."""
+        b = out.shape[0]
+        f, gh, gw = grid
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        out = out.reshape(b, f, gh, gw, pt, ph, pw, c)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, f * pt, gh * ph, gw * pw)
+
+
+def _text_mask(context: torch.Tensor, text_len: int) -> torch.Tensor:
+    """True on real prompt rows: the text encoder zeroes padding rows exactly."""
+    real = context.abs().sum(dim=-1) > 0
+    if real.shape[1] < text_len:
+        pad = real.new_zeros(real.shape[0], text_len - real.shape[1])
+        real = torch.cat([real, pad], dim=1)
+    return real

@@ -1,0 +1,60 @@
+"""Flow-matching noise schedule with the reference's timestep shift and warp (spec §5.1-5.2).
+
+Conventions: x_t = (1 - sigma) * x0 + sigma * noise, and the DiT predicts the flow
+v = noise - x0, so x0 = x_t - sigma * v.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class FlowMatchScheduler:
+    """A 1000-entry shifted sigma table; timesteps are 1000 * sigma.
+
+    sigma_lin = linspace(1, 0, 1001)[:1000]; sigma = shift * s / (1 + (shift - 1) * s).
+    Every lookup takes the table entry whose timestep is nearest to the given one.
+    """
+
+    def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000):
+        self.shift = shift
+        self.num_train_timesteps = num_train_timesteps
+        lin = torch.linspace(1.0, 0.0, num_train_timesteps + 1)[:-1]
+        self.sigmas = shift * lin / (1 + (shift - 1) * lin)
+        self.timesteps = self.sigmas * num_train_timesteps
+
+    def denoising_timesteps(self, steps: Sequence[float], warp: bool = True) -> torch.Tensor:
+        """The sampling timesteps for a distilled step list such as [1000, 750, 500, 250].
+
+        With `warp`, step s maps to the shifted table entry 1000 - s (with 0 appended), so the
+        list becomes [1000, 937.5, 833.33, 625] for shift 5. A list containing 0 is rejected
+        when warping (it would index past the table).
+        """
+        steps_t = torch.tensor(list(steps), dtype=torch.long)
+        if not warp:
+            return steps_t.to(torch.float32)
+        n = self.num_train_timesteps
+        if (steps_t <= 0).any() or (steps_t > n).any():
+            raise ValueError(f"warped denoising steps must be in (0, {n}], got {list(steps)}")
+        table = torch.cat([self.timesteps, torch.zeros(1)])
+        return table[n - steps_t]
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Table sigma (float32) of the nearest table timestep, elementwise over `timestep`."""
+        t = torch.as_tensor(timestep).reshape(-1).to(torch.float64)
+        idx = (self.timesteps.double()[None, :] - t[:, None].cpu()).abs().argmin(dim=1)
+        return self.sigmas[idx]
+
+    def flow_to_x0(self, flow: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - sigma(t) * flow, in float64, returned in the flow's dtype.
+
+        flow and x_t are [N, ...] with one timestep per leading index."""
+        sigma = self.sigma(timestep).double().to(flow.device)
+        sigma = sigma.view(-1, *([1] * (flow.dim() - 1)))
+        return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """(1 - sigma) * x0 + sigma * noise with the float32 sigma, cast to x0's dtype."""
+        sigma = self.sigma(timestep).to(x0.device).view(-1, *([1] * (x0.dim() - 1)))
+        return ((1 - sigma) * x0 + sigma * noise).type_as(x0)
