@@ -81,10 +81,15 @@ class KVCache:
         self.end = 0
         self.fill = 0
 
-    def plan(self, start: int, num_new: int) -> CachePlan:
-        """Decide eviction and write positions for a call covering tokens [start, start+num_new)."""
+    def plan(self, start: int, num_new: int, protect_sink_at_start: bool = False) -> CachePlan:
+        """Decide eviction and write positions for a call covering tokens [start, start+num_new).
+
+        A call over committed tokens is a recompute when it starts past 0; the reference does not
+        treat a call starting at token 0 as one, so it rewrites the sink (spec K3) unless
+        `protect_sink_at_start`.
+        """
         end = start + num_new
-        recompute = end <= self.end and start > 0
+        recompute = end <= self.end and (start > 0 or (protect_sink_at_start and self.end > 0))
         grow = end - self.end
         if self.rolling and end > self.end and num_new + self.fill > self.capacity:
             evict = num_new + self.fill - self.capacity

@@ -33,6 +33,7 @@ class StreamCall:
     refresh_memory: bool = False
     record_memory: bool = False
     recache: bool = False
+    protect_sink: bool = False  # recache from frame 0 keeps the sink (fixes spec K3)
 
     @classmethod
     def denoise(cls, start_frame: int, refresh_memory: bool = False) -> "StreamCall":
@@ -43,8 +44,13 @@ class StreamCall:
         return cls(start_frame, commit=True, record_memory=record_memory)
 
     @classmethod
-    def recache_frames(cls, start_frame: int, refresh_memory: bool = True) -> "StreamCall":
-        return cls(start_frame, commit=True, refresh_memory=refresh_memory, recache=True)
+    def recache_frames(
+        cls, start_frame: int, refresh_memory: bool = True, protect_sink: bool = False
+    ) -> "StreamCall":
+        return cls(
+            start_frame, commit=True, refresh_memory=refresh_memory, recache=True,
+            protect_sink=protect_sink,
+        )
 
 
 class TextCache:
@@ -141,7 +147,11 @@ class StreamState:
         self.last_key_frames: int = 0  # attended key length of the last call, in frames (tests)
 
     def begin(self, call: StreamCall, num_frames: int) -> "CallContext":
-        plan = self.kv.plan(call.start_frame * self.frame_len, num_frames * self.frame_len)
+        plan = self.kv.plan(
+            call.start_frame * self.frame_len,
+            num_frames * self.frame_len,
+            protect_sink_at_start=call.protect_sink,
+        )
         if call.recache and not plan.recompute and plan.start > 0:
             raise ValueError("a recache call must cover frames that are already committed")
         return CallContext(self, call, plan)

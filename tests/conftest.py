@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random DiTs and the location of the reference's golden outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memflow.config import DiTConfig
+from memflow.model import WanDiT
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "golden"
+
+TINY = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=16)
+
+
+def tiny_dit(config: DiTConfig = TINY, seed: int = 0) -> WanDiT:
+    """A tiny random DiT in fp32 and eval mode (every parameter non-zero, head included)."""
+    torch.manual_seed(seed)
+    return WanDiT(config).eval()
+
+
+def tiny_prompt(batch: int = 1, length: int = 5, config: DiTConfig = TINY, seed: int = 1) -> torch.Tensor:
+    """Random prompt embeddings with zeroed padding rows past `length`, like the T5 output."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(batch, config.text_len, config.text_dim, generator=g)
+    ctx[:, length:] = 0
+    return ctx
+
+
+@pytest.fixture
+def golden_dir() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.skip(f"reference golden outputs not found at {GOLDEN} (../shared/golden is absent)")
+    return GOLDEN

@@ -1,0 +1,177 @@
+"""Memory bank (NAM) timelines and retrieval, and sparse memory activation (SMA) routing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memflow.config import MemoryOptions, StreamConfig
+from memflow.memory_bank import nam_scores, nam_select, sma_select
+from pipeline.causal_inference import CausalInferencePipeline, SamplingConfig
+from pipeline.noise import SeededNoise
+
+from conftest import tiny_dit, tiny_prompt
+
+H, W = 4, 6
+
+
+def _run_timeline(options: MemoryOptions, num_chunks: int, steps=(1000, 500)):
+    """Generate chunk by chunk and record, per chunk, the frames the bank holds while the chunk
+    is denoised (layer 0), checking every slot's tensor against the prototype it claims."""
+    model = tiny_dit()
+    cfg = StreamConfig(memory=options)
+    pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=steps))
+    frames = 3 * num_chunks
+    state = pipe.new_state(1, (H, W), frames)
+    noise = SeededNoise(seed=0, dtype=torch.float32)
+    x = noise.initial((1, frames, 16, H, W))
+    ctx = tiny_prompt()
+    prototypes: dict[int, torch.Tensor] = {}
+    timeline = []
+    for n in range(num_chunks):
+        x0 = pipe.denoise_chunk(state, n, x[:, 3 * n : 3 * n + 3], ctx, noise)
+        bank = state.bank
+        used = bank.used_slots
+        timeline.append(bank.slot_frames[0][:used])
+        for layer in range(bank.num_layers):
+            for slot, frame in enumerate(bank.slot_frames[layer][:used]):
+                got = bank.k[layer, :, slot * bank.frame_len : (slot + 1) * bank.frame_len]
+                assert torch.equal(got, prototypes[frame][layer]), (n, layer, slot, frame)
+        pipe.commit_chunk(state, n, x0, ctx)
+        if bank.prototype_frame is not None:
+            prototypes[bank.prototype_frame] = bank.proto_k.clone()
+    return timeline, state
+
+
+@torch.no_grad()
+def test_single_prompt_compat_timeline():
+    """Spec §3.7, single prompt: every chunk records; slots hold f6, f15, then compress."""
+    timeline, _ = _run_timeline(MemoryOptions.compat("every_chunk"), 13)
+    assert timeline[:10] == [
+        [], [0], [3], [6], [6, 9], [6, 12], [6, 15], [6, 15, 18], [6, 15, 21], [6, 15, 24],
+    ]
+    for n in (10, 11, 12):
+        assert timeline[n][-1] == 3 * n - 3 and len(timeline[n]) == 3
+        assert set(timeline[n][:2]) <= set(timeline[n - 1])
+
+
+@torch.no_grad()
+def test_interactive_compat_timeline_reinserts_stale_prototype():
+    """Spec §3.7, interactive/training policy with the reference's stale re-insertion (Q7)."""
+    timeline, _ = _run_timeline(MemoryOptions.compat("every_interval"), 13)
+    assert timeline[:10] == [[], [0], [0], [0], [0, 9], [0, 9], [0, 9], [0, 9, 18], [0, 9, 18], [0, 9, 18]]
+    for n in (10, 11, 12):
+        assert timeline[n][-1] == 27
+    # f27 is compressed in on chunks 10, 11 and 12: it can now occupy more than one slot
+    assert timeline[12].count(27) >= timeline[10].count(27)
+
+
+@torch.no_grad()
+def test_clean_timeline_inserts_each_prototype_once():
+    timeline, state = _run_timeline(MemoryOptions.clean(), 13)
+    assert timeline[:10] == [[], [0], [0], [0], [0, 9], [0, 9], [0, 9], [0, 9, 18], [0, 9, 18], [0, 9, 18]]
+    assert timeline[10][-1] == 27 and timeline[10].count(27) == 1
+    assert timeline[11] == timeline[10] == timeline[12]
+    assert state.bank.opened == 13 // 3 + 1
+
+
+@torch.no_grad()
+def test_denoising_calls_only_read():
+    """Without a refresh, a denoising call changes no cache or bank buffer or pointer; with the
+    refresh (first step of a chunk) only the bank's K/V change."""
+    from memflow.streaming import StreamCall
+
+    _, state = _run_timeline(MemoryOptions.compat("every_chunk"), 11)
+    model = tiny_dit()
+    ctx = tiny_prompt()
+    x = torch.randn(1, 16, 3, H, W)
+    t = torch.full((1, 3), 500.0)
+
+    def snapshot():
+        s = state
+        return [s.kv.k.clone(), s.kv.v.clone(), s.bank.k.clone(), s.bank.v.clone(),
+                s.bank.proto_k.clone(), s.bank.proto_v.clone(), s.kv.end, s.kv.fill, s.bank.opened]
+
+    def same(a, b):
+        return [torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(a, b)]
+
+    before = snapshot()
+    model(x, t, ctx, stream=state, call=StreamCall.denoise(33, refresh_memory=False))
+    assert all(same(before, snapshot()))
+    model(x, t, ctx, stream=state, call=StreamCall.denoise(33, refresh_memory=True))
+    changed = same(before, snapshot())
+    assert changed == [True, True, False, False, True, True, True, True, True]
+    model(x, torch.zeros(1, 3), ctx, stream=state, call=StreamCall.commit_chunk(33, True))
+    after = snapshot()
+    assert after[6] == before[6] + 3 * state.frame_len and not torch.equal(after[4], before[4])
+
+
+def test_nam_picks_hand_built_frames():
+    """Text keys along +e0; frame 2 matches best, frame 0 second, frame 1 is opposed."""
+    d, flen = 4, 2
+    text = torch.zeros(1, 3, 1, d)
+    text[..., 0] = 1.0
+    frames = torch.zeros(1, 3 * flen, 1, d)
+    frames[:, 0:2, :, 0] = 1.0
+    frames[:, 2:4, :, 0] = -2.0
+    frames[:, 4:6, :, 0] = 3.0
+    scores = nam_scores(text, frames, flen, None, MemoryOptions.compat())
+    assert scores.argmax().item() == 2
+    assert nam_select(scores, 2, "score_desc").tolist() == [[2, 0]]
+    assert nam_select(scores, 2, "temporal").tolist() == [[0, 2]]
+
+
+def test_nam_masked_score_ignores_padding():
+    """Many padding rows share one key that favours frame 0; the single real token favours
+    frame 1. The reference score follows the padding, the masked softmax score the prompt."""
+    d, flen = 2, 1
+    text = torch.zeros(1, 8, 1, d)
+    text[0, 0, 0] = torch.tensor([0.0, 4.0])  # the real token
+    text[0, 1:, 0] = torch.tensor([4.0, 0.0])  # padding rows
+    frames = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, d)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 0] = True
+    ref = nam_scores(text, frames, flen, mask, MemoryOptions.compat())
+    masked = nam_scores(text, frames, flen, mask, MemoryOptions(bank_score="softmax_masked"))
+    assert ref.argmax().item() == 0 and masked.argmax().item() == 1
+
+
+def test_sma_picks_top_k_frames_per_head_in_temporal_order():
+    flen, d = 2, 3
+    mem = torch.zeros(1, 5 * flen, 2, d)
+    for f in range(5):
+        mem[:, f * flen : (f + 1) * flen, :, 0] = f  # channel 0 grows with the frame index
+        mem[:, f * flen : (f + 1) * flen, :, 1] = 4 - f  # channel 1 shrinks
+    q = torch.zeros(1, 4, 2, d)
+    q[:, :, 0, 0] = 1.0  # head 0 prefers late frames
+    q[:, :, 1, 1] = 1.0  # head 1 prefers early frames
+    k, v = sma_select(q, mem, mem + 100, flen, top_k=2)
+    assert k[0, ::flen, 0, 0].tolist() == [3, 4]
+    assert k[0, ::flen, 1, 0].tolist() == [0, 1]
+    assert torch.equal(v, k + 100)
+
+
+@pytest.mark.parametrize("sma", [False, True])
+@torch.no_grad()
+def test_sma_with_k_covering_all_frames_equals_dense(sma):
+    model = tiny_dit()
+    outs = []
+    for top_k in (6, 100):
+        cfg = StreamConfig(sma=sma, sma_top_k=top_k, memory=MemoryOptions.compat())
+        pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=(1000, 500)))
+        outs.append(pipe.generate_latents(tiny_prompt(), 36, (H, W), SeededNoise(0, dtype=torch.float32)))
+    dense_cfg = StreamConfig(memory=MemoryOptions.compat())
+    pipe = CausalInferencePipeline(model, dense_cfg, SamplingConfig(denoising_step_list=(1000, 500)))
+    dense = pipe.generate_latents(tiny_prompt(), 36, (H, W), SeededNoise(0, dtype=torch.float32))
+    for out in outs:
+        assert (out - dense).abs().max().item() <= 1e-6
+
+
+@torch.no_grad()
+def test_sma_with_small_k_changes_output():
+    model = tiny_dit()
+    res = []
+    for sma in (False, True):
+        cfg = StreamConfig(sma=sma, sma_top_k=2, memory=MemoryOptions.compat())
+        pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=(1000, 500)))
+        res.append(pipe.generate_latents(tiny_prompt(), 36, (H, W), SeededNoise(0, dtype=torch.float32)))
+    assert (res[0] - res[1]).abs().max().item() > 1e-4
