@@ -1,0 +1,104 @@
+"""YAML configs with ``key=value`` command-line overrides, and checks for the paths they name.
+
+Overrides may only set keys that the YAML file already has (a typo such as
+``num_output_frame=24`` would otherwise be accepted and silently ignored). The exception is a
+section that the file leaves empty, like ``memory: {}``: its options are validated by the code
+that reads it, so ``memory.score_in_fp32=true`` is accepted here.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from utils.errors import InputError
+
+_OVERRIDE = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(.*)", re.DOTALL)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"config file is a directory: {path}") from None
+    except OSError as e:
+        raise InputError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise InputError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(cfg, DictConfig):
+        raise InputError(f"{path}: a config file must be a mapping of keys to values")
+    return cfg
+
+
+def _check_known(cfg: DictConfig, key: str, path: Path) -> None:
+    """Raise unless `key` exists in `cfg` or lies inside a section that is empty there."""
+    node = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, DictConfig) and len(node) == 0:
+            return
+        if not isinstance(node, DictConfig) or part not in node:
+            prefix = "".join(f"{p}." for p in parts[:depth])
+            siblings = [f"{prefix}{k}" for k in node] if isinstance(node, DictConfig) else []
+            close = difflib.get_close_matches(key, siblings, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise InputError(f"unknown config key `{key}` (not in {path}){hint}")
+        node = node[part]
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> DictConfig:
+    """The YAML file at `path` with command-line overrides such as ``num_output_frames=24``.
+
+    Values are parsed as YAML (``x=[1,2]`` is a list, ``x=`` is null), so
+    ``switch_frame_indices=40,80`` stays the reference's comma-separated string.
+    """
+    path = Path(path)
+    cfg = _load_yaml(path)
+    for item in overrides:
+        match = _OVERRIDE.fullmatch(item)
+        if match is None:
+            raise InputError(
+                f"malformed override {item!r}; expected key=value, e.g. num_output_frames=24"
+            )
+        _check_known(cfg, match.group(1), path)
+        try:
+            patch = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or e
+            raise InputError(
+                f"override {item!r}: the value is not valid YAML ({problem})"
+            ) from None
+        cfg = OmegaConf.merge(cfg, patch)
+    return cfg
+
+
+def require_path(cfg: DictConfig, key: str, kind: str = "file") -> Path:
+    """The existing file or directory that config key `key` (dotted for nested keys) names.
+
+    Relative paths are taken from the working directory, as in the reference, and ``~`` is
+    expanded. Checking up front turns a missing checkpoint into one line naming the key instead
+    of an error deep inside torch.load.
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"require_path: kind must be 'file' or 'dir', got {kind!r}")
+    value = OmegaConf.select(cfg, key)
+    if value is None or value == "":
+        raise InputError(f"config key `{key}` is not set")
+    if not isinstance(value, str):
+        raise InputError(f"config key `{key}`: expected a path, got {value!r}")
+    path = Path(value).expanduser()
+    noun = "file" if kind == "file" else "directory"
+    if not path.exists():
+        raise InputError(f"config key `{key}`: {noun} not found: {path}")
+    if (kind == "file") != path.is_file():
+        raise InputError(f"config key `{key}`: expected a {noun}: {path}")
+    return path

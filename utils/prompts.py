@@ -1,0 +1,232 @@
+"""Prompt files and prompt-switch points.
+
+Every problem is reported as an `InputError` whose message starts with ``<file>:<line>:`` (1-based
+physical line numbers), so a bad line in a 100-line benchmark file can be found without a
+debugger. Files are read as UTF-8 (a BOM is accepted) and split on ``\\n`` only: JSON strings may
+legally contain U+2028 and other characters that `str.splitlines` would treat as line breaks,
+which would shift the reported line numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.errors import InputError
+
+_INT = re.compile(r"-?\d+")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines without line terminators (``\\r\\n`` files included)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file is a directory: {path}") from None
+    except OSError as e:
+        raise InputError(f"cannot read prompt file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def _require_suffix(path: Path, allowed: tuple[str, ...]) -> None:
+    if path.suffix.lower() not in allowed:
+        raise InputError(
+            f"{path}: unsupported prompt file type {path.suffix or '(no extension)'!r}; "
+            f"expected {' or '.join(allowed)}"
+        )
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages about the file's content."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names[type(value)]
+
+
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file."""
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(
+                f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
+        yield lineno, obj
+
+
+def _check_text(value: Any, path: Path, lineno: int, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{path}:{lineno}: {where} must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise InputError(f"{path}:{lineno}: {where} is empty")
+    return value
+
+
+def _prompt_list(obj: dict[str, Any], path: Path, lineno: int) -> list[Any]:
+    value = obj["prompts"]
+    if not isinstance(value, list):
+        raise InputError(f'{path}:{lineno}: "prompts" must be an array, got {_json_type(value)}')
+    if not value:
+        raise InputError(f'{path}:{lineno}: "prompts" is an empty array')
+    return value
+
+
+def load_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts for single-prompt generation, one video each, in file order.
+
+    ``.txt``: one prompt per line with trailing whitespace stripped, as the reference reads it;
+    blank lines are skipped. ``.jsonl``: each line is ``{"prompt": str}`` or ``{"prompts": [...]}``
+    (only the first entry is used, so interactive files work too); "prompt" wins if both exist.
+    """
+    path = Path(path)
+    _require_suffix(path, (".txt", ".jsonl"))
+    prompts: list[str] = []
+    if path.suffix.lower() == ".txt":
+        prompts = [line.rstrip() for line in _read_lines(path) if line.strip()]
+    else:
+        for lineno, obj in _json_objects(path):
+            if "prompt" in obj:
+                value, where = obj["prompt"], '"prompt"'
+            elif "prompts" in obj:
+                value, where = _prompt_list(obj, path, lineno)[0], '"prompts"[0]'
+            else:
+                raise InputError(
+                    f'{path}:{lineno}: expected a "prompt" string or a "prompts" array, '
+                    f"found keys {sorted(obj)}"
+                )
+            prompts.append(_check_text(value, path, lineno, where))
+    if not prompts:
+        raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
+    return prompts
+
+
+def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[str]]:
+    """Segment lists for interactive generation: one ``{"prompts": [s0, ..., sK]}`` per line.
+
+    Every line must have the same number of segments, because one `switch_frame_indices`
+    setting serves the whole file.
+    """
+    path = Path(path)
+    _require_suffix(path, (".jsonl",))
+    videos: list[list[str]] = []
+    first_line = 0
+    for lineno, obj in _json_objects(path):
+        if "prompts" not in obj:
+            raise InputError(f'{path}:{lineno}: missing key "prompts" (found keys {sorted(obj)})')
+        segments = [
+            _check_text(s, path, lineno, f'"prompts"[{j}]')
+            for j, s in enumerate(_prompt_list(obj, path, lineno))
+        ]
+        if not videos:
+            first_line = lineno
+        elif len(segments) != len(videos[0]):
+            raise InputError(
+                f"{path}:{lineno}: {len(segments)} prompt segments, but line {first_line} has "
+                f"{len(videos[0])}; every line needs the same number"
+            )
+        videos.append(segments)
+    if not videos:
+        raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
+    return videos
+
+
+def _switch_entries(value: str | int | Sequence[int] | None) -> list[int]:
+    """The entries of a comma-separated string, a single int or a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        raise InputError(f"switch_frame_indices: expected integers, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        pieces = [] if not value.strip() else [p.strip() for p in value.split(",")]
+        for k, piece in enumerate(pieces, start=1):
+            if not _INT.fullmatch(piece):
+                raise InputError(
+                    f"switch_frame_indices: entry {k} ({piece!r}) of {value!r} is not an integer"
+                )
+        return [int(p) for p in pieces]
+    if isinstance(value, Sequence):
+        for k, item in enumerate(value, start=1):
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise InputError(f"switch_frame_indices: entry {k} ({item!r}) is not an integer")
+        return list(value)
+    raise InputError(
+        "switch_frame_indices: expected a comma-separated string or a list of integers, "
+        f"got {value!r}"
+    )
+
+
+def parse_switch_frame_indices(
+    value: str | int | Sequence[int] | None,
+    num_segments: int,
+    num_output_frames: int,
+    frames_per_block: int,
+) -> list[int]:
+    """Latent frames at which prompts 2..K+1 start, validated against the video length.
+
+    Accepts the reference's string form (``"40, 80, 120"``) or a list. The indices must be
+    strictly increasing and inside (0, num_output_frames), one per switch; they must also
+    still fit once rounded up to chunk boundaries (see `effective_switch_chunks`), because the
+    reference silently never performs a switch that lands past the end.
+    """
+    if num_output_frames % frames_per_block:
+        raise InputError(
+            f"num_output_frames ({num_output_frames}) must be a multiple of "
+            f"num_frame_per_block ({frames_per_block})"
+        )
+    indices = _switch_entries(value)
+    if len(indices) != num_segments - 1:
+        raise InputError(
+            f"switch_frame_indices: {num_segments} prompt segments need {num_segments - 1} switch "
+            f"indices, got {len(indices)} ({value!r})"
+        )
+    for p in indices:
+        if not 0 < p < num_output_frames:
+            raise InputError(
+                f"switch_frame_indices: {p} is out of range; a switch must be a latent frame "
+                f"in 1..{num_output_frames - 1}"
+            )
+    if any(a >= b for a, b in zip(indices, indices[1:])):
+        raise InputError(f"switch_frame_indices: must be strictly increasing, got {indices}")
+    effective_switch_chunks(indices, frames_per_block, num_output_frames // frames_per_block)
+    return indices
+
+
+def effective_switch_chunks(
+    indices: Sequence[int], frames_per_block: int, num_chunks: int
+) -> list[int]:
+    """The chunk at which each switch fires, exactly as the reference schedules it (spec K4).
+
+    Before chunk n the reference switches if the next index p satisfies n·frames_per_block ≥ p,
+    at most once per chunk. A switch therefore fires at the first chunk boundary ≥ p, or one
+    chunk after the previous switch if that is later (40, 41 with 3-frame chunks → 14, 15).
+    """
+    chunks: list[int] = []
+    for k, p in enumerate(indices, start=1):
+        n = -(-p // frames_per_block)
+        if chunks:
+            n = max(n, chunks[-1] + 1)
+        if n >= num_chunks:
+            raise InputError(
+                f"switch_frame_indices: switch {k} (frame {p}) would fire at chunk {n} (frame "
+                f"{n * frames_per_block}), after the last chunk {num_chunks - 1}; switches are "
+                f"rounded up to {frames_per_block}-frame chunk boundaries, at most one per chunk"
+            )
+        chunks.append(n)
+    return chunks
