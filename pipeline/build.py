@@ -23,7 +23,12 @@ from memflow.checkpoint import load_generator_checkpoint, load_wan_config, load_
 from memflow.config import DiTConfig
 from memflow.lora import LoraSettings, add_lora, load_lora_checkpoint, merge_lora
 from memflow.model import WanDiT
-from memflow.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, TextEncoder
+from memflow.text_encoder import (
+    WAN_T5_CHECKPOINT,
+    WAN_T5_TOKENIZER,
+    TextEncoder,
+    umt5_encoder_config,
+)
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
 from utils.errors import InputError
 
@@ -77,6 +82,12 @@ def _lora_settings(cfg: DictConfig) -> LoraSettings | None:
         raise InputError(f"config key `adapter`: {err}") from None
 
 
+def _section(cfg: DictConfig, key: str) -> dict:
+    """An optional mapping section of the config (e.g. shape overrides), {} when unset."""
+    value = OmegaConf.select(cfg, key, default=None)
+    return dict(OmegaConf.to_container(value)) if value else {}
+
+
 def _existing(cfg: DictConfig, key: str, path: Path, kind: str = "file") -> Path:
     ok = path.is_file() if kind == "file" else path.is_dir()
     if not ok:
@@ -125,13 +136,19 @@ def build_components(
     if paths is None:
         generator, text_encoder, vae = _build_tiny(cfg, device, dtype, vae_dtype, offload, compat)
     else:
-        text_encoder = TextEncoder.from_wan_folder(
-            paths.wan_folder, dtype=dtype, device=device, offload=offload
-        )
-        vae = WanVAE.from_wan_checkpoint(
-            paths.wan_folder / WAN_VAE_CHECKPOINT, dtype=vae_dtype, compat=compat
-        )
         generator = WanDiT(load_wan_config(paths.wan_folder))
+        t5_config = umt5_encoder_config(**_section(cfg, "text_encoder_config"))
+        try:
+            text_encoder = TextEncoder.from_wan_folder(
+                paths.wan_folder, config=t5_config, text_len=generator.config.text_len,
+                dtype=dtype, device=device, offload=offload,
+            )
+            vae = WanVAE.from_wan_checkpoint(
+                paths.wan_folder / WAN_VAE_CHECKPOINT, config=_section(cfg, "vae_config"),
+                dtype=vae_dtype, compat=compat,
+            )
+        except (ValueError, FileNotFoundError) as err:  # the loaders' one-line file errors
+            raise InputError(str(err)) from None
         if paths.generator_ckpt is not None:
             use_ema = bool(OmegaConf.select(cfg, "use_ema", default=False))
             if use_ema:  # EMA checkpoints may be partial: start from the Wan weights

@@ -62,14 +62,14 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     ``switch_frame_indices=40,80`` stays the reference's comma-separated string.
     """
     path = Path(path)
-    cfg = _load_yaml(path)
+    cfg = file_cfg = _load_yaml(path)
     for item in overrides:
         match = _OVERRIDE.fullmatch(item)
         if match is None:
             raise InputError(
                 f"malformed override {item!r}; expected key=value, e.g. num_output_frames=24"
             )
-        _check_known(cfg, match.group(1), path)
+        _check_known(file_cfg, match.group(1), path)  # sections empty in the file take any key
         try:
             patch = OmegaConf.from_dotlist([item])
         except yaml.YAMLError as e:
