@@ -1,14 +1,15 @@
 """Checkpoint I/O in the original on-disk formats.
 
-* Wan2.1 DiT weights: `diffusion_pytorch_model.safetensors` (single or sharded with an
-  `.index.json`) or a `.pth`/`.pt` state dict, with the original parameter names, plus the
-  diffusers-style `config.json` of the model folder.
-* MemFlow `base.pt`: `{"generator": sd, "generator_ema": sd, "critic": sd, ...}` whose keys carry
-  the training wrapper's `model.` prefix (EMA keys may also contain `_fsdp_wrapped_module.`).
+* Wan2.1 DiT weights: `diffusion_pytorch_model.safetensors` (single, or sharded with a
+  `diffusion_pytorch_model.safetensors.index.json`) or a `.pth`/`.pt` state dict, with the
+  original parameter names, plus the diffusers-style `config.json` of the model folder.
+* MemFlow `base.pt`: `{"generator": sd, "generator_ema": sd, "critic": sd, "step": n, ...}`
+  whose keys carry the training wrapper's `model.` prefix (EMA keys may also contain
+  `_fsdp_wrapped_module.`), INFERENCE.md §5.8 / TRAINING.md §6.4.
 
 Every mismatch raises `CheckpointError` naming the file, the entry, the first offending keys and
-expected vs found shapes, so a wrong file reads as such and not as a torch traceback. Writers
-write to a temporary file and rename it, so nothing half-written is left behind.
+the expected vs found shapes, so a wrong file reads as such and not as a torch traceback. Writers
+write to a temporary file beside the target and rename it, so nothing half-written is left.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -31,56 +33,105 @@ from .config import DiTConfig
 
 log = logging.getLogger(__name__)
 
+PathLike = str | os.PathLike[str]
+
 WAN_CONFIG = "config.json"
 WAN_WEIGHTS = "diffusion_pytorch_model.safetensors"
-WAN_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+INDEX_SUFFIX = ".index.json"
 WRAPPER_PREFIX = "model."
 FSDP_PART = "_fsdp_wrapped_module."
 GENERATOR_ENTRIES = ("generator", "generator_ema", "model")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 MAX_LISTED = 5
 
 
 class CheckpointError(InputError):
-    """A checkpoint that is missing, unreadable or does not fit the model."""
+    """A checkpoint that is missing, unreadable or does not fit the model.
+
+    An `InputError` (hence a ValueError): the CLI reports it on one line, so the message names
+    the file, the entry and the offending keys by itself.
+    """
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a loader read: the entry used (None: the file is the state dict itself), the keys a
+    non-strict load skipped, and the file's training `step` when it has one."""
+
+    path: Path
+    entry: str | None
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+    step: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading and writing files
 # ------------------------------------------------------------------------------------------------
-def _require_file(path: str | os.PathLike[str]) -> Path:
+def _require_file(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint file not found: {path}")
     return path
 
 
-def torch_load(path: str | os.PathLike[str]) -> Any:
-    """torch.load on the CPU, tensors-only when the file allows it."""
+def read_checkpoint(path: PathLike) -> Any:
+    """`torch.load` on the CPU with `weights_only=True`.
+
+    Files holding more than tensors and plain containers (e.g. pickled config objects) are read
+    again with `weights_only=False` after a warning: that executes pickled code, so only load
+    such files from a trusted source.
+    """
     path = _require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False")
+        pass
+    except Exception as err:  # truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    log.warning(
+        "%s holds objects other than tensors; loading it with weights_only=False, which runs "
+        "pickled code (only do this for files you trust)",
+        path,
+    )
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
+    except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def _tensor_dict(value: Any, source: str) -> dict[str, torch.Tensor]:
+    """Check that a loaded object is a flat {name: tensor} state dict."""
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{source} does not hold a state dict (found {type(value).__name__})")
+    other = [k for k, v in value.items() if not torch.is_tensor(v)]
+    if other:
+        hint = ""
+        if any(k in value for k in GENERATOR_ENTRIES):
+            hint = " (a MemFlow training checkpoint: load it with load_generator_checkpoint)"
+        raise CheckpointError(
+            f"{source} is not a flat state dict: entries {_listed(other)} are not tensors{hint}"
+        )
+    return dict(value)
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """A flat state dict from a `.safetensors` file or a torch `.pth`/`.pt`/`.bin` file."""
     path = _require_file(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except Exception as err:
             raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    state = torch_load(path)
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    return dict(state)
+    return _tensor_dict(read_checkpoint(path), str(path))
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`."""
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file in `path`'s folder, then rename it to `path`.
+
+    The rename is atomic on one filesystem, so `path` is either the old file or the complete new
+    one, never a truncated write (a crash or a full disk leaves only the old file).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -94,175 +145,327 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     return path
 
 
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, refusing a model that still carries LoRA layers (its names
+    would not be the Wan names)."""
+    state = model.state_dict()
+    if any(".lora_" in k or ".base_layer." in k for k in state):
+        raise ValueError("the model has LoRA layers; merge them first (memflow.lora.merge_lora)")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # Matching a state dict to a model
 # ------------------------------------------------------------------------------------------------
-def _listed(keys: Iterable[str]) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
-    return ", ".join(keys[:MAX_LISTED]) + more
+def _listed(keys: Iterable[str], sep: str = ", ") -> str:
+    keys = list(keys)
+    more = f"{sep}... (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
+    return sep.join(keys[:MAX_LISTED]) + more
 
 
-def load_into(
+def _shape(shape: Iterable[int]) -> str:
+    return str(list(shape))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """How a state dict differs from the one a model expects (keys in the model's order)."""
+
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    wrong_shape: tuple[tuple[str, torch.Size, torch.Size], ...]  # key, expected, found
+
+    @classmethod
+    def between(
+        cls, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
+    ) -> "Mismatch":
+        return cls(
+            missing=tuple(k for k in expected if k not in found),
+            unexpected=tuple(k for k in found if k not in expected),
+            wrong_shape=tuple(
+                (k, expected[k].shape, found[k].shape)
+                for k in expected
+                if k in found and expected[k].shape != found[k].shape
+            ),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong_shape)
+
+    def describe(self, source: str, hint: str = "") -> str:
+        lines = [f"{source} does not fit the model:"]
+        if hint:
+            lines.append(f"  {hint}")
+        if self.missing:
+            lines.append(f"  {len(self.missing)} missing key(s): {_listed(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  {len(self.unexpected)} unexpected key(s): {_listed(self.unexpected)}")
+        if self.wrong_shape:
+            shapes = [
+                f"{k}: model expects {_shape(want)}, file has {_shape(got)}"
+                for k, want, got in self.wrong_shape
+            ]
+            lines.append(f"  {len(shapes)} tensor(s) with the wrong shape: {_listed(shapes, '; ')}")
+        return "\n".join(lines)
+
+
+def _architecture(shapes: Mapping[str, torch.Size]) -> str:
+    """'dim 1536, ffn_dim 8960, text_dim 4096, 30 blocks', as far as the keys tell."""
+    parts = []
+    for label, key, axis in (
+        ("dim", "patch_embedding.weight", 0),
+        ("ffn_dim", "blocks.0.ffn.0.weight", 0),
+        ("text_dim", "text_embedding.0.weight", 1),
+    ):
+        if key in shapes and len(shapes[key]) > axis:
+            parts.append(f"{label} {shapes[key][axis]}")
+    blocks = {m.group(1) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    parts.append(f"{len(blocks)} blocks")
+    return ", ".join(parts)
+
+
+def load_checked(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str, strict: bool = True
-) -> None:
-    """Copy `state` into `model`, checking names and shapes first.
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Check names and shapes, then copy `state` into `model`; returns (missing, unexpected).
 
-    With `strict=False`, missing keys keep the model's values and unexpected keys are ignored
-    (both are logged); shape mismatches always fail.
+    With `strict=False`, missing keys keep the model's current values and unexpected keys are
+    ignored (both logged); a shape mismatch always fails, since it means another architecture.
     """
     expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    wrong = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
-        for k in expected  # in model order: the first listed is the first layer that differs
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if wrong:
-        raise CheckpointError(
-            f"{source}: {len(wrong)} tensors have the wrong shape (a different model size?): "
-            + "; ".join(wrong[:MAX_LISTED])
+    mismatch = Mismatch.between(expected, state)
+    if mismatch.wrong_shape or (strict and mismatch):
+        found_arch = _architecture({k: v.shape for k, v in state.items()})
+        model_arch = _architecture({k: v.shape for k, v in expected.items()})
+        hint = ""
+        if found_arch != model_arch:
+            hint = f"wrong architecture: the file is {found_arch}; the model is {model_arch}"
+        raise CheckpointError(mismatch.describe(source, hint))
+    if mismatch.missing:
+        log.warning(
+            "%s: %d key(s) missing, they keep their current values: %s",
+            source, len(mismatch.missing), _listed(mismatch.missing),
         )
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_listed(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_listed(unexpected)}")
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    if missing:
-        log.warning("%s: %d missing keys keep their current values: %s", source, len(missing), _listed(missing))
-    if unexpected:
-        log.warning("%s: ignoring %d unexpected keys: %s", source, len(unexpected), _listed(unexpected))
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if mismatch.unexpected:
+        log.warning(
+            "%s: ignoring %d unexpected key(s): %s",
+            source, len(mismatch.unexpected), _listed(mismatch.unexpected),
+        )
+    model.load_state_dict(state, strict=strict)
+    return mismatch.missing, mismatch.unexpected
 
 
 # ------------------------------------------------------------------------------------------------
 # Wan2.1 model folders
 # ------------------------------------------------------------------------------------------------
-def load_wan_config(folder: str | os.PathLike[str]) -> DiTConfig:
-    """DiT shape from a Wan2.1 folder's diffusers-style `config.json`."""
-    path = Path(folder) / WAN_CONFIG
+def load_wan_config(folder: PathLike) -> DiTConfig:
+    """DiT shape from a Wan2.1 folder's diffusers-style `config.json` (`_class_name: WanModel`).
+
+    The json omits some constructor defaults (patch_size, text_dim, qk_norm, cross_attn_norm);
+    DiTConfig's defaults are those of WanModel, so they fill in the same values.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Wan2.1 model folder not found: {folder}")
+    path = folder / WAN_CONFIG
     if not path.is_file():
         raise CheckpointError(f"model config not found: {path}")
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    model_type = values.get("model_type", "t2v")
-    if model_type != "t2v":
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported (only t2v)")
-    return DiTConfig.from_dict(values)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    class_name = values.get("_class_name", "WanModel")
+    if class_name != "WanModel":
+        raise CheckpointError(
+            f"{path}: _class_name {class_name!r} is not the original Wan2.1 layout (WanModel); "
+            "diffusers-converted folders use other parameter names"
+        )
+    if values.get("model_type") != "t2v":
+        raise CheckpointError(
+            f"{path}: model_type {values.get('model_type')!r} is not supported (only 't2v')"
+        )
+    absent = [k for k in ("dim", "ffn_dim", "num_heads", "num_layers") if k not in values]
+    if absent:
+        raise CheckpointError(f"{path} lacks {', '.join(absent)}")
+    try:
+        return DiTConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
-def _wan_weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise CheckpointError(f"Wan weights not found: {path}")
-    if (path / WAN_INDEX).is_file():
-        index = json.loads((path / WAN_INDEX).read_text())
-        return [path / name for name in sorted(set(index["weight_map"].values()))]
-    if (path / WAN_WEIGHTS).is_file():
-        return [path / WAN_WEIGHTS]
-    candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
-    if not candidates:
-        raise CheckpointError(f"no DiT weights (*.safetensors, *.pth) in {path}")
-    return candidates
-
-
-def load_wan_weights(model: nn.Module, path_or_folder: str | os.PathLike[str]) -> None:
-    """Load original Wan2.1 DiT weights (single file, sharded safetensors or .pth), strictly."""
-    files = _wan_weight_files(Path(path_or_folder))
+def _read_index(index: Path) -> dict[str, torch.Tensor]:
+    """Every shard named by a `.safetensors.index.json`, merged into one state dict."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index} is not a safetensors index: {err}") from None
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_state_dict_file(f))
-    load_into(model, state, source=", ".join(str(f) for f in files))
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"shard {shard} listed in {index} not found")
+        state.update(read_state_dict(shard))
+    return state
+
+
+def _resolve_wan_weights(path: Path) -> Path:
+    """The file to read for a Wan folder or file: the single safetensors, else its index."""
+    if path.is_dir():
+        for name in (WAN_WEIGHTS, WAN_WEIGHTS + INDEX_SUFFIX):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"no DiT weights in {path}: expected {WAN_WEIGHTS} or {WAN_WEIGHTS}{INDEX_SUFFIX}"
+        )
+    return _require_file(path)
+
+
+def load_wan_weights(model: nn.Module, path_or_folder: PathLike) -> LoadResult:
+    """Load the original Wan2.1 DiT weights, strictly.
+
+    Accepts a Wan folder (its `diffusion_pytorch_model.safetensors`, or the sharded set through
+    the `.index.json`), one of those files, or a `.pth`/`.pt` state dict with the Wan names.
+    """
+    path = _resolve_wan_weights(Path(path_or_folder))
+    if path.name.endswith(INDEX_SUFFIX):
+        state = _read_index(path)
+    elif path.suffix == ".safetensors" or path.suffix in TORCH_SUFFIXES:
+        state = read_state_dict(path)
+    else:
+        raise CheckpointError(f"{path}: unknown weight format (expected .safetensors, .pth or .pt)")
+    load_checked(model, state, str(path))
+    return LoadResult(path, entry=None)
+
+
+def _saved_layout(path: Path) -> set[Path]:
+    """The files an earlier save to `path` may have left: the single file, or the index and the
+    shards it names."""
+    index = path.with_name(path.name + INDEX_SUFFIX)
+    files = {path, index}
+    if index.is_file():
+        try:
+            files |= {path.parent / n for n in json.loads(index.read_text())["weight_map"].values()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass
+    return {f for f in files if f.is_file()}
 
 
 def save_wan_weights(
-    model: nn.Module, path: str | os.PathLike[str], max_shard_bytes: int | None = None
+    model: nn.Module, path: PathLike, max_shard_size: int | None = None
 ) -> list[Path]:
-    """Save with the original Wan names: `.safetensors` (sharded with an index json when
-    `max_shard_bytes` is set; `path` is then a folder) or `.pth`/`.pt`."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """Save the DiT with the original Wan names; returns the files written.
+
+    `path` is a `.safetensors` or `.pth`/`.pt` file, or a folder (then
+    `diffusion_pytorch_model.safetensors` in it). With `max_shard_size` (bytes) a safetensors
+    state dict larger than that is split into `<stem>-00001-of-0000N.safetensors` shards plus
+    `<name>.index.json`, the layout of the larger Wan checkpoints; the index is written last.
+    """
     path = Path(path)
-    if max_shard_bytes is None:
-        if path.suffix == ".safetensors":
-            return [atomic_write(path, lambda tmp: save_file(state, str(tmp)))]
+    if path.is_dir() or not path.suffix:
+        path = path / WAN_WEIGHTS
+    state = _plain_state_dict(model)
+    if path.suffix in TORCH_SUFFIXES:
+        if max_shard_size is not None:
+            raise ValueError("sharding is only supported for .safetensors")
         return [atomic_write(path, lambda tmp: torch.save(state, tmp))]
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: unknown weight format (use .safetensors, .pth or .pt)")
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
             shards.append({})
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    n = len(shards)
-    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    written = [
-        atomic_write(path / name, lambda tmp, s=shard: save_file(s, str(tmp)))
-        for name, shard in zip(names, shards)
-    ]
-    index = {"metadata": {}, "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
-    written.append(atomic_write(path / WAN_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1))))
+
+    def write_safetensors(target: Path, tensors: dict[str, torch.Tensor]) -> Path:
+        return atomic_write(target, lambda tmp: save_file(tensors, str(tmp), {"format": "pt"}))
+
+    previous = _saved_layout(path)
+    if len(shards) == 1:
+        written = [write_safetensors(path, state)]
+    else:
+        n = len(shards)
+        names = [f"{path.stem}-{i + 1:05d}-of-{n:05d}{path.suffix}" for i in range(n)]
+        written = [write_safetensors(path.parent / nm, s) for nm, s in zip(names, shards)]
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: nm for nm, s in zip(names, shards) for k in s},
+        }
+        text = json.dumps(index, indent=2)
+        index_path = path.with_name(path.name + INDEX_SUFFIX)
+        written.append(atomic_write(index_path, lambda tmp: tmp.write_text(text)))
+    # Drop the other layout of an earlier save, so a folder never holds two sets of weights.
+    for old in previous - set(written):
+        old.unlink()
     return written
 
 
 # ------------------------------------------------------------------------------------------------
 # MemFlow base.pt
 # ------------------------------------------------------------------------------------------------
-def _strip_wrapper(state: Mapping[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        if ema:
-            key = key.replace(FSDP_PART, "")
-        if key.startswith(WRAPPER_PREFIX):
-            key = key[len(WRAPPER_PREFIX) :]
-        out[key] = value
-    return out
+def _pick_generator_entry(data: Mapping[str, Any], path: Path, use_ema: bool) -> str:
+    """The reference's choice: `generator_ema` / `generator` by use_ema, else `model`."""
+    if "generator" in data or "generator_ema" in data:
+        entry = "generator_ema" if use_ema else "generator"
+        if entry not in data:
+            other = "use_ema=False" if use_ema else "use_ema=True"
+            raise CheckpointError(
+                f"{path} has no '{entry}' entry (entries: {_listed(data)}); try {other}"
+            )
+        return entry
+    if "model" in data:
+        return "model"
+    raise CheckpointError(
+        f"{path} has none of the entries {', '.join(GENERATOR_ENTRIES)} "
+        f"(entries: {_listed(data)})"
+    )
 
 
 def load_generator_checkpoint(
-    model: nn.Module, path: str | os.PathLike[str], use_ema: bool = False
-) -> str:
-    """Load a MemFlow `base.pt` into `model`; returns the entry used.
+    model: nn.Module, path: PathLike, use_ema: bool = False
+) -> LoadResult:
+    """Load a MemFlow `base.pt` (or any training checkpoint) into a plain `WanDiT`.
 
-    The `generator_ema` entry (when `use_ema`) is loaded non-strictly: keys it lacks keep their
-    current (Wan base) values, as in the reference.
+    The wrapper prefix `model.` is removed from the keys. With `use_ema`, every
+    `_fsdp_wrapped_module.` is removed too and the load is non-strict, as in the reference:
+    keys the EMA lacks keep their current (Wan base) values and are reported through logging.
+    Critic, optimiser and step entries are not loaded (the step is returned).
     """
-    data = torch_load(path)
+    path = _require_file(path)
+    data = read_checkpoint(path)
     if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict")
-    wanted = "generator_ema" if use_ema else "generator"
-    if wanted in data:
-        entry = wanted
-    elif "generator" in data or "generator_ema" in data:
-        raise CheckpointError(f"{path} has no `{wanted}` entry (it has {_listed(data)})")
-    elif "model" in data:
-        entry = "model"
-    elif all(torch.is_tensor(v) for v in data.values()):
-        entry = ""
-    else:
-        raise CheckpointError(
-            f"{path}: expected one of the entries {', '.join(GENERATOR_ENTRIES)}, found {_listed(data)}"
-        )
-    state = data[entry] if entry else data
-    source = f"{path} [{entry}]" if entry else str(path)
-    load_into(model, _strip_wrapper(state, ema=entry == "generator_ema"), source, strict=entry != "generator_ema")
-    return entry
+        raise CheckpointError(f"{path} does not hold a checkpoint dict ({type(data).__name__})")
+    entry = _pick_generator_entry(data, path, use_ema)
+    source = f"{path} (entry '{entry}')"
+    state = {}
+    for key, value in _tensor_dict(data[entry], source).items():
+        if use_ema:
+            key = key.replace(FSDP_PART, "")
+        state[key.removeprefix(WRAPPER_PREFIX)] = value
+    missing, unexpected = load_checked(model, state, source, strict=not use_ema)
+    step = data.get("step")
+    step = step if isinstance(step, int) else None
+    return LoadResult(path, entry, missing, unexpected, step)
 
 
 def save_generator_checkpoint(
     model: nn.Module,
-    path: str | os.PathLike[str],
+    path: PathLike,
     key: str = "generator",
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `{key: {"model." + name: tensor}, **extra}`, the reference's `base.pt` layout."""
-    state = {WRAPPER_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """Write `{key: {"model." + name: tensor}, **extra}`, the reference's `base.pt` layout
+    (`extra` carries e.g. `critic` or `step`)."""
+    if key not in GENERATOR_ENTRIES:
+        raise ValueError(f"key must be one of {GENERATOR_ENTRIES}, got {key!r}")
+    if extra and key in extra:
+        raise ValueError(f"extra must not contain the entry {key!r} itself")
+    state = {WRAPPER_PREFIX + k: v for k, v in _plain_state_dict(model).items()}
     payload = {key: state, **(extra or {})}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))

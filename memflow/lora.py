@@ -1,142 +1,251 @@
-"""LoRA on the DiT through peft, and the MemFlow `lora.pt` format.
+"""LoRA on the DiT through peft, and the MemFlow `lora.pt` format (TRAINING.md §6).
 
-The adapter goes on every linear inside each transformer block (self_attn.{q,k,v,o},
-cross_attn.{q,k,v,o}, ffn.0, ffn.2), injected in place with `peft.inject_adapter_in_model`, so
-the model keeps its class and its parameter names gain `.base_layer` / `.lora_A.default` (this
-also suits FSDP2 wrapping for training).
+The adapter goes on every nn.Linear inside each transformer block (self_attn.{q,k,v,o},
+cross_attn.{q,k,v,o}, ffn.0, ffn.2), nothing else. It is injected in place with
+`peft.inject_adapter_in_model` rather than wrapped with `get_peft_model`: the model stays a
+`WanDiT` (its `forward`, `embed_text`, ... are called directly by the streaming code), only the
+adapted linears become peft layers, and parameter names become
+`blocks.0.self_attn.q.base_layer.weight` + `blocks.0.self_attn.q.lora_A.default.weight`. This
+also lets FSDP2 shard the blocks exactly as without LoRA.
 
-`lora.pt` (written by training) is `{"generator_lora": sd, "critic_lora": sd, "step": n}` where sd
-has peft's `get_peft_model` names: `base_model.model.blocks.0.self_attn.q.lora_A.weight`. Rank and
-alpha are not in the file; they come from the config's `adapter:` section.
+`lora.pt` (written by training) is `{"generator_lora": sd, "critic_lora": sd, "step": n}` whose sd
+carries `get_peft_model`'s names without the adapter name:
+`base_model.model.blocks.0.self_attn.q.lora_A.weight`. Loading normalises the prefixes either
+way (`base_model.model.`, `_fsdp_wrapped_module.`, adapter name `default`), so files written from a
+PeftModel, an FSDP-wrapped model or this module all load. Rank and alpha are not in the file; they
+come from the config's `adapter:` section.
 
-The reference keeps LoRA unmerged (y = base(x) + B(A(x)) * alpha / r, in bf16); merging changes
-bf16 rounding, so `merge_lora` is for clean mode and for exporting a standalone base checkpoint.
+The reference keeps LoRA unmerged (y = base(x) + B(A(x)) * alpha / r, all in bf16, the addition
+after the base matmul). Merging W + scale * B @ A changes bf16 rounding, so compat mode keeps the
+adapter unmerged; `merge_lora` is for clean mode and for exporting a standalone base checkpoint.
 """
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, inject_adapter_in_model
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.tuners.lora import LoraLayer
 
-from .checkpoint import CheckpointError, _listed, atomic_write, torch_load
+from .checkpoint import (
+    FSDP_PART,
+    CheckpointError,
+    LoadResult,
+    Mismatch,
+    PathLike,
+    _listed,
+    _require_file,
+    atomic_write,
+    read_checkpoint,
+)
 
 ADAPTER = "default"
 PEFT_PREFIX = "base_model.model."
-BLOCK_LINEARS = r"blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o)|ffn\.(0|2))"
+BLOCK_LINEARS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.0", "ffn.2",
+)
+# adapter: keys of the reference config that do not shape the adapter (dtype is ignored by the
+# reference as well; apply_to_critic is read by training).
+IGNORED_ADAPTER_KEYS = frozenset({"dtype", "verbose", "apply_to_critic"})
+_BLOCK_MODULE = re.compile(r"blocks\.\d+\.(.+)")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
+    """LoRA hyper-parameters. `target_modules` are module names relative to a block
+    (`blocks.N.<name>`); the default is every linear in the block, as in the reference."""
+
     rank: int
     alpha: float
     dropout: float = 0.0
-    target_modules: str = field(default=BLOCK_LINEARS)
+    target_modules: tuple[str, ...] = BLOCK_LINEARS
 
-    @classmethod
-    def from_config(cls, adapter: Mapping[str, Any]) -> "LoraSettings":
-        """From the reference's `adapter:` section ({type, rank, alpha, dropout, dtype, verbose};
-        dtype and verbose are accepted and ignored)."""
-        kind = adapter.get("type", "lora")
-        if kind != "lora":
-            raise ValueError(f"adapter type {kind!r} is not supported (only lora)")
-        if "rank" not in adapter or int(adapter["rank"]) < 1:
-            raise ValueError("adapter.rank must be a positive integer")
-        rank = int(adapter["rank"])
-        return cls(rank=rank, alpha=float(adapter.get("alpha", rank)), dropout=float(adapter.get("dropout", 0.0)))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules is empty")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def from_config(cls, adapter: Mapping[str, Any]) -> "LoraSettings":
+        """From the reference's `adapter:` section {type, rank, alpha, dropout, dtype, verbose}.
+
+        Same defaults as the reference: rank 16, alpha = rank when absent or null, dropout 0.
+        dtype, verbose and apply_to_critic are accepted and ignored; other keys are rejected, so
+        a misspelt `alpha` does not silently fall back to the default.
+        """
+        kind = adapter.get("type", "lora")
+        if kind != "lora":
+            raise ValueError(f"adapter type {kind!r} is not supported (only 'lora')")
+        unknown = sorted(set(adapter) - {"type", "rank", "alpha", "dropout"} - IGNORED_ADAPTER_KEYS)
+        if unknown:
+            raise ValueError(f"unknown adapter key(s) {unknown}")
+        rank = int(adapter.get("rank", 16))
+        return cls(
+            rank=rank,
+            alpha=float(adapter.get("alpha") or rank),
+            dropout=float(adapter.get("dropout", 0.0)),
+        )
+
+
+def _block_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Full names of the nn.Linear modules `blocks.N.<target>`; every target must match."""
+    names, matched = [], set()
+    for name, module in model.named_modules():
+        m = _BLOCK_MODULE.fullmatch(name)
+        if m and m.group(1) in targets and isinstance(module, nn.Linear):
+            names.append(name)
+            matched.add(m.group(1))
+    unmatched = [t for t in targets if t not in matched]
+    if unmatched:
+        raise ValueError(f"LoRA target(s) {unmatched} match no nn.Linear inside the blocks")
+    return names
+
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Inject LoRA layers in place (B starts at zero, so the model's output is unchanged)."""
+    """Inject LoRA layers in place and return the same model.
+
+    peft's initialisation: A Kaiming-uniform, B zero, so the output is unchanged until weights
+    are loaded or trained. peft also freezes every non-LoRA parameter.
+    """
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model already has a LoRA adapter")
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=_block_linears(model, settings.target_modules),
         bias="none",
     )
     return inject_adapter_in_model(config, model, adapter_name=ADAPTER)
 
 
+def normalize_lora_key(key: str) -> str:
+    """Any saved form of a LoRA key -> `blocks.0.self_attn.q.lora_A.weight`."""
+    key = key.replace(FSDP_PART, "").removeprefix(PEFT_PREFIX)
+    return re.sub(rf"\.(lora_[AB])\.{ADAPTER}\.", r".\1.", key)
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """{normalised key: (peft's key for this model, tensor)} of the model's adapter."""
+    if not hasattr(model, "peft_config"):
+        raise ValueError("the model has no LoRA adapter (call add_lora first)")
+    peft_state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {normalize_lora_key(k): (k, v) for k, v in peft_state.items()}
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA tensors under the model's own parameter names."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    """The adapter's tensors under the reference's `lora.pt` names
+    (`base_model.model.blocks.0.self_attn.q.lora_A.weight`)."""
+    return {PEFT_PREFIX + k: v.detach().cpu() for k, (_, v) in _adapter_tensors(model).items()}
 
 
-def _to_model_name(key: str) -> str:
-    """`base_model.model.blocks.0.ffn.0.lora_A.weight` (any wrapper prefixes) ->
-    `blocks.0.ffn.0.lora_A.default.weight`."""
-    key = key.replace("_fsdp_wrapped_module.", "")
-    if key.startswith(PEFT_PREFIX):
-        key = key[len(PEFT_PREFIX) :]
-    key = re.sub(r"\.lora_(A|B)\.(default\.)?weight$", rf".lora_\1.{ADAPTER}.weight", key)
-    return key
+def _rank_hint(model: nn.Module, found: Mapping[str, torch.Tensor]) -> str:
+    config = model.peft_config[ADAPTER]
+    ranks = sorted({v.shape[0] for k, v in found.items() if ".lora_A." in k and v.dim() == 2})
+    if not ranks or ranks == [config.r]:
+        return ""
+    return (
+        f"LoRA rank mismatch: the adapter config has rank {config.r} (alpha {config.lora_alpha}), "
+        f"the file holds rank {', '.join(map(str, ranks))}; set adapter.rank to match the file"
+    )
 
 
-def _to_file_name(key: str) -> str:
-    return PEFT_PREFIX + key.replace(f".{ADAPTER}.", ".")
+def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
+    """Load a `lora.pt` into a model prepared by `add_lora`, strictly.
 
-
-def load_lora_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a `lora.pt` (its `generator_lora` entry, or the whole file) strictly."""
-    data = torch_load(path)
+    Uses the file's `generator_lora` entry when present, else the whole file as the LoRA state
+    dict. Missing or unexpected adapter keys and wrong shapes (e.g. a different rank) raise
+    CheckpointError naming the file, the first keys and the expected vs found rank and shapes.
+    """
+    path = _require_file(path)
+    data = read_checkpoint(path)
     if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path} does not hold a LoRA state dict")
-    state = data.get("generator_lora", data)
-    source = f"{path} [generator_lora]" if "generator_lora" in data else str(path)
-    state = {_to_model_name(k): v for k, v in state.items() if torch.is_tensor(v)}
-    expected = lora_state_dict(model)
-    if not expected:
-        raise CheckpointError(f"{source}: the model has no LoRA layers (is `adapter` configured?)")
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        parts = [f"missing {_listed(missing)}"] if missing else []
-        parts += [f"unexpected {_listed(unexpected)}"] if unexpected else []
-        raise CheckpointError(f"{source} does not match the LoRA layers: " + "; ".join(parts))
-    for key in sorted(expected):
-        want, got = tuple(expected[key].shape), tuple(state[key].shape)
-        if want != got:
-            rank_axis = 0 if ".lora_A." in key else 1
-            raise CheckpointError(
-                f"{source}: {key} has shape {got}, expected {want} (file rank {got[rank_axis]}, "
-                f"configured adapter.rank {want[rank_axis]})"
-            )
-    model.load_state_dict(state, strict=False)
+        raise CheckpointError(f"{path} does not hold a LoRA state dict ({type(data).__name__})")
+    entry = "generator_lora" if "generator_lora" in data else None
+    source = f"{path} (entry '{entry}')" if entry else str(path)
+    state = data[entry] if entry else data
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} is not a state dict (found {type(state).__name__})")
+
+    found: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"{source}: entry {key!r} is not a tensor")
+        name = normalize_lora_key(key)
+        if name in found:
+            raise CheckpointError(f"{source}: several keys normalise to {name} (e.g. {key})")
+        found[name] = value
+
+    expected = _adapter_tensors(model)
+    mismatch = Mismatch.between({k: v for k, (_, v) in expected.items()}, found)
+    if mismatch:
+        raise CheckpointError(mismatch.describe(source, _rank_hint(model, found)))
+    result = set_peft_model_state_dict(
+        model, {expected[k][0]: v for k, v in found.items()}, adapter_name=ADAPTER
+    )
+    if result.unexpected_keys:  # peft renamed keys differently from get_peft_model_state_dict
+        raise CheckpointError(f"{source}: peft did not place {_listed(result.unexpected_keys)}")
+    step = data.get("step") if entry else None
+    return LoadResult(path, entry, step=step if isinstance(step, int) else None)
 
 
 def save_lora_checkpoint(
-    model: nn.Module, path: str | os.PathLike[str], critic: nn.Module | None = None, step: int = 0
+    model: nn.Module, path: PathLike, critic: nn.Module | None = None, step: int = 0
 ) -> Path:
-    """Write the reference's `lora.pt`: {generator_lora, critic_lora, step}."""
-
-    def as_file(m: nn.Module | None) -> dict[str, torch.Tensor]:
-        if m is None:
-            return {}
-        return {_to_file_name(k): v.detach().cpu() for k, v in lora_state_dict(m).items()}
-
-    payload = {"generator_lora": as_file(model), "critic_lora": as_file(critic), "step": step}
+    """Write the reference's `lora.pt`: {generator_lora, critic_lora (when a critic is given),
+    step}. Without a critic there is no `critic_lora`, so reference training will not resume
+    from the file (it requires both)."""
+    payload: dict[str, Any] = {"generator_lora": lora_state_dict(model)}
+    if critic is not None:
+        payload["critic_lora"] = lora_state_dict(critic)
+    payload["step"] = int(step)
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold W + scale * B @ A into each base linear and remove the adapters, in place.
+    """Fold W <- W + (alpha/r) * B @ A (computed in float32, rounded once to W's dtype) into each
+    adapted linear, put the plain linear back and drop the adapter, in place.
 
-    The result has the original parameter names again, so it can be saved as a base checkpoint.
+    The result has the original Wan parameter names again, so it can be saved as a base
+    checkpoint. It is mathematically the unmerged model but rounds differently in bf16, so
+    compat mode keeps LoRA unmerged. Parameters stay frozen as peft left them.
     """
+    if not hasattr(model, "peft_config"):
+        raise ValueError("the model has no LoRA adapter to merge")
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(adapter_names=[ADAPTER])
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        weight = base.weight.float()
+        adapters = [] if module.disable_adapters else module.active_adapters
+        for adapter in adapters:
+            if adapter in module.lora_A:
+                a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+                weight = weight + module.scaling[adapter] * (b @ a)
+        base.weight.copy_(weight)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, base)
+    del model.peft_config
     return model
