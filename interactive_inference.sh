@@ -1,17 +1,7 @@
 #!/usr/bin/env bash
-# Interactive multi-prompt generation. NUM_GPUS (default 1) processes under torchrun; extra arguments are
-# passed to inference.py (a different --config_path, or key=value overrides).
-#   bash interactive_inference.sh                                  # configs/interactive_inference.yaml
-#   bash interactive_inference.sh --config_path configs/tiny_interactive.yaml  # tiny random models, CPU, no downloads
+# Interactive multi-prompt generation: inference.sh with configs/interactive_inference.yaml as
+# the default config (a later --config_path wins). NUM_GPUS and extra arguments as there.
+#   bash interactive_inference.sh
+#   bash interactive_inference.sh --config_path configs/tiny_interactive.yaml  # CPU, no downloads
 set -euo pipefail
-cd "$(dirname "$0")"
-config=configs/interactive_inference.yaml
-args=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config_path) config="$2"; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-exec torchrun --standalone --nproc_per_node="${NUM_GPUS:-1}" \
-  inference.py --config_path "$config" "${args[@]+"${args[@]}"}"
+exec bash "$(dirname "$0")/inference.sh" --config_path configs/interactive_inference.yaml "$@"

@@ -69,7 +69,10 @@ def block_causal_mask(
     return token_block[:, None] >= token_block[None, :]
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q/k/v/o linears with q/k RMS norms; Wan normalises q and k over all heads together,
+    before the head split."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -77,10 +80,11 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
-        # Wan normalises q/k over all heads together, before the head split.
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def forward(
         self, x: torch.Tensor, phases: torch.Tensor, layer: int, attend: AttendFn
     ) -> torch.Tensor:
@@ -92,18 +96,8 @@ class SelfAttention(nn.Module):
         return self.o(attend(layer, q, k, v).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Video tokens attend to the embedded prompt (all text positions, no mask, no RoPE)."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text keys and values [B, T, H, D]; they are cached per prompt while streaming and the

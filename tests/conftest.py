@@ -34,3 +34,13 @@ def golden_dir() -> Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"reference golden outputs not found at {GOLDEN} (../shared/golden is absent)")
     return GOLDEN
+
+
+@torch.no_grad()
+def fixed_forward(model: WanDiT) -> torch.Tensor:
+    """The model's full-attention output on one fixed random input (for save/load comparisons)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_dim, 2, 4, 4, generator=g)
+    context = torch.randn(1, 8, cfg.text_dim, generator=g)
+    return model(x, torch.tensor([[700.0, 300.0]]), context)

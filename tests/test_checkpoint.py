@@ -20,6 +20,8 @@ from memflow.checkpoint import (
 from memflow.config import DiTConfig
 from memflow.model import WanDiT
 
+from conftest import fixed_forward
+
 TINY = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)
 NARROW = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)
 
@@ -29,12 +31,7 @@ def make_dit(seed: int, config: DiTConfig = TINY) -> WanDiT:
     return WanDiT(config).eval()
 
 
-@torch.no_grad()
-def forward(model: WanDiT) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 4, 4, generator=g)
-    context = torch.randn(1, 8, 32, generator=g)
-    return model(x, torch.tensor([[700.0, 300.0]]), context)
+forward = fixed_forward
 
 
 @pytest.fixture(scope="module")

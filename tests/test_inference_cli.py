@@ -46,7 +46,7 @@ def test_interactive_tiny_writes_mp4(tmp_path):
 
 def test_same_config_same_video_and_compat_differs(tmp_path):
     data = _prompts(tmp_path, ["a cat on a chair"])
-    common = [f"data_path={data}", "num_output_frames=15", "model_kwargs.record_interval=3"]
+    common = [f"data_path={data}", "num_output_frames=9", "model_kwargs.record_interval=2"]
     runs = {}
     for name, extra in (("a", []), ("b", []), ("compat", ["behaviour=compat"])):
         out = tmp_path / name

@@ -18,6 +18,8 @@ from memflow.lora import (
 )
 from memflow.model import WanDiT
 
+from conftest import fixed_forward
+
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 TINY = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)  # the golden model
 SETTINGS = LoraSettings(rank=4, alpha=8)
@@ -29,12 +31,7 @@ def make_dit(seed: int = 0) -> WanDiT:
     return WanDiT(TINY).eval()
 
 
-@torch.no_grad()
-def forward(model: WanDiT) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 4, 4, generator=g)
-    context = torch.randn(1, 8, 32, generator=g)
-    return model(x, torch.tensor([[700.0, 300.0]]), context)
+forward = fixed_forward
 
 
 @torch.no_grad()
