@@ -128,7 +128,9 @@ class MemoryBank:
         self.record_interval = record_interval
         self.options = options
         shape = (num_layers, batch_size, slots * frame_len, num_heads, head_dim)
-        proto_shape = (num_layers, batch_size, frame_len, num_heads, head_dim)
+        # no prototype staging buffer when the bank is off (it would cost ~300 MB at 1.3B in bf16)
+        proto_len = frame_len if slots > 0 else 0
+        proto_shape = (num_layers, batch_size, proto_len, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.proto_k = torch.zeros(proto_shape, dtype=dtype, device=device)
