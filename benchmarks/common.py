@@ -54,6 +54,8 @@ class Preset:
         return self.latent_hw[0] * VAE_SPACE_STRIDE, self.latent_hw[1] * VAE_SPACE_STRIDE
 
 
+_REAL_FRAME_LEN = DiTConfig().tokens_per_frame(60, 104)  # tokens per frame at 832x480
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "tiny",
@@ -72,8 +74,9 @@ PRESETS: dict[str, Preset] = {
         prompt_tokens=100,
         frames=60,
         e2e_frames=30,
-        note="real 832x480 geometry (60x104 latents, 1560 tokens/frame, 4680 per block, 512 "
-        "text tokens) with a narrow model: dim 64, 1 head of 64, 1 layer, ffn 256",
+        note=f"real 832x480 geometry (60x104 latents, {_REAL_FRAME_LEN} tokens/frame, "
+        f"{3 * _REAL_FRAME_LEN} per block, 512 text tokens) with a narrow model: dim 64, 1 head "
+        "of 64, 1 layer, ffn 256",
     ),
     "wan1.3b": Preset(
         "wan1.3b",

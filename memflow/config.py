@@ -1,6 +1,6 @@
 """Configuration objects for the DiT and for streaming memory.
 
-Everything that the reference hard-codes for 480x832 (1560 tokens per frame, 3 frames per chunk,
+Everything that the reference hard-codes for 480x832 (tokens per frame, 3 frames per chunk,
 12 heads of 128) is derived here from the model and geometry settings instead.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class DiTConfig:
         return self.dim // self.num_heads
 
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
-        """Tokens of one latent frame after patchifying (1560 at 60x104 latents)."""
+        """Tokens of one latent frame after patchifying: (h / ph) * (w / pw)."""
         _, ph, pw = self.patch_size
         if latent_height % ph or latent_width % pw:
             raise ValueError(

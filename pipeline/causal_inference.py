@@ -132,16 +132,34 @@ class CausalInferencePipeline:
         `on_chunk(chunk_index, x0)` is called as soon as each chunk is final (for streaming
         decode). Pass `state` to inspect the cache and bank afterwards.
         """
+        context = prompt_embeds.to(self.generator.device, self.generator.dtype)
+        return self._run_chunks(
+            prompt_embeds.shape[0], num_frames, latent_hw, noise,
+            lambda n, state, generated: context, on_chunk, progress, state,
+        )
+
+    def _run_chunks(
+        self,
+        batch_size: int,
+        num_frames: int,
+        latent_hw: tuple[int, int],
+        noise: NoiseSource,
+        context_for_chunk: Callable[[int, StreamState, torch.Tensor], torch.Tensor],
+        on_chunk: ChunkCallback | None,
+        progress: bool,
+        state: StreamState | None,
+    ) -> torch.Tensor:
+        """The chunk loop shared by every mode. `context_for_chunk(n, state, generated)` returns
+        the prompt embedding for chunk n; it may first act on the state (a prompt switch)."""
         num_chunks = self.check_num_frames(num_frames)
-        b = prompt_embeds.shape[0]
         channels = self.generator.config.in_dim
         device, dtype = self.generator.device, self.generator.dtype
-        initial = noise.initial((b, num_frames, channels, *latent_hw)).to(device, dtype)
-        context = prompt_embeds.to(device, dtype)
-        state = state or self.new_state(b, latent_hw, num_frames)
+        initial = noise.initial((batch_size, num_frames, channels, *latent_hw)).to(device, dtype)
+        state = state or self.new_state(batch_size, latent_hw, num_frames)
         out = torch.empty_like(initial)
         fpb = self.frames_per_block
         for n in tqdm(range(num_chunks), desc="chunks", disable=not progress, leave=False):
+            context = context_for_chunk(n, state, out)
             x0 = self.denoise_chunk(state, n, initial[:, n * fpb : (n + 1) * fpb], context, noise)
             out[:, n * fpb : (n + 1) * fpb] = x0
             if on_chunk is not None:

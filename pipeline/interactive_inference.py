@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from memflow.streaming import StreamCall, StreamState
 
@@ -103,23 +102,19 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
                 f"switch chunks {list(switch_chunks)} must be strictly increasing within "
                 f"(0, {num_chunks})"
             )
-        b = segment_embeds[0].shape[0]
-        channels = self.generator.config.in_dim
         device, dtype = self.generator.device, self.generator.dtype
-        initial = noise.initial((b, num_frames, channels, *latent_hw)).to(device, dtype)
         contexts = [e.to(device, dtype) for e in segment_embeds]
-        state = state or self.new_state(b, latent_hw, num_frames)
-        out = torch.empty_like(initial)
-        fpb = self.frames_per_block
+        starts = dict(zip(switch_chunks, range(1, len(contexts))))  # chunk -> segment it starts
         segment = 0
-        for n in tqdm(range(num_chunks), desc="chunks", disable=not progress, leave=False):
-            if segment < len(switch_chunks) and n == switch_chunks[segment]:
-                segment += 1
-                self.recache(state, n, out, contexts[segment], switch)
-            context = contexts[segment]
-            x0 = self.denoise_chunk(state, n, initial[:, n * fpb : (n + 1) * fpb], context, noise)
-            out[:, n * fpb : (n + 1) * fpb] = x0
-            if on_chunk is not None:
-                on_chunk(n, x0)
-            self.commit_chunk(state, n, x0, context)
-        return out
+
+        def context_for_chunk(n: int, state: StreamState, generated: torch.Tensor) -> torch.Tensor:
+            nonlocal segment
+            if n in starts:
+                segment = starts[n]
+                self.recache(state, n, generated, contexts[segment], switch)
+            return contexts[segment]
+
+        return self._run_chunks(
+            contexts[0].shape[0], num_frames, latent_hw, noise, context_for_chunk,
+            on_chunk, progress, state,
+        )
