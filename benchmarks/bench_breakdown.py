@@ -4,18 +4,21 @@ against the analytic FLOP count.
 
 The library is not modified: this process wraps, for its own run only, the functions the
 streaming DiT calls (`memflow.streaming.attention`, `memflow.model.attention`,
-`CallContext.attend`, `KVCache` / `MemoryBank` methods, `sma_select`, `apply_rope`) and hooks
-every `nn.Linear`. Regions are timed with CUDA events on CUDA (no extra synchronisation inside a
-block) and with `perf_counter` on CPU. Instrumentation costs a little; the absolute block times
-of bench_generation.py are the reference, this script gives the shares.
+`CallContext.layer`, `ChunkAttention.__call__`, `StreamState.finish`, `KVCache` / `MemoryBank`
+methods, `sma_select`, `apply_rope`) and hooks every `nn.Linear`. Regions are timed with CUDA
+events on CUDA (no extra synchronisation inside a block) and with `perf_counter` on CPU.
+Instrumentation costs a little; the absolute block times of bench_generation.py are the
+reference, this script gives the shares.
 
 Categories (they do not overlap):
 * linear: every nn.Linear (q/k/v/o projections, cross-attention q/o, FFN, embeddings, head);
 * self-attention kernel: the attention call over [sink | bank | window];
 * cross-attention kernel: the attention call over the 512 text tokens;
-* cache/bank maintenance: the rest of the per-layer attend step (gathering sink and window from
-  the cache, concatenating memory and window, SMA frame selection, writing the committed K/V and
-  the prototype) plus the bank refresh (NAM insertion/compression) before the layers;
+* cache/bank maintenance: the rest of the streaming self-attention: per layer, reading its
+  context (`CallContext.layer`: sink and window views from the cache, the bank slots) and, in
+  `ChunkAttention.__call__`, concatenating memory and window and the SMA frame selection; after
+  the layers, the commit (`StreamState.finish`: writing the committed K/V and the prototype);
+  plus the bank refresh (NAM insertion/compression) before the layers;
 * RoPE: rotating q and k (complex float64, as the reference);
 * other DiT: norms, modulation, GELU, residuals, patch embedding, time embedding, unpatchify,
   the scheduler's x0/re-noise arithmetic and Python overhead (block time minus the above);
@@ -80,12 +83,16 @@ class Instrument:
 
         wrap(sm, "attention", "self_attn_kernel")
         wrap(mm, "attention", "cross_attn_kernel")
-        wrap(sm.CallContext, "attend", "attend_total")
+        # the streaming self-attention, in three places: the per-layer context read (cache
+        # views + bank slots), the attention call itself, the commit after the layers
+        wrap(sm.CallContext, "layer", "layer_context")
+        wrap(sm.ChunkAttention, "__call__", "attend_total")  # instance calls use the class's
+        wrap(sm.StreamState, "finish", "finish_total")
         wrap(sm, "sma_select", "sma_select")
         wrap(mbm.MemoryBank, "refresh", "bank_refresh")
         wrap(mbm.MemoryBank, "read", "bank_read")
         wrap(mbm.MemoryBank, "stage_layer", "bank_stage")
-        wrap(kvm.KVCache, "sink_and_window", "kv_gather")
+        wrap(kvm.KVCache, "context", "kv_gather")
         wrap(kvm.KVCache, "commit_layer", "kv_commit")
         wrap(mm, "apply_rope", "rope")
         for module in model.modules():
@@ -104,13 +111,14 @@ class Instrument:
 
 def split(block, regions: dict[str, float]) -> dict[str, float]:
     """Non-overlapping categories of one block from the raw regions (seconds)."""
-    attend = regions.get("attend_total", 0.0)
+    streaming = (regions.get("layer_context", 0.0) + regions.get("attend_total", 0.0)
+                 + regions.get("finish_total", 0.0))
     self_k = regions.get("self_attn_kernel", 0.0)
     out = {
         "linear": regions.get("linear", 0.0),
         "self_attn_kernel": self_k,
         "cross_attn_kernel": regions.get("cross_attn_kernel", 0.0),
-        "maintenance": attend - self_k + regions.get("bank_refresh", 0.0),
+        "maintenance": streaming - self_k + regions.get("bank_refresh", 0.0),
         "rope": regions.get("rope", 0.0),
     }
     out["other"] = block.dit_s - sum(out.values())

@@ -1,8 +1,8 @@
 """Generation speed per memory mode, side by side, from one run.
 
 For every mode (no memory, frame sink only, NAM, NAM+SMA) one video is streamed with the real
-pipeline (`CausalInferencePipeline.denoise_chunk` / `commit_chunk`), each chunk decoded by the
-streaming VAE and written to an MP4 as it is produced. Reported per mode:
+pipeline's chunk stepper (`ChunkStepper.rollout`: denoising calls, then the commit call), each
+chunk decoded by the streaming VAE and written to an MP4 as it is produced. Reported per mode:
 
 * time per block (DiT only: the denoising calls + the commit call), steady state: the median
   (and min/max) over the blocks after the warm-up;

@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     cfg = C.run_config(preset, args)
     start_load = "%.2f %.2f %.2f" % __import__("os").getloadavg()
     fpb = args.frames_per_block
+    if args.frames // fpb <= args.warmup_blocks:
+        raise SystemExit(f"{args.frames // fpb} blocks leave nothing after {args.warmup_blocks} "
+                         "warm-up blocks; raise --frames or lower --warmup-blocks")
     model = C.build_model(cfg, device, dtype, args.seed)
     context = C.prompt_embeds(preset, device, dtype)
     decoder, decoder_note = make_decoder(args.vae, preset, device, dtype)

@@ -284,16 +284,42 @@ class RegionTimer:
 
 
 def time_layers(model, timer: RegionTimer) -> Callable[[], None]:
-    """Time every DiT block's forward under the region "layers"; returns an undo function."""
+    """Time the per-layer work under the region "layers"; returns an undo function.
+
+    That is every DiT block's forward plus the streaming work done per layer outside it: the
+    layer's context read (`CallContext.layer`: cache views, bank slots) before the block, and the
+    commit of its K/V and prototype (`KVCache.commit_layer`, `MemoryBank.stage_layer`) after the
+    call. Whatever is left of a DiT call scales with the call, not with the number of layers.
+    """
+    import memflow.kv_cache as kvm
+    import memflow.memory_bank as mbm
+    import memflow.streaming as sm
+
     handles = []
     for block in model.blocks:
         handles.append(block.register_forward_pre_hook(
             lambda *_: timer.start("layers", key=-1)))
         handles.append(block.register_forward_hook(lambda *_: timer.stop("layers", key=-1)))
+    restore = []
+    for owner, name in ((sm.CallContext, "layer"), (kvm.KVCache, "commit_layer"),
+                        (mbm.MemoryBank, "stage_layer")):
+        original = getattr(owner, name)
+
+        def timed(*a, _original=original, **k):
+            timer.start("layers", key=-1)
+            try:
+                return _original(*a, **k)
+            finally:
+                timer.stop("layers", key=-1)
+
+        setattr(owner, name, timed)
+        restore.append((owner, name, original))
 
     def undo() -> None:
         for h in handles:
             h.remove()
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
 
     return undo
 

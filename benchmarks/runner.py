@@ -1,12 +1,15 @@
-"""One streamed video, timed block by block, with the pipeline's own chunk methods.
+"""One streamed video, timed block by block, driven by the pipeline's own chunk stepper.
 
-`run_video` repeats `CausalInferencePipeline.generate_latents` step for step (initial noise for
-the whole video, a fresh `StreamState`, then per chunk `denoise_chunk` -> on-chunk work ->
-`commit_chunk`) so that the denoising calls, the commit call and the per-chunk decode/write can
-be timed apart. Nothing in the model or the pipeline is changed.
+`run_video` generates the video with `ChunkStepper.rollout` (pipeline/stepper.py), the loop
+every caller of the streaming core runs, and times each chunk through the rollout's hooks:
+`before_chunk` starts the block, `on_chunk` (x0 final, before the commit) ends the denoising
+calls and runs the per-chunk decode and MP4 write, `after_commit` ends the commit call. The
+attended key lengths come from the state's debug record (`StreamState(debug=True)`). Nothing
+in the model or the pipeline is changed.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,8 +19,9 @@ from typing import Any
 import torch
 
 from common import MemoryProbe, Preset, RegionTimer, Mode, block_flops, now, stream_config, time_layers
-from pipeline.causal_inference import CausalInferencePipeline, SamplingConfig
+from memflow.config import SamplingConfig
 from pipeline.noise import SeededNoise
+from pipeline.stepper import ChunkHooks, ChunkStepper
 
 
 @dataclass
@@ -34,7 +38,7 @@ class BlockRecord:
     flops: float = 0.0
     mem_current: int = 0
     mem_peak: int = 0
-    layers_s: float = 0.0  # time inside DiT blocks (for --layers extrapolation)
+    layers_s: float = 0.0  # per-layer time (common.time_layers; for --layers extrapolation)
     fast_fill: bool = False
 
     @property
@@ -65,6 +69,19 @@ def sampling_config(args: Any) -> SamplingConfig:
     return SamplingConfig(denoising_step_list=steps)
 
 
+def state_bytes(state) -> int:
+    """Bytes of the state's KV cache buffers plus its bank at full size: every slot and the
+    staged prototype, K and V, one frame each per layer. The bank's slot tensors are allocated
+    as the bank fills (per-layer lists), so its size is computed, not summed, and the figure
+    does not depend on when it is taken or on the video's length."""
+    kv = state.kv
+    kv_bytes = sum(t.numel() * t.element_size() for t in (*kv.k, *kv.v))
+    frame = kv.k[0][:, : state.frame_len]  # [B, frame_len, H, D]: what one slot holds
+    bank = state.bank
+    frames = bank.slots + (1 if bank.slots else 0)  # the slots and the prototype
+    return kv_bytes + 2 * bank.num_layers * frames * frame.numel() * frame.element_size()
+
+
 @torch.no_grad()
 def run_video(
     model,
@@ -86,25 +103,84 @@ def run_video(
 
     `decoder`: an object with `reset()`, `decode(x0 [B, F, C, h, w]) -> [T, 3, H, W] in [0, 1]`;
     when given, every chunk is decoded and written to an MP4 as it is produced.
-    `fast_fill_blocks`: the first N blocks run a single denoising step (to fill the cache and
-    bank quickly before the timed blocks; their timings are flagged and never summarised).
+    `fast_fill_blocks`: the first N blocks stop after the first denoising step (`exit_step` 0:
+    one DiT call at t = 1000, then the commit), to fill the cache and bank quickly before the
+    timed blocks; their timings are flagged and never summarised.
     `block_hook(block_record)` runs after every block (instrumentation, profiling).
     """
     cfg = stream_config(mode, args)
-    sampling = sampling_config(args)
-    pipe = CausalInferencePipeline(model, cfg, sampling)
-    fill_pipe = CausalInferencePipeline(
-        model, cfg, SamplingConfig(denoising_step_list=sampling.denoising_step_list[:1])
-    )
-    steps = len(pipe.timesteps)
+    stepper = ChunkStepper(model, cfg, sampling_config(args))
+    steps = len(stepper.timesteps)
     fpb = cfg.num_frame_per_block
     num_frames = args.frames
-    num_chunks = pipe.check_num_frames(num_frames)
+    stepper.num_chunks(num_frames)  # validates the length before anything runs
+    batch = context.shape[0]
     probe = MemoryProbe(device)
     timer = RegionTimer(device)
     undo = time_layers(model, timer) if time_layer_blocks else (lambda: None)
     rec = VideoRecord(mode.key)
+    # the rollout keeps the initial noise of the whole video and every chunk's x0
+    latent_numel = batch * num_frames * model.config.in_dim * math.prod(preset.latent_hw)
+    rec.video_bytes = 2 * latent_numel * torch.empty((), dtype=dtype).element_size()
     writer = None
+    # per-block marks, filled by the hooks
+    mark: dict[str, Any] = {}
+
+    def before_chunk(n: int) -> None:
+        if n == 0:
+            rec.setup_s = now(device) - t_start  # state + initial noise (drawn by the rollout)
+        probe.reset_peak()
+        mark.update(t0=now(device), calls=len(state.debug.key_frames), decode_s=0.0,
+                    write_s=0.0, pixels=0)
+
+    def on_chunk(n: int, x0: torch.Tensor) -> None:
+        t1 = now(device)
+        mark.update(t1=t1, key_den=state.debug.key_frames[-1], slots=state.bank.used_slots)
+        if n == 0:
+            rec.first_latents_s = t1 - t_start
+        if decoder is not None:
+            frames = decoder.decode(x0)
+            t2 = now(device)
+            writer.write(frames)
+            t3 = time.perf_counter()
+            mark.update(decode_s=t2 - t1, write_s=t3 - t2, pixels=int(frames.shape[0]))
+            if n == 0:
+                rec.first_pixels_s = t3 - t_start
+        mark["t4"] = now(device)
+
+    def after_commit(n: int) -> None:
+        t5 = now(device)
+        fill = n < fast_fill_blocks
+        calls = state.debug.key_frames[mark["calls"]:]
+        expected = (1 if fill else steps) + 1
+        if len(calls) != expected:
+            raise RuntimeError(f"block {n}: {len(calls)} DiT calls recorded, expected {expected}")
+        block = BlockRecord(
+            index=n,
+            denoise_s=mark["t1"] - mark["t0"],
+            commit_s=t5 - mark["t4"],
+            decode_s=mark["decode_s"],
+            write_s=mark["write_s"],
+            pixel_frames=mark["pixels"],
+            key_frames_denoise=mark["key_den"],
+            key_frames_commit=calls[-1],
+            bank_slots=mark["slots"],
+            mem_current=probe.current(),
+            mem_peak=probe.peak(),
+            fast_fill=fill,
+        )
+        block.flops = block_flops(model.config, state.frame_len, fpb,
+                                  1 if fill else steps, block.key_frames_denoise,
+                                  block.key_frames_commit)
+        if time_layer_blocks:
+            block.layers_s = timer.collect().get("layers", 0.0)
+        rec.blocks.append(block)
+        if block_hook is not None:
+            block_hook(block)
+        if progress:
+            print(f"  [{mode.key}] block {n}: dit {block.dit_s * 1000:.1f} ms, keys "
+                  f"{block.key_frames_denoise} frames, e2e {block.e2e_s * 1000:.1f} ms", flush=True)
+
     try:
         if decoder is not None:
             from utils.video_writer import Mp4Writer
@@ -115,66 +191,16 @@ def run_video(
             decoder.reset()
         probe.reset_peak()
         t_start = now(device)
-        noise = SeededNoise(seed, dtype=dtype)
-        initial = noise.initial((context.shape[0], num_frames, model.config.in_dim,
-                                 *preset.latent_hw)).to(device, dtype)
-        state = pipe.new_state(context.shape[0], preset.latent_hw, num_frames)
-        out = torch.empty_like(initial)  # generate_latents keeps every chunk's x0
-        rec.video_bytes = 2 * initial.numel() * initial.element_size()
-        rec.state_bytes = sum(t.numel() * t.element_size() for t in (
-            state.kv.k, state.kv.v, state.bank.k, state.bank.v, state.bank.proto_k,
-            state.bank.proto_v))
-        rec.setup_s = now(device) - t_start
-        for n in range(num_chunks):
-            probe.reset_peak()
-            fill = n < fast_fill_blocks
-            runner = fill_pipe if fill else pipe
-            t0 = now(device)
-            x0 = runner.denoise_chunk(state, n, initial[:, n * fpb:(n + 1) * fpb], context, noise)
-            t1 = now(device)
-            key_den = state.last_key_frames
-            out[:, n * fpb:(n + 1) * fpb] = x0
-            slots = state.bank.used_slots
-            if n == 0:
-                rec.first_latents_s = t1 - t_start
-            decode_s = write_s = 0.0
-            pixels = 0
-            if decoder is not None:
-                frames = decoder.decode(x0)
-                t2 = now(device)
-                writer.write(frames)
-                t3 = time.perf_counter()
-                decode_s, write_s, pixels = t2 - t1, t3 - t2, int(frames.shape[0])
-                if n == 0:
-                    rec.first_pixels_s = t3 - t_start
-            t4 = now(device)
-            pipe.commit_chunk(state, n, x0, context)
-            t5 = now(device)
-            block = BlockRecord(
-                index=n,
-                denoise_s=t1 - t0,
-                commit_s=t5 - t4,
-                decode_s=decode_s,
-                write_s=write_s,
-                pixel_frames=pixels,
-                key_frames_denoise=key_den,
-                key_frames_commit=state.last_key_frames,
-                bank_slots=slots,
-                mem_current=probe.current(),
-                mem_peak=probe.peak(),
-                fast_fill=fill,
-            )
-            block.flops = block_flops(model.config, state.frame_len, fpb,
-                                      1 if fill else steps, block.key_frames_denoise,
-                                      block.key_frames_commit)
-            if time_layer_blocks:
-                block.layers_s = timer.collect().get("layers", 0.0)
-            rec.blocks.append(block)
-            if block_hook is not None:
-                block_hook(block)
-            if progress:
-                print(f"  [{mode.key}] block {n}: dit {block.dit_s * 1000:.1f} ms, keys "
-                      f"{key_den} frames, e2e {block.e2e_s * 1000:.1f} ms", flush=True)
+        state = stepper.new_state(batch, preset.latent_hw, num_frames, debug=True)
+        rec.state_bytes = state_bytes(state)
+        stepper.rollout(
+            batch, num_frames, preset.latent_hw, SeededNoise(seed, dtype=dtype),
+            lambda n, _state, _generated: context,
+            exit_step=(lambda n: 0 if n < fast_fill_blocks else None),
+            hooks=ChunkHooks(before_chunk=before_chunk, on_chunk=on_chunk,
+                             after_commit=after_commit),
+            state=state,
+        )
         if writer is not None:
             t6 = time.perf_counter()
             writer.close()

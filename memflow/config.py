@@ -6,7 +6,7 @@ Everything that the reference hard-codes for 480x832 (tokens per frame, 3 frames
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -155,3 +155,41 @@ class StreamConfig:
             raise ValueError("sink_size/bank_size must be >= 0 and record_interval >= 1")
         if self.sma and self.sma_top_k < 1:
             raise ValueError("sma_top_k must be >= 1")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The few-step sampler: the distilled step list (warped onto the shifted schedule) and the
+    timestep of the committing clean pass."""
+
+    denoising_step_list: Sequence[int] = (1000, 750, 500, 250)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    context_noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class SwitchOptions:
+    """How a prompt switch treats the caches.
+
+    global_sink: keep the sink's K/V across switches (released setting). Without it the
+        reference zeroes the K/V buffers and, because the recache protects the sink, attends an
+        all-zero sink afterwards (spec K2); that is reproduced in compat mode only.
+    protect_sink_at_start: a switch within the first `local_attn_size` frames recaches from frame
+        0; the reference then overwrites the sink with the new prompt (K3). True keeps the sink,
+        as every later switch does.
+    """
+
+    global_sink: bool = True
+    protect_sink_at_start: bool = True
+
+    @classmethod
+    def compat(cls, global_sink: bool = True) -> "SwitchOptions":
+        return cls(global_sink=global_sink, protect_sink_at_start=False)
+
+    def __post_init__(self) -> None:
+        if not self.global_sink and self.protect_sink_at_start:
+            raise ValueError(
+                "global_sink=false is only available in compat mode: the reference leaves an "
+                "all-zero sink after a switch (spec K2)"
+            )

@@ -9,8 +9,15 @@ Invariants
 * Keys are stored already rotated with the RoPE of their absolute frame; values are raw.
 * `end` (G, tokens) is the absolute end of everything committed; `fill` (E, tokens) is how much
   of the buffer is used. fill <= cap, and both are the same for every layer.
-* Only `commit` writes. A denoising call builds its keys from `plan` + `gather` without touching
-  the buffers, so the several denoising steps of a chunk all see the same history.
+* Only `commit` writes. A denoising call reads its context (`context`) as views of the
+  buffers without touching them, so the several denoising steps of a chunk all see the same
+  history.
+* Positions below `fill` are never written in place. A commit that only appends (writes at or
+  past `fill`, no eviction) writes into the free tail; one that evicts or rewrites committed
+  positions (a roll, a recache) replaces the layer's buffer by a new tensor (copy on write).
+  So the context views an earlier call attended (which a saved graph or an activation
+  checkpoint recomputation reads again in backward) keep their values. Training sizes the
+  capacity to cover a whole rollout (`capacity` > attention window) so nothing is ever copied.
 * When a new chunk does not fit, the oldest window frames are evicted (the window shifts left by
   the overflow); the sink region [0, sink) is never evicted.
 * A call that covers already committed frames (a recompute, e.g. the recache after a prompt
@@ -46,9 +53,18 @@ class CachePlan:
     def rolls(self) -> bool:
         return self.evict > 0
 
+    @property
+    def new_offset(self) -> int:
+        """Buffer position of the call's new token 0 (its first `skip` tokens are not written)."""
+        return self.write_start - self.skip
+
 
 class KVCache:
-    """Per-layer K/V buffers [layers, B, cap, H, D] with a sink and a rolling window."""
+    """Per-layer K/V buffers ([B, cap, H, D] each) with a sink and a rolling window.
+
+    `capacity` is the buffer size and `max_attention` the attention window (sink included);
+    inference uses one for both, a training rollout a capacity that holds the whole rollout.
+    """
 
     def __init__(
         self,
@@ -65,21 +81,33 @@ class KVCache:
     ):
         if sink_tokens > capacity:
             raise ValueError(f"sink ({sink_tokens} tokens) exceeds cache capacity ({capacity})")
-        shape = (num_layers, batch_size, capacity, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._shape = (batch_size, capacity, num_heads, head_dim)
+        self._dtype, self._device = dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.num_layers = num_layers
         self.capacity = capacity
         self.sink = sink_tokens
         self.max_attention = max_attention_tokens
         self.rolling = rolling
+        self.reset()
+
+    def _zeros(self) -> list[torch.Tensor]:
+        return [
+            torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+            for _ in range(self.num_layers)
+        ]
+
+    def reset(self) -> None:
+        """Empty the cache (new buffers, so nothing read earlier changes)."""
+        self.clear_values()
         self.end = 0  # G
         self.fill = 0  # E
 
-    def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
-        self.end = 0
-        self.fill = 0
+    def clear_values(self) -> None:
+        """Zero every K/V but keep the pointers: the reference's prompt switch without a global
+        sink (spec K2, compat only)."""
+        self.k, self.v = self._zeros(), self._zeros()
 
     def plan(self, start: int, num_new: int, protect_sink_at_start: bool = False) -> CachePlan:
         """Decide eviction and write positions for a call covering tokens [start, start+num_new).
@@ -121,8 +149,44 @@ class KVCache:
             window_start=window_start,
         )
 
+    def context(self, layer: int, plan: CachePlan) -> dict[str, list[torch.Tensor]]:
+        """The committed K/V one call attends to, as views of the buffers, in key order around
+        the call's own tokens (`attended_new`): sink = [sink_k | new | sink_tail_k], window =
+        [window_k | new]. Each value is a list of [B, tokens, H, D] pieces. The sink tail is
+        non-empty only while the sink is not yet filled (it then reads zeros, as the reference)."""
+        k, v = self.k[layer], self.v[layer]
+        ws, we = plan.write_start, plan.new_fill
+        lo, hi = self._window_range(plan)
+        sink_hi = min(self.sink, ws)
+        tail_lo = min(self.sink, max(we, sink_hi))
+        win_hi = max(lo, min(hi, ws))
+        return {
+            "sink_k": self._read_old(k, plan, 0, sink_hi),
+            "sink_v": self._read_old(v, plan, 0, sink_hi),
+            "sink_tail_k": self._read_old(k, plan, tail_lo, self.sink),
+            "sink_tail_v": self._read_old(v, plan, tail_lo, self.sink),
+            "window_k": self._read_old(k, plan, lo, win_hi),
+            "window_v": self._read_old(v, plan, lo, win_hi),
+        }
+
+    def attended_new(self, plan: CachePlan) -> tuple[slice, slice]:
+        """Which of the call's new tokens sit in the attended sink and in the attended window:
+        their key order is [old sink | new in sink | bank | old window | new in window]."""
+        off, ws, we = plan.new_offset, plan.write_start, plan.new_fill
+        lo, hi = self._window_range(plan)
+        in_sink = slice(max(0, ws) - off, max(ws, min(self.sink, we)) - off)
+        in_window = slice(max(lo, ws) - off, max(max(lo, ws), min(hi, we)) - off)
+        return in_sink, in_window
+
+    def _window_range(self, plan: CachePlan) -> tuple[int, int]:
+        if self.sink > 0 and self.max_attention - self.sink <= 0:
+            return plan.new_fill, plan.new_fill  # only the sink is attended (spec Q10)
+        return plan.window_start, plan.new_fill
+
     def _read_old(self, buf: torch.Tensor, plan: CachePlan, lo: int, hi: int) -> list[torch.Tensor]:
         """Buffer positions [lo, hi) as they read after the plan's eviction shift."""
+        if lo >= hi:
+            return []
         pieces = []
         shifted_lo, shifted_hi = self.sink, self.sink + plan.keep
         cuts = sorted({lo, hi} | {c for c in (shifted_lo, shifted_hi) if lo < c < hi})
@@ -131,50 +195,20 @@ class KVCache:
             pieces.append(buf[:, a + offset : b + offset])
         return pieces
 
-    def _read(
-        self, buf: torch.Tensor, plan: CachePlan, new: torch.Tensor, lo: int, hi: int
-    ) -> torch.Tensor:
-        """Positions [lo, hi) of the buffer as it will be after committing `plan` with `new`."""
-        pieces: list[torch.Tensor] = []
-        ws, we = plan.write_start, plan.new_fill
-        old_hi = min(hi, ws)
-        if lo < old_hi:
-            pieces += self._read_old(buf, plan, lo, old_hi)
-        if max(lo, ws) < min(hi, we):
-            a, b = max(lo, ws), min(hi, we)
-            offset = ws - plan.skip  # buffer position of new token 0
-            pieces.append(new[:, a - offset : b - offset])
-        if max(lo, we) < hi:
-            pieces += self._read_old(buf, plan, max(lo, we), hi)
-        if not pieces:
-            return new[:, :0]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-    def sink_and_window(
-        self, layer: int, plan: CachePlan, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """Keys/values of the sink and of the attended window for this call, without writing.
-
-        Returns ((sink_k, sink_v), (window_k, window_v)), each [B, tokens, H, D].
-        """
-        k, v = self.k[layer], self.v[layer]
-        if self.sink > 0 and self.max_attention - self.sink <= 0:
-            lo, hi = plan.new_fill, plan.new_fill  # only the sink is attended (spec Q10)
-        else:
-            lo, hi = plan.window_start, plan.new_fill
-        sink = (self._read(k, plan, k_new, 0, self.sink), self._read(v, plan, v_new, 0, self.sink))
-        window = (self._read(k, plan, k_new, lo, hi), self._read(v, plan, v_new, lo, hi))
-        return sink, window
-
     def commit_layer(
         self, layer: int, plan: CachePlan, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> None:
-        """Apply the plan's eviction and write to one layer's buffers."""
-        for buf, new in ((self.k[layer], k_new), (self.v[layer], v_new)):
-            if plan.rolls:
-                src = slice(self.sink + plan.evict, self.sink + plan.evict + plan.keep)
-                buf[:, self.sink : self.sink + plan.keep] = buf[:, src].clone()
-            buf[:, plan.write_start : plan.new_fill] = new[:, plan.skip :]
+        """Apply the plan's eviction and write to one layer (in place only into the free tail)."""
+        appends = not plan.rolls and plan.write_start >= self.fill
+        for bufs, new in ((self.k, k_new), (self.v, v_new)):
+            buf, new = bufs[layer], new[:, plan.skip :].detach()
+            if appends:
+                buf[:, plan.write_start : plan.new_fill] = new
+                continue
+            pieces = self._read_old(buf, plan, 0, plan.write_start) + [new]
+            if plan.new_fill < self.capacity:
+                pieces.append(buf[:, plan.new_fill :])
+            bufs[layer] = torch.cat(pieces, dim=1)
 
     def advance(self, plan: CachePlan) -> None:
         """Move the end/fill pointers after every layer committed (not for a recompute)."""

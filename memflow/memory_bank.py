@@ -14,7 +14,9 @@ of tokens per slot). Its life cycle per chunk (spec §3):
    window; with SMA on, `sma_select` keeps only the top-k sink/bank frames per head.
 
 Invariants: only `refresh` changes the bank's K/V; only `stage` changes the prototype and the
-opened count; denoising calls only read.
+opened count; denoising calls only read. Nothing is changed in place: each slot is its own
+tensor, and a refresh replaces the slot list (copy on write), so the frames an earlier call
+attended keep their values for the backward pass of a training rollout.
 """
 from __future__ import annotations
 
@@ -101,59 +103,44 @@ def sma_select(
 
 
 class MemoryBank:
-    """Per-layer bank buffers [layers, B, slots*frame_len, H, D] plus the staged prototype.
+    """Per-layer lists of slot frames ([B, frame_len, H, D] each) plus the staged prototype.
 
     `opened` counts slots opened so far (the reference's W / frame_len); it grows past `slots`
-    once the bank is saturated, after which refreshes compress instead of inserting.
-    `slot_frames[layer]` and `prototype_frame` track which absolute latent frame each slot holds,
-    for tests and debugging (the tensors are the source of truth; frames are tracked for batch
-    element 0).
+    once the bank is saturated, after which refreshes compress instead of inserting. With
+    `track_frames`, `slot_frames[layer]` and `prototype_frame` record which absolute latent frame
+    each slot holds (batch element 0), for tests and debugging; it costs a host sync per
+    compression, so it is off by default.
     """
 
     def __init__(
         self,
         num_layers: int,
-        batch_size: int,
         slots: int,
         frame_len: int,
-        num_heads: int,
-        head_dim: int,
         record_interval: int,
         options: MemoryOptions,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        track_frames: bool = False,
     ):
+        self.num_layers = num_layers
         self.slots = slots
         self.frame_len = frame_len
         self.record_interval = record_interval
         self.options = options
-        shape = (num_layers, batch_size, slots * frame_len, num_heads, head_dim)
-        # no prototype staging buffer when the bank is off (it would cost ~300 MB at 1.3B in bf16)
-        proto_len = frame_len if slots > 0 else 0
-        proto_shape = (num_layers, batch_size, proto_len, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.proto_k = torch.zeros(proto_shape, dtype=dtype, device=device)
-        self.proto_v = torch.zeros(proto_shape, dtype=dtype, device=device)
-        self.opened = 0
-        self.fresh = False
-        self.prototype_frame: int | None = None
-        self.slot_frames: list[list[int | None]] = [[None] * slots for _ in range(num_layers)]
-        self.last_selection: list[list[list[int]]] | None = None  # [layer][batch][kept slot]
-
-    @property
-    def num_layers(self) -> int:
-        return self.k.shape[0]
+        self.track_frames = track_frames
+        self.reset()
 
     @property
     def used_slots(self) -> int:
         return min(self.opened, self.slots)
 
     def reset(self) -> None:
-        for t in (self.k, self.v, self.proto_k, self.proto_v):
-            t.zero_()
+        self.k: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self.v: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self.proto_k: list[torch.Tensor | None] = [None] * self.num_layers
+        self.proto_v: list[torch.Tensor | None] = [None] * self.num_layers
         self.opened, self.fresh, self.prototype_frame = 0, False, None
-        self.slot_frames = [[None] * self.slots for _ in range(self.num_layers)]
+        self.slot_frames: list[list[int | None]] = [[] for _ in range(self.num_layers)]
+        self.last_selection: list[list[list[int]]] | None = None  # [layer][batch][kept slot]
 
     def wants_prototype(self, chunk_index: int) -> bool:
         """Whether the commit of this chunk stages a prototype (the record policy, spec Q1)."""
@@ -165,8 +152,8 @@ class MemoryBank:
 
     def stage_layer(self, layer: int, k_frame: torch.Tensor, v_frame: torch.Tensor) -> None:
         """Store one layer's prototype (the first frame of the chunk just committed)."""
-        self.proto_k[layer].copy_(k_frame)
-        self.proto_v[layer].copy_(v_frame)
+        self.proto_k[layer] = k_frame.detach().clone()
+        self.proto_v[layer] = v_frame.detach().clone()
 
     def finish_stage(self, chunk_index: int, frame_index: int) -> None:
         """After all layers staged: open the slot this chunk's interval maps to."""
@@ -174,10 +161,9 @@ class MemoryBank:
         self.fresh = True
         self.prototype_frame = frame_index
 
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The used slots of one layer, in slot order: ([B, used*frame_len, H, D], same for v)."""
-        n = self.used_slots * self.frame_len
-        return self.k[layer, :, :n], self.v[layer, :, :n]
+    def read(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The used slots of one layer, in slot order (lists of [B, frame_len, H, D])."""
+        return list(self.k[layer]), list(self.v[layer])
 
     def refresh(
         self,
@@ -196,35 +182,50 @@ class MemoryBank:
         if not self.fresh and not self.options.reinsert_stale_prototype:
             return
         if self.opened <= self.slots:
-            lo, hi = (self.opened - 1) * self.frame_len, self.opened * self.frame_len
-            self.k[:, :, lo:hi] = self.proto_k
-            self.v[:, :, lo:hi] = self.proto_v
-            for frames in self.slot_frames:
-                frames[self.opened - 1] = self.prototype_frame
+            slot = self.opened - 1
+            for layer in range(self.num_layers):
+                self.k[layer] = _put(self.k[layer], slot, self.proto_k[layer])
+                self.v[layer] = _put(self.v[layer], slot, self.proto_v[layer])
+                if self.track_frames:
+                    self.slot_frames[layer] = _put(self.slot_frames[layer], slot, self.prototype_frame)
         else:
             chosen = [
                 self._compress_layer(layer, text_keys(layer), text_mask)
                 for layer in range(self.num_layers)
             ]
-            # One device->host transfer for the bookkeeping, not one per layer.
-            self.last_selection = torch.stack(chosen).cpu().tolist()  # [layers, B, keep]
-            for layer, per_batch in enumerate(self.last_selection):
-                old = self.slot_frames[layer]
-                frames = [old[i] for i in per_batch[0]] + [self.prototype_frame]
-                self.slot_frames[layer] = frames + [None] * (self.slots - len(frames))
+            if self.track_frames:
+                # one device->host transfer for the bookkeeping, not one per layer
+                self.last_selection = torch.stack(chosen).cpu().tolist()  # [layers, B, keep]
+                for layer, per_batch in enumerate(self.last_selection):
+                    old = self.slot_frames[layer]
+                    self.slot_frames[layer] = [old[i] for i in per_batch[0]] + [self.prototype_frame]
         self.fresh = False
 
     def _compress_layer(
         self, layer: int, text_keys: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        b = self.k.shape[1]
-        scores = nam_scores(text_keys, self.k[layer], self.frame_len, text_mask, self.options)
+        """Keep the `slots - 1` stored frames the prompt scores highest, then the prototype."""
+        stored_k = torch.stack(self.k[layer], dim=1)  # [B, slots, frame_len, H, D]
+        scores = nam_scores(text_keys, stored_k.flatten(1, 2), self.frame_len, text_mask, self.options)
         idx = nam_select(scores, self.slots - 1, self.options.keep_order)  # [B, keep]
-        keep = idx.shape[1]
-        shape = (b, self.slots, self.frame_len) + tuple(self.k.shape[-2:])
-        gather_idx = idx.view(b, keep, 1, 1, 1).expand(-1, -1, *shape[2:])
-        for buf, proto in ((self.k, self.proto_k), (self.v, self.proto_v)):
-            kept = torch.gather(buf[layer].view(shape), 1, gather_idx)
-            new = torch.cat([kept, proto[layer].unsqueeze(1)], dim=1)
-            buf[layer, :, : new.shape[1] * self.frame_len] = new.flatten(1, 2)
+        b, keep = idx.shape
+        gather_idx = idx.view(b, keep, 1, 1, 1).expand(-1, -1, *stored_k.shape[2:])
+        for bufs, protos, stored in (
+            (self.k, self.proto_k, stored_k),
+            (self.v, self.proto_v, None),
+        ):
+            if stored is None:
+                stored = torch.stack(bufs[layer], dim=1)
+            kept = torch.gather(stored, 1, gather_idx)
+            bufs[layer] = list(kept.unbind(1)) + [protos[layer]]
         return idx
+
+
+def _put(items: list, index: int, value) -> list:
+    """A copy of `items` with `items[index] = value`; slots never written before read as zeros
+    (as the reference's zero-initialised buffers do)."""
+    out = list(items)
+    while len(out) <= index:
+        out.append(torch.zeros_like(value) if isinstance(value, torch.Tensor) else None)
+    out[index] = value
+    return out

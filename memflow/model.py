@@ -5,25 +5,37 @@ so Wan `diffusion_pytorch_model.safetensors` and MemFlow `base.pt` load without 
 
 One module serves every use:
 * `model(x, t, context)`: full bidirectional attention (the Wan teacher / critic);
-* `model(x, t, context, attn_mask=block_causal_mask(...))`: block-causal training forward;
-* `model(x, t, context, stream=state, call=StreamCall...)`: streaming generation through the KV
-  cache, frame sink and memory bank of a `StreamState`.
+* `model(x, t, context, causal_chunk_frames=3)`: block-causal full forward (chunk i sees chunks
+  0..i) without an [L, L] mask;
+* `model(x, t, context, stream=ctx)`: one streaming call; `ctx` (a `CallContext` opened by the
+  stepper on a `StreamState`) fixes what every layer attends to. The model only reads it: cache
+  commits, bank refreshes and the text cache are the stepper's business.
+
+Text K/V: by default every layer projects the embedded prompt itself (so the text embedding and
+`cross_attn.k/v/norm_k` get gradients); `text_kv=` passes cached per-layer K/V instead.
+
+Training switches: `gradient_checkpointing` recomputes each `DiTBlock` in backward (every block
+input, the streaming context included, is fixed at call time, so the recomputation equals the
+forward); `DiTBlock` is the unit to wrap with FSDP2 `fully_shard` (`no_split_modules`).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
+from .attention import attention, chunk_causal_attention
 from .config import DiTConfig
 from .rope import RotaryEmbedding, apply_rope
-from .streaming import CallContext, StreamCall, StreamState
+from .streaming import CallContext
 
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TextKV = tuple[torch.Tensor, torch.Tensor]
 
 
 def sinusoidal_embedding(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -35,6 +47,12 @@ def sinusoidal_embedding(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Norms compute in float32 for half-precision inputs (as Wan does) and in float64 for a
+    float64 model (gradient checks), never below the input's precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in float32, cast back, times the weight (Wan's order)."""
 
@@ -44,7 +62,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _at_least_fp32(x)
         normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
@@ -53,9 +71,10 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the parameter dtype, cast back to the input's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        xf = _at_least_fp32(x)
+        weight = self.weight.to(xf.dtype) if self.weight is not None else None
+        bias = self.bias.to(xf.dtype) if self.bias is not None else None
+        return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def block_causal_mask(
@@ -63,7 +82,8 @@ def block_causal_mask(
 ) -> torch.Tensor:
     """Boolean [L, L] mask: a token of chunk i sees every token of chunks 0..i (bidirectional
     inside its own chunk). This is what a cached chunk-by-chunk forward computes while the
-    window is not exceeded."""
+    window is not exceeded. A dense reference for tests: real forwards use
+    `causal_chunk_frames`, which never builds it."""
     block = torch.arange(num_frames, device=device) // frames_per_block
     token_block = block.repeat_interleave(frame_len)
     return token_block[:, None] >= token_block[None, :]
@@ -85,15 +105,13 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(
-        self, x: torch.Tensor, phases: torch.Tensor, layer: int, attend: AttendFn
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, phases: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         b, length, _ = x.shape
         heads = (b, length, self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).view(heads), phases)
         k = apply_rope(self.norm_k(self.k(x)).view(heads), phases)
         v = self.v(x).view(heads)
-        return self.o(attend(layer, q, k, v).flatten(2))
+        return self.o(attend(q, k, v).flatten(2))
 
 
 class CrossAttention(_Projections):
@@ -127,17 +145,24 @@ class DiTBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def text_kv(self, text_emb: torch.Tensor) -> TextKV:
+        """This layer's cross-attention K/V of an embedded prompt (a method of the block, so a
+        sharded block gathers its weights for it: see memflow/fsdp.py)."""
+        return self.cross_attn.project_text(text_emb)
+
     def forward(
         self,
         x: torch.Tensor,
         e0: torch.Tensor,
         phases: torch.Tensor,
-        layer: int,
         attend: AttendFn,
-        text_kv: tuple[torch.Tensor, torch.Tensor],
+        text: TextKV | torch.Tensor,
     ) -> torch.Tensor:
-        """x: [B, F*Lf, dim]; e0: [B, F, 6, dim] per-frame modulation from the timestep."""
+        """x: [B, F*Lf, dim]; e0: [B, F, 6, dim] per-frame modulation from the timestep; `text`:
+        this layer's cached text K/V, or the embedded prompt [B, T, dim] to project here."""
         frames = e0.shape[1]
+        # not self.text_kv: under FSDP2 that registered method would reshard after returning
+        text_kv = self.cross_attn.project_text(text) if torch.is_tensor(text) else text
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(
             6, dim=2
         )
@@ -146,7 +171,7 @@ class DiTBlock(nn.Module):
             return t.unflatten(1, (frames, -1))
 
         h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
-        y = self.self_attn(h, phases, layer, attend)
+        y = self.self_attn(h, phases, attend)
         x = x + (per_frame(y) * gate1).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x), *text_kv)
         h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
@@ -170,10 +195,13 @@ class WanDiT(nn.Module):
     """Wan2.1 DiT. Input latents [B, C, F, h, w], timesteps [B, F] (or [B]), prompt embeddings
     [B, T<=text_len, text_dim]; output the flow prediction [B, out_dim, F, h, w]."""
 
+    no_split_modules = (DiTBlock,)  # the FSDP2 / activation-checkpointing unit
+
     def __init__(self, config: DiTConfig | None = None):
         super().__init__()
         cfg = config or DiTConfig()
         self.config = cfg
+        self.gradient_checkpointing = False
         self.patch_embedding = nn.Conv3d(
             cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
@@ -210,32 +238,32 @@ class WanDiT(nn.Module):
             context = torch.cat([context, context.new_zeros(b, cfg.text_len - t, c)], dim=1)
         return self.text_embedding(context)
 
-    def build_text_cache(self, context: torch.Tensor, stream: StreamState) -> None:
-        """Fill every layer's cross-attention K/V for this prompt (no-op when already built)."""
-        if stream.text.complete:
-            return
+    def text_kv(self, context: torch.Tensor) -> list[TextKV]:
+        """Every layer's cross-attention K/V for a prompt (what a streaming text cache holds)."""
         emb = self.embed_text(context)
-        for i, block in enumerate(self.blocks):
-            if stream.text.k[i] is None:
-                stream.text.set_layer(i, *block.cross_attn.project_text(emb))
-        stream.text.mask = _text_mask(context, self.config.text_len)
+        return [block.text_kv(emb) for block in self.blocks]
 
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | None = None,
         *,
-        stream: StreamState | None = None,
-        call: StreamCall | None = None,
+        text_kv: Sequence[TextKV] | None = None,
+        stream: CallContext | None = None,
+        causal_chunk_frames: int | None = None,
         attn_mask: torch.Tensor | None = None,
         start_frame: int = 0,
     ) -> torch.Tensor:
-        if (stream is None) != (call is None):
-            raise ValueError("stream and call must be given together")
+        """One DiT call. Attention is streaming (`stream`), block-causal in chunks of
+        `causal_chunk_frames` frames, masked by a dense `attn_mask` (tests), or bidirectional."""
         cfg = self.config
         if x.dim() != 5 or x.shape[1] != cfg.in_dim:
             raise ValueError(f"expected latents [B, {cfg.in_dim}, F, h, w], got {tuple(x.shape)}")
+        if (context is None) == (text_kv is None):
+            raise ValueError("give exactly one of context (prompt embeddings) and text_kv")
+        if sum(a is not None for a in (stream, causal_chunk_frames, attn_mask)) > 1:
+            raise ValueError("stream, causal_chunk_frames and attn_mask exclude each other")
         b, _, frames, height, width = x.shape
         tokens = self.patch_embedding(x.to(self.dtype))
         grid = tokens.shape[2:]
@@ -247,43 +275,26 @@ class WanDiT(nn.Module):
 
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.flatten()).type_as(tokens))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, frames))
-
-        ctx: CallContext | None = None
         if stream is not None:
-            start_frame = call.start_frame
-            ctx = stream.begin(call, frames)
-            if call.refresh_memory:
-                if stream.config.memory.text_keys_before_refresh:
-                    self.build_text_cache(context, stream)
-                stream.bank.refresh(stream.text.keys, stream.text.mask)
-            if stream.text.mask is None:
-                stream.text.mask = _text_mask(context, cfg.text_len)
+            start_frame = stream.start_frame
         phases = self.rope.phases(start_frame, *grid, device=tokens.device)
+        text_emb = self.embed_text(context) if context is not None else None
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(tokens.device)
 
-        emb: list[torch.Tensor] = []
-
-        def text_embedding() -> torch.Tensor:
-            if not emb:
-                emb.append(self.embed_text(context))
-            return emb[0]
-
-        if ctx is not None:
-            attend: AttendFn = ctx.attend
-        else:
-            if attn_mask is not None:
-                attn_mask = attn_mask.to(tokens.device)
-
-            def attend(layer, q, k, v):
-                return attention(q, k, v, attn_mask)
-
+        frame_len = grid[1] * grid[2]
         for i, block in enumerate(self.blocks):
-            if ctx is not None:
-                text_kv = ctx.text_kv(i, lambda blk=block: blk.cross_attn.project_text(text_embedding()))
+            if stream is not None:
+                attend: AttendFn = stream.layer(i)
+            elif causal_chunk_frames is not None:
+                attend = partial(chunk_causal_attention, chunk_tokens=causal_chunk_frames * frame_len)
             else:
-                text_kv = block.cross_attn.project_text(text_embedding())
-            tokens = block(tokens, e0, phases, i, attend, text_kv)
-        if ctx is not None:
-            stream.finish(ctx)
+                attend = partial(attention, mask=attn_mask)
+            text = text_kv[i] if text_kv is not None else text_emb
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, phases, attend, text, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, phases, attend, text)
 
         out = self.head(tokens, e.unflatten(0, (b, frames)).unsqueeze(2))
         return self.unpatchify(out, grid)
@@ -299,7 +310,7 @@ class WanDiT(nn.Module):
         return out.reshape(b, c, f * pt, gh * ph, gw * pw)
 
 
-def _text_mask(context: torch.Tensor, text_len: int) -> torch.Tensor:
+def text_mask(context: torch.Tensor, text_len: int) -> torch.Tensor:
     """True on real prompt rows: the text encoder zeroes padding rows exactly."""
     real = context.abs().sum(dim=-1) > 0
     if real.shape[1] < text_len:

@@ -1,20 +1,24 @@
 """Per-video streaming state: KV cache, memory bank and text (cross-attention) cache.
 
-A pipeline creates one `StreamState` per video and passes it with a `StreamCall` to every DiT
-call. The call says what the DiT may do to the state:
+A stepper (pipeline/stepper.py) creates one `StreamState` per video. For every DiT call it opens
+a `CallContext` with `begin(call)`, hands the context to the model, and closes it with
+`finish(ctx)`. The model only reads: the context fixes, at call time, every tensor the call's
+self-attention attends to (sink, bank slots, window) and collects the call's new K/V; all writes
+(KV commit, bank prototype) happen in `finish`, after the model has run. The call says what
+`finish` may do:
 
-* `StreamCall.denoise(frame, refresh_memory)`: read only. With `refresh_memory` (the first
-  denoising step of a chunk) the bank is refreshed before any layer runs.
-* `StreamCall.commit(frame, record_memory)`: the clean re-run of a finished chunk. It writes the
-  chunk's K/V into the cache and, with `record_memory`, stages its first frame as the bank's
-  prototype.
-* `StreamCall.recache(frame)`: re-encode already generated frames (after a prompt switch). It
-  refreshes the bank, rewrites window slots and never moves the cache pointers.
+* `StreamCall.denoise(frame)`: read only.
+* `StreamCall.commit_chunk(frame, record_memory)`: the clean re-run of a finished chunk. Its K/V
+  go into the cache and, with `record_memory`, its first frame is staged as the bank prototype.
+* `StreamCall.recache_frames(frame)`: re-encode already generated frames (after a prompt switch).
+  It rewrites window slots and never moves the cache pointers.
+
+Bank refreshes (`refresh_memory`) and the text cache are driven by the stepper too, before the
+call, so the model never decides stream policy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,7 +58,7 @@ class StreamCall:
 
 
 class TextCache:
-    """Per-layer cross-attention K/V of the current prompt ([B, T, H, D] each).
+    """Per-layer cross-attention K/V of the current prompt ([B, T, H, D] each), without graph.
 
     Empty after `reset()` (a prompt switch). While empty, `keys(layer)` reads as zeros, which is
     what the reference's bank refresh sees right after a switch.
@@ -75,26 +79,48 @@ class TextCache:
         self.v = [None] * len(self.v)
         self.mask = None
 
-    def set_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer], self.v[layer] = k, v
-        if self._zeros is None or self._zeros.shape != k.shape:
-            self._zeros = torch.zeros_like(k)
+    def fill(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        for layer, (k, v) in enumerate(kv):
+            self.k[layer], self.v[layer] = k.detach(), v.detach()
+        self._zeros = torch.zeros_like(self.k[0])
+        self.mask = mask
+
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.complete:
+            raise RuntimeError("text cache is empty; build it from the prompt first")
+        return list(zip(self.k, self.v))  # type: ignore[arg-type]
 
     def keys(self, layer: int) -> torch.Tensor:
         k = self.k[layer]
         if k is not None:
             return k
         if self._zeros is None:
-            raise RuntimeError("text cache was never built; run a DiT call with the prompt first")
+            raise RuntimeError("text cache was never built; build it from the prompt first")
         return self._zeros
+
+
+@dataclass
+class StreamDebug:
+    """What tests and benchmarks may ask a state to record (off by default: not on the hot
+    path). `key_frames`: attended key length in frames of every call, in call order."""
+
+    key_frames: list[int] = field(default_factory=list)
+
+    @property
+    def last_key_frames(self) -> int:
+        return self.key_frames[-1] if self.key_frames else 0
 
 
 class StreamState:
     """Everything a streaming video carries between DiT calls, sized from the configs.
 
     Geometry: `frame_len` tokens per latent frame (from the latent size and patch size), chunks
-    of `num_frame_per_block` frames, a KV cache of `local_attn_size` frames including a sink of
-    `sink_size` frames, and a bank of `bank_size` one-frame slots (not counted in the window).
+    of `num_frame_per_block` frames, attention over at most `local_attn_size` frames including a
+    sink of `sink_size` frames, and a bank of `bank_size` one-frame slots (not counted in the
+    window). `cache_frames` is the KV buffer size: by default the window itself (a rolling
+    cache); a training rollout passes its length so that nothing is evicted or copied during it
+    (the reference's min(local_attn_size + slice_last_frames, num_training_frames)).
     """
 
     def __init__(
@@ -107,44 +133,42 @@ class StreamState:
         num_frames: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        cache_frames: int | None = None,
+        debug: bool = False,
     ):
         self.config = stream_config
         self.frame_len = model_config.tokens_per_frame(latent_height, latent_width)
         self.frames_per_block = stream_config.num_frame_per_block
         self.num_frames = num_frames
-        if stream_config.local_attn_size == -1:
-            capacity_frames, rolling = num_frames, False
-            max_attention_frames = num_frames
-        else:
-            capacity_frames, rolling = stream_config.local_attn_size, True
-            max_attention_frames = stream_config.local_attn_size
-        heads, head_dim = model_config.num_heads, model_config.head_dim
+        window = num_frames if stream_config.local_attn_size == -1 else stream_config.local_attn_size
+        capacity = max(window, cache_frames or 0)
         self.kv = KVCache(
             num_layers=model_config.num_layers,
             batch_size=batch_size,
-            capacity=capacity_frames * self.frame_len,
+            capacity=capacity * self.frame_len,
             sink_tokens=stream_config.sink_size * self.frame_len,
-            max_attention_tokens=max_attention_frames * self.frame_len,
-            num_heads=heads,
-            head_dim=head_dim,
-            rolling=rolling,
+            max_attention_tokens=window * self.frame_len,
+            num_heads=model_config.num_heads,
+            head_dim=model_config.head_dim,
+            rolling=stream_config.local_attn_size != -1,
             dtype=dtype,
             device=device,
         )
         self.bank = MemoryBank(
             num_layers=model_config.num_layers,
-            batch_size=batch_size,
             slots=stream_config.bank_size,
             frame_len=self.frame_len,
-            num_heads=heads,
-            head_dim=head_dim,
             record_interval=stream_config.record_interval,
             options=stream_config.memory,
-            dtype=dtype,
-            device=device,
+            track_frames=debug,
         )
         self.text = TextCache(model_config.num_layers)
-        self.last_key_frames: int = 0  # attended key length of the last call, in frames (tests)
+        self.debug = StreamDebug() if debug else None
+
+    def refresh_memory(self) -> None:
+        """Bank maintenance before a chunk (insert the prototype or compress, spec §3.4), scored
+        with whatever the text cache holds."""
+        self.bank.refresh(self.text.keys, self.text.mask)
 
     def begin(self, call: StreamCall, num_frames: int) -> "CallContext":
         plan = self.kv.plan(
@@ -157,56 +181,102 @@ class StreamState:
         return CallContext(self, call, plan)
 
     def finish(self, ctx: "CallContext") -> None:
-        """Advance the pointers and the bank after every layer has run."""
+        """Apply the call's writes after every layer has run: K/V commit, bank prototype."""
+        if self.debug is not None and ctx.key_tokens is not None:
+            self.debug.key_frames.append(ctx.key_tokens // self.frame_len)
         if not ctx.call.commit:
             return
-        self.kv.advance(ctx.plan)
-        if ctx.records and not ctx.plan.recompute:
-            end_frame = ctx.plan.end // self.frame_len
+        if len(ctx.new_kv) != self.kv.num_layers:
+            raise RuntimeError("a committing call finished before every layer ran")
+        plan = ctx.plan
+        for layer, (k, v) in sorted(ctx.new_kv.items()):
+            self.kv.commit_layer(layer, plan, k, v)
+        self.kv.advance(plan)
+        if ctx.call.record_memory and not plan.recompute:
+            lo, hi = plan.skip, plan.skip + self.frame_len
+            for layer, (k, v) in ctx.new_kv.items():
+                self.bank.stage_layer(layer, k[:, lo:hi], v[:, lo:hi])
+            end_frame = plan.end // self.frame_len
             chunk_index = end_frame // self.frames_per_block - 1
-            first_written = (ctx.plan.start + ctx.plan.skip) // self.frame_len
+            first_written = (plan.start + plan.skip) // self.frame_len
             self.bank.finish_stage(chunk_index, first_written)
 
 
 class CallContext:
-    """One DiT call's view of the state: the cache plan and the per-layer attention."""
+    """One DiT call's fixed view of the state: the cache plan and, per layer, the attention
+    over the context as it stands now (`layer(i)`)."""
 
     def __init__(self, state: StreamState, call: StreamCall, plan: CachePlan):
         self.state = state
         self.call = call
         self.plan = plan
-        self.records = call.commit and call.record_memory
+        self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.key_tokens: int | None = None
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Self-attention of the call's tokens over [sink | bank | window] (spec §2.3), then the
-        commit of this layer's K/V when the call commits."""
-        state, plan = self.state, self.plan
-        cache, bank = state.kv, state.bank
-        (sink_k, sink_v), (win_k, win_v) = cache.sink_and_window(layer, plan, k, v)
-        if cache.sink > 0:
-            bank_k, bank_v = bank.read(layer)
-            mem_k = torch.cat([sink_k, bank_k], dim=1)
-            mem_v = torch.cat([sink_v, bank_v], dim=1)
-            if state.config.sma:
-                mem_k, mem_v = sma_select(q, mem_k, mem_v, state.frame_len, state.config.sma_top_k)
-            keys, values = torch.cat([mem_k, win_k], dim=1), torch.cat([mem_v, win_v], dim=1)
-        else:
-            keys, values = win_k, win_v  # the reference ignores the bank without a sink (Q10)
+    @property
+    def start_frame(self) -> int:
+        return self.call.start_frame
+
+    def layer(self, index: int) -> "ChunkAttention":
+        state = self.state
+        pieces = {name: tuple(p) for name, p in state.kv.context(index, self.plan).items()}
+        in_sink, in_window = state.kv.attended_new(self.plan)
+        use_memory = state.kv.sink > 0  # the reference ignores the bank without a sink (Q10)
+        bank_k, bank_v = state.bank.read(index) if use_memory else ([], [])
+        cfg = state.config
+        return ChunkAttention(
+            **pieces, bank_k=tuple(bank_k), bank_v=tuple(bank_v),
+            new_in_sink=in_sink, new_in_window=in_window, use_memory=use_memory,
+            sma_top_k=cfg.sma_top_k if cfg.sma else None, frame_len=state.frame_len,
+            context=self, index=index,
+        )
+
+    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_tokens: int) -> None:
         if layer == 0:
-            state.last_key_frames = keys.shape[1] // state.frame_len
-        out = attention(q, keys, values)
+            self.key_tokens = key_tokens
         if self.call.commit:
-            cache.commit_layer(layer, plan, k, v)
-            if self.records:
-                lo, hi = plan.skip, plan.skip + state.frame_len
-                bank.stage_layer(layer, k[:, lo:hi], v[:, lo:hi])
-        return out
+            self.new_kv[layer] = (k.detach(), v.detach())
 
-    def text_kv(
-        self, layer: int, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's cross-attention K/V, built from the prompt on first use."""
-        text = self.state.text
-        if text.k[layer] is None:
-            text.set_layer(layer, *build())
-        return text.k[layer], text.v[layer]  # type: ignore[return-value]
+
+@dataclass(frozen=True, eq=False)
+class ChunkAttention:
+    """Self-attention of one layer of one streaming call (spec §2.3): the call's queries attend
+    [sink | bank | window], where the sink and window mix committed K/V (fixed here, at call
+    time) with the call's own new K/V (`new_in_sink`, `new_in_window` slices of them).
+
+    The committed tensors are never changed in place afterwards (copy-on-write cache and bank),
+    so an activation checkpoint that re-runs this attention in backward sees exactly what the
+    forward saw."""
+
+    sink_k: tuple[torch.Tensor, ...]
+    sink_v: tuple[torch.Tensor, ...]
+    sink_tail_k: tuple[torch.Tensor, ...]
+    sink_tail_v: tuple[torch.Tensor, ...]
+    bank_k: tuple[torch.Tensor, ...]
+    bank_v: tuple[torch.Tensor, ...]
+    window_k: tuple[torch.Tensor, ...]
+    window_v: tuple[torch.Tensor, ...]
+    new_in_sink: slice
+    new_in_window: slice
+    use_memory: bool
+    sma_top_k: int | None
+    frame_len: int
+    context: CallContext
+    index: int
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        win_k = [*self.window_k, k[:, self.new_in_window]]
+        win_v = [*self.window_v, v[:, self.new_in_window]]
+        if self.use_memory:
+            mem_k = [*self.sink_k, k[:, self.new_in_sink], *self.sink_tail_k, *self.bank_k]
+            mem_v = [*self.sink_v, v[:, self.new_in_sink], *self.sink_tail_v, *self.bank_v]
+            if self.sma_top_k is not None:
+                sel_k, sel_v = sma_select(
+                    q, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), self.frame_len,
+                    self.sma_top_k,
+                )
+                mem_k, mem_v = [sel_k], [sel_v]
+            win_k, win_v = mem_k + win_k, mem_v + win_v
+        keys, values = torch.cat(win_k, dim=1), torch.cat(win_v, dim=1)
+        self.context.record(self.index, k, v, keys.shape[1])
+        return attention(q, keys, values)

@@ -9,19 +9,25 @@ Two sources:
 
 All paths are checked before anything heavy is loaded, and a missing one is reported with the
 config key that names it.
+
+The generator is made in steps so that training can reuse the loading: `load_generator` (fp32,
+CPU, trainable), `apply_lora`, then `finalize_for_inference` (merge, cast, freeze) for inference
+only; a trainer does its own LoRA/FSDP wrapping instead of the last step.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from memflow.checkpoint import load_generator_checkpoint, load_wan_config, load_wan_weights
 from memflow.config import DiTConfig
-from memflow.lora import LoraSettings, add_lora, load_lora_checkpoint, merge_lora
+from memflow.lora import LoraSettings, add_lora, load_lora_checkpoint
+from memflow.lora import merge_lora as merge_adapter
 from memflow.model import WanDiT
 from memflow.text_encoder import (
     WAN_T5_CHECKPOINT,
@@ -134,50 +140,110 @@ def build_components(
         raise InputError("lora_merge: true changes bf16 rounding; it is not allowed with behaviour: compat")
 
     if paths is None:
-        generator, text_encoder, vae = _build_tiny(cfg, device, dtype, vae_dtype, offload, compat)
+        text_encoder, vae = _build_tiny_codecs(cfg, device, dtype, vae_dtype, offload, compat)
     else:
-        generator = WanDiT(load_wan_config(paths.wan_folder))
-        t5_config = umt5_encoder_config(**_section(cfg, "text_encoder_config"))
-        try:
-            text_encoder = TextEncoder.from_wan_folder(
-                paths.wan_folder, config=t5_config, text_len=generator.config.text_len,
-                dtype=dtype, device=device, offload=offload,
-            )
-            vae = WanVAE.from_wan_checkpoint(
-                paths.wan_folder / WAN_VAE_CHECKPOINT, config=_section(cfg, "vae_config"),
-                dtype=vae_dtype, compat=compat,
-            )
-        except (ValueError, FileNotFoundError) as err:  # the loaders' one-line file errors
-            raise InputError(str(err)) from None
-        if paths.generator_ckpt is not None:
-            use_ema = bool(OmegaConf.select(cfg, "use_ema", default=False))
-            if use_ema:  # EMA checkpoints may be partial: start from the Wan weights
-                load_wan_weights(generator, paths.wan_folder)
-            load_generator_checkpoint(generator, paths.generator_ckpt, use_ema=use_ema)
-        else:
-            load_wan_weights(generator, paths.wan_folder)
+        text_encoder, vae = _load_wan_codecs(cfg, paths.wan_folder, device, dtype, vae_dtype, offload, compat)
+    generator = load_generator(cfg, paths)
     if lora is not None:
-        generator = add_lora(generator, lora)
-        if paths is not None and paths.lora_ckpt is not None:
-            load_lora_checkpoint(generator, paths.lora_ckpt)
-        if merge:
-            generator = merge_lora(generator)
-    generator = generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    vae = vae.to(device)
-    return Components(generator, text_encoder, vae, model_type(cfg))
-
-
-def _build_tiny(cfg, device, dtype, vae_dtype, offload, compat):
-    """Random components at small width (the `tiny:` config section sets the DiT shape)."""
-    from memflow.tiny import build_tiny_dit, build_tiny_text_encoder, build_tiny_vae
-
-    tiny = OmegaConf.to_container(OmegaConf.select(cfg, "tiny", default={}) or {})
-    seed = int(tiny.pop("seed", 0))
-    text_len = int(tiny.get("text_len", 64))
-    text_encoder = build_tiny_text_encoder(
-        seed=seed, text_len=text_len, dtype=dtype, device=device, offload=offload
+        generator = apply_lora(generator, lora, paths.lora_ckpt if paths is not None else None)
+    generator = finalize_for_inference(
+        generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
     )
-    dit_cfg = DiTConfig.from_dict({"text_dim": text_encoder.encoder.config.d_model, **tiny})
-    generator = build_tiny_dit(dit_cfg, seed=seed)
+    return Components(generator, text_encoder, vae.to(device), model_type(cfg))
+
+
+def load_generator(cfg: DictConfig, paths: CheckpointPaths | None) -> WanDiT:
+    """`load_wan_generator` or `build_tiny_generator` as the config says (paths from `check_paths`)."""
+    if paths is None:
+        return build_tiny_generator(_tiny_section(cfg))
+    use_ema = bool(OmegaConf.select(cfg, "use_ema", default=False))
+    return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema)
+
+
+def load_wan_generator(
+    wan_folder: Path, generator_ckpt: Path | None = None, *, use_ema: bool = False
+) -> WanDiT:
+    """The DiT of a Wan2.1 folder with the Wan weights or a MemFlow `generator_ckpt`.
+
+    fp32 on the CPU, trainable and in train mode: the caller decides what to freeze and where it
+    runs. Takes no inference settings, so training loads the same way.
+    """
+    generator = WanDiT(load_wan_config(wan_folder))
+    if generator_ckpt is None:
+        load_wan_weights(generator, wan_folder)
+        return generator
+    if use_ema:  # EMA checkpoints may be partial: start from the Wan weights
+        load_wan_weights(generator, wan_folder)
+    load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema)
+    return generator
+
+
+def build_tiny_generator(tiny: Mapping[str, Any]) -> WanDiT:
+    """The random tiny DiT of the `tiny:` config section (DiT shape fields and `seed`), fp32 on
+    the CPU, trainable (eval mode, as `build_tiny_dit` leaves it). Its text_dim defaults to the
+    tiny T5's width, so no encoder is needed."""
+    from memflow.tiny import build_tiny_dit, build_tiny_tokenizer, tiny_t5_config
+
+    shape = {k: v for k, v in tiny.items() if k != "seed"}
+    text_dim = tiny_t5_config(len(build_tiny_tokenizer())).d_model
+    dit_cfg = DiTConfig.from_dict({"text_dim": text_dim, **shape})
+    return build_tiny_dit(dit_cfg, seed=int(tiny.get("seed", 0)))
+
+
+def apply_lora(generator: WanDiT, settings: LoraSettings, lora_ckpt: Path | None = None) -> WanDiT:
+    """Add the LoRA adapter (peft freezes the base weights) and load `lora_ckpt` when given;
+    shared by inference and training."""
+    generator = add_lora(generator, settings)
+    if lora_ckpt is not None:
+        load_lora_checkpoint(generator, lora_ckpt)
+    return generator
+
+
+def finalize_for_inference(
+    generator: WanDiT, *, merge_lora: bool, device: torch.device, dtype: torch.dtype
+) -> WanDiT:
+    """Merge the adapter (when asked), cast, move, and freeze in eval mode: inference only."""
+    if merge_lora:
+        generator = merge_adapter(generator)
+    return generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _tiny_section(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.select(cfg, "tiny", default={}) or {})
+
+
+def _build_tiny_codecs(
+    cfg: DictConfig, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+    offload: bool, compat: bool,
+) -> tuple[TextEncoder, WanVAE]:
+    """Random tiny text encoder and VAE, seeded by the `tiny:` section like the tiny DiT."""
+    from memflow.tiny import build_tiny_text_encoder, build_tiny_vae
+
+    tiny = _tiny_section(cfg)
+    seed = int(tiny.get("seed", 0))
+    text_encoder = build_tiny_text_encoder(
+        seed=seed, text_len=int(tiny.get("text_len", 64)), dtype=dtype, device=device, offload=offload
+    )
     vae = build_tiny_vae(seed=seed, dtype=vae_dtype, compat=compat)
-    return generator, text_encoder, vae
+    return text_encoder, vae
+
+
+def _load_wan_codecs(
+    cfg: DictConfig, wan_folder: Path, device: torch.device, dtype: torch.dtype,
+    vae_dtype: torch.dtype, offload: bool, compat: bool,
+) -> tuple[TextEncoder, WanVAE]:
+    """umT5 and VAE of a Wan2.1 folder. Loaded before the DiT so that a bad file among them is
+    reported before the (large) DiT weights are read."""
+    text_len = load_wan_config(wan_folder).text_len
+    t5_config = umt5_encoder_config(**_section(cfg, "text_encoder_config"))
+    try:
+        text_encoder = TextEncoder.from_wan_folder(
+            wan_folder, config=t5_config, text_len=text_len, dtype=dtype, device=device, offload=offload,
+        )
+        vae = WanVAE.from_wan_checkpoint(
+            wan_folder / WAN_VAE_CHECKPOINT, config=_section(cfg, "vae_config"),
+            dtype=vae_dtype, compat=compat,
+        )
+    except (ValueError, FileNotFoundError) as err:  # the loaders' one-line file errors
+        raise InputError(str(err)) from None
+    return text_encoder, vae

@@ -12,11 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memflow.config import MemoryOptions, StreamConfig
+from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from utils.errors import InputError
-
-from .causal_inference import SamplingConfig
-from .interactive_inference import SwitchOptions
 
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x in time, 8x in space
 PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from memflow.checkpoint import load_generator_checkpoint
-from memflow.config import DiTConfig, MemoryOptions, StreamConfig
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
 from memflow.streaming import StreamCall
-from pipeline.causal_inference import CausalInferencePipeline, SamplingConfig
+from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.noise import InjectedNoise
 
 GOLDEN_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=512)
@@ -51,7 +51,7 @@ def test_first_generator_call(golden):
     state = pipe.new_state(1, LATENT_HW, 18)
     x = noise["initial"][:, :3].float()
     assert first["timestep"].tolist() == [[1000.0] * 3]
-    flow = pipe._dit(x, 1000.0, embeds["p0"].float(), state, StreamCall.denoise(0, True))
+    flow = pipe.stepper.dit(state, x, 1000.0, embeds["p0"].float(), StreamCall.denoise(0, True))
     err = _rel_err(flow, first["flow_pred"].float())
     assert err <= TOL, f"first DiT call: max|Δ|/max|ref| = {err:.3e}"
 
@@ -59,12 +59,12 @@ def test_first_generator_call(golden):
 @torch.no_grad()
 def test_single_prompt_latents_match_reference(golden):
     pipe, embeds, noise, ref = golden
-    state = pipe.new_state(1, LATENT_HW, 18)
+    state = pipe.new_state(1, LATENT_HW, 18, debug=True)
     key_frames = []
     out = pipe.generate_latents(
         embeds["p0"].float(), 18, LATENT_HW,
         InjectedNoise(noise["initial"].float(), noise["step_noise"].float()),
-        on_chunk=lambda n, x0: key_frames.append(state.last_key_frames), state=state,
+        on_chunk=lambda n, x0: key_frames.append(state.debug.last_key_frames), state=state,
     )
     expected = ref["latents"].float()
     for block in range(6):

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow.config import MemoryOptions, StreamConfig
-from pipeline.causal_inference import SamplingConfig
-from pipeline.interactive_inference import InteractiveInferencePipeline, SwitchOptions
+from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from pipeline.interactive_inference import InteractiveInferencePipeline
 from pipeline.noise import SeededNoise
 
 from conftest import tiny_dit, tiny_prompt
@@ -31,22 +30,22 @@ def test_recache_rewrites_window_slots_only(switch):
     old, new = tiny_prompt(seed=1), tiny_prompt(seed=2, length=3)
     out = torch.zeros_like(x)
     for n in range(switch_chunk):
-        x0 = pipe.denoise_chunk(state, n, x[:, 3 * n : 3 * n + 3], old, noise)
+        x0 = pipe.stepper.step(state, n, x[:, 3 * n : 3 * n + 3], old, noise)
         out[:, 3 * n : 3 * n + 3] = x0
-        pipe.commit_chunk(state, n, x0, old)
-    k_before, text_before = state.kv.k.clone(), state.text.k[0].clone()
+    k_before, text_before = torch.stack(state.kv.k), state.text.k[0].clone()
     pointers = (state.kv.end, state.kv.fill, state.bank.opened)
-    proto = state.bank.proto_k.clone()
-    pipe.recache(state, switch_chunk, out, new, switch)
+    proto = torch.stack(state.bank.proto_k)
+    pipe.stepper.switch_prompt(state, switch_chunk, out, new, switch)
     flen = state.frame_len
-    assert torch.equal(state.kv.k[:, :, : 3 * flen], k_before[:, :, : 3 * flen])  # sink kept
+    k_after = torch.stack(state.kv.k)
+    assert torch.equal(k_after[:, :, : 3 * flen], k_before[:, :, : 3 * flen])  # sink kept
     for slot in range(3, 12):  # every window slot re-encoded with the new prompt
         sl = slice(slot * flen, (slot + 1) * flen)
-        assert not torch.allclose(state.kv.k[:, :, sl], k_before[:, :, sl])
+        assert not torch.allclose(k_after[:, :, sl], k_before[:, :, sl])
     assert (state.kv.end, state.kv.fill, state.bank.opened) == pointers
-    assert torch.equal(state.bank.proto_k, proto)
+    assert torch.equal(torch.stack(state.bank.proto_k), proto)
     assert all(k is None for k in state.text.k)  # text cache dropped again after the recache
-    x0 = pipe.denoise_chunk(state, switch_chunk, x[:, 18:21], new, noise)
+    x0 = pipe.stepper.denoise(state, switch_chunk, x[:, 18:21], new, noise)
     assert not torch.allclose(state.text.k[0], text_before)  # rebuilt from the new prompt
 
 
@@ -62,7 +61,7 @@ def test_early_switch_sink_behaviour():
         pipe.generate_latents_interactive(
             [tiny_prompt(seed=1), tiny_prompt(seed=2)], [2], 9, HW, SeededNoise(0, dtype=torch.float32),
             switch=switch, state=state,
-            on_chunk=lambda n, x0: sinks.append(state.kv.k[:, :, : 3 * state.frame_len].clone()),
+            on_chunk=lambda n, x0: sinks.append(torch.stack(state.kv.k)[:, :, : 3 * state.frame_len]),
         )
         results[name] = torch.equal(sinks[1], sinks[2])
     assert results == {"compat": False, "clean": True}

@@ -22,7 +22,16 @@ def _frames(start, n):
 
 
 def _buffer_frames(cache):
-    return cache.k[0, 0, : cache.fill : FL, 0, 0].tolist()
+    return cache.k[0][0, : cache.fill : FL, 0, 0].tolist()
+
+
+def _sink_and_window(cache, plan, new):
+    """The sink and window keys of layer 0 as one call would attend them."""
+    ctx = cache.context(0, plan)
+    in_sink, in_window = cache.attended_new(plan)
+    sink = torch.cat([*ctx["sink_k"], new[:, in_sink], *ctx["sink_tail_k"]], dim=1)
+    window = torch.cat([*ctx["window_k"], new[:, in_window]], dim=1)
+    return sink, window
 
 
 def _commit(cache, start, n):
@@ -49,21 +58,21 @@ def test_pointer_table_and_eviction_order():
 def test_sink_is_never_evicted_or_rewritten():
     cache = _cache(cap_frames=6, sink_frames=2)
     _commit(cache, 0, 2)
-    sink = cache.k[0, :, : 2 * FL].clone()
+    sink = cache.k[0][:, : 2 * FL].clone()
     for start in range(2, 40, 2):
         _commit(cache, start, 2)
-        assert torch.equal(cache.k[0, :, : 2 * FL], sink)
+        assert torch.equal(cache.k[0][:, : 2 * FL], sink)
 
 
 def test_plan_and_gather_do_not_write():
     cache = _cache()
     for n in range(5):
         _commit(cache, 3 * n, 3)
-    before = (cache.k.clone(), cache.v.clone(), cache.end, cache.fill)
+    before = (cache.k[0].clone(), cache.v[0].clone(), cache.end, cache.fill)
     plan = cache.plan(15 * FL, 3 * FL)
     new = _frames(15, 3) + 100
-    (sk, _), (wk, _) = cache.sink_and_window(0, plan, new, new)
-    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+    sk, wk = _sink_and_window(cache, plan, new)
+    assert torch.equal(cache.k[0], before[0]) and torch.equal(cache.v[0], before[1])
     assert (cache.end, cache.fill) == before[2:]
     # the view is the post-commit layout: sink, 6 kept frames, then the new chunk
     assert sk[0, ::FL, 0, 0].tolist() == [0, 1, 2]
@@ -76,7 +85,7 @@ def test_window_limited_by_max_attention():
         _commit(cache, 3 * n, 3)
     plan = cache.plan(12 * FL, 3 * FL)
     new = _frames(12, 3)
-    _, (wk, _) = cache.sink_and_window(0, plan, new, new)
+    _, wk = _sink_and_window(cache, plan, new)
     assert wk[0, ::FL, 0, 0].tolist() == [9, 10, 11, 12, 13, 14]
 
 
@@ -113,3 +122,42 @@ def test_global_cache_never_rolls():
         plan = _commit(cache, 3 * n, 3)
         assert not plan.rolls
     assert _buffer_frames(cache) == list(range(30))
+
+
+def test_sink_not_yet_full_reads_zeros_after_the_chunk():
+    """One-frame chunks with a three-frame sink: chunk 0 attends its own frame then the two
+    unfilled (zero) sink positions, as the reference reads temp[0:S]."""
+    cache = _cache(cap_frames=6, sink_frames=3)
+    plan = cache.plan(0, FL)
+    new = _frames(0, 1) + 7
+    sink, window = _sink_and_window(cache, plan, new)
+    assert sink[0, ::FL, 0, 0].tolist() == [7, 0, 0] and window.shape[1] == 0
+
+
+def test_committed_views_never_change():
+    """Copy on write: what a call read (views into the cache) keeps its values through later
+    appends, rolls and recaches, so a backward pass that re-reads it sees the forward's keys."""
+    cache = _cache(cap_frames=6, sink_frames=3)
+    reads = []
+    for n in range(6):
+        plan = cache.plan(3 * n * FL, 3 * FL)
+        ctx = cache.context(0, plan)
+        reads += [(t, t.clone()) for t in ctx["sink_k"] + ctx["window_k"]]
+        _commit(cache, 3 * n, 3)
+    plan = cache.plan(15 * FL, 3 * FL)  # a recache of the last chunk rewrites committed slots
+    cache.commit_layer(0, plan, _frames(15, 3) + 50, _frames(15, 3) + 50)
+    assert reads and all(torch.equal(view, copy) for view, copy in reads)
+    assert _buffer_frames(cache) == [0, 1, 2, 65, 66, 67]
+
+
+def test_training_capacity_appends_in_place():
+    """A cache that holds the whole rollout never evicts or copies: every commit appends into
+    the same buffer, while the attention window stays at max_attention."""
+    cache = _cache(cap_frames=15, sink_frames=3, max_frames=9)
+    buffer = cache.k[0]
+    for n in range(4):
+        plan = _commit(cache, 3 * n, 3)
+        assert not plan.rolls and cache.k[0] is buffer
+    plan = cache.plan(12 * FL, 3 * FL)
+    _, wk = _sink_and_window(cache, plan, _frames(12, 3))
+    assert wk[0, ::FL, 0, 0].tolist() == [9, 10, 11, 12, 13, 14]

@@ -6,8 +6,10 @@ import torch
 
 from memflow.config import MemoryOptions, StreamConfig
 from memflow.memory_bank import nam_scores, nam_select, sma_select
-from pipeline.causal_inference import CausalInferencePipeline, SamplingConfig
+from memflow.config import SamplingConfig
+from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.noise import SeededNoise
+from pipeline.stepper import ChunkStepper
 
 from conftest import tiny_dit, tiny_prompt
 
@@ -21,24 +23,24 @@ def _run_timeline(options: MemoryOptions, num_chunks: int, steps=(1000, 500)):
     cfg = StreamConfig(memory=options)
     pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=steps))
     frames = 3 * num_chunks
-    state = pipe.new_state(1, (H, W), frames)
+    state = pipe.new_state(1, (H, W), frames, debug=True)
     noise = SeededNoise(seed=0, dtype=torch.float32)
     x = noise.initial((1, frames, 16, H, W))
     ctx = tiny_prompt()
     prototypes: dict[int, torch.Tensor] = {}
     timeline = []
     for n in range(num_chunks):
-        x0 = pipe.denoise_chunk(state, n, x[:, 3 * n : 3 * n + 3], ctx, noise)
+        x0 = pipe.stepper.denoise(state, n, x[:, 3 * n : 3 * n + 3], ctx, noise)
         bank = state.bank
         used = bank.used_slots
         timeline.append(bank.slot_frames[0][:used])
         for layer in range(bank.num_layers):
             for slot, frame in enumerate(bank.slot_frames[layer][:used]):
-                got = bank.k[layer, :, slot * bank.frame_len : (slot + 1) * bank.frame_len]
+                got = bank.k[layer][slot]
                 assert torch.equal(got, prototypes[frame][layer]), (n, layer, slot, frame)
-        pipe.commit_chunk(state, n, x0, ctx)
+        pipe.stepper.commit(state, n, x0, ctx, noise)
         if bank.prototype_frame is not None:
-            prototypes[bank.prototype_frame] = bank.proto_k.clone()
+            prototypes[bank.prototype_frame] = list(bank.proto_k)
     return timeline, state
 
 
@@ -81,26 +83,26 @@ def test_denoising_calls_only_read():
     from memflow.streaming import StreamCall
 
     _, state = _run_timeline(MemoryOptions.compat("every_chunk"), 11)
-    model = tiny_dit()
+    stepper = ChunkStepper(tiny_dit(), state.config, SamplingConfig())
     ctx = tiny_prompt()
-    x = torch.randn(1, 16, 3, H, W)
-    t = torch.full((1, 3), 500.0)
+    x = torch.randn(1, 3, 16, H, W)
 
     def snapshot():
         s = state
-        return [s.kv.k.clone(), s.kv.v.clone(), s.bank.k.clone(), s.bank.v.clone(),
-                s.bank.proto_k.clone(), s.bank.proto_v.clone(), s.kv.end, s.kv.fill, s.bank.opened]
+        slots = [torch.stack([torch.stack(layer) for layer in bank]) for bank in (s.bank.k, s.bank.v)]
+        return [torch.stack(s.kv.k), torch.stack(s.kv.v), *slots, torch.stack(s.bank.proto_k),
+                torch.stack(s.bank.proto_v), s.kv.end, s.kv.fill, s.bank.opened]
 
     def same(a, b):
         return [torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(a, b)]
 
     before = snapshot()
-    model(x, t, ctx, stream=state, call=StreamCall.denoise(33, refresh_memory=False))
+    stepper.dit(state, x, 500.0, ctx, StreamCall.denoise(33, refresh_memory=False))
     assert all(same(before, snapshot()))
-    model(x, t, ctx, stream=state, call=StreamCall.denoise(33, refresh_memory=True))
+    stepper.dit(state, x, 500.0, ctx, StreamCall.denoise(33, refresh_memory=True))
     changed = same(before, snapshot())
     assert changed == [True, True, False, False, True, True, True, True, True]
-    model(x, torch.zeros(1, 3), ctx, stream=state, call=StreamCall.commit_chunk(33, True))
+    stepper.dit(state, x, 0.0, ctx, StreamCall.commit_chunk(33, True))
     after = snapshot()
     assert after[6] == before[6] + 3 * state.frame_len and not torch.equal(after[4], before[4])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow.config import DiTConfig, MemoryOptions, StreamConfig
-from pipeline.causal_inference import CausalInferencePipeline, SamplingConfig
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
+from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.noise import InjectedNoise, SeededNoise
 
 from conftest import TINY, tiny_dit, tiny_prompt

@@ -1,0 +1,259 @@
+"""The chunk stepper: one chunk of streaming generation, shared by every caller.
+
+Single-prompt and interactive inference, the benchmarks and the training rollouts all run the
+same per-chunk procedure (spec INFERENCE.md §5.3, TRAINING.md §3.2) on a `StreamState`:
+
+  1. `denoise`: from the chunk's noise, for each timestep of the (warped) step list, predict the
+     flow, convert to x0 and, except after the last step, re-noise x0 to the next timestep with
+     fresh noise. The first step refreshes the memory bank. With an `exit_step` k the loop stops
+     after step k (a training rollout); with `grad` only that last call carries gradients.
+  2. `commit`: one more call on the clean x0 (re-noised to `context_noise` when the noise source
+     draws context noise, as training does) writes the chunk's K/V into the cache and stages the
+     bank prototype. It never carries gradients.
+
+`rollout` loops over the chunks of a video; `switch_prompt` is the prompt-switch hook (recache)
+of interactive inference and of stage-2 training.
+
+The stepper owns the stream policy around each DiT call (bank refresh before it, text cache,
+commit after it); the model only computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
+from memflow.model import WanDiT, text_mask
+from memflow.scheduler import FlowMatchScheduler
+from memflow.streaming import StreamCall, StreamState
+
+from .noise import NoiseSource
+
+ChunkCallback = Callable[[int, torch.Tensor], None]
+ContextForChunk = Callable[[int, StreamState, list[torch.Tensor]], torch.Tensor]
+ExitStep = int | Callable[[int], int | None] | None
+
+
+@dataclass
+class ChunkHooks:
+    """Optional callbacks around each chunk of a rollout (streaming decode, timing)."""
+
+    before_chunk: Callable[[int], None] | None = None  # before chunk n is denoised
+    on_chunk: ChunkCallback | None = None  # chunk n's x0 is final (before its commit)
+    after_commit: Callable[[int], None] | None = None  # chunk n is in the cache
+
+
+class ChunkStepper:
+    """Runs chunks of a streaming video through the causal DiT, a KV cache and a memory bank."""
+
+    def __init__(self, generator: WanDiT, stream_config: StreamConfig, sampling: SamplingConfig):
+        self.generator = generator
+        self.stream_config = stream_config
+        self.sampling = sampling
+        self.scheduler = FlowMatchScheduler(shift=sampling.timestep_shift)
+        self.timesteps = self.scheduler.denoising_timesteps(
+            sampling.denoising_step_list, warp=sampling.warp_denoising_step
+        )
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.stream_config.num_frame_per_block
+
+    def new_state(
+        self,
+        batch_size: int,
+        latent_hw: tuple[int, int],
+        num_frames: int,
+        cache_frames: int | None = None,
+        debug: bool = False,
+    ) -> StreamState:
+        """Fresh cache, bank and text cache for one video (`cache_frames`: see StreamState)."""
+        return StreamState(
+            self.generator.config, self.stream_config, batch_size, *latent_hw,
+            num_frames=num_frames, dtype=self.generator.dtype, device=self.generator.device,
+            cache_frames=cache_frames, debug=debug,
+        )
+
+    def num_chunks(self, num_frames: int) -> int:
+        """Number of chunks; the video must be a whole number of chunks."""
+        if num_frames <= 0 or num_frames % self.frames_per_block:
+            raise ValueError(
+                f"num_output_frames ({num_frames}) must be a positive multiple of "
+                f"num_frame_per_block ({self.frames_per_block})"
+            )
+        return num_frames // self.frames_per_block
+
+    def dit(
+        self,
+        state: StreamState,
+        x: torch.Tensor,
+        t: float | torch.Tensor,
+        context: torch.Tensor,
+        call: StreamCall,
+    ) -> torch.Tensor:
+        """One DiT call on [B, F, C, h, w] latents (one timestep for every frame) through the
+        stream. Text K/V come from the cache, except in a call that records a graph: there they
+        are recomputed with gradient, so the text embedding and the cross-attention K/V
+        projections train whatever the exit step (as the reference's checkpointed path)."""
+        if call.refresh_memory:
+            if state.config.memory.text_keys_before_refresh:
+                self.prepare_text(state, context)
+            state.refresh_memory()
+        self.prepare_text(state, context)
+        b, f = x.shape[:2]
+        timestep = torch.full((b, f), float(t), dtype=torch.float32, device=x.device)
+        text = {"context": context} if torch.is_grad_enabled() else {"text_kv": state.text.kv}
+        ctx = state.begin(call, f)
+        flow = self.generator(x.permute(0, 2, 1, 3, 4), timestep, stream=ctx, **text)
+        state.finish(ctx)
+        return flow.permute(0, 2, 1, 3, 4)
+
+    def prepare_text(self, state: StreamState, context: torch.Tensor) -> None:
+        """Build the text cache for this prompt unless it holds one (never with a graph)."""
+        if state.text.complete:
+            return
+        with torch.no_grad():
+            state.text.fill(
+                self.generator.text_kv(context), text_mask(context, self.generator.config.text_len)
+            )
+
+    def denoise(
+        self,
+        state: StreamState,
+        chunk: int,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        noise: NoiseSource,
+        exit_step: int | None = None,
+        grad: bool = False,
+    ) -> torch.Tensor:
+        """Denoise one chunk's noisy latents [B, F, C, h, w]; returns x0 of the last step run
+        (`exit_step`, default the last of the list). With `grad`, that call records a graph and
+        every earlier one runs without. Never writes the cache."""
+        steps = self.timesteps
+        last = len(steps) - 1 if exit_step is None else exit_step
+        if not 0 <= last < len(steps):
+            raise ValueError(f"exit step {exit_step} is outside the {len(steps)} denoising steps")
+        start = chunk * self.frames_per_block
+        b, f = x.shape[:2]
+        for i in range(last + 1):
+            t_all = steps[i].expand(b * f)
+            with torch.set_grad_enabled(grad and i == last):
+                call = StreamCall.denoise(start, refresh_memory=(i == 0))
+                flow = self.dit(state, x, steps[i], context, call)
+                x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t_all)
+            if i < last:
+                eps = noise.step(chunk, i, tuple(x0.shape)).to(x0.device, x0.dtype)
+                x = self.scheduler.add_noise(x0, eps, steps[i + 1].expand(b * f)).unflatten(0, (b, f))
+        return x0.unflatten(0, (b, f))
+
+    @torch.no_grad()
+    def commit(
+        self,
+        state: StreamState,
+        chunk: int,
+        x0: torch.Tensor,
+        context: torch.Tensor,
+        noise: NoiseSource,
+    ) -> None:
+        """Re-run the clean chunk at t = context_noise to write its K/V (and stage a bank
+        prototype). Inference feeds x0 as it is (the reference adds no noise there); a noise
+        source that draws context noise (training) re-noises x0 to context_noise first."""
+        b, f = x0.shape[:2]
+        x = x0.detach()
+        t = self.sampling.context_noise
+        eps = noise.context(chunk, (b * f, *x.shape[2:]))
+        if eps is not None:
+            t_all = torch.full((b * f,), float(t))
+            x = self.scheduler.add_noise(x.flatten(0, 1), eps.to(x.device, x.dtype), t_all)
+            x = x.unflatten(0, (b, f))
+        call = StreamCall.commit_chunk(
+            chunk * self.frames_per_block, record_memory=state.bank.wants_prototype(chunk)
+        )
+        self.dit(state, x, t, context, call)
+
+    def step(
+        self,
+        state: StreamState,
+        chunk: int,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        noise: NoiseSource,
+        exit_step: int | None = None,
+        grad: bool = False,
+    ) -> torch.Tensor:
+        """`denoise` then `commit` one chunk; returns its x0."""
+        x0 = self.denoise(state, chunk, x, context, noise, exit_step, grad)
+        self.commit(state, chunk, x0, context, noise)
+        return x0
+
+    @torch.no_grad()
+    def switch_prompt(
+        self,
+        state: StreamState,
+        chunk: int,
+        generated: torch.Tensor,
+        context: torch.Tensor,
+        switch: SwitchOptions,
+    ) -> None:
+        """Switch to `context` before chunk `chunk` (spec §6.3): drop the text cache and re-encode
+        the last window of committed latents `generated` [B, >= start, C, h, w] with the new
+        prompt (refreshing the bank), so the window speaks the new prompt."""
+        start = chunk * self.frames_per_block
+        if not switch.global_sink:
+            state.kv.clear_values()
+        state.text.reset()
+        if start == 0:
+            return
+        cap = self.stream_config.local_attn_size
+        frames = start if cap == -1 else min(cap, start)
+        call = StreamCall.recache_frames(
+            start - frames, refresh_memory=True, protect_sink=switch.protect_sink_at_start
+        )
+        self.dit(state, generated[:, start - frames : start], 0.0, context, call)
+        state.text.reset()
+
+    def rollout(
+        self,
+        batch_size: int,
+        num_frames: int,
+        latent_hw: tuple[int, int],
+        noise: NoiseSource,
+        context_for_chunk: ContextForChunk,
+        *,
+        exit_step: ExitStep = None,
+        grad: bool = False,
+        hooks: ChunkHooks | None = None,
+        progress: bool = False,
+        state: StreamState | None = None,
+    ) -> torch.Tensor:
+        """Generate [B, num_frames, C, h, w] latents chunk by chunk.
+
+        `context_for_chunk(n, state, generated)` returns the prompt embedding for chunk n
+        (`generated`: the x0 of chunks 0..n-1); it may first switch prompts on the state.
+        `exit_step`: one for every chunk, or a function of the chunk index (None: all steps).
+        """
+        hooks = hooks or ChunkHooks()
+        num_chunks = self.num_chunks(num_frames)
+        gen = self.generator
+        fpb = self.frames_per_block
+        shape = (batch_size, num_frames, gen.config.in_dim, *latent_hw)
+        initial = noise.initial(shape).to(gen.device, gen.dtype)
+        state = state or self.new_state(batch_size, latent_hw, num_frames)
+        chunks: list[torch.Tensor] = []
+        for n in tqdm(range(num_chunks), desc="chunks", disable=not progress, leave=False):
+            if hooks.before_chunk is not None:
+                hooks.before_chunk(n)
+            context = context_for_chunk(n, state, chunks)
+            k = exit_step(n) if callable(exit_step) else exit_step
+            x0 = self.denoise(state, n, initial[:, n * fpb : (n + 1) * fpb], context, noise, k, grad)
+            chunks.append(x0)
+            if hooks.on_chunk is not None:
+                hooks.on_chunk(n, x0)
+            self.commit(state, n, x0, context, noise)
+            if hooks.after_commit is not None:
+                hooks.after_commit(n)
+        return torch.cat(chunks, dim=1)
