@@ -40,11 +40,20 @@ class FlowMatchScheduler:
         table = torch.cat([self.timesteps, torch.zeros(1)])
         return table[n - steps_t]
 
+    def index(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest table timestep (float64 distances), elementwise over `timestep`."""
+        t = torch.as_tensor(timestep).reshape(-1).to(torch.float64)
+        return (self.timesteps.double()[None, :] - t[:, None].cpu()).abs().argmin(dim=1)
+
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         """Table sigma (float32) of the nearest table timestep, elementwise over `timestep`."""
-        t = torch.as_tensor(timestep).reshape(-1).to(torch.float64)
-        idx = (self.timesteps.double()[None, :] - t[:, None].cpu()).abs().argmin(dim=1)
-        return self.sigmas[idx]
+        return self.sigmas[self.index(timestep)]
+
+    def interval_bound(self, timestep: float | torch.Tensor) -> int:
+        """A denoising timestep in un-shifted index units, `num_train_timesteps - index`: the
+        (from, to) bounds of a training exit step (TRAINING.md §4.1) are given this way, e.g.
+        937.5 -> 750 for shift 5."""
+        return self.num_train_timesteps - int(self.index(timestep)[0])
 
     def flow_to_x0(self, flow: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """x0 = x_t - sigma(t) * flow, in float64, returned in the flow's dtype.
@@ -53,6 +62,15 @@ class FlowMatchScheduler:
         sigma = self.sigma(timestep).double().to(flow.device)
         sigma = sigma.view(-1, *([1] * (flow.dim() - 1)))
         return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+
+    def x0_to_flow(self, x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """flow = (x_t - x0) / sigma(t), in float64, returned in x0's dtype (the inverse of
+        `flow_to_x0`; the critic's flow loss converts its x0 prediction back this way).
+
+        x0 and x_t are [N, ...] with one timestep per leading index."""
+        sigma = self.sigma(timestep).double().to(x0.device)
+        sigma = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """(1 - sigma) * x0 + sigma * noise with the float32 sigma, cast to x0's dtype."""
