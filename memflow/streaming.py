@@ -135,6 +135,7 @@ class StreamState:
         device: torch.device | str = "cpu",
         cache_frames: int | None = None,
         debug: bool = False,
+        track_bank_frames: bool = False,
     ):
         self.config = stream_config
         self.frame_len = model_config.tokens_per_frame(latent_height, latent_width)
@@ -160,7 +161,7 @@ class StreamState:
             frame_len=self.frame_len,
             record_interval=stream_config.record_interval,
             options=stream_config.memory,
-            track_frames=debug,
+            track_frames=track_bank_frames,
         )
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None

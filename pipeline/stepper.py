@@ -69,12 +69,14 @@ class ChunkStepper:
         num_frames: int,
         cache_frames: int | None = None,
         debug: bool = False,
+        track_bank_frames: bool = False,
     ) -> StreamState:
-        """Fresh cache, bank and text cache for one video (`cache_frames`: see StreamState)."""
+        """Fresh cache, bank and text cache for one video (`cache_frames` and the bookkeeping
+        flags: see StreamState)."""
         return StreamState(
             self.generator.config, self.stream_config, batch_size, *latent_hw,
             num_frames=num_frames, dtype=self.generator.dtype, device=self.generator.device,
-            cache_frames=cache_frames, debug=debug,
+            cache_frames=cache_frames, debug=debug, track_bank_frames=track_bank_frames,
         )
 
     def num_chunks(self, num_frames: int) -> int:

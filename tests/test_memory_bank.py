@@ -23,7 +23,7 @@ def _run_timeline(options: MemoryOptions, num_chunks: int, steps=(1000, 500)):
     cfg = StreamConfig(memory=options)
     pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=steps))
     frames = 3 * num_chunks
-    state = pipe.new_state(1, (H, W), frames, debug=True)
+    state = pipe.stepper.new_state(1, (H, W), frames, track_bank_frames=True)
     noise = SeededNoise(seed=0, dtype=torch.float32)
     x = noise.initial((1, frames, 16, H, W))
     ctx = tiny_prompt()
@@ -177,3 +177,21 @@ def test_sma_with_small_k_changes_output():
         pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=(1000, 500)))
         res.append(pipe.generate_latents(tiny_prompt(), 36, (H, W), SeededNoise(0, dtype=torch.float32)))
     assert (res[0] - res[1]).abs().max().item() > 1e-4
+
+
+@torch.no_grad()
+def test_bookkeeping_is_off_by_default():
+    """Without the flags, neither call lengths nor slot frames are recorded (no host sync per
+    compression); the bank's tensors are the same either way."""
+    cfg = StreamConfig(bank_size=2, record_interval=1, memory=MemoryOptions.clean())
+    pipe = CausalInferencePipeline(tiny_dit(), cfg, SamplingConfig(denoising_step_list=(1000,)))
+    states = [pipe.stepper.new_state(1, (H, W), 18),
+              pipe.stepper.new_state(1, (H, W), 18, debug=True, track_bank_frames=True)]
+    for state in states:
+        pipe.generate_latents(tiny_prompt(), 18, (H, W), SeededNoise(0, dtype=torch.float32), state=state)
+    plain, tracked = states
+    assert plain.debug is None and plain.bank.last_selection is None
+    assert all(frames == [] for frames in plain.bank.slot_frames)
+    assert tracked.bank.last_selection is not None and tracked.debug.key_frames
+    for a, b in zip(plain.bank.k, tracked.bank.k):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
