@@ -153,10 +153,17 @@ def build_components(
 
 
 def load_generator(cfg: DictConfig, paths: CheckpointPaths | None) -> WanDiT:
-    """`load_wan_generator` or `build_tiny_generator` as the config says (paths from `check_paths`)."""
-    if paths is None:
-        return build_tiny_generator(_tiny_section(cfg))
+    """`load_wan_generator` or `build_tiny_generator` as the config says (paths from `check_paths`).
+    A tiny generator loads `generator_ckpt` when one is set (e.g. a tiny training run's
+    checkpoint), so the tiny presets exercise the real checkpoint path end to end."""
     use_ema = bool(OmegaConf.select(cfg, "use_ema", default=False))
+    if paths is None:
+        generator = build_tiny_generator(_tiny_section(cfg))
+        ckpt = OmegaConf.select(cfg, "generator_ckpt", default=None)
+        if ckpt:
+            load_generator_checkpoint(generator, _existing(cfg, "generator_ckpt", Path(str(ckpt))),
+                                      use_ema=use_ema)
+        return generator
     return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema)
 
 

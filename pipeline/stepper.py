@@ -49,8 +49,18 @@ class ChunkHooks:
 class ChunkStepper:
     """Runs chunks of a streaming video through the causal DiT, a KV cache and a memory bank."""
 
-    def __init__(self, generator: WanDiT, stream_config: StreamConfig, sampling: SamplingConfig):
+    def __init__(
+        self,
+        generator: WanDiT,
+        stream_config: StreamConfig,
+        sampling: SamplingConfig,
+        dtype: torch.dtype | None = None,
+    ):
+        """`dtype`: the dtype the DiT computes in, for the caches and the noise; defaults to the
+        generator's parameter dtype (it differs under FSDP mixed precision: fp32 master
+        weights, bf16 compute)."""
         self.generator = generator
+        self.dtype = dtype or generator.dtype
         self.stream_config = stream_config
         self.sampling = sampling
         self.scheduler = FlowMatchScheduler(shift=sampling.timestep_shift)
@@ -75,7 +85,7 @@ class ChunkStepper:
         flags: see StreamState)."""
         return StreamState(
             self.generator.config, self.stream_config, batch_size, *latent_hw,
-            num_frames=num_frames, dtype=self.generator.dtype, device=self.generator.device,
+            num_frames=num_frames, dtype=self.dtype, device=self.generator.device,
             cache_frames=cache_frames, debug=debug, track_bank_frames=track_bank_frames,
         )
 
@@ -243,7 +253,7 @@ class ChunkStepper:
         gen = self.generator
         fpb = self.frames_per_block
         shape = (batch_size, num_frames, gen.config.in_dim, *latent_hw)
-        initial = noise.initial(shape).to(gen.device, gen.dtype)
+        initial = noise.initial(shape).to(gen.device, self.dtype)
         state = state or self.new_state(batch_size, latent_hw, num_frames)
         chunks: list[torch.Tensor] = []
         for n in tqdm(range(num_chunks), desc="chunks", disable=not progress, leave=False):

@@ -1,9 +1,10 @@
 """Where a training step's random draws come from.
 
 Every random quantity of a stage-1 step (TRAINING.md §3.2, §4.1) is taken from a `TrainingDraws`
-object passed in, never from the global RNG: production code uses `SeededDraws` (one
-`torch.Generator`, drawn in the reference's order), parity tests use `InjectedDraws` (the
-reference's recorded draws replayed by role). The rollout's Gaussian noise goes through the
+object passed in, never from the global RNG: the trainer uses `SampleDraws` (per-sample
+generators keyed by seed, step and sample index), `SeededDraws` draws everything from one
+`torch.Generator` in the reference's order, parity tests use `InjectedDraws` (the reference's
+recorded draws replayed by role). The rollout's Gaussian noise goes through the
 shared `pipeline.noise.NoiseSource` interface, so the chunk stepper consumes it the same way in
 inference and training.
 
@@ -16,6 +17,7 @@ Roles, in the order the reference consumes them in one generator step:
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol, Sequence
 
 import torch
@@ -130,3 +132,82 @@ class InjectedDraws:
                 f"{tuple(like.shape)}"
             )
         return self._score_noise.to(like.device, like.dtype)
+
+
+def _seed_of(*parts: object) -> int:
+    """A stable 63-bit seed for a tuple of names and numbers (the same in every process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _PerSampleNoise(NoiseSource):
+    """Rollout noise whose batch row b comes from sample b's own generator, so a sample's noise
+    does not depend on which other samples share its batch or rank."""
+
+    def __init__(self, generators: Sequence[torch.Generator], dtype: torch.dtype,
+                 device: torch.device):
+        self.generators = list(generators)
+        self.dtype = dtype
+        self.device = device
+
+    def _draw(self, shape: tuple[int, ...], rows_per_sample: int) -> torch.Tensor:
+        """`shape`'s leading dim holds len(generators) blocks of `rows_per_sample` rows."""
+        one = (rows_per_sample, *shape[1:])
+        return torch.cat([torch.randn(one, generator=g, dtype=self.dtype).to(self.device)
+                          for g in self.generators])
+
+    def initial(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._draw(shape, 1)
+
+    def step(self, chunk: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._draw(shape, shape[0] // len(self.generators))
+
+    def context(self, chunk: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self._draw(shape, shape[0] // len(self.generators))
+
+
+class SampleDraws:
+    """Production draws for one rollout + loss, a pure function of (seed, step, role, global
+    sample index): nothing to save for an exact resume, and the same numbers whatever the
+    number of ranks, the batch size or the gradient-accumulation split (sample i of an
+    optimiser step draws the same noise whether it sits in batch row 1 or micro-step 1).
+
+    Draws that shape the computation (number of blocks, exit steps) come from a generator shared
+    by every sample, so all ranks agree without a broadcast; noise and score timesteps come from
+    each sample's own generator, so ranks differ as samples do.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        step: int,
+        role: str,
+        sample_ids: Sequence[int],
+        noise_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        key = (seed, step, role)
+        self.shared = torch.Generator().manual_seed(_seed_of(*key, "shared"))
+        self.samples = [torch.Generator().manual_seed(_seed_of(*key, i)) for i in sample_ids]
+        self.noise_dtype = noise_dtype
+        self.device = torch.device(device)
+
+    def num_blocks(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=self.shared).item())
+
+    def rollout_noise(self) -> NoiseSource:
+        return _PerSampleNoise(self.samples, self.noise_dtype, self.device)
+
+    def exit_steps(self, num_blocks: int, num_steps: int) -> list[int]:
+        return torch.randint(0, num_steps, (num_blocks,), generator=self.shared).tolist()
+
+    def score_timestep(self, low: int, high: int, batch_size: int) -> torch.Tensor:
+        if batch_size != len(self.samples):
+            raise ValueError(f"batch of {batch_size} for {len(self.samples)} sample generators")
+        return torch.cat([torch.randint(low, high, (1, 1), generator=g, dtype=torch.long)
+                          for g in self.samples])
+
+    def score_noise(self, like: torch.Tensor) -> torch.Tensor:
+        rows = [torch.randn((1, *like.shape[1:]), generator=g, dtype=like.dtype)
+                for g in self.samples]
+        return torch.cat(rows).to(like.device)

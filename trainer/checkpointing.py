@@ -1,0 +1,605 @@
+"""Training checkpoints: save, rotate, find and resume (TRAINING.md §6.4, §8.4).
+
+Layout, one folder per save, `logdir/checkpoint_model_{step:06d}/`:
+
+* `model.pt`: the reference's full-checkpoint layout, `{"generator": sd, "critic": sd,
+  "generator_ema": sd (when an EMA exists), "step": step}`, every key `"model." + <Wan name>` as
+  the reference's wrapper writes it. So `memflow.checkpoint.load_generator_checkpoint` (inference,
+  also with use_ema) and stage 2's base.pt loader read it, and it *is* a base.pt.
+* `resume.pt`: what exact resume needs beyond the weights: `{"format": 1, "step",
+  "generator_optimizer", "critic_optimizer"` (full, name-keyed optimiser state dicts from
+  `get_optimizer_state_dict`), `"rng"` (one entry per rank: Python, NumPy, torch CPU and CUDA
+  states), `"world_size"`, `"resume_state"` (the loop's own dict: data-loader position, ...)}.
+  The optimiser states live here, not in model.pt as in the reference, so that model.pt stays a
+  lean base.pt / inference file.
+
+Why it is written this way:
+
+* Collective. Every rank calls `save_checkpoint` / `load_checkpoint`: FSDP2 gathers full state
+  dicts to rank 0 (CPU offload), and only rank 0 touches the disk. Rank 0's success or failure is
+  broadcast, so a failed write raises on every rank instead of leaving the others hanging in
+  the next collective. On load, rank 0 reads the files and `set_*_state_dict(...,
+  broadcast_from_rank0=True)` sends each rank its shards, so no other rank holds a full copy.
+* Atomic. The folder is written under a hidden temporary name in logdir (`.checkpoint_model_…
+  .partial`), its files fsynced, then renamed; a crash leaves no folder under a final name, and
+  rotation / resume never see the temporary one. Rotation renames a folder away before deleting.
+* Resume falls back. The newest folder that reads is used; an unreadable one (truncated file)
+  is reported in one warning line naming the file, and the previous one is tried. A checkpoint
+  that reads but does not fit the model is a configuration error and raises.
+* Without a process group (one process), everything runs locally as rank 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from memflow.checkpoint import WRAPPER_PREFIX, CheckpointError, Mismatch, read_checkpoint
+from utils.errors import InputError
+
+from .ema import EMA, is_main_rank, plain_name
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+T = TypeVar("T")
+
+FOLDER_PREFIX = "checkpoint_model_"
+FOLDER_RE = re.compile(rf"{FOLDER_PREFIX}(\d+)")
+MODEL_FILE = "model.pt"
+RESUME_FILE = "resume.pt"
+RESUME_FORMAT = 1
+PARTIAL_SUFFIX = ".partial"
+
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank-0 work shared with every rank
+# ------------------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank (small picklable objects only)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 and give every rank its (small) result, or make every rank raise.
+
+    Other ranks raise the same `InputError` type (the CLI's one-line error) or a RuntimeError
+    carrying rank 0's message; rank 0 re-raises its original exception."""
+    outcome: tuple[str, Any] = ("ok", None)
+    error: BaseException | None = None
+    if is_main_rank():
+        try:
+            outcome = ("ok", fn())
+        except Exception as err:  # shared below, then re-raised
+            error = err
+            kind = "input" if isinstance(err, InputError) else "other"
+            outcome = (kind, f"{type(err).__name__}: {err}" if kind == "other" else str(err))
+    outcome = _broadcast(outcome)
+    if error is not None:
+        raise error
+    kind, value = outcome
+    if kind == "input":
+        raise InputError(value)
+    if kind == "other":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of an error on one line (torch's corrupt-zip message runs on for five sentences)."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line.split(". ")[0] if len(line) > 160 else line
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointDir:
+    step: int
+    path: Path
+
+
+def checkpoint_dir(logdir: PathLike, step: int) -> Path:
+    """logdir/checkpoint_model_{step:06d} (the reference's name)."""
+    return Path(logdir) / f"{FOLDER_PREFIX}{step:06d}"
+
+
+def list_checkpoints(logdir: PathLike) -> list[CheckpointDir]:
+    """Complete checkpoint folders, oldest first: sub-folders named checkpoint_model_<int> that
+    hold model.pt (the reference's rule), sorted by the integer. Nothing else counts."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return []
+    found = []
+    for entry in logdir.iterdir():
+        match = FOLDER_RE.fullmatch(entry.name)
+        if match and entry.is_dir() and (entry / MODEL_FILE).is_file():
+            found.append(CheckpointDir(int(match.group(1)), entry))
+    return sorted(found, key=lambda c: (c.step, c.path.name))
+
+
+def find_resume_checkpoint(logdir: PathLike) -> Path | None:
+    """The highest-step complete checkpoint folder in `logdir`, or None (no check that it reads;
+    `load_checkpoint` does that and falls back)."""
+    found = list_checkpoints(logdir)
+    return found[-1].path if found else None
+
+
+def rotate_checkpoints(logdir: PathLike, max_checkpoints: int) -> list[Path]:
+    """Keep the newest `max_checkpoints` complete folders, delete the older ones (rank 0 only;
+    no-op when max_checkpoints <= 0). Returns the deleted folders. Each folder is first renamed to
+    a hidden name, so a crash mid-delete never leaves a half-deleted folder that looks complete."""
+    if max_checkpoints <= 0 or not is_main_rank():
+        return []
+    deleted = []
+    for old in list_checkpoints(logdir)[:-max_checkpoints]:
+        trash = old.path.with_name(f".{old.path.name}.{secrets.token_hex(4)}.deleting")
+        os.replace(old.path, trash)
+        shutil.rmtree(trash)
+        deleted.append(old.path)
+    return deleted
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states
+# ------------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and (if available) CUDA RNG states, in types
+    `torch.load(weights_only=True)` accepts (NumPy's key array becomes an int64 tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `capture_rng_state`. CUDA states are restored when this process has CUDA and
+    the same number of devices; otherwise they are skipped with a warning."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("saved CUDA RNG states (%d devices) not restored on this machine", len(cuda))
+
+
+def _gather_rng() -> list[dict[str, Any]] | None:
+    """Every rank's RNG state, in rank order, on rank 0 (None elsewhere). Collective."""
+    mine = capture_rng_state()
+    if not _distributed():
+        return [mine]
+    states: list[Any] | None = [None] * dist.get_world_size() if is_main_rank() else None
+    dist.gather_object(mine, states, dst=0)
+    return states
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+_PLAIN = (type(None), bool, int, float, str, torch.Tensor)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """resume_state must load with weights_only=True: tensors, numbers, strings, None, and
+    lists / tuples / dicts of them. Fails at save time, naming the key, not at resume time."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is not a str or int")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; resume_state may only hold tensors, numbers, "
+        "strings, None and lists/tuples/dicts of them"
+    )
+
+
+def _prefixed(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain Wan names with the training wrapper's `model.` prefix (the reference's keys)."""
+    return {WRAPPER_PREFIX + plain_name(k): v for k, v in state.items()}
+
+
+def _write_file(path: Path, payload: Any, shown: Path) -> None:
+    """torch.save to a new file, then fsync it. OSErrors become one-line CheckpointErrors naming
+    the final path `shown` (the temporary name would mean nothing to the user)."""
+    try:
+        with open(path, "xb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {shown}: {err.strerror or err}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_temp_dir(logdir: Path, final: Path) -> str:
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        tmp = logdir / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        tmp.mkdir()
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoints to {logdir}: {err.strerror or err}"
+        ) from None
+    return str(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Rename the finished temporary folder to its final name (replacing an older folder of the
+    same step, e.g. after falling back past a corrupt one)."""
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{secrets.token_hex(4)}.deleting")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(
+    logdir: PathLike,
+    step: int,
+    *,
+    generator: nn.Module,
+    critic: nn.Module,
+    generator_optimizer: torch.optim.Optimizer | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
+    generator_ema: EMA | Mapping[str, torch.Tensor] | None = None,
+    resume_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write logdir/checkpoint_model_{step:06d}/{model.pt, resume.pt} (layout: module docstring).
+
+    Collective: every rank calls it with its own (FSDP2-sharded or plain) modules and optimisers;
+    rank 0 writes. Returns the folder's path on every rank. `generator_ema` is an `EMA` or its
+    state dict (rank 0's counts). `resume_state` is saved as given (rank 0's), e.g. the data
+    loader's position; it may hold only tensors, numbers, strings, None and containers of them.
+    Raises CheckpointError (an InputError: one line, naming the path) when the disk refuses.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    resume_state = dict(resume_state or {})
+    _on_main(lambda: _check_plain(resume_state, "resume_state"))  # only rank 0's is saved
+    logdir = Path(logdir)
+    final = checkpoint_dir(logdir, step)
+    tmp = Path(_on_main(lambda: _make_temp_dir(logdir, final)))
+    try:
+        # Stage 1: weights (gathered, written, freed before the optimiser states are gathered,
+        # so rank 0 never holds both at once).
+        payload: dict[str, Any] = {
+            "generator": _prefixed(get_model_state_dict(generator, options=_GATHER)),
+            "critic": _prefixed(get_model_state_dict(critic, options=_GATHER)),
+        }
+        if generator_ema is not None:
+            ema_state = (
+                generator_ema.state_dict() if isinstance(generator_ema, EMA) else generator_ema
+            )
+            payload["generator_ema"] = _prefixed(ema_state)
+        payload["step"] = int(step)
+        _on_main(lambda: _write_file(tmp / MODEL_FILE, payload, final / MODEL_FILE))
+        del payload
+
+        # Stage 2: optimiser states, RNG states, the loop's state.
+        resume: dict[str, Any] = {"format": RESUME_FORMAT, "step": int(step)}
+        for key, model, optimizer in (
+            ("generator_optimizer", generator, generator_optimizer),
+            ("critic_optimizer", critic, critic_optimizer),
+        ):
+            if optimizer is not None:
+                resume[key] = get_optimizer_state_dict(model, optimizer, options=_GATHER)
+        resume["rng"] = _gather_rng()
+        resume["world_size"] = dist.get_world_size() if _distributed() else 1
+        resume["resume_state"] = resume_state
+        _on_main(lambda: _write_file(tmp / RESUME_FILE, resume, final / RESUME_FILE))
+        del resume
+        _on_main(lambda: _publish(tmp, final))
+    except BaseException:
+        if is_main_rank():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Resumed:
+    """What a load restored. `resume_state` is the loop's dict ({} when the folder had no
+    resume.pt, e.g. a base.pt or the reference's own checkpoint)."""
+
+    path: Path
+    step: int
+    resume_state: dict[str, Any] = field(default_factory=dict)
+    critic_loaded: bool = False
+    ema_loaded: bool = False
+    optimizers_loaded: tuple[str, ...] = ()
+    rng_restored: bool = False
+
+
+def _read(path: Path) -> Any:
+    """torch.load with mmap (rank 0 does not copy the file into memory twice), weights_only."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return read_checkpoint(path)  # foreign objects: memflow's guarded weights_only=False
+    except Exception as err:  # truncated, not a zip, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+
+
+def _state_entry(data: Mapping[str, Any], entry: str, path: Path) -> dict[str, torch.Tensor]:
+    value = data[entry]
+    if not isinstance(value, Mapping) or not all(torch.is_tensor(v) for v in value.values()):
+        raise CheckpointError(f"{path}: entry '{entry}' is not a state dict")
+    return {plain_name(k).removeprefix(WRAPPER_PREFIX): v for k, v in value.items()}
+
+
+@dataclass
+class _Files:
+    model_path: Path
+    model: Mapping[str, Any]
+    resume: Mapping[str, Any] | None
+
+
+def _read_files(model_path: Path) -> _Files:
+    """Read model.pt (and resume.pt beside it, if any); any read or layout problem raises
+    CheckpointError naming the file."""
+    data = _read(model_path)
+    if not isinstance(data, Mapping) or not ({"generator", "model"} & set(data)):
+        raise CheckpointError(f"{model_path} holds no 'generator' or 'model' entry")
+    resume_path = model_path.parent / RESUME_FILE
+    resume = None
+    if resume_path.is_file():
+        resume = _read(resume_path)
+        if not isinstance(resume, Mapping) or resume.get("format") != RESUME_FORMAT:
+            raise CheckpointError(f"{resume_path} is not a resume file (format {RESUME_FORMAT})")
+    return _Files(model_path, data, resume)
+
+
+def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict under plain names; FSDP2 DTensors report their global shapes."""
+    return {plain_name(k): v for k, v in model.state_dict().items()}
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    mismatch = Mismatch.between(_expected(model), state)
+    if mismatch:
+        head, *details = mismatch.describe(source).splitlines()
+        raise CheckpointError(head + " " + "; ".join(d.strip() for d in details))
+
+
+def _fix_betas(optimizer: torch.optim.Optimizer) -> None:
+    """set_optimizer_state_dict turns tuple hyper-parameters (Adam's betas) into lists; give
+    them back their type, so the restored state dict equals the saved one."""
+    for group in optimizer.param_groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+
+
+def _apply(
+    files: _Files | None,
+    *,
+    generator: nn.Module,
+    critic: nn.Module | None,
+    generator_optimizer: torch.optim.Optimizer | None,
+    critic_optimizer: torch.optim.Optimizer | None,
+    ema: EMA | None,
+    restore_rng: bool,
+) -> Resumed:
+    """Load `files` (read on rank 0; None elsewhere) into the modules. Collective."""
+    loaded: dict[str, Any] = {}
+
+    def check() -> dict[str, Any]:
+        """Rank 0: validate everything against the models before any collective load, load the
+        EMA (it lives on rank 0 only) and return the small facts every rank needs."""
+        assert files is not None
+        path, data, resume = files.model_path, files.model, files.resume
+        entry = "generator" if "generator" in data else "model"
+        loaded["generator"] = _state_entry(data, entry, path)
+        _check_fits(generator, loaded["generator"], f"{path} (entry '{entry}')")
+        if critic is not None and "critic" in data:
+            loaded["critic"] = _state_entry(data, "critic", path)
+            _check_fits(critic, loaded["critic"], f"{path} (entry 'critic')")
+        ema_loaded = False
+        if ema is not None and "generator_ema" in data:
+            try:
+                ema.load_state_dict(_state_entry(data, "generator_ema", path), f"{path} (generator_ema)")
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
+            ema_loaded = True
+        optimizers = []
+        for key, optimizer in (("generator_optimizer", generator_optimizer),
+                               ("critic_optimizer", critic_optimizer)):
+            if optimizer is None:
+                continue
+            if resume is not None and key in resume:
+                if key == "critic_optimizer" and "critic" not in loaded:
+                    continue
+                loaded[key] = resume[key]
+                optimizers.append(key)
+            else:
+                log.warning("%s: no %s state; that optimiser starts fresh", path.parent, key)
+        step = data.get("step")
+        if not isinstance(step, int):
+            match = FOLDER_RE.fullmatch(path.parent.name)
+            step = int(match.group(1)) if match else 0
+        return {
+            "path": str(path),
+            "step": step,
+            "critic": "critic" in loaded,
+            "ema": ema_loaded,
+            "optimizers": tuple(optimizers),
+            "rng": resume.get("rng") if resume is not None and restore_rng else None,
+            "resume_state": dict(resume.get("resume_state") or {}) if resume is not None else {},
+        }
+
+    facts = _on_main(check)
+    bcast = _distributed()
+    load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast, strict=True)
+    set_model_state_dict(generator, loaded.get("generator", {}), options=load)
+    if facts["critic"]:
+        set_model_state_dict(critic, loaded.get("critic", {}), options=load)
+    models = {"generator_optimizer": (generator, generator_optimizer),
+              "critic_optimizer": (critic, critic_optimizer)}
+    for key in facts["optimizers"]:
+        model, optimizer = models[key]
+        set_optimizer_state_dict(model, optimizer, loaded.get(key, {}), options=load)
+        _fix_betas(optimizer)
+    loaded.clear()
+
+    rng_restored = False
+    rng = facts["rng"]
+    if rng is not None:
+        world = dist.get_world_size() if bcast else 1
+        if len(rng) == world:
+            restore_rng_state(rng[dist.get_rank() if bcast else 0])
+            rng_restored = True
+        else:
+            log.warning(
+                "%s: saved with %d rank(s), resuming with %d; RNG states not restored",
+                facts["path"], len(rng), world,
+            )
+    return Resumed(
+        path=Path(facts["path"]),
+        step=facts["step"],
+        resume_state=facts["resume_state"],
+        critic_loaded=facts["critic"],
+        ema_loaded=facts["ema"],
+        optimizers_loaded=facts["optimizers"],
+        rng_restored=rng_restored,
+    )
+
+
+def load_checkpoint(
+    logdir: PathLike,
+    *,
+    generator: nn.Module,
+    critic: nn.Module | None = None,
+    generator_optimizer: torch.optim.Optimizer | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
+    ema: EMA | None = None,
+    restore_rng: bool = True,
+) -> Resumed | None:
+    """Auto-resume from the newest readable checkpoint folder in `logdir` (collective).
+
+    Restores the generator and critic (strict, FSDP2-aware), the EMA (when given and saved), the
+    optimiser states (when given and saved), each rank's RNG states (same world size only) and
+    returns the step and the loop's resume_state. A folder whose model.pt or resume.pt does not
+    read is skipped with a one-line warning naming the file. Returns None when `logdir` has no
+    checkpoint; raises CheckpointError when it has some but none reads, or when the newest
+    readable one does not fit the models.
+    """
+    logdir = Path(logdir)
+
+    box: dict[str, _Files] = {}
+
+    def pick() -> bool:
+        """Rank 0: the newest folder that reads, newest first; True when there is one."""
+        found = list_checkpoints(logdir)
+        for i in range(len(found) - 1, -1, -1):
+            try:
+                box["files"] = _read_files(found[i].path / MODEL_FILE)
+                return True
+            except CheckpointError as err:
+                nxt = f"falling back to {found[i - 1].path.name}" if i else "no older checkpoint"
+                log.warning("skipping unreadable checkpoint: %s; %s", err, nxt)
+        if found:
+            raise CheckpointError(f"no readable checkpoint among the {len(found)} in {logdir}")
+        return False
+
+    if not _on_main(pick):
+        return None
+    return _apply(box.get("files"), generator=generator, critic=critic,
+                  generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
+                  ema=ema, restore_rng=restore_rng)
+
+
+def load_checkpoint_file(
+    path: PathLike,
+    *,
+    generator: nn.Module,
+    critic: nn.Module | None = None,
+    generator_optimizer: torch.optim.Optimizer | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
+    ema: EMA | None = None,
+    restore_rng: bool = False,
+) -> Resumed:
+    """Load one file: a checkpoint folder's model.pt (with its resume.pt, if any), a base.pt or
+    the generator_ckpt (e.g. ode_init.pt: "generator" or "model", critic/EMA/step if present),
+    as §8.4 does when there is nothing to auto-resume from. Collective; no fallback."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    # An unreadable file must raise on every rank: rank 0 reads, the others learn the outcome.
+    box: dict[str, _Files] = {}
+
+    def read() -> None:
+        box["files"] = _read_files(path)
+
+    _on_main(read)
+    return _apply(box.get("files"), generator=generator, critic=critic,
+                  generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
+                  ema=ema, restore_rng=restore_rng)

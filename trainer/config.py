@@ -1,0 +1,656 @@
+"""Training configs: loading and merging (TRAINING.md §1.1) and typed, validated settings.
+
+`load_train_config` reproduces the reference's layering, with its gaps closed:
+1. ``configs/default_config.yaml`` of **this repository** (not of the working directory) is the
+   base; it lists every key a training config may use, so it doubles as the schema;
+2. the specific YAML (``--config_path``) is merged on top (nested sections key by key); a key it
+   has that the defaults lack is rejected with a "did you mean" hint (a typo such as
+   ``dfake_gen_update_raito: 5`` would otherwise be silently ignored);
+3. ``key=value`` overrides (new: the reference has none), checked like `utils.config` does;
+4. the command-line flags (``--logdir``, ``--no_save``, ``--disable-wandb``, ...) set their keys.
+   Unlike the reference, a flag that is not given leaves the YAML value alone;
+5. ``config_name`` = the config file's stem ("train_init"; the reference takes the directory
+   name, "configs", spec §10 item 17). It only names the wandb run.
+
+`TrainSettings.from_config` then validates everything the training loop reads and builds the
+shared typed objects (`StreamConfig`, `SamplingConfig`, `RolloutConfig`, `ScoreConfig`), so a
+bad value fails in one line naming its key, before any model is built.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
+from memflow.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER
+from memflow.vae import WAN_VAE_CHECKPOINT
+from pipeline.build import DTYPES
+from pipeline.settings import PATCH, VAE_STRIDE, _options, parse_settings
+from trainer.rollout import RolloutConfig, training_memory_options
+from trainer.score import ScoreConfig
+from utils.config import _OVERRIDE, _check_known, _load_yaml
+from utils.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
+
+SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
+DATA_SHUFFLE = ("epoch", "fixed", "none")
+WANDB_MODES = ("offline", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+TINY_ROLES = ("teacher", "critic")
+ADAM_EPS = 1e-8  # torch default, as in the reference (spec §10 "hard-coded constants")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command-line flags
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CliFlags:
+    """The reference's command-line flags (spec §1.1 item 4). None = flag not given: the YAML
+    value stays."""
+
+    logdir: str | None = None
+    no_save: bool | None = None
+    no_visualize: bool | None = None
+    wandb_save_dir: str | None = None
+    disable_wandb: bool | None = None
+    auto_resume: bool | None = None
+    use_one_logger: bool | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | Mapping[str, Any]) -> CliFlags:
+        """From `add_train_arguments`' namespace (or any mapping / object with these names)."""
+        get = args.get if isinstance(args, Mapping) else lambda k, d=None: getattr(args, k, d)
+        return cls(**{f.name: get(f.name, None) for f in dataclasses.fields(cls)})
+
+    def as_updates(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training script's arguments: the reference's flags plus positional key=value
+    overrides. `CliFlags.from_args(parser.parse_args())` reads them back."""
+    parser.add_argument("--config_path", required=True, help="training YAML (see configs/)")
+    parser.add_argument("--logdir", default=None, help="run folder: checkpoints, log.jsonl")
+    parser.add_argument("--no_save", action="store_true", default=None, help="write no checkpoints")
+    parser.add_argument("--no_visualize", action="store_true", default=None, help="(unused)")
+    parser.add_argument("--wandb-save-dir", dest="wandb_save_dir", default=None)
+    parser.add_argument("--disable-wandb", dest="disable_wandb", action="store_true", default=None)
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--auto_resume", "--auto-resume", dest="auto_resume",
+                        action="store_true", default=None,
+                        help="resume from the newest checkpoint in --logdir (the default)")
+    resume.add_argument("--no-auto-resume", "--no_auto_resume", dest="auto_resume",
+                        action="store_false", default=None)
+    parser.add_argument("--no-one-logger", "--no_one_logger", dest="use_one_logger",
+                        action="store_false", default=None, help="(accepted; One Logger is omitted)")
+    parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+def _check_file_keys(node: DictConfig, schema: DictConfig, path: Path, prefix: str = "") -> None:
+    """Every key of `node` must exist in `schema`. Sections that the schema leaves empty or null
+    (``memory: {}``, ``tiny: {}``, ``adapter: null``) take any keys: their readers validate them."""
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in schema:
+            siblings = [f"{prefix}{k}" for k in schema]
+            close = difflib.get_close_matches(full, siblings, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise InputError(f"{path}: unknown config key `{full}` (not in {DEFAULT_CONFIG.name}){hint}")
+        sub, default = node._get_node(key), schema._get_node(key)
+        if isinstance(sub, DictConfig) and isinstance(default, DictConfig) and len(default) > 0:
+            _check_file_keys(sub, default, path, f"{full}.")
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], where: str) -> DictConfig:
+    """``key=value`` overrides with values parsed as YAML, each key checked against `cfg` (as
+    `utils.config.load_config` checks them against its file)."""
+    for item in overrides:
+        match = _OVERRIDE.fullmatch(item)
+        if match is None:
+            raise InputError(f"malformed override {item!r}; expected key=value, e.g. max_iters=100")
+        _check_known(cfg, match.group(1), where)
+        try:
+            patch = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or e
+            raise InputError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+        cfg = OmegaConf.merge(cfg, patch)
+    return cfg
+
+
+def load_train_config(
+    config_path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    cli_flags: CliFlags | Mapping[str, Any] | argparse.Namespace | None = None,
+    *,
+    defaults_path: str | os.PathLike[str] = DEFAULT_CONFIG,
+) -> DictConfig:
+    """The merged training config: defaults < `config_path` < `overrides` < `cli_flags`.
+
+    Raises `InputError` (one line) for a missing or malformed file and for any key unknown to
+    the defaults, in the file or in an override, with the closest known key as a suggestion.
+    """
+    config_path, defaults_path = Path(config_path), Path(defaults_path)
+    defaults = _load_yaml(defaults_path)
+    specific = _load_yaml(config_path)
+    _check_file_keys(specific, defaults, config_path)
+    cfg = OmegaConf.merge(defaults, specific)
+    cfg = _apply_overrides(cfg, overrides, f"{config_path} or {defaults_path.name}")
+    if cli_flags is not None:
+        if not isinstance(cli_flags, CliFlags):
+            cli_flags = CliFlags.from_args(cli_flags)
+        cfg = OmegaConf.merge(cfg, cli_flags.as_updates())
+    cfg.config_name = config_path.stem
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimSettings:
+    """One AdamW optimiser (constant learning rate) and its gradient clipping."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    max_grad_norm: float
+    eps: float = ADAM_EPS
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """`preset: tiny` shapes. Each role's mapping is what `pipeline.build.build_tiny_generator`
+    takes (DiTConfig fields + ``seed``); the critic defaults to the generator's shape and seed
+    (the reference's critic starts from the generator's base model, Wan 1.3B)."""
+
+    generator: Mapping[str, Any]
+    teacher: Mapping[str, Any]
+    critic: Mapping[str, Any]
+    text_len: int
+    seed: int
+
+    def section(self, role: str) -> dict[str, Any]:
+        """The `build_tiny_generator` mapping of "generator", "teacher" or "critic"."""
+        if role not in ("generator", *TINY_ROLES):
+            raise ValueError(f"unknown tiny model role {role!r}")
+        return dict(getattr(self, role))
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """wandb logging (rank 0 only). Never online: `mode` is offline or disabled."""
+
+    enabled: bool
+    mode: str
+    project: str | None
+    entity: str | None
+    save_dir: str | None
+    run_name: str
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the training loop reads, typed and validated (TRAINING.md §1.2)."""
+
+    compat: bool
+    stage: int  # 1: Self-Forcing rollouts (dmd); 2: streaming long tuning (dmd_switch)
+    device: str  # auto | cpu | cuda (resolved at start-up, see pipeline.build.resolve_device)
+    attn_backend: str
+    # models
+    preset: str | None
+    tiny: TinyModels | None
+    wan_models_root: Path
+    generator_name: str
+    real_name: str
+    fake_name: str
+    generator_ckpt: Path | None
+    # rollout, schedule and losses
+    stream: StreamConfig
+    sampling: SamplingConfig
+    rollout: RolloutConfig
+    score: ScoreConfig
+    latent_channels: int
+    latent_hw: tuple[int, int]
+    negative_prompt: str
+    # precision
+    mixed_precision: bool
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype  # bf16 (compute_dtype) with mixed_precision, else param_dtype
+    vae_dtype: torch.dtype
+    gradient_checkpointing: bool
+    # optimisation
+    generator_optim: OptimSettings
+    critic_optim: OptimSettings
+    dfake_gen_update_ratio: int
+    gradient_accumulation_steps: int
+    batch_size: int
+    max_iters: int
+    seed: int  # 0: draw a random seed on rank 0 and broadcast (spec §7.3)
+    ema_weight: float | None  # None: no EMA (LoRA mode, or ema_weight null)
+    ema_start_step: int
+    gc_interval: int
+    sharding_strategy: str
+    text_encoder_cpu_offload: bool
+    # data
+    data_path: Path
+    val_data_path: Path
+    switch_prompt_path: Path | None
+    data_seed: int
+    data_shuffle: str  # epoch | fixed | none
+    # output
+    logdir: Path | None
+    no_save: bool
+    auto_resume: bool
+    log_iters: int  # checkpoint period
+    max_checkpoints: int
+    vis_interval: int
+    vis_video_lengths: tuple[int, ...]
+    val_batch_size: int
+    wandb: WandbSettings
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.stream.num_frame_per_block
+
+    def train_generator(self, step: int) -> bool:
+        """Whether iteration `step` (read before its increment) updates the generator."""
+        return step % self.dfake_gen_update_ratio == 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, *, check_files: bool = True) -> TrainSettings:
+        """Validate `cfg` (from `load_train_config`). `check_files` also checks that the prompt
+        files and (unless ``preset: tiny``) the model folders and checkpoints exist."""
+        return _parse(cfg, check_files)
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    value = OmegaConf.select(cfg, key, default=default)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _int(cfg: DictConfig, key: str, default: Any = None, *, minimum: int | None = None) -> int:
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InputError(f"config key `{key}` must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InputError(f"config key `{key}` must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(cfg: DictConfig, key: str, default: Any = None, *, positive: bool = False,
+           low: float | None = None, high_open: float | None = None) -> float:
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"config key `{key}` must be a finite number, got {value!r}")
+    value = float(value)
+    if positive and value <= 0:
+        raise InputError(f"config key `{key}` must be > 0, got {value}")
+    if low is not None and value < low or high_open is not None and value >= high_open:
+        raise InputError(f"config key `{key}` must be in [{low}, {high_open}), got {value}")
+    return value
+
+
+def _bool(cfg: DictConfig, key: str, default: Any = None) -> bool:
+    value = _get(cfg, key, default)
+    if not isinstance(value, bool):
+        raise InputError(f"config key `{key}` must be true or false, got {value!r}")
+    return value
+
+
+def _choice(cfg: DictConfig, key: str, choices: Sequence[Any], default: Any = None) -> Any:
+    value = _get(cfg, key, default)
+    if value not in choices:
+        raise InputError(
+            f"config key `{key}` must be one of {', '.join(map(str, choices))}; got {value!r}"
+        )
+    return value
+
+
+def _dtype(cfg: DictConfig, key: str, default: str) -> torch.dtype:
+    name = _get(cfg, key, default)
+    if name not in DTYPES:
+        raise InputError(f"config key `{key}`: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _path(cfg: DictConfig, key: str, *, required: bool, kind: str = "file",
+          check: bool = True) -> Path | None:
+    value = _get(cfg, key)
+    if value is None or value == "":
+        if required:
+            raise InputError(f"config key `{key}` is not set")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"config key `{key}`: expected a path, got {value!r}")
+    path = Path(value).expanduser()
+    if check:
+        noun = "file" if kind == "file" else "directory"
+        if not path.exists():
+            raise InputError(f"config key `{key}`: {noun} not found: {path}")
+        if (kind == "file") != path.is_file():
+            raise InputError(f"config key `{key}`: expected a {noun}: {path}")
+    return path
+
+
+def _prompt_file(cfg: DictConfig, key: str, *, required: bool, check: bool) -> Path | None:
+    path = _path(cfg, key, required=required, check=check)
+    if path is not None and check and path.stat().st_size == 0:
+        raise InputError(f"config key `{key}`: prompt file {path} is empty")
+    return path
+
+
+def _tiny(cfg: DictConfig) -> TinyModels:
+    section = _get(cfg, "tiny", {}) or {}
+    if not isinstance(section, dict):
+        raise InputError(f"config key `tiny` must be a mapping, got {section!r}")
+    shape_keys = {f.name for f in dataclasses.fields(DiTConfig)} | {"seed"}
+    known = shape_keys | set(TINY_ROLES)
+
+    def check(mapping: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+        if mapping is None:
+            return {}
+        if not isinstance(mapping, dict):
+            raise InputError(f"config key `{where}` must be a mapping, got {mapping!r}")
+        for k in mapping:
+            if k not in allowed:
+                close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
+                raise InputError(f"unknown config key `{where}.{k}`{hint}")
+        return dict(mapping)
+
+    section = check(section, "tiny", known)
+    generator = {k: v for k, v in section.items() if k not in TINY_ROLES}
+    generator.setdefault("seed", 0)
+    text_len = generator.get("text_len", 64)
+    roles = {}
+    for role in TINY_ROLES:
+        own = check(section.get(role), f"tiny.{role}", shape_keys)
+        if "text_len" in own and own["text_len"] != text_len:
+            raise InputError(
+                f"config key `tiny.{role}.text_len` ({own['text_len']}) must equal "
+                f"`tiny.text_len` ({text_len}): all models read the same text embedding"
+            )
+        roles[role] = {**generator, **own}
+    for role, shape in (("tiny", generator), *((f"tiny.{r}", s) for r, s in roles.items())):
+        try:
+            DiTConfig.from_dict({k: v for k, v in shape.items() if k != "seed"})
+        except (TypeError, ValueError) as err:
+            raise InputError(f"config key `{role}`: {err}") from None
+    return TinyModels(generator, roles["teacher"], roles["critic"], int(text_len),
+                      int(generator["seed"]))
+
+
+def _check_wan_folder(root: Path, cfg: DictConfig, key: str, codecs: bool) -> None:
+    name = _get(cfg, key)
+    folder = root / str(name)
+    where = f"wan_models_root/{key}"
+    if not folder.is_dir():
+        raise InputError(f"config key `{where}`: directory not found: {folder}")
+    needed = [(folder / "config.json", "file")]
+    if codecs:  # T5 and VAE come from the generator's folder
+        needed += [(folder / WAN_T5_CHECKPOINT, "file"), (folder / WAN_T5_TOKENIZER, "dir"),
+                   (folder / WAN_VAE_CHECKPOINT, "file")]
+    for path, kind in needed:
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise InputError(f"config key `{where}`: {kind} not found: {path}")
+
+
+def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
+    if _get(cfg, "trainer") != "score_distillation":
+        raise InputError(f"config key `trainer` must be score_distillation, got {_get(cfg, 'trainer')!r}")
+    behaviour = _choice(cfg, "behaviour", ("clean", "compat"), "clean")
+    compat = behaviour == "compat"
+    loss = _choice(cfg, "distribution_loss", ("dmd", "dmd_switch"))
+    streaming = _bool(cfg, "streaming_training", False)
+    if streaming != (loss == "dmd_switch"):
+        raise InputError(
+            "config keys `distribution_loss` and `streaming_training` disagree: stage 1 is "
+            "dmd without streaming_training, stage 2 dmd_switch with streaming_training: true"
+        )
+    stage = 2 if streaming else 1
+    for key in ("i2v", "independent_first_frame", "vis_ema"):
+        if _bool(cfg, key, False):
+            raise InputError(f"config key `{key}`: true is not supported (nor working in the reference)")
+    _choice(cfg, "denoising_loss_type", ("flow",), "flow")
+    fake_cfg = _get(cfg, "fake_guidance_scale")
+    if fake_cfg not in (None, 0, 0.0):
+        raise InputError(f"config key `fake_guidance_scale`: critic CFG is not supported, got {fake_cfg!r}")
+    device = _choice(cfg, "device", DEVICES, "auto")
+    attn_backend = _choice(cfg, "attn_backend", ("auto", "sdpa", "flash"), "auto")
+
+    # ---- geometry and frames
+    fpb = _int(cfg, "num_frame_per_block", 3, minimum=1)
+    shape = _get(cfg, "image_or_video_shape")
+    if (not isinstance(shape, list) or len(shape) != 5
+            or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in shape)):
+        raise InputError(
+            f"config key `image_or_video_shape` must be 5 positive integers [B, F, C, h, w], got {shape!r}"
+        )
+    channels, h, w = shape[2:]
+    if h % PATCH or w % PATCH:
+        raise InputError(
+            f"config key `image_or_video_shape`: latent size {h}x{w} must be even (patch {PATCH})"
+        )
+    num_frames = _int(cfg, "num_training_frames", minimum=1)
+    min_frames = _int(cfg, "min_num_training_frames", num_frames, minimum=1)
+    slice_last = _int(cfg, "slice_last_frames", num_frames, minimum=1)
+    for key, value in (("num_training_frames", num_frames), ("min_num_training_frames", min_frames)):
+        if value % fpb:
+            raise InputError(
+                f"config key `{key}` ({value}) must be a multiple of num_frame_per_block ({fpb})"
+            )
+    if min_frames > num_frames:
+        raise InputError(
+            f"config key `min_num_training_frames` ({min_frames}) must not exceed "
+            f"num_training_frames ({num_frames})"
+        )
+    if stage == 1 and num_frames > slice_last:
+        raise InputError(
+            f"config key `slice_last_frames` ({slice_last}) is smaller than num_training_frames "
+            f"({num_frames}); re-encoding the first kept frame is not implemented"
+        )
+    rollout = RolloutConfig(
+        num_training_frames=num_frames,
+        min_num_training_frames=min_frames,
+        slice_last_frames=slice_last,
+        same_step_across_blocks=_bool(cfg, "same_step_across_blocks", True),
+        last_step_only=_bool(cfg, "last_step_only", False),
+    )
+
+    # ---- stream and sampler: the inference parser on the training geometry (shared checks)
+    model_kwargs = _get(cfg, "model_kwargs", {}) or {}
+    if not isinstance(model_kwargs, dict):
+        raise InputError(f"config key `model_kwargs` must be a mapping, got {model_kwargs!r}")
+    steps = _get(cfg, "denoising_step_list")
+    if (not isinstance(steps, list) or not steps
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in steps)):
+        raise InputError(f"config key `denoising_step_list` must be a non-empty list of timesteps, got {steps!r}")
+    view = OmegaConf.create({
+        "behaviour": behaviour,
+        "height": h * VAE_STRIDE[1], "width": w * VAE_STRIDE[2],
+        "model_kwargs": model_kwargs,
+        "num_frame_per_block": fpb,
+        "num_output_frames": num_frames,
+        "denoising_step_list": steps,
+        "warp_denoising_step": _bool(cfg, "warp_denoising_step", True),
+        "context_noise": _float(cfg, "context_noise", 0, low=0.0),
+        "global_sink": True, "num_samples": 1,
+    })
+    inference = parse_settings(view, interactive=False)
+    memory = _options(MemoryOptions, training_memory_options(compat), _get(cfg, "memory"), "memory")
+    stream = dataclasses.replace(inference.stream, memory=memory)
+
+    # ---- losses
+    num_train_timestep = _int(cfg, "num_train_timestep", 1000, minimum=1)
+    guidance = _get(cfg, "real_guidance_scale")
+    guidance_key = "real_guidance_scale"
+    if guidance is None:
+        guidance, guidance_key = _get(cfg, "guidance_scale", 3.0), "guidance_scale"
+    guidance = _float(cfg, guidance_key, low=0.0)
+    min_t = _int(cfg, "min_score_timestep", 0, minimum=0)
+    if min_t >= num_train_timestep:
+        raise InputError(
+            f"config key `min_score_timestep` ({min_t}) must be below num_train_timestep "
+            f"({num_train_timestep})"
+        )
+    score_kwargs = dict(
+        num_train_timestep=num_train_timestep,
+        timestep_shift=_float(cfg, "timestep_shift", 5.0, positive=True),
+        min_score_timestep=min_t,
+        guidance_scale=guidance,
+        ts_schedule=_bool(cfg, "ts_schedule", False),
+        ts_schedule_max=_bool(cfg, "ts_schedule_max", False),
+    )
+    score = ScoreConfig.compat(**score_kwargs) if compat else ScoreConfig.clean(**score_kwargs)
+    negative_prompt = _get(cfg, "negative_prompt", "")
+    if not isinstance(negative_prompt, str):
+        raise InputError(f"config key `negative_prompt` must be a string, got {negative_prompt!r}")
+
+    # ---- precision
+    mixed = _bool(cfg, "mixed_precision", True)
+    param_dtype = _dtype(cfg, "param_dtype", "float32")
+    compute = _dtype(cfg, "compute_dtype", "bfloat16")
+    vae_dtype = _dtype(cfg, "vae_dtype", "bfloat16")
+
+    # ---- optimisation
+    def optim(suffix: str, grad_key: str) -> OptimSettings:
+        return OptimSettings(
+            lr=_float(cfg, f"lr{suffix}", positive=True),
+            betas=(_float(cfg, f"beta1{suffix}", 0.0, low=0.0, high_open=1.0),
+                   _float(cfg, f"beta2{suffix}", 0.999, low=0.0, high_open=1.0)),
+            weight_decay=_float(cfg, "weight_decay", 0.01, low=0.0),
+            max_grad_norm=_float(cfg, grad_key, 10.0, positive=True),
+        )
+
+    lora = bool(_get(cfg, "adapter"))
+    ema_weight = _get(cfg, "ema_weight")
+    if ema_weight is not None:
+        ema_weight = _float(cfg, "ema_weight", low=0.0, high_open=1.0)
+    if lora:
+        ema_weight = None  # the reference disables the EMA with LoRA (spec §2.4)
+
+    # ---- models
+    preset = _get(cfg, "preset")
+    if preset not in (None, "tiny"):
+        raise InputError(f"config key `preset` must be tiny or null, got {preset!r}")
+    tiny = _tiny(cfg) if preset == "tiny" else None
+    root = Path(str(_get(cfg, "wan_models_root", "wan_models"))).expanduser()
+    names = {}
+    for key in ("generator_name", "real_name", "fake_name"):
+        value = _get(cfg, key)
+        if not isinstance(value, str) or not value:
+            raise InputError(f"config key `{key}` must name a model folder, got {value!r}")
+        names[key] = value
+    real_files = check_files and tiny is None
+    generator_ckpt = _path(cfg, "generator_ckpt", required=False, check=real_files)
+    if real_files:
+        _check_wan_folder(root, cfg, "generator_name", codecs=True)
+        _check_wan_folder(root, cfg, "real_name", codecs=False)
+        _check_wan_folder(root, cfg, "fake_name", codecs=False)
+
+    # ---- data and output
+    data_path = _prompt_file(cfg, "data_path", required=True, check=check_files)
+    val_data_path = _prompt_file(cfg, "val_data_path", required=False, check=check_files) or data_path
+    switch_path = _prompt_file(cfg, "switch_prompt_path", required=stage == 2, check=check_files)
+    shuffle = _get(cfg, "data_shuffle")
+    if shuffle is None:
+        shuffle = "fixed" if compat else "epoch"
+    elif shuffle not in DATA_SHUFFLE:
+        raise InputError(f"config key `data_shuffle` must be one of {', '.join(DATA_SHUFFLE)} or null; got {shuffle!r}")
+    logdir = _get(cfg, "logdir", "")
+    if logdir is not None and not isinstance(logdir, str):
+        raise InputError(f"config key `logdir` must be a path, got {logdir!r}")
+    vis_lengths = _get(cfg, "vis_video_lengths", []) or []
+    if not isinstance(vis_lengths, list) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % fpb for v in vis_lengths
+    ):
+        raise InputError(
+            f"config key `vis_video_lengths` must be a list of positive multiples of "
+            f"num_frame_per_block ({fpb}), got {vis_lengths!r}"
+        )
+    disable_wandb = _bool(cfg, "disable_wandb", False)
+    wandb_mode = _choice(cfg, "wandb_mode", WANDB_MODES, "offline")
+    save_dir = _get(cfg, "wandb_save_dir") or None
+    wandb = WandbSettings(
+        enabled=not disable_wandb and wandb_mode != "disabled",
+        mode=wandb_mode,
+        project=_get(cfg, "wandb_project"),
+        entity=_get(cfg, "wandb_entity"),
+        save_dir=str(save_dir) if save_dir else None,
+        run_name=str(_get(cfg, "config_name", "train")),
+    )
+
+    return TrainSettings(
+        compat=compat,
+        stage=stage,
+        device=device,
+        attn_backend=attn_backend,
+        preset=preset,
+        tiny=tiny,
+        wan_models_root=root,
+        generator_name=names["generator_name"],
+        real_name=names["real_name"],
+        fake_name=names["fake_name"],
+        generator_ckpt=generator_ckpt,
+        stream=stream,
+        sampling=inference.sampling,
+        rollout=rollout,
+        score=score,
+        latent_channels=channels,
+        latent_hw=(h, w),
+        negative_prompt=negative_prompt,
+        mixed_precision=mixed,
+        param_dtype=param_dtype,
+        compute_dtype=compute if mixed else param_dtype,
+        vae_dtype=vae_dtype,
+        gradient_checkpointing=_bool(cfg, "gradient_checkpointing", True),
+        generator_optim=optim("", "max_grad_norm_generator"),
+        critic_optim=optim("_critic", "max_grad_norm_critic"),
+        dfake_gen_update_ratio=_int(cfg, "dfake_gen_update_ratio", 5, minimum=1),
+        gradient_accumulation_steps=_int(cfg, "gradient_accumulation_steps", 1, minimum=1),
+        batch_size=_int(cfg, "batch_size", 1, minimum=1),
+        max_iters=_int(cfg, "max_iters", minimum=0),
+        seed=_int(cfg, "seed", 0, minimum=0),
+        ema_weight=ema_weight,
+        ema_start_step=_int(cfg, "ema_start_step", 200, minimum=0),
+        gc_interval=_int(cfg, "gc_interval", 100, minimum=1),
+        sharding_strategy=_choice(cfg, "sharding_strategy", SHARDING_STRATEGIES, "hybrid_full"),
+        text_encoder_cpu_offload=_bool(cfg, "text_encoder_cpu_offload", False),
+        data_path=data_path,
+        val_data_path=val_data_path,
+        switch_prompt_path=switch_path,
+        data_seed=_int(cfg, "data_seed", 0, minimum=0),
+        data_shuffle=shuffle,
+        logdir=Path(logdir) if logdir else None,
+        no_save=_bool(cfg, "no_save", False),
+        auto_resume=_bool(cfg, "auto_resume", True),
+        log_iters=_int(cfg, "log_iters", 100, minimum=1),
+        max_checkpoints=_int(cfg, "max_checkpoints", 5, minimum=0),
+        vis_interval=_int(cfg, "vis_interval", 0, minimum=0),
+        vis_video_lengths=tuple(vis_lengths),
+        val_batch_size=_int(cfg, "val_batch_size", 1, minimum=1),
+        wandb=wandb,
+    )

@@ -1,0 +1,233 @@
+"""The stage-1 training loop: Self-Forcing DMD with a critic (TRAINING.md §2.5, §3.1, §8).
+
+Per iteration s (read before its increment):
+  * the generator trains when s % dfake_gen_update_ratio == 0;
+  * for each of `gradient_accumulation_steps` micro-steps: the next prompt batch; a generator
+    rollout with gradient + DMD loss (when the generator trains); an independent no-grad rollout
+    + critic flow loss; each loss divided by the number of micro-steps is back-propagated;
+  * clip (pre-clip norms are logged) and step the optimisers; EMA after a generator step;
+  * s += 1; EMA creation at ema_start_step; checkpoint every `log_iters`; log.
+
+Randomness: every draw of iteration s comes from `SampleDraws(seed, s, role, sample ids)`; the
+global sample index of batch row b of micro-step m on rank r is (m * world + r) * batch + b. So a
+sample's noise and timesteps do not depend on how samples are split over ranks, micro-steps and
+batch rows, exit steps and block counts are the same on every rank without a broadcast, and an
+exact resume needs only the step and the data position.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from memflow.attention import set_attention_backend
+from memflow.fsdp import shard_model
+from pipeline.stepper import ChunkStepper
+
+from .checkpointing import load_checkpoint, load_checkpoint_file, rotate_checkpoints, save_checkpoint
+from .config import OptimSettings, TrainSettings
+from .data import PromptLoader, build_prompt_loader
+from .draws import SampleDraws
+from .ema import EMA, ema_after_iteration, ema_after_resume
+from .log import TrainLogger
+from .models import TrainModels, build_train_models
+from .stage1 import Stage1Models, critic_loss, generator_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepMetrics:
+    generator_loss: float | None
+    generator_grad_norm: float | None
+    dmdtrain_gradient_norm: float | None
+    critic_loss: float
+    critic_grad_norm: float
+    dmd_timestep: float | None
+    critic_timestep: float
+
+
+def _adamw(params, optim: OptimSettings) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad], lr=optim.lr,
+        betas=(float(optim.betas[0]), float(optim.betas[1])), eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+
+
+def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (across shards) and return the pre-clip norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+class Stage1Trainer:
+    """Builds everything from `TrainSettings`, resumes, and runs iterations until max_iters."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        device: torch.device,
+        *,
+        models: TrainModels | None = None,
+        config_for_logging: dict[str, Any] | None = None,
+        progress: bool = True,
+    ):
+        self.settings = s = settings
+        self.device = device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        set_attention_backend(s.attn_backend)
+        m = models or build_train_models(s, device)
+        self.text_encoder = m.text_encoder
+        for model in (m.generator, m.critic, m.teacher):
+            model.gradient_checkpointing = s.gradient_checkpointing and model is not m.teacher
+            model.to(device)
+            if dist.is_initialized():
+                shard_model(model, mixed_precision=s.mixed_precision)
+        self.generator, self.critic, self.teacher = m.generator, m.critic, m.teacher
+        stepper = ChunkStepper(self.generator, s.stream, s.sampling, dtype=s.compute_dtype)
+        self.models = Stage1Models.build(stepper, self.teacher, self.critic, s.score)
+        self.generator_opt = _adamw(self.generator.parameters(), s.generator_optim)
+        self.critic_opt = _adamw(self.critic.parameters(), s.critic_optim)
+        self.ema: EMA | None = EMA(self.generator, s.ema_weight) if s.ema_weight else None
+        self.loader: PromptLoader = build_prompt_loader(s, self.rank, self.world)
+        self.step = 0
+        self._resume()
+        with torch.no_grad():
+            self.negative = self.text_encoder.encode([s.negative_prompt]).to(device, s.compute_dtype)
+        self.logger = TrainLogger(
+            None if s.no_save and s.logdir is None else s.logdir, rank=self.rank,
+            max_iters=s.max_iters + 1, start_step=self.step, wandb=s.wandb,
+            config=config_for_logging, progress=progress, device=device,
+        )
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _resume(self) -> None:
+        """Auto-resume from logdir's newest checkpoint, else start from generator_ckpt (§8.4)."""
+        s = self.settings
+        kwargs = dict(generator=self.generator, critic=self.critic,
+                      generator_optimizer=self.generator_opt, critic_optimizer=self.critic_opt,
+                      ema=self.ema)
+        resumed = None
+        if s.auto_resume and s.logdir is not None:
+            resumed = load_checkpoint(s.logdir, **kwargs)
+        if resumed is None and s.generator_ckpt is not None:
+            resumed = load_checkpoint_file(s.generator_ckpt, **kwargs)
+        if resumed is not None:
+            self.step = resumed.step
+            data = resumed.resume_state.get("data")
+            if data is not None:
+                self.loader.load_state_dict(data)
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", resumed.path, resumed.step)
+        self.ema = ema_after_resume(self.ema, self.step, s.ema_start_step)
+
+    # -- one iteration ----------------------------------------------------------------------
+    def _sample_ids(self, micro: int, batch: int) -> list[int]:
+        first = (micro * self.world + self.rank) * self.settings.batch_size
+        return list(range(first, first + batch))
+
+    def _draws(self, role: str, ids: list[int]) -> SampleDraws:
+        s = self.settings
+        return SampleDraws(s.seed, self.step, role, ids, noise_dtype=s.compute_dtype,
+                           device=self.device)
+
+    def train_step(self) -> StepMetrics:
+        """One iteration (§2.5): micro-steps, clipping, optimiser steps, EMA; then s += 1."""
+        s = self.settings
+        train_gen = s.train_generator(self.step)
+        if train_gen:
+            self.generator_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        accum = s.gradient_accumulation_steps
+        gen_losses, dmd_norms, dmd_ts, critic_losses, critic_ts = [], [], [], [], []
+        for micro in range(accum):
+            batch = next(self.loader)
+            with torch.no_grad():
+                cond = self.text_encoder.encode(batch.prompts).to(self.device, s.compute_dtype)
+            uncond = self.negative.expand(len(batch), -1, -1)
+            ids = self._sample_ids(micro, len(batch))
+            if train_gen:
+                g = generator_loss(self.models, cond, uncond, s.latent_hw, s.rollout, s.score,
+                                   self._draws("generator", ids))
+                (g.loss / accum).backward()
+                gen_losses.append(g.loss.item())
+                dmd_norms.append(float(g.dmdtrain_gradient_norm))
+                dmd_ts.append(float(g.dmd_timestep.float().mean()))
+            c = critic_loss(self.models, cond, s.latent_hw, s.rollout, s.score,
+                            self._draws("critic", ids))
+            (c.loss / accum).backward()
+            critic_losses.append(c.loss.item())
+            critic_ts.append(float(c.critic_timestep.float().mean()))
+        gen_norm = None
+        if train_gen:
+            gen_norm = _clip(self.generator, s.generator_optim.max_grad_norm)
+            self.generator_opt.step()
+            if self.ema is not None:
+                self.ema.update(self.generator)
+        critic_norm = _clip(self.critic, s.critic_optim.max_grad_norm)
+        self.critic_opt.step()
+        self.step += 1
+        self.ema = ema_after_iteration(self.ema, self.generator, self.step, s.ema_start_step,
+                                       s.ema_weight or 0.0, enabled=s.ema_weight is not None)
+
+        def mean(values: list[float]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        return StepMetrics(
+            generator_loss=mean(gen_losses), generator_grad_norm=gen_norm,
+            dmdtrain_gradient_norm=mean(dmd_norms),
+            critic_loss=_mean_over_ranks(mean(critic_losses), self.device),
+            critic_grad_norm=critic_norm, dmd_timestep=mean(dmd_ts),
+            critic_timestep=mean(critic_ts),
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+    def save(self) -> None:
+        s = self.settings
+        save_checkpoint(
+            s.logdir, self.step, generator=self.generator, critic=self.critic,
+            generator_optimizer=self.generator_opt, critic_optimizer=self.critic_opt,
+            generator_ema=self.ema, resume_state={"data": self.loader.state_dict()},
+        )
+        if self.rank == 0 and s.max_checkpoints > 0:
+            rotate_checkpoints(s.logdir, s.max_checkpoints)
+
+    def run(self, stop_after: int | None = None, on_step: Callable[[int], None] | None = None) -> None:
+        """Iterate until the step exceeds max_iters (or `stop_after` more iterations)."""
+        s = self.settings
+        start = self.step
+        try:
+            while self.step <= s.max_iters and (stop_after is None or self.step - start < stop_after):
+                metrics = self.train_step()
+                if not s.no_save and s.logdir is not None and self.step % s.log_iters == 0:
+                    self.save()
+                self.logger.log_step(
+                    self.step, **metrics.__dict__,
+                    lr=s.generator_optim.lr, lr_critic=s.critic_optim.lr,
+                )
+                if s.gc_interval and self.step % s.gc_interval == 0:
+                    gc.collect()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if on_step is not None:
+                    on_step(self.step)
+        finally:
+            self.logger.close()

@@ -1,0 +1,60 @@
+"""The networks of stage-1 training, built from the settings (TRAINING.md §2.1).
+
+* generator: the causal DiT with the Wan weights of the folder `generator_name`; the trainer then
+  loads `generator_ckpt` (an ODE-init / Self-Forcing / LongLive / MemFlow `base.pt`) on top,
+  with whatever critic, EMA, optimiser state and step that file holds (TRAINING.md §8.4);
+* critic ("fake score"): the bidirectional Wan folder `fake_name` (Wan2.1-T2V-1.3B), trainable;
+* teacher ("real score"): the bidirectional Wan folder `real_name` (Wan2.1-T2V-14B, shapes from
+  its config.json), frozen;
+* text encoder: umT5 of the `generator_name` folder (Wan2.1-T2V-1.3B), frozen.
+
+`preset: tiny` builds all four as tiny random models in memory. Every network comes back in
+float32 on the CPU (fp32 master weights); placement, sharding and freezing are the trainer's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memflow.model import WanDiT
+from memflow.text_encoder import TextEncoder
+from pipeline.build import build_tiny_generator, load_wan_generator
+
+from .config import TrainSettings
+
+
+@dataclass
+class TrainModels:
+    generator: WanDiT
+    critic: WanDiT
+    teacher: WanDiT
+    text_encoder: TextEncoder
+
+
+def build_train_models(settings: TrainSettings, device: torch.device) -> TrainModels:
+    """Load (or, for the tiny preset, build) the generator, critic, teacher and text encoder."""
+    if settings.tiny is not None:
+        from memflow.tiny import build_tiny_text_encoder
+
+        tiny = settings.tiny
+        models = [build_tiny_generator(tiny.section(role)) for role in ("generator", "critic", "teacher")]
+        text_encoder = build_tiny_text_encoder(seed=tiny.seed, text_len=tiny.text_len,
+                                               dtype=torch.float32, device=device)
+    else:
+        root = settings.wan_models_root
+        models = [
+            load_wan_generator(root / settings.generator_name),
+            load_wan_generator(root / settings.fake_name),
+            load_wan_generator(root / settings.real_name),
+        ]
+        text_encoder = TextEncoder.from_wan_folder(
+            root / settings.generator_name, text_len=models[0].config.text_len, dtype=torch.float32,
+            device=device, offload=settings.text_encoder_cpu_offload,
+        )
+    generator, critic, teacher = models
+    for model in models:
+        model.train()
+    teacher.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return TrainModels(generator, critic, teacher, text_encoder)
