@@ -12,17 +12,43 @@ its traceback and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import socket
 import sys
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from pipeline.build import resolve_device
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.errors import InputError
+
+log = logging.getLogger("train")
+
+
+def _single_process_group(device: torch.device) -> None:
+    """FSDP2 mixed precision needs a process group, also for one GPU without torchrun."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def _run_seed(seed: int, device: torch.device) -> int:
+    """seed 0 means a random seed drawn on rank 0 and shared with every rank (TRAINING.md §7.3)."""
+    if seed != 0:
+        return seed
+    value = torch.randint(1, 10**7, (1,), device=device if dist.is_initialized() else "cpu")
+    if dist.is_initialized():
+        dist.broadcast(value, src=0)
+    return int(value.item())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +64,20 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("config key `distribution_loss`: only stage 1 (dmd) is implemented")
         info = init_distributed()
         try:
+            from pipeline.build import resolve_device
+
             device = resolve_device(cfg, info.local_rank)
+            if settings.mixed_precision:
+                if device.type != "cuda":
+                    raise InputError("config key `mixed_precision`: bf16 training needs a GPU; "
+                                     "set mixed_precision=false on a CPU")
+                _single_process_group(device)
             if device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
+            settings = dataclasses.replace(settings, seed=_run_seed(settings.seed, device))
+            if info.is_main:
+                log.info("seed %d", settings.seed)
             from trainer.loop import Stage1Trainer
 
             trainer = Stage1Trainer(settings, device,

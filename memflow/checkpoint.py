@@ -44,6 +44,12 @@ GENERATOR_ENTRIES = ("generator", "generator_ema", "model")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 MAX_LISTED = 5
 
+# The file names of a Wan2.1 model folder (beside config.json and the DiT weights); here, in a
+# module without heavy imports, so that configs can be checked before anything is loaded.
+WAN_T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_T5_TOKENIZER = "google/umt5-xxl"
+WAN_VAE_CHECKPOINT = "Wan2.1_VAE.pth"
+
 
 class CheckpointError(InputError):
     """A checkpoint that is missing, unreadable or does not fit the model.

@@ -79,7 +79,8 @@ class MemoryOptions:
 
     # Which committed chunks stage a new prototype frame for the bank (spec Q1).
     # "every_chunk": every chunk (reference single-prompt script);
-    # "every_interval": chunks n with n % record_interval == 0 (reference interactive + training).
+    # "every_interval": chunks n with n % record_interval == 0 (reference interactive script and
+    # stage-2 training; its stage-1 rollout stages on every chunk, like "every_chunk").
     record_policy: RecordPolicy = "every_interval"
     # Re-insert/compress the same prototype on every chunk until a new one arrives (spec Q7).
     reinsert_stale_prototype: bool = False
@@ -97,7 +98,8 @@ class MemoryOptions:
     @classmethod
     def compat(cls, record_policy: RecordPolicy = "every_chunk") -> "MemoryOptions":
         """The reference's behaviour, quirks included. The single-prompt script records every
-        chunk; the interactive script (and training) every `record_interval` chunks."""
+        chunk (so does its stage-1 rollout); the interactive script and stage-2 training every
+        `record_interval` chunks."""
         return cls(
             record_policy=record_policy,
             reinsert_stale_prototype=True,

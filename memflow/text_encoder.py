@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-WAN_T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
-WAN_T5_TOKENIZER = "google/umt5-xxl"
+from .checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER  # noqa: F401 (re-exported)
+
 TEXT_LEN = 512
 WAN_T5_ATTENTION = "memflow_wan_t5"
 

@@ -27,7 +27,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
-WAN_VAE_CHECKPOINT = "Wan2.1_VAE.pth"
+from .checkpoint import WAN_VAE_CHECKPOINT  # noqa: F401 (re-exported)
+
 
 # §7.1: a latent normalised for the DiT satisfies z = (mu - mean) / std, per channel.
 WAN_LATENT_MEAN = (

@@ -36,12 +36,11 @@ from memflow.text_encoder import (
     umt5_encoder_config,
 )
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
+from utils.config import DTYPES
 from utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass

@@ -33,13 +33,11 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
-from memflow.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER
-from memflow.vae import WAN_VAE_CHECKPOINT
-from pipeline.build import DTYPES
+from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
 from pipeline.settings import PATCH, VAE_STRIDE, _options, parse_settings
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
-from utils.config import _OVERRIDE, _check_known, _load_yaml
+from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -338,21 +336,18 @@ def _dtype(cfg: DictConfig, key: str, default: str) -> torch.dtype:
 
 def _path(cfg: DictConfig, key: str, *, required: bool, kind: str = "file",
           check: bool = True) -> Path | None:
+    """The path config key `key` names (None when unset and not required); with `check` it must
+    exist (`utils.config.require_path`)."""
     value = _get(cfg, key)
     if value is None or value == "":
         if required:
             raise InputError(f"config key `{key}` is not set")
         return None
+    if check:
+        return require_path(cfg, key, kind)
     if not isinstance(value, str):
         raise InputError(f"config key `{key}`: expected a path, got {value!r}")
-    path = Path(value).expanduser()
-    if check:
-        noun = "file" if kind == "file" else "directory"
-        if not path.exists():
-            raise InputError(f"config key `{key}`: {noun} not found: {path}")
-        if (kind == "file") != path.is_file():
-            raise InputError(f"config key `{key}`: expected a {noun}: {path}")
-    return path
+    return Path(value).expanduser()
 
 
 def _prompt_file(cfg: DictConfig, key: str, *, required: bool, check: bool) -> Path | None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -28,10 +30,12 @@ from torch.distributed.tensor import DTensor
 from memflow.attention import set_attention_backend
 from memflow.fsdp import shard_model
 from pipeline.stepper import ChunkStepper
+from utils.errors import InputError
 
-from .checkpointing import load_checkpoint, load_checkpoint_file, rotate_checkpoints, save_checkpoint
+from .checkpointing import (_on_main, load_checkpoint, load_checkpoint_file, rotate_checkpoints,
+                            save_checkpoint)
 from .config import OptimSettings, TrainSettings
-from .data import PromptLoader, build_prompt_loader
+from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
 from .draws import SampleDraws
 from .ema import EMA, ema_after_iteration, ema_after_resume
 from .log import TrainLogger
@@ -69,6 +73,21 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def _prepare_logdir(logdir: Path) -> None:
+    """Create the run folder (rank 0) before any model is built, so that an unusable --logdir
+    (e.g. a path under a regular file) is one `error:` line on every rank, not a traceback."""
+
+    def make() -> None:
+        try:
+            logdir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot write to logdir {logdir}: {err.strerror or err}") from None
+        if not os.access(logdir, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write to logdir {logdir}: permission denied")
+
+    _on_main(make)
+
+
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
@@ -93,6 +112,8 @@ class Stage1Trainer:
         self.device = device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if s.logdir is not None:
+            _prepare_logdir(Path(s.logdir))
         set_attention_backend(s.attn_backend)
         m = models or build_train_models(s, device)
         self.text_encoder = m.text_encoder
@@ -108,13 +129,14 @@ class Stage1Trainer:
         self.critic_opt = _adamw(self.critic.parameters(), s.critic_optim)
         self.ema: EMA | None = EMA(self.generator, s.ema_weight) if s.ema_weight else None
         self.loader: PromptLoader = build_prompt_loader(s, self.rank, self.world)
+        self.vis = self._visualiser(stepper)
         self.step = 0
         self._resume()
         with torch.no_grad():
             self.negative = self.text_encoder.encode([s.negative_prompt]).to(device, s.compute_dtype)
         self.logger = TrainLogger(
             None if s.no_save and s.logdir is None else s.logdir, rank=self.rank,
-            max_iters=s.max_iters + 1, start_step=self.step, wandb=s.wandb,
+            max_iters=s.max_iters, start_step=self.step, wandb=s.wandb,
             config=config_for_logging, progress=progress, device=device,
         )
 
@@ -138,6 +160,20 @@ class Stage1Trainer:
             if self.rank == 0:
                 log.info("resumed from %s at step %d", resumed.path, resumed.step)
         self.ema = ema_after_resume(self.ema, self.step, s.ema_start_step)
+
+    def _visualiser(self, stepper: ChunkStepper) -> Callable[[int], None] | None:
+        """Sample videos every `vis_interval` steps into <logdir>/../vis (§8.3), or None."""
+        s = self.settings
+        if not s.vis_interval or not s.vis_video_lengths or s.logdir is None:
+            return None
+        from .visualize import build_vae, write_samples
+
+        vae = build_vae(s, self.device)
+        dataset = PromptDataset.from_file(s.val_data_path)
+        prompts = validation_batch(dataset, s.val_batch_size, self.rank, self.world).prompts
+        out_dir = Path(s.logdir).resolve().parent / "vis"
+        return lambda step: write_samples(stepper, self.text_encoder, vae, prompts, s, step,
+                                          self.rank, out_dir)
 
     # -- one iteration ----------------------------------------------------------------------
     def _sample_ids(self, micro: int, batch: int) -> list[int]:
@@ -223,6 +259,8 @@ class Stage1Trainer:
                     self.step, **metrics.__dict__,
                     lr=s.generator_optim.lr, lr_critic=s.critic_optim.lr,
                 )
+                if self.vis is not None and self.step % s.vis_interval == 0:
+                    self.vis(self.step)
                 if s.gc_interval and self.step % s.gc_interval == 0:
                     gc.collect()
                     if self.device.type == "cuda":

@@ -8,8 +8,10 @@
   its config.json), frozen;
 * text encoder: umT5 of the `generator_name` folder (Wan2.1-T2V-1.3B), frozen.
 
-`preset: tiny` builds all four as tiny random models in memory. Every network comes back in
-float32 on the CPU (fp32 master weights); placement, sharding and freezing are the trainer's.
+`preset: tiny` builds all four as tiny random models in memory. The DiTs come back in float32
+on the CPU (fp32 master weights; placement and sharding are the trainer's). The frozen text
+encoder is replicated on every rank in the compute dtype (bf16 with mixed precision, as the
+reference's FSDP computes it), or kept on the CPU with `text_encoder_cpu_offload`.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def build_train_models(settings: TrainSettings, device: torch.device) -> TrainMo
         tiny = settings.tiny
         models = [build_tiny_generator(tiny.section(role)) for role in ("generator", "critic", "teacher")]
         text_encoder = build_tiny_text_encoder(seed=tiny.seed, text_len=tiny.text_len,
-                                               dtype=torch.float32, device=device)
+                                               dtype=settings.compute_dtype, device=device)
     else:
         root = settings.wan_models_root
         models = [
@@ -49,8 +51,8 @@ def build_train_models(settings: TrainSettings, device: torch.device) -> TrainMo
             load_wan_generator(root / settings.real_name),
         ]
         text_encoder = TextEncoder.from_wan_folder(
-            root / settings.generator_name, text_len=models[0].config.text_len, dtype=torch.float32,
-            device=device, offload=settings.text_encoder_cpu_offload,
+            root / settings.generator_name, text_len=models[0].config.text_len,
+            dtype=settings.compute_dtype, device=device, offload=settings.text_encoder_cpu_offload,
         )
     generator, critic, teacher = models
     for model in models:
