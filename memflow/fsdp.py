@@ -15,18 +15,19 @@ from .model import WanDiT
 
 def shard_model(
     model: WanDiT,
-    mixed_precision: bool = False,
+    compute_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
 ) -> WanDiT:
     """Shard `model` in place across the default process group and return it.
 
-    `mixed_precision`: compute in bf16 with float32 master weights and float32 gradient
-    reduction (the reference's policy, TRAINING.md §2.2); off on CPU.
+    `compute_dtype` (e.g. bf16): mixed precision, i.e. the weights are gathered and used in that
+    dtype while the sharded master weights, their gradients and the gradient reduction stay in
+    float32 (the reference's policy, TRAINING.md §2.2). None computes in the weights' dtype.
     """
     kwargs: dict = {"reshard_after_forward": reshard_after_forward}
-    if mixed_precision:
+    if compute_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            param_dtype=compute_dtype, reduce_dtype=torch.float32
         )
     for module in model.modules():
         if isinstance(module, model.no_split_modules):
