@@ -137,8 +137,8 @@ def chunk_causal_attention(
     Tokens are grouped into chunks of `chunk_tokens` consecutive tokens (the last chunk may be
     shorter); a query in chunk i attends to every key in chunks 0..i, bidirectionally inside its
     own chunk. The result equals `attention(q, k, v, mask)` with the dense block-causal [L, L]
-    mask, but that mask is never built: at 21 frames x 1560 tokens it is ~1 GiB, and any mask
-    disables flash-attn. Instead each query chunk calls the unmasked `attention` on the key
+    mask, but that mask is never built: at 21 latent frames of 832x480 (32,760 tokens) it is
+    ~1 GiB, and any mask disables flash-attn. Instead each query chunk calls the unmasked `attention` on the key
     prefix it may see (one call when chunk_tokens >= L). Differentiable.
 
     key_lens: optional [B] ints; only the first key_lens[b] keys of element b are real (padding

@@ -481,3 +481,20 @@ def test_released_optimiser_settings_and_weight_decay_no_op():
             results.append(p.detach())
         assert torch.equal(*results) and not torch.equal(results[0], weights)
     assert settings.dfake_gen_update_ratio == 5 and settings.ema_weight == 0.99
+
+
+def test_ema_starts_from_a_loaded_generator_ckpt(tmp_path):
+    """A generator_ckpt past ema_start_step without an EMA entry: the EMA starts from the loaded
+    weights, not from the weights the generator had before loading."""
+    source = make_trainer(make_settings(max_iters=0, no_save=True))
+    with torch.no_grad():
+        for p in source.generator.parameters():
+            p.add_(0.5)
+    ckpt = tmp_path / "base.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in source.generator.state_dict().items()},
+                "step": 10}, ckpt)
+    trainer = make_trainer(make_settings(max_iters=20, no_save=True, generator_ckpt=str(ckpt)))
+    assert trainer.step == 10 and trainer.ema is not None
+    shadow = trainer.ema.state_dict()
+    for name, p in trainer.generator.named_parameters():
+        assert torch.equal(shadow[name], p.detach().float()), name

@@ -154,6 +154,8 @@ class Stage1Trainer:
             resumed = load_checkpoint_file(s.generator_ckpt, **kwargs)
         if resumed is not None:
             self.step = resumed.step
+            if self.ema is not None and not resumed.ema_loaded:
+                self.ema = EMA(self.generator, s.ema_weight)  # start from the loaded weights
             data = resumed.resume_state.get("data")
             if data is not None:
                 self.loader.load_state_dict(data)
