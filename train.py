@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from memflow.checkpoint import set_trust_checkpoints
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.errors import InputError
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config_path, args.overrides, CliFlags.from_args(args))
         settings = TrainSettings.from_config(cfg)
+        trust = OmegaConf.select(cfg, "trust_checkpoints", default=False)
+        if not isinstance(trust, bool):
+            raise InputError(f"config key `trust_checkpoints` must be true or false, got {trust!r}")
+        set_trust_checkpoints(trust)
         if settings.stage != 1:
             raise InputError("config key `distribution_loss`: only stage 1 (dmd) is implemented")
         info = init_distributed()

@@ -81,25 +81,56 @@ def _require_file(path: PathLike) -> Path:
     return path
 
 
+_trust_checkpoints = False
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def set_trust_checkpoints(trust: bool) -> None:
+    """Allow (True) or refuse (False, the default) checkpoints that hold pickled objects other
+    than tensors and plain containers: loading those runs code from the file. Set from the
+    `trust_checkpoints` config key by the entry points."""
+    global _trust_checkpoints
+    _trust_checkpoints = bool(trust)
+
+
+def _pickled_types(path: Path) -> list[str]:
+    """The non-tensor types a checkpoint's pickle names ([] if it names none or is no
+    checkpoint at all)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint: nothing to list
+        return []
+
+
 def read_checkpoint(path: PathLike) -> Any:
     """`torch.load` on the CPU with `weights_only=True`.
 
-    Files holding more than tensors and plain containers (e.g. pickled config objects) are read
-    again with `weights_only=False` after a warning: that executes pickled code, so only load
-    such files from a trusted source.
+    A file that also holds other pickled objects (classes, functions) is refused, because
+    unpickling them can run arbitrary code; the message names the file, the types and the
+    opt-in. With `trust_checkpoints` (`set_trust_checkpoints(True)`) it is loaded anyway, after a
+    warning that names both.
     """
     path = _require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
+    except pickle.UnpicklingError as err:
+        if not _pickled_types(path):  # a garbage or legacy file, not a checkpoint with objects
+            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
     except Exception as err:  # truncated or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    log.warning(
-        "%s holds objects other than tensors; loading it with weights_only=False, which runs "
-        "pickled code (only do this for files you trust)",
-        path,
-    )
+    types = ", ".join(_pickled_types(path))
+    if not _trust_checkpoints:
+        raise CheckpointError(
+            f"{path} holds pickled objects ({types}) that could run code when loaded; if you "
+            f"trust this file, set `trust_checkpoints: true` in the config (or pass "
+            f"trust_checkpoints=true)"
+        )
+    log.warning("%s: loading pickled objects (%s) because trust_checkpoints is set; this runs "
+                "code from the file", path, types)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:

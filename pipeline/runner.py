@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from memflow.attention import set_attention_backend
+from memflow.checkpoint import set_trust_checkpoints
 from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed, shard_indices
 from utils.errors import InputError
 from utils.naming import video_filename
@@ -72,6 +73,14 @@ def load_jobs(cfg: DictConfig, interactive: bool, settings: InferenceSettings) -
     return [Job(i, s) for i, s in enumerate(stories)], switch_chunks
 
 
+def _flag(cfg: DictConfig, key: str) -> bool:
+    """A boolean config key; a string such as "false" is an error, not True."""
+    value = OmegaConf.select(cfg, key, default=False)
+    if not isinstance(value, bool):
+        raise InputError(f"config key `{key}` must be true or false, got {value!r}")
+    return value
+
+
 def run(cfg: DictConfig, dist: DistInfo) -> list[Path]:
     """Generate every prompt assigned to this rank; returns the files written."""
     interactive = is_interactive(cfg)
@@ -83,6 +92,7 @@ def run(cfg: DictConfig, dist: DistInfo) -> list[Path]:
         prepare_output_folder(out_dir)
     barrier()
     set_attention_backend(str(OmegaConf.select(cfg, "attn_backend", default="auto")))
+    set_trust_checkpoints(_flag(cfg, "trust_checkpoints"))
 
     seed = int(OmegaConf.select(cfg, "seed", default=0))
     seed_mode = str(OmegaConf.select(cfg, "seed_mode", default="per_prompt"))

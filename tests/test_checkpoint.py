@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 from pathlib import Path
@@ -230,13 +231,45 @@ def test_unreadable_files(tmp_path):
         load_generator_checkpoint(make_dit(1), tmp_path / "bad.pt")
 
 
-def test_pickled_objects_fall_back_with_a_warning(tmp_path, source, caplog):
+def test_pickled_objects_need_the_trust_opt_in(tmp_path, source, caplog, monkeypatch):
+    """A checkpoint holding pickled objects is refused (the message names the file, the types
+    and the opt-in); with trust_checkpoints it loads, after a warning."""
+    from memflow import checkpoint as ckpt
+
     save_generator_checkpoint(source[0], tmp_path / "base.pt", extra={"args": argparse.Namespace(lr=1)})
+    with pytest.raises(CheckpointError, match=r"base\.pt holds pickled objects \(argparse\.Namespace\).*trust_checkpoints"):
+        load_generator_checkpoint(make_dit(1), tmp_path / "base.pt")
+    monkeypatch.setattr(ckpt, "_trust_checkpoints", True)
     dst = make_dit(1)
     with caplog.at_level(logging.WARNING, logger="memflow.checkpoint"):
         load_generator_checkpoint(dst, tmp_path / "base.pt")
-    assert "weights_only=False" in caplog.text and "base.pt" in caplog.text
+    assert "trust_checkpoints" in caplog.text and "base.pt" in caplog.text
     assert_loaded(dst, source[1])
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates a file (a stand-in for an attack)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, source):
+    """A generator_ckpt or lora_ckpt whose pickle calls os.system: refused, nothing executed."""
+    from memflow.lora import load_lora_checkpoint
+
+    marker = tmp_path / "pwned"
+    for name in ("base.pt", "lora.pt"):
+        torch.save({"generator": source[0].state_dict(), "generator_lora": {},
+                    "x": _Payload(marker)}, tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"base\.pt holds pickled objects .*system.*trust_checkpoints"):
+        load_generator_checkpoint(make_dit(1), tmp_path / "base.pt")
+    with pytest.raises(CheckpointError, match=r"lora\.pt holds pickled objects"):
+        load_lora_checkpoint(make_dit(1), tmp_path / "lora.pt")
+    assert not marker.exists()
 
 
 def test_failed_write_leaves_nothing(tmp_path, source, monkeypatch):

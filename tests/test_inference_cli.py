@@ -128,3 +128,27 @@ def test_torchrun_two_ranks_cover_every_prompt(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(f.name for f in out.iterdir())
     assert names == ["rank0-0-0_regular.mp4", "rank0-2-0_regular.mp4", "rank1-1-0_regular.mp4"]
+
+
+def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsys):
+    """A generator_ckpt holding pickled objects stops the run with one line naming the file and
+    the opt-in; `trust_checkpoints=true` loads it."""
+    import argparse
+
+    from memflow.checkpoint import save_generator_checkpoint, set_trust_checkpoints
+    from pipeline.build import build_tiny_generator
+
+    ckpt = tmp_path / "base.pt"
+    generator = build_tiny_generator({"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2,
+                                      "text_len": 64, "seed": 0})
+    save_generator_checkpoint(generator, ckpt, extra={"args": argparse.Namespace(lr=1)})
+    data = _prompts(tmp_path, ["a cat on a chair"])
+    common = (f"data_path={data}", "num_output_frames=3", f"generator_ckpt={ckpt}")
+    try:
+        assert _run(TINY, tmp_path, *common) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "base.pt holds pickled objects (argparse.Namespace)" in err[0]
+        assert "trust_checkpoints" in err[0]
+        assert _run(TINY, tmp_path, *common, "trust_checkpoints=true") == 0
+    finally:
+        set_trust_checkpoints(False)
