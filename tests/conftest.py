@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random DiTs and the location of the reference's golden outputs."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,10 @@ def fixed_forward(model: WanDiT) -> torch.Tensor:
     x = torch.randn(1, cfg.in_dim, 2, 4, 4, generator=g)
     context = torch.randn(1, 8, cfg.text_dim, generator=g)
     return model(x, torch.tensor([[700.0, 300.0]]), context)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a multi-process Gloo test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,6 @@ gradients equal the mean of the two one-process gradients.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_training_gradients import FRAMES, HW, _loss, _stepper  # noqa: E402
 
-from conftest import tiny_prompt  # noqa: E402
+from conftest import free_port, tiny_prompt  # noqa: E402
 from pipeline.noise import SeededNoise  # noqa: E402
 
 WORLD = 2
@@ -57,15 +56,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fully_shard_two_processes_equals_one(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert all(r["sharded"] for r in results)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import fixed_forward, tiny_dit  # noqa: E402
+from conftest import fixed_forward, free_port, tiny_dit  # noqa: E402
 from memflow.checkpoint import CheckpointError, load_generator_checkpoint  # noqa: E402
 from trainer.checkpointing import (  # noqa: E402
     MODEL_FILE,
@@ -456,15 +455,10 @@ def _fsdp_worker(rank: int, port: int, logdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_two_processes_save_and_resume(tmp_path):
-    ctx = mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

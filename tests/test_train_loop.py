@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from trainer.config import CliFlags, TrainSettings, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,11 +262,6 @@ def test_gradient_accumulation_equals_a_bigger_batch():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -303,7 +298,7 @@ def test_two_processes_batch1_equal_one_process_batch2(tmp_path):
     """Rank r of 2 (batch 1) sees prompt r of the epoch permutation (round-robin sharding) and
     draws as global sample r; one process with batch 2 sees prompts 0 and 1 as samples 0 and 1.
     FSDP2 averages the gradients, so the weights after step 0 (generator + critic) agree."""
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert all(r["sharded"] for r in ranks)
 
