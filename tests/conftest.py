@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random DiTs and the location of the reference's golden outputs."""
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -52,3 +53,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world_size: int, port: int) -> None:
+    """Join a CPU (Gloo) process group in a test worker started by torch.multiprocessing."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)

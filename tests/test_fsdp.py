@@ -7,7 +7,6 @@ gradients equal the mean of the two one-process gradients.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_training_gradients import FRAMES, HW, _loss, _stepper  # noqa: E402
 
-from conftest import free_port, tiny_prompt  # noqa: E402
+from conftest import free_port, init_gloo, tiny_prompt  # noqa: E402
 from pipeline.noise import SeededNoise  # noqa: E402
 
 WORLD = 2
@@ -36,9 +35,7 @@ def _rank_loss(stepper, rank: int) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, port)
     try:
         from memflow.fsdp import shard_model
 

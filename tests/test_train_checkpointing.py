@@ -4,7 +4,6 @@ writes, clear errors, and a 2-process FSDP2 save/load."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import time
@@ -18,7 +17,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import fixed_forward, free_port, tiny_dit  # noqa: E402
+from conftest import fixed_forward, free_port, init_gloo, tiny_dit  # noqa: E402
 from memflow.checkpoint import CheckpointError, load_generator_checkpoint  # noqa: E402
 from trainer.checkpointing import (  # noqa: E402
     MODEL_FILE,
@@ -396,9 +395,7 @@ WORLD = 2
 
 
 def _fsdp_worker(rank: int, port: int, logdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, port)
     try:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_optimizer_state_dict)

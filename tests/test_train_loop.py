@@ -11,7 +11,6 @@ Each test prints the figure it measured (run with `-s` to see them).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, init_gloo
 from trainer.config import CliFlags, TrainSettings, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,11 +261,8 @@ def test_gradient_accumulation_equals_a_bigger_batch():
 WORLD = 2
 
 
-
 def _dist_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, port)
     try:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from torch.distributed.tensor import DTensor
