@@ -1,7 +1,9 @@
-"""Train MemFlow: stage 1, Self-Forcing DMD distillation with the memory bank.
+"""Train MemFlow: stage 1 (Self-Forcing DMD distillation with the memory bank) or stage 2
+(LoRA streaming long tuning with prompt switches), chosen by the config's distribution_loss.
 
     python train.py --config_path configs/tiny_train_init.yaml --logdir logs/tiny
     torchrun --nproc_per_node=8 train.py --config_path configs/train_init.yaml --logdir logs/train_init
+    torchrun --nproc_per_node=8 train.py --config_path configs/train_long.yaml --logdir logs/train_long
 
 `configs/default_config.yaml` is merged under the given config; `key=value` arguments override
 any key (unknown keys are rejected with a suggestion). With --logdir, checkpoints go to
@@ -65,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(trust, bool):
             raise InputError(f"config key `trust_checkpoints` must be true or false, got {trust!r}")
         set_trust_checkpoints(trust)
-        if settings.stage != 1:
-            raise InputError("config key `distribution_loss`: only stage 1 (dmd) is implemented")
         info = init_distributed()
         try:
             from pipeline.build import resolve_device
@@ -83,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             settings = dataclasses.replace(settings, seed=_run_seed(settings.seed, device))
             if info.is_main:
                 log.info("seed %d", settings.seed)
+            from trainer.long_tuning import Stage2Trainer
             from trainer.loop import Stage1Trainer
 
-            trainer = Stage1Trainer(settings, device,
+            trainer_class = Stage2Trainer if settings.stage == 2 else Stage1Trainer
+            trainer = trainer_class(settings, device,
                                     config_for_logging=OmegaConf.to_container(cfg, resolve=True))
             trainer.run()
         finally:

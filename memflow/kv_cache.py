@@ -210,6 +210,30 @@ class KVCache:
                 pieces.append(buf[:, plan.new_fill :])
             bufs[layer] = torch.cat(pieces, dim=1)
 
+    def state_dict(self) -> dict:
+        """The committed part of the buffers ([0, fill) of every layer) and the pointers: all a
+        resumed training sequence needs to continue bit for bit."""
+        return {
+            "k": [k[:, : self.fill].clone() for k in self.k],
+            "v": [v[:, : self.fill].clone() for v in self.v],
+            "end": self.end,
+            "fill": self.fill,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` into fresh buffers of this cache's shape."""
+        fill = int(state["fill"])
+        if fill > self.capacity or len(state["k"]) != self.num_layers:
+            raise ValueError(
+                f"saved KV cache ({len(state['k'])} layers, fill {fill}) does not fit this one "
+                f"({self.num_layers} layers, capacity {self.capacity})"
+            )
+        self.clear_values()
+        for bufs, saved in ((self.k, state["k"]), (self.v, state["v"])):
+            for buf, part in zip(bufs, saved):
+                buf[:, :fill] = part.to(buf.device, buf.dtype)
+        self.end, self.fill = int(state["end"]), fill
+
     def advance(self, plan: CachePlan) -> None:
         """Move the end/fill pointers after every layer committed (not for a recompute)."""
         if not plan.recompute:

@@ -142,6 +142,30 @@ class MemoryBank:
         self.slot_frames: list[list[int | None]] = [[] for _ in range(self.num_layers)]
         self.last_selection: list[list[list[int]]] | None = None  # [layer][batch][kept slot]
 
+    def state_dict(self) -> dict:
+        """Slots, staged prototype and counters (plain containers of tensors), for resuming a
+        training sequence."""
+        return {
+            "k": [list(slots) for slots in self.k], "v": [list(slots) for slots in self.v],
+            "proto_k": list(self.proto_k), "proto_v": list(self.proto_v),
+            "opened": self.opened, "fresh": self.fresh, "prototype_frame": self.prototype_frame,
+            "slot_frames": [list(frames) for frames in self.slot_frames],
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        def put(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or device is None else t.to(device)
+
+        if len(state["k"]) != self.num_layers:
+            raise ValueError(f"saved bank has {len(state['k'])} layers, this one {self.num_layers}")
+        self.k = [[put(t) for t in slots] for slots in state["k"]]
+        self.v = [[put(t) for t in slots] for slots in state["v"]]
+        self.proto_k = [put(t) for t in state["proto_k"]]
+        self.proto_v = [put(t) for t in state["proto_v"]]
+        self.opened, self.fresh = int(state["opened"]), bool(state["fresh"])
+        self.prototype_frame = state["prototype_frame"]
+        self.slot_frames = [list(frames) for frames in state["slot_frames"]]
+
     def wants_prototype(self, chunk_index: int) -> bool:
         """Whether the commit of this chunk stages a prototype (the record policy, spec Q1)."""
         if self.slots == 0:

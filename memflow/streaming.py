@@ -85,6 +85,17 @@ class TextCache:
         self._zeros = torch.zeros_like(self.k[0])
         self.mask = mask
 
+    def state_dict(self) -> dict:
+        return {"k": list(self.k), "v": list(self.v), "mask": self.mask, "zeros": self._zeros}
+
+    def load_state_dict(self, state: dict, device: torch.device | str) -> None:
+        def put(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        self.k = [put(t) for t in state["k"]]
+        self.v = [put(t) for t in state["v"]]
+        self.mask, self._zeros = put(state["mask"]), put(state["zeros"])
+
     @property
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.complete:
@@ -165,6 +176,19 @@ class StreamState:
         )
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None
+
+    def state_dict(self) -> dict:
+        """Cache, bank and text cache as plain containers of tensors (`torch.save`-able with
+        weights_only loading): a training sequence in flight survives a checkpoint with it."""
+        return {"kv": self.kv.state_dict(), "bank": self.bank.state_dict(),
+                "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` into a state built with the same configs and sizes."""
+        device = self.kv.k[0].device if self.kv.k else "cpu"
+        self.kv.load_state_dict(state["kv"])
+        self.bank.load_state_dict(state["bank"], device)
+        self.text.load_state_dict(state["text"], device)
 
     def refresh_memory(self) -> None:
         """Bank maintenance before a chunk (insert the prototype or compress, spec §3.4), scored

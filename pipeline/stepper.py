@@ -207,13 +207,20 @@ class ChunkStepper:
         self,
         state: StreamState,
         chunk: int,
-        generated: torch.Tensor,
+        recent: torch.Tensor,
         context: torch.Tensor,
         switch: SwitchOptions,
+        frames: int | None = None,
     ) -> None:
         """Switch to `context` before chunk `chunk` (spec §6.3): drop the text cache and re-encode
-        the last window of committed latents `generated` [B, >= start, C, h, w] with the new
-        prompt (refreshing the bank), so the window speaks the new prompt."""
+        the last committed frames with the new prompt (refreshing the bank), so the window
+        speaks the new prompt.
+
+        `recent` [B, n, C, h, w]: committed clean latents whose last frame is the one just before
+        the chunk (inference passes every frame so far). `frames`: how many of them to re-encode;
+        by default the attention window, min(local_attn_size, chunk start), as inference does
+        (stage-2 training in compat mode passes the reference's 21-frame training window).
+        """
         start = chunk * self.frames_per_block
         if not switch.global_sink:
             state.kv.clear_values()
@@ -221,11 +228,15 @@ class ChunkStepper:
         if start == 0:
             return
         cap = self.stream_config.local_attn_size
-        frames = start if cap == -1 else min(cap, start)
+        if frames is None:
+            frames = start if cap == -1 else min(cap, start)
+        frames = min(frames, start)
+        if recent.shape[1] < frames:
+            raise ValueError(f"a switch at frame {start} re-encodes {frames} frames, got {recent.shape[1]}")
         call = StreamCall.recache_frames(
             start - frames, refresh_memory=True, protect_sink=switch.protect_sink_at_start
         )
-        self.dit(state, generated[:, start - frames : start], 0.0, context, call)
+        self.dit(state, recent[:, recent.shape[1] - frames :], 0.0, context, call)
         state.text.reset()
 
     def rollout(

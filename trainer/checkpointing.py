@@ -6,12 +6,19 @@ Layout, one folder per save, `logdir/checkpoint_model_{step:06d}/`:
   "generator_ema": sd (when an EMA exists), "step": step}`, every key `"model." + <Wan name>` as
   the reference's wrapper writes it. So `memflow.checkpoint.load_generator_checkpoint` (inference,
   also with use_ema) and stage 2's base.pt loader read it, and it *is* a base.pt.
+  With LoRA (stage 2, TRAINING.md §6.3) model.pt is the reference's `lora.pt` instead:
+  `{"generator_lora": sd, "critic_lora": sd, "step": step}` (keys
+  `base_model.model.blocks.N.<linear>.lora_{A|B}.weight`), which interactive inference loads as
+  `lora_ckpt`; a critic without LoRA (apply_to_critic false) is saved whole under "critic".
 * `resume.pt`: what exact resume needs beyond the weights: `{"format": 1, "step",
   "generator_optimizer", "critic_optimizer"` (full, name-keyed optimiser state dicts from
   `get_optimizer_state_dict`), `"rng"` (one entry per rank: Python, NumPy, torch CPU and CUDA
   states), `"world_size"`, `"resume_state"` (the loop's own dict: data-loader position, ...)}.
   The optimiser states live here, not in model.pt as in the reference, so that model.pt stays a
-  lean base.pt / inference file.
+  lean base.pt / inference file (and LoRA runs resume their Adam moments, §10 item 15).
+* `rank_{r}.pt` (optional): one file per rank with that rank's own state (stage 2's long
+  sequence in flight: its KV cache, bank and latents). Every rank writes its own, so the run
+  folder must be on a file system all ranks share (as it is for one node).
 
 Why it is written this way:
 
@@ -54,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from memflow.checkpoint import WRAPPER_PREFIX, CheckpointError, Mismatch, read_checkpoint
+from memflow.lora import PEFT_PREFIX, normalize_lora_key
 from utils.errors import InputError
 
 from .ema import EMA, is_main_rank, plain_name
@@ -67,6 +75,8 @@ FOLDER_PREFIX = "checkpoint_model_"
 FOLDER_RE = re.compile(rf"{FOLDER_PREFIX}(\d+)")
 MODEL_FILE = "model.pt"
 RESUME_FILE = "resume.pt"
+RANK_FILE = "rank_{rank}.pt"
+LORA_ENTRIES = {"generator": "generator_lora", "critic": "critic_lora"}
 RESUME_FORMAT = 1
 PARTIAL_SUFFIX = ".partial"
 
@@ -251,6 +261,26 @@ def _prefixed(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {WRAPPER_PREFIX + plain_name(k): v for k, v in state.items()}
 
 
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _lora_keys(model: nn.Module) -> dict[str, str]:
+    """{reference lora.pt key: the model's own state-dict key} of a model's LoRA tensors."""
+    return {PEFT_PREFIX + normalize_lora_key(plain_name(k)): k
+            for k in model.state_dict() if ".lora_" in k}
+
+
+def _model_payload(role: str, model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    """(entry, full state dict) of one model as model.pt stores it: its LoRA tensors under the
+    reference's lora.pt names, or every tensor under the wrapper's `model.` names. Collective."""
+    full = get_model_state_dict(model, options=_GATHER)
+    if is_lora(model):
+        names = {own: ref for ref, own in _lora_keys(model).items()}
+        return LORA_ENTRIES[role], {names[k]: v for k, v in full.items() if k in names}
+    return role, _prefixed(full)
+
+
 def _write_file(path: Path, payload: Any, shown: Path) -> None:
     """torch.save to a new file, then fsync it. OSErrors become one-line CheckpointErrors naming
     the final path `shown` (the temporary name would mean nothing to the user)."""
@@ -308,8 +338,10 @@ def save_checkpoint(
     critic_optimizer: torch.optim.Optimizer | None = None,
     generator_ema: EMA | Mapping[str, torch.Tensor] | None = None,
     resume_state: Mapping[str, Any] | None = None,
+    rank_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write logdir/checkpoint_model_{step:06d}/{model.pt, resume.pt} (layout: module docstring).
+    `rank_state` (every rank's own, same rules as resume_state) goes to rank_{r}.pt.
 
     Collective: every rank calls it with its own (FSDP2-sharded or plain) modules and optimisers;
     rank 0 writes. Returns the folder's path on every rank. `generator_ema` is an `EMA` or its
@@ -327,10 +359,10 @@ def save_checkpoint(
     try:
         # Stage 1: weights (gathered, written, freed before the optimiser states are gathered,
         # so rank 0 never holds both at once).
-        payload: dict[str, Any] = {
-            "generator": _prefixed(get_model_state_dict(generator, options=_GATHER)),
-            "critic": _prefixed(get_model_state_dict(critic, options=_GATHER)),
-        }
+        payload: dict[str, Any] = dict(
+            _model_payload(role, model) for role, model in (("generator", generator),
+                                                             ("critic", critic))
+        )
         if generator_ema is not None:
             ema_state = (
                 generator_ema.state_dict() if isinstance(generator_ema, EMA) else generator_ema
@@ -353,12 +385,49 @@ def save_checkpoint(
         resume["resume_state"] = resume_state
         _on_main(lambda: _write_file(tmp / RESUME_FILE, resume, final / RESUME_FILE))
         del resume
+        if rank_state is not None:
+            _write_rank_file(tmp, final, dict(rank_state))
         _on_main(lambda: _publish(tmp, final))
     except BaseException:
         if is_main_rank():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_rank_file(tmp: Path, final: Path, state: dict[str, Any]) -> None:
+    """Every rank writes its own rank_{r}.pt into the unpublished folder; the outcome is agreed
+    on by all ranks before rank 0 publishes, so a failed write on any rank fails every rank."""
+    rank = dist.get_rank() if _distributed() else 0
+    name = RANK_FILE.format(rank=rank)
+    error = ""
+    try:
+        _check_plain(state, "rank_state")
+        _write_file(tmp / name, state, final / name)
+    except (CheckpointError, TypeError) as err:
+        error = str(err)
+    errors = [error]
+    if _distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        raise CheckpointError(failed[0])
+
+
+def read_rank_state(checkpoint: PathLike) -> dict[str, Any] | None:
+    """This rank's rank_{r}.pt of a checkpoint folder (or of the folder of its model.pt), or
+    None when it has none."""
+    folder = Path(checkpoint)
+    if folder.name == MODEL_FILE:
+        folder = folder.parent
+    path = folder / RANK_FILE.format(rank=dist.get_rank() if _distributed() else 0)
+    if not path.is_file():
+        return None
+    data = _read(path)
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path} does not hold a rank state")
+    return dict(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,8 +477,8 @@ def _read_files(model_path: Path) -> _Files:
     """Read model.pt (and resume.pt beside it, if any); any read or layout problem raises
     CheckpointError naming the file."""
     data = _read(model_path)
-    if not isinstance(data, Mapping) or not ({"generator", "model"} & set(data)):
-        raise CheckpointError(f"{model_path} holds no 'generator' or 'model' entry")
+    if not isinstance(data, Mapping) or not ({"generator", "model", "generator_lora"} & set(data)):
+        raise CheckpointError(f"{model_path} holds no 'generator', 'model' or 'generator_lora' entry")
     resume_path = model_path.parent / RESUME_FILE
     resume = None
     if resume_path.is_file():
@@ -424,11 +493,34 @@ def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
     return {plain_name(k): v for k, v in model.state_dict().items()}
 
 
-def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    mismatch = Mismatch.between(_expected(model), state)
+def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                expected: Mapping[str, torch.Tensor] | None = None, hint: str = "") -> None:
+    mismatch = Mismatch.between(_expected(model) if expected is None else expected, state)
     if mismatch:
-        head, *details = mismatch.describe(source).splitlines()
+        head, *details = mismatch.describe(source, hint).splitlines()
         raise CheckpointError(head + " " + "; ".join(d.strip() for d in details))
+
+
+def _lora_entry(data: Mapping[str, Any], role: str, model: nn.Module,
+                path: Path) -> dict[str, torch.Tensor]:
+    """A model's LoRA tensors from a lora.pt entry, under the model's own state-dict keys,
+    checked strictly against the adapter (a different rank is named as such)."""
+    entry = LORA_ENTRIES[role]
+    value = data[entry]
+    if not isinstance(value, Mapping) or not all(torch.is_tensor(v) for v in value.values()):
+        raise CheckpointError(f"{path}: entry '{entry}' is not a state dict")
+    found = {PEFT_PREFIX + normalize_lora_key(k): v for k, v in value.items()}
+    keys = _lora_keys(model)
+    state = model.state_dict()
+    expected = {ref: state[own] for ref, own in keys.items()}
+    hint = ""
+    ranks = sorted({v.shape[0] for k, v in found.items() if ".lora_A." in k and v.dim() == 2})
+    rank = model.peft_config["default"].r
+    if ranks and ranks != [rank]:
+        hint = (f"LoRA rank mismatch: adapter.rank is {rank}, the file holds rank "
+                f"{', '.join(map(str, ranks))}; set adapter.rank to match the file")
+    _check_fits(model, found, f"{path} (entry '{entry}')", expected, hint)
+    return {plain_name(keys[k]): v for k, v in found.items()}
 
 
 def _fix_betas(optimizer: torch.optim.Optimizer) -> None:
@@ -457,10 +549,20 @@ def _apply(
         EMA (it lives on rank 0 only) and return the small facts every rank needs."""
         assert files is not None
         path, data, resume = files.model_path, files.model, files.resume
-        entry = "generator" if "generator" in data else "model"
-        loaded["generator"] = _state_entry(data, entry, path)
-        _check_fits(generator, loaded["generator"], f"{path} (entry '{entry}')")
-        if critic is not None and "critic" in data:
+        if is_lora(generator):
+            if "generator_lora" not in data:
+                raise CheckpointError(f"{path} holds no 'generator_lora' entry: not a LoRA "
+                                      "checkpoint, but the config has an adapter")
+            loaded["generator"] = _lora_entry(data, "generator", generator, path)
+        else:
+            if "generator_lora" in data and not ({"generator", "model"} & set(data)):
+                raise CheckpointError(f"{path} is a LoRA checkpoint, but the config has no adapter")
+            entry = "generator" if "generator" in data else "model"
+            loaded["generator"] = _state_entry(data, entry, path)
+            _check_fits(generator, loaded["generator"], f"{path} (entry '{entry}')")
+        if critic is not None and is_lora(critic) and "critic_lora" in data:
+            loaded["critic"] = _lora_entry(data, "critic", critic, path)
+        elif critic is not None and not is_lora(critic) and "critic" in data:
             loaded["critic"] = _state_entry(data, "critic", path)
             _check_fits(critic, loaded["critic"], f"{path} (entry 'critic')")
         ema_loaded = False
@@ -498,10 +600,13 @@ def _apply(
 
     facts = _on_main(check)
     bcast = _distributed()
-    load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast, strict=True)
-    set_model_state_dict(generator, loaded.get("generator", {}), options=load)
-    if facts["critic"]:
-        set_model_state_dict(critic, loaded.get("critic", {}), options=load)
+    for model, key in ((generator, "generator"), (critic, "critic")):
+        if key == "critic" and not facts["critic"]:
+            continue
+        # a LoRA entry holds the adapter only: the base weights stay as they are
+        load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast,
+                                strict=not is_lora(model))
+        set_model_state_dict(model, loaded.get(key, {}), options=load)
     models = {"generator_optimizer": (generator, generator_optimizer),
               "critic_optimizer": (critic, critic_optimizer)}
     for key in facts["optimizers"]:

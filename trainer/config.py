@@ -32,11 +32,13 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.lora import LoraSettings
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
 from pipeline.settings import PATCH, VAE_STRIDE, _options, parse_settings
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
+from trainer.streaming import StreamingConfig, SwitchSchedule
 from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
 
@@ -224,6 +226,11 @@ class TrainSettings:
     stream: StreamConfig
     sampling: SamplingConfig
     rollout: RolloutConfig
+    streaming: StreamingConfig | None  # stage 2 only
+    lora: LoraSettings | None  # `adapter:` set: only LoRA weights train (TRAINING.md §6)
+    lora_on_critic: bool  # adapter.apply_to_critic (else the whole critic trains)
+    lora_ckpt: Path | None  # LoRA weights to start from when nothing is auto-resumed
+    inherit_base_step: bool  # compat: the step counter starts at generator_ckpt's "step"
     score: ScoreConfig
     latent_channels: int
     latent_hw: tuple[int, int]
@@ -251,6 +258,7 @@ class TrainSettings:
     data_path: Path
     val_data_path: Path
     switch_prompt_path: Path | None
+    val_switch_prompt_path: Path | None
     data_seed: int
     data_shuffle: str  # epoch | fixed | none
     # output
@@ -398,6 +406,110 @@ def _tiny(cfg: DictConfig) -> TinyModels:
                       int(generator["seed"]))
 
 
+def _adapter(cfg: DictConfig) -> LoraSettings | None:
+    """The `adapter:` section (TRAINING.md §6.2), or None without one."""
+    adapter = _get(cfg, "adapter")
+    if not adapter:
+        return None
+    if not isinstance(adapter, dict):
+        raise InputError(f"config key `adapter` must be a mapping or null, got {adapter!r}")
+    for key in ("rank", "alpha"):
+        value = adapter.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"config key `adapter.{key}` must be a number, got {value!r}")
+    apply_to_critic = adapter.get("apply_to_critic", True)
+    if not isinstance(apply_to_critic, bool):
+        raise InputError(f"config key `adapter.apply_to_critic` must be true or false, got {apply_to_critic!r}")
+    try:
+        return LoraSettings.from_config(adapter)
+    except ValueError as err:
+        raise InputError(f"config key `adapter`: {err}") from None
+
+
+def _frames(cfg: DictConfig, key: str, fpb: int, default: Any = None, *, minimum: int = 1) -> int:
+    value = _int(cfg, key, default, minimum=minimum)
+    if value % fpb:
+        raise InputError(
+            f"config key `{key}` ({value}) must be a multiple of num_frame_per_block ({fpb})"
+        )
+    return value
+
+
+def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
+    """Stage-2 keys (TRAINING.md §1.2, §5): window schedule, sequence lengths, switch rule."""
+    window = _frames(cfg, "streaming_chunk_size", fpb, 21, minimum=fpb)
+    min_new = _frames(cfg, "streaming_min_new_frame", fpb, 18, minimum=fpb)
+    if min_new >= window:
+        raise InputError(
+            f"config key `streaming_min_new_frame` ({min_new}) must be smaller than "
+            f"streaming_chunk_size ({window}): later windows overlap the previous one"
+        )
+    # absent: the reference's streaming model falls back to 57 frames
+    raw = _get(cfg, "streaming_max_length")
+    max_length = 57 if raw is None else _int(cfg, "streaming_max_length", minimum=1)
+    if max_length < window:
+        raise InputError(f"config key `streaming_max_length` ({max_length}) must be at least "
+                         f"streaming_chunk_size ({window})")
+    possible = _get(cfg, "streaming_possible_max_length")
+    if possible is not None:
+        if (not isinstance(possible, list) or not possible or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < window for v in possible)):
+            raise InputError(
+                f"config key `streaming_possible_max_length` must be a list of lengths >= "
+                f"streaming_chunk_size ({window}), got {possible!r}"
+            )
+    lengths = tuple(possible) if possible else (max_length,)
+    mode = _choice(cfg, "switch_mode", ("random_choice", "fixed", "random"), "random_choice")
+    switch_key = {"random_choice": "switch_choices", "fixed": "fixed_switch_index",
+                  "random": "min_switch_frame_index"}[mode]
+    if mode == "random_choice":
+        choices = _get(cfg, "switch_choices")
+        if (not isinstance(choices, list) or not choices
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in choices)):
+            raise InputError(f"config key `switch_choices` must be a list of latent frames, got {choices!r}")
+        schedule = SwitchSchedule(mode, choices=tuple(choices))
+        frames = list(choices)
+    elif mode == "fixed":
+        schedule = SwitchSchedule(mode, fixed_index=_int(cfg, "fixed_switch_index", 21, minimum=1))
+        frames = [schedule.fixed_index]
+    else:
+        lo = _int(cfg, "min_switch_frame_index", minimum=1)
+        hi = _int(cfg, "max_switch_frame_index", minimum=lo)
+        schedule = SwitchSchedule(mode, min_index=lo, max_index=hi)
+        frames = schedule.candidates(10**9, fpb)
+    for p in frames:
+        if p <= 0 or p % fpb:
+            raise InputError(
+                f"config key `{switch_key}`: switch frame {p} must be a positive multiple of "
+                f"num_frame_per_block ({fpb})"
+            )
+    for length in lengths:
+        if not schedule.candidates(length, fpb):
+            raise InputError(
+                f"config key `{switch_key}`: no switch frame below streaming_max_length "
+                f"({length}); every sequence needs one"
+            )
+    if compat:
+        switch = SwitchOptions.compat(global_sink=False)  # the reference ignores global_sink (§10.1)
+    else:
+        global_sink = _bool(cfg, "global_sink", True)
+        if not global_sink:
+            raise InputError("config key `global_sink`: false (an all-zero sink after the switch) "
+                             "exists only as the reference's bug, under behaviour: compat")
+        switch = SwitchOptions()
+    return StreamingConfig(
+        window_frames=window,
+        max_length=max_length,
+        possible_max_lengths=tuple(possible) if possible else (),
+        min_new_frames=min_new,
+        train_first_chunk=_bool(cfg, "train_first_chunk", True),
+        switch=schedule,
+        switch_options=switch,
+        recache_frames=window if compat else None,
+        refresh_text_per_window=not compat,
+    )
+
+
 def _check_wan_folder(root: Path, cfg: DictConfig, key: str, codecs: bool) -> None:
     name = _get(cfg, key)
     folder = root / str(name)
@@ -495,7 +607,8 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         "global_sink": True, "num_samples": 1,
     })
     inference = parse_settings(view, interactive=False)
-    memory = _options(MemoryOptions, training_memory_options(compat), _get(cfg, "memory"), "memory")
+    memory = _options(MemoryOptions, training_memory_options(compat, stage), _get(cfg, "memory"),
+                      "memory")
     stream = dataclasses.replace(inference.stream, memory=memory)
 
     # ---- losses
@@ -540,11 +653,11 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
             max_grad_norm=_float(cfg, grad_key, 10.0, positive=True),
         )
 
-    lora = bool(_get(cfg, "adapter"))
+    lora = _adapter(cfg)
     ema_weight = _get(cfg, "ema_weight")
     if ema_weight is not None:
         ema_weight = _float(cfg, "ema_weight", low=0.0, high_open=1.0)
-    if lora:
+    if lora is not None:
         ema_weight = None  # the reference disables the EMA with LoRA (spec §2.4)
 
     # ---- models
@@ -561,6 +674,10 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         names[key] = value
     real_files = check_files and tiny is None
     generator_ckpt = _path(cfg, "generator_ckpt", required=False, check=real_files)
+    lora_ckpt = _path(cfg, "lora_ckpt", required=False, check=check_files)
+    if lora_ckpt is not None and lora is None:
+        raise InputError("config key `lora_ckpt` is set but `adapter` is null: LoRA weights need "
+                         "an adapter section (type, rank, alpha)")
     if real_files:
         _check_wan_folder(root, cfg, "generator_name", codecs=True)
         _check_wan_folder(root, cfg, "real_name", codecs=False)
@@ -570,6 +687,14 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     data_path = _prompt_file(cfg, "data_path", required=True, check=check_files)
     val_data_path = _prompt_file(cfg, "val_data_path", required=False, check=check_files) or data_path
     switch_path = _prompt_file(cfg, "switch_prompt_path", required=stage == 2, check=check_files)
+    val_switch_path = (_prompt_file(cfg, "val_switch_prompt_path", required=False, check=check_files)
+                       or switch_path)
+    if stage == 2 and check_files:
+        from .data import read_switch_prompts
+
+        read_switch_prompts(data_path, switch_path)  # line-aligned, before any model is built
+        if val_switch_path is not None:
+            read_switch_prompts(val_data_path, val_switch_path)
     shuffle = _get(cfg, "data_shuffle")
     if shuffle is None:
         shuffle = "fixed" if compat else "epoch"
@@ -613,6 +738,11 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         stream=stream,
         sampling=inference.sampling,
         rollout=rollout,
+        streaming=_streaming(cfg, compat, fpb) if stage == 2 else None,
+        lora=lora,
+        lora_on_critic=lora is not None and _bool(cfg, "adapter.apply_to_critic", True),
+        lora_ckpt=lora_ckpt,
+        inherit_base_step=compat,
         score=score,
         latent_channels=channels,
         latent_hw=(h, w),
@@ -637,6 +767,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         data_path=data_path,
         val_data_path=val_data_path,
         switch_prompt_path=switch_path,
+        val_switch_prompt_path=val_switch_path,
         data_seed=_int(cfg, "data_seed", 0, minimum=0),
         data_shuffle=shuffle,
         logdir=Path(logdir) if logdir else None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,8 +32,10 @@ from memflow.fsdp import shard_model
 from pipeline.stepper import ChunkStepper
 from utils.errors import InputError
 
-from .checkpointing import (_on_main, load_checkpoint, load_checkpoint_file, rotate_checkpoints,
-                            save_checkpoint)
+from memflow.lora import add_lora
+
+from .checkpointing import (Resumed, _on_main, load_checkpoint, load_checkpoint_file,
+                            rotate_checkpoints, save_checkpoint)
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
 from .draws import SampleDraws
@@ -96,6 +98,30 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class _Record:
+    """What the micro-steps of one iteration report (host floats)."""
+
+    gen_losses: list[float] = field(default_factory=list)
+    dmd_norms: list[float] = field(default_factory=list)
+    dmd_ts: list[float] = field(default_factory=list)
+    critic_losses: list[float] = field(default_factory=list)
+    critic_ts: list[float] = field(default_factory=list)
+
+    def generator(self, loss: torch.Tensor, norm: torch.Tensor, timestep: torch.Tensor) -> None:
+        self.gen_losses.append(loss.item())
+        self.dmd_norms.append(float(norm))
+        self.dmd_ts.append(float(timestep.float().mean()))
+
+    def critic(self, loss: torch.Tensor, timestep: torch.Tensor) -> None:
+        self.critic_losses.append(loss.item())
+        self.critic_ts.append(float(timestep.float().mean()))
+
+
 class Stage1Trainer:
     """Builds everything from `TrainSettings`, resumes, and runs iterations until max_iters."""
 
@@ -117,6 +143,7 @@ class Stage1Trainer:
         set_attention_backend(s.attn_backend)
         m = models or build_train_models(s, device)
         self.text_encoder = m.text_encoder
+        self.base_step = self._prepare_models(m)
         for model in (m.generator, m.critic, m.teacher):
             model.gradient_checkpointing = s.gradient_checkpointing and model is not m.teacher
             model.to(device)
@@ -141,41 +168,85 @@ class Stage1Trainer:
         )
 
     # -- start-up ---------------------------------------------------------------------------
+    def _prepare_models(self, m: TrainModels) -> int:
+        """LoRA mode (TRAINING.md §6.1): load the base checkpoint into the plain models, then add
+        the adapters (before placement and sharding). Returns the step the run starts from when
+        nothing is resumed: the base's "step" in compat mode (§10 item 14), else 0."""
+        s = self.settings
+        if s.lora is None:
+            return 0
+        step = 0
+        if s.generator_ckpt is not None:
+            base = load_checkpoint_file(s.generator_ckpt, generator=m.generator, critic=m.critic)
+            step = base.step if s.inherit_base_step else 0
+            if self.rank == 0:
+                log.info("base weights from %s", base.path)
+        add_lora(m.generator, s.lora)
+        if s.lora_on_critic:
+            add_lora(m.critic, s.lora)
+        return step
+
     def _resume(self) -> None:
-        """Auto-resume from logdir's newest checkpoint, else start from generator_ckpt (§8.4)."""
+        """Auto-resume from logdir's newest checkpoint, else start from generator_ckpt (§8.4) or,
+        with LoRA, from lora_ckpt (§6.1)."""
         s = self.settings
         kwargs = dict(generator=self.generator, critic=self.critic,
                       generator_optimizer=self.generator_opt, critic_optimizer=self.critic_opt,
                       ema=self.ema)
         resumed = None
+        self.step = self.base_step
         if s.auto_resume and s.logdir is not None:
             resumed = load_checkpoint(s.logdir, **kwargs)
-        if resumed is None and s.generator_ckpt is not None:
-            resumed = load_checkpoint_file(s.generator_ckpt, **kwargs)
-        if resumed is not None:
+        if resumed is None:
+            start = s.generator_ckpt if s.lora is None else s.lora_ckpt
+            if start is not None:
+                if s.lora is not None:  # a lora.pt carries no optimiser state
+                    kwargs.update(generator_optimizer=None, critic_optimizer=None)
+                started = load_checkpoint_file(start, **kwargs)
+                # a stage-1 run continues its generator_ckpt's count; stage 2 starts at 0
+                # unless compat (the reference inherits the base's step, §10 item 14)
+                inherit = (s.stage == 1 and s.lora is None) or s.inherit_base_step
+                self.step = started.step if inherit else 0
+                self._after_load(started, exact=False)
+        else:
             self.step = resumed.step
-            if self.ema is not None and not resumed.ema_loaded:
-                self.ema = EMA(self.generator, s.ema_weight)  # start from the loaded weights
-            data = resumed.resume_state.get("data")
-            if data is not None:
-                self.loader.load_state_dict(data)
-            if self.rank == 0:
-                log.info("resumed from %s at step %d", resumed.path, resumed.step)
+            self._after_load(resumed, exact=True)
         self.ema = ema_after_resume(self.ema, self.step, s.ema_start_step)
+
+    def _after_load(self, loaded: Resumed, exact: bool) -> None:
+        """Restore what came with the weights (EMA start, data position); `exact`: an
+        auto-resume of this run (stage 2 also restores its sequences then)."""
+        s = self.settings
+        if self.ema is not None and not loaded.ema_loaded:
+            self.ema = EMA(self.generator, s.ema_weight)  # start from the loaded weights
+        data = loaded.resume_state.get("data")
+        if data is not None:
+            self.loader.load_state_dict(data)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", loaded.path, self.step)
+
+    def vae(self):
+        """The VAE (visualisation, stage 2's first-frame re-encoding), built once on first use."""
+        if getattr(self, "_vae", None) is None:
+            from .visualize import build_vae
+
+            self._vae = build_vae(self.settings, self.device)
+        return self._vae
 
     def _visualiser(self, stepper: ChunkStepper) -> Callable[[int], None] | None:
         """Sample videos every `vis_interval` steps into <logdir>/../vis (§8.3), or None."""
         s = self.settings
         if not s.vis_interval or not s.vis_video_lengths or s.logdir is None:
             return None
-        from .visualize import build_vae, write_samples
+        from .visualize import write_samples
 
-        vae = build_vae(s, self.device)
-        dataset = PromptDataset.from_file(s.val_data_path)
-        prompts = validation_batch(dataset, s.val_batch_size, self.rank, self.world).prompts
+        vae = self.vae()
+        switch_path = s.val_switch_prompt_path if s.stage == 2 else None
+        dataset = PromptDataset.from_file(s.val_data_path, switch_path)
+        batch = validation_batch(dataset, s.val_batch_size, self.rank, self.world)
         out_dir = Path(s.logdir).resolve().parent / "vis"
-        return lambda step: write_samples(stepper, self.text_encoder, vae, prompts, s, step,
-                                          self.rank, out_dir)
+        return lambda step: write_samples(stepper, self.text_encoder, vae, batch.prompts, s, step,
+                                          self.rank, out_dir, batch.switch_prompts)
 
     # -- one iteration ----------------------------------------------------------------------
     def _sample_ids(self, micro: int, batch: int) -> list[int]:
@@ -187,6 +258,26 @@ class Stage1Trainer:
         return SampleDraws(s.seed, self.step, role, ids, noise_dtype=s.compute_dtype,
                            device=self.device)
 
+    def _micro_step(self, micro: int, train_gen: bool, record: "_Record") -> None:
+        """One micro-step (§3.1): a generator rollout + DMD loss (when the generator trains) and an
+        independent no-grad rollout + critic loss, each back-propagated / accumulation steps."""
+        s = self.settings
+        accum = s.gradient_accumulation_steps
+        batch = next(self.loader)
+        with torch.no_grad():
+            cond = self.text_encoder.encode(batch.prompts).to(self.device, s.compute_dtype)
+        uncond = self.negative.expand(len(batch), -1, -1)
+        ids = self._sample_ids(micro, len(batch))
+        if train_gen:
+            g = generator_loss(self.models, cond, uncond, s.latent_hw, s.rollout, s.score,
+                               self._draws("generator", ids))
+            (g.loss / accum).backward()
+            record.generator(g.loss, g.dmdtrain_gradient_norm, g.dmd_timestep)
+        c = critic_loss(self.models, cond, s.latent_hw, s.rollout, s.score,
+                        self._draws("critic", ids))
+        (c.loss / accum).backward()
+        record.critic(c.loss, c.critic_timestep)
+
     def train_step(self) -> StepMetrics:
         """One iteration (§2.5): micro-steps, clipping, optimiser steps, EMA; then s += 1."""
         s = self.settings
@@ -194,26 +285,9 @@ class Stage1Trainer:
         if train_gen:
             self.generator_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
-        accum = s.gradient_accumulation_steps
-        gen_losses, dmd_norms, dmd_ts, critic_losses, critic_ts = [], [], [], [], []
-        for micro in range(accum):
-            batch = next(self.loader)
-            with torch.no_grad():
-                cond = self.text_encoder.encode(batch.prompts).to(self.device, s.compute_dtype)
-            uncond = self.negative.expand(len(batch), -1, -1)
-            ids = self._sample_ids(micro, len(batch))
-            if train_gen:
-                g = generator_loss(self.models, cond, uncond, s.latent_hw, s.rollout, s.score,
-                                   self._draws("generator", ids))
-                (g.loss / accum).backward()
-                gen_losses.append(g.loss.item())
-                dmd_norms.append(float(g.dmdtrain_gradient_norm))
-                dmd_ts.append(float(g.dmd_timestep.float().mean()))
-            c = critic_loss(self.models, cond, s.latent_hw, s.rollout, s.score,
-                            self._draws("critic", ids))
-            (c.loss / accum).backward()
-            critic_losses.append(c.loss.item())
-            critic_ts.append(float(c.critic_timestep.float().mean()))
+        record = _Record()
+        for micro in range(s.gradient_accumulation_steps):
+            self._micro_step(micro, train_gen, record)
         gen_norm = None
         if train_gen:
             gen_norm = _clip(self.generator, s.generator_optim.max_grad_norm)
@@ -225,16 +299,12 @@ class Stage1Trainer:
         self.step += 1
         self.ema = ema_after_iteration(self.ema, self.generator, self.step, s.ema_start_step,
                                        s.ema_weight or 0.0, enabled=s.ema_weight is not None)
-
-        def mean(values: list[float]) -> float | None:
-            return sum(values) / len(values) if values else None
-
         return StepMetrics(
-            generator_loss=mean(gen_losses), generator_grad_norm=gen_norm,
-            dmdtrain_gradient_norm=mean(dmd_norms),
-            critic_loss=_mean_over_ranks(mean(critic_losses), self.device),
-            critic_grad_norm=critic_norm, dmd_timestep=mean(dmd_ts),
-            critic_timestep=mean(critic_ts),
+            generator_loss=_mean(record.gen_losses), generator_grad_norm=gen_norm,
+            dmdtrain_gradient_norm=_mean(record.dmd_norms),
+            critic_loss=_mean_over_ranks(_mean(record.critic_losses), self.device),
+            critic_grad_norm=critic_norm, dmd_timestep=_mean(record.dmd_ts),
+            critic_timestep=_mean(record.critic_ts),
         )
 
     # -- the loop ---------------------------------------------------------------------------
@@ -243,10 +313,19 @@ class Stage1Trainer:
         save_checkpoint(
             s.logdir, self.step, generator=self.generator, critic=self.critic,
             generator_optimizer=self.generator_opt, critic_optimizer=self.critic_opt,
-            generator_ema=self.ema, resume_state={"data": self.loader.state_dict()},
+            generator_ema=self.ema, resume_state=self._resume_state(),
+            rank_state=self._rank_state(),
         )
         if self.rank == 0 and s.max_checkpoints > 0:
             rotate_checkpoints(s.logdir, s.max_checkpoints)
+
+    def _resume_state(self) -> dict[str, Any]:
+        """The loop's own state for resume.pt (rank 0's)."""
+        return {"data": self.loader.state_dict()}
+
+    def _rank_state(self) -> dict[str, Any] | None:
+        """Each rank's own state for rank_{r}.pt (None: nothing per rank)."""
+        return None
 
     def run(self, stop_after: int | None = None, on_step: Callable[[int], None] | None = None) -> None:
         """Iterate until the step exceeds max_iters (or `stop_after` more iterations)."""

@@ -58,16 +58,19 @@ class RolloutConfig:
         return min(local_attn_size + self.slice_last_frames, self.num_training_frames)
 
 
-def training_memory_options(compat: bool) -> MemoryOptions:
-    """The bank policy of a stage-1 rollout.
+def training_memory_options(compat: bool, stage: int = 1) -> MemoryOptions:
+    """The bank policy of a training rollout.
 
     The reference's stage-1 rollout stages a prototype on every committing pass (update_bank is
     True on every re-run, TRAINING.md §3.2 / §3.5 / §10 item 4; the slot pointer still advances
     every record_interval blocks, so the open slot is overwritten) - the `every_chunk` policy,
-    like its single-prompt inference. Stage 2 and interactive inference record every
-    record_interval chunks. Clean mode uses this project's defaults (record every interval).
+    like its single-prompt inference. Its stage 2 records every record_interval chunks, like
+    interactive inference (§5.3). Clean mode uses this project's defaults in both stages
+    (record every interval, compress once per new prototype, retrieve with the current prompt).
     """
-    return MemoryOptions.compat("every_chunk") if compat else MemoryOptions.clean()
+    if not compat:
+        return MemoryOptions.clean()
+    return MemoryOptions.compat("every_chunk" if stage == 1 else "every_interval")
 
 
 @dataclass

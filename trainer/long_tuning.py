@@ -1,0 +1,144 @@
+"""The stage-2 training loop: streaming long tuning with prompt switches (TRAINING.md §5.4).
+
+Same trainer as stage 1 (optimisers, update ratio, accumulation, clipping, FSDP, checkpoints,
+logging); only the micro-step differs. Instead of a fresh 21-frame rollout per loss, each loss
+takes the next window of the rank's current long sequence (`LongSequence`):
+
+  * generator iteration (s % dfake_gen_update_ratio == 0): a window with gradient and its DMD
+    loss, then the *next* window without gradient for the critic loss, so it consumes two
+    consecutive windows;
+  * critic-only iteration: one window, critic loss.
+
+A new sequence (the next prompt pair from the loader, its length and switch frame) starts when
+there is none or the current one cannot produce another window. Length and switch frame come
+from a generator keyed by (seed, sequence number), and the number of new frames and the exit
+step of a window from the iteration's shared draws, so every rank runs the same number of DiT
+calls (FSDP collectives) without a broadcast.
+
+A sequence in flight is part of the checkpoint: every rank saves its own (`rank_{r}.pt`: KV
+cache, bank, text cache, previous window, position), so a resumed run continues it bit for bit.
+At the released sizes that is up to 33 frames of K/V for 30 layers, about 9.5 GB per rank in
+bf16 (README, "Stage 2").
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpointing import Resumed, read_rank_state
+from .draws import _seed_of
+from .loop import Stage1Trainer, _Record
+from .stage2 import critic_window_loss, generator_window_loss
+from .streaming import LongSequence, vae_first_frame_encoder
+
+log = logging.getLogger(__name__)
+
+
+class Stage2Trainer(Stage1Trainer):
+    """Stage 1's trainer with streaming windows of long sequences as its samples."""
+
+    sequence: LongSequence | None = None
+    sequences_started: int = 0
+
+    def _first_frame_encoder(self):
+        if getattr(self, "_reencode", None) is None:
+            self._reencode = vae_first_frame_encoder(self.vae())
+        return self._reencode
+
+    # -- sequences ------------------------------------------------------------------------------
+    def _new_sequence(self, prompts: list[str], switch_prompts: list[str], index: int,
+                      max_length: int | None = None, switch_frame: int | None = None) -> LongSequence:
+        """A sequence on (prompts, switch_prompts); its length and switch frame are drawn from
+        (seed, index) unless given (resume)."""
+        s, cfg = self.settings, self.settings.streaming
+        rng = random.Random(_seed_of(s.seed, "sequence", index))
+        if max_length is None:
+            lengths = cfg.possible_max_lengths
+            max_length = rng.choice(lengths) if lengths else cfg.max_length
+        if switch_frame is None:
+            switch_frame = cfg.switch.draw(max_length, s.frames_per_block, rng)
+        with torch.no_grad():
+            cond, switch_cond = (
+                self.text_encoder.encode(p).to(self.device, s.compute_dtype)
+                for p in (prompts, switch_prompts)
+            )
+        return LongSequence(
+            self.models.stepper, cfg, prompts=prompts, switch_prompts=switch_prompts, cond=cond,
+            switch_cond=switch_cond, latent_hw=s.latent_hw, max_length=max_length,
+            switch_frame=switch_frame, index=index, reencode=self._first_frame_encoder(),
+        )
+
+    def _sequence(self) -> LongSequence:
+        """The current sequence, or a new one when there is none or it cannot produce another
+        window (§5.1)."""
+        if self.sequence is None or not self.sequence.can_generate_more():
+            batch = next(self.loader)
+            if batch.switch_prompts is None:
+                raise RuntimeError("stage 2 needs switch prompts (switch_prompt_path)")
+            self.sequence = None  # free the old caches before allocating new ones
+            self.sequence = self._new_sequence(batch.prompts, batch.switch_prompts,
+                                               self.sequences_started)
+            self.sequences_started += 1
+        return self.sequence
+
+    # -- one micro-step -------------------------------------------------------------------------
+    def _micro_step(self, micro: int, train_gen: bool, record: _Record) -> None:
+        s = self.settings
+        accum = s.gradient_accumulation_steps
+        last_only = s.rollout.last_step_only
+        if train_gen:
+            seq = self._sequence()
+            if not s.streaming.train_first_chunk and seq.generated == 0:
+                with torch.no_grad():  # the first window is context only (§5.4)
+                    seq.next_window(self._draws("generator_first", self._ids(micro)), grad=False,
+                                    last_step_only=last_only)
+                seq = self._sequence()
+            uncond = self.negative.expand(seq.batch_size, -1, -1)
+            g = generator_window_loss(self.models, seq, uncond, s.score,
+                                      self._draws("generator", self._ids(micro)), last_only)
+            (g.loss / accum).backward()
+            record.generator(g.loss, g.dmdtrain_gradient_norm, g.dmd_timestep)
+            del g
+        seq = self._sequence()
+        c = critic_window_loss(self.models, seq, s.score, self._draws("critic", self._ids(micro)),
+                               last_only)
+        (c.loss / accum).backward()
+        record.critic(c.loss, c.critic_timestep)
+
+    def _ids(self, micro: int) -> list[int]:
+        return self._sample_ids(micro, self.settings.batch_size)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _resume_state(self) -> dict[str, Any]:
+        return {**super()._resume_state(), "sequences_started": self.sequences_started}
+
+    def _rank_state(self) -> dict[str, Any] | None:
+        seq = self.sequence
+        return {"sequence": None if seq is None else seq.state_dict()}
+
+    def _after_load(self, loaded: Resumed, exact: bool) -> None:
+        super()._after_load(loaded, exact)
+        if not exact:
+            return
+        self.sequences_started = int(loaded.resume_state.get("sequences_started", 0))
+        state = read_rank_state(loaded.path)
+        # every rank must continue its sequence, or none does: ranks run windows in lockstep
+        everyone = torch.tensor([0 if state is None else 1])
+        if dist.is_initialized():
+            everyone = everyone.to(self.device)
+            dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+        if not int(everyone.item()):
+            if self.sequences_started and self.rank == 0:
+                log.warning("%s holds no sequence state for every rank (another number of "
+                            "processes?); new sequences start", loaded.path.parent)
+            return
+        saved = state.get("sequence")
+        if saved is not None:
+            seq = self._new_sequence(saved["prompts"], saved["switch_prompts"], saved["index"],
+                                     saved["max_length"], saved["switch_frame"])
+            seq.load_state_dict(saved)
+            self.sequence = seq

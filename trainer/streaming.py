@@ -1,0 +1,293 @@
+"""Stage-2 streaming long tuning: long self-rollouts consumed window by window (TRAINING.md §5).
+
+A `LongSequence` is one long rollout of up to `max_length` latent frames on a prompt pair (A, B).
+It is generated window by window, its KV cache and memory bank carried from one window to the
+next, so the student is supervised on long self-generated contexts while the teacher and the
+critic only ever see one `window_frames`-frame window (21, about 5 s):
+
+* the first window generates `window_frames` new frames; every later one `n_new` new frames
+  (drawn among the multiples of the chunk size in [min_new_frames, window_frames)) after an
+  overlap of `window_frames - n_new` frames of the previous window (§5.2);
+* the first latent of every later window is replaced by the VAE's image latent of its decoded
+  frame (`FirstFrameEncoder`), so the window looks like a real clip to the bidirectional teacher;
+* the sequence switches from A to B once, at frame `switch_frame` (§5.5): the text cache is
+  dropped and the recent frames are re-encoded with B through the stepper's `switch_prompt`,
+  the same recache as interactive inference (§5.7); windows from the switch on use and are
+  judged against B (§5.6);
+* the bank records every `record_interval` chunks, as at inference, and persists across windows
+  and across the switch; the sink survives the switch (clean) or is zeroed (compat, §10 item 1).
+
+Gradients flow only through each new chunk's exit-step call of a generator window (earlier
+windows, the overlap and the re-encoded first latent are constants), and the cache is sized
+`local_attn_size + window_frames` frames so that every chunk of the window being trained keeps
+the exact context its forward saw (copy-on-write cache and bank: checkpoint recomputation is
+exact, §10 item 6).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from memflow.config import SwitchOptions
+from pipeline.stepper import ChunkStepper
+
+from .draws import TrainingDraws
+from .rollout import exit_interval
+
+SwitchMode = Literal["random_choice", "fixed", "random"]
+FirstFrameEncoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings and schedules (pure functions: the window table and the switch choice)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SwitchSchedule:
+    """Where a sequence switches prompts (TRAINING.md §5.5), in latent frames.
+
+    random_choice: uniform over `choices` below the sequence length (released);
+    fixed: always `fixed_index`;
+    random: uniform over range(min_index, max_index, frames_per_block) below the length
+    (`min_index` when min == max)."""
+
+    mode: SwitchMode = "random_choice"
+    choices: tuple[int, ...] = ()
+    fixed_index: int = 21
+    min_index: int | None = None
+    max_index: int | None = None
+
+    def candidates(self, max_length: int, frames_per_block: int) -> list[int]:
+        """Every switch frame this schedule may draw for a sequence of `max_length` frames."""
+        if self.mode == "random_choice":
+            found = list(self.choices)
+        elif self.mode == "fixed":
+            found = [self.fixed_index]
+        else:
+            lo, hi = self.min_index, self.max_index
+            found = [lo] if lo == hi else list(range(lo, hi, frames_per_block))
+        return [p for p in found if 0 < p < max_length]
+
+    def draw(self, max_length: int, frames_per_block: int, rng: random.Random) -> int:
+        found = self.candidates(max_length, frames_per_block)
+        if not found:
+            raise ValueError(f"no switch frame below the sequence length {max_length} ({self})")
+        return found[0] if len(found) == 1 else rng.choice(found)
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """Stage-2 settings (TRAINING.md §1.2 "Stage-2 only"), in latent frames.
+
+    `recache_frames`: frames re-encoded at the switch; None follows interactive inference
+    (the attention window, min(local_attn_size, switch frame)), compat mode passes the
+    reference's training window (21, §10 item 27). `refresh_text_per_window`: rebuild the
+    prompt's cross-attention K/V at every window, so no-grad calls use the current weights
+    (the reference keeps the K/V of the sequence's first window until the switch)."""
+
+    window_frames: int = 21
+    max_length: int = 240
+    possible_max_lengths: tuple[int, ...] = ()
+    min_new_frames: int = 18
+    train_first_chunk: bool = True
+    switch: SwitchSchedule = SwitchSchedule()
+    switch_options: SwitchOptions = SwitchOptions()
+    recache_frames: int | None = None
+    refresh_text_per_window: bool = True
+
+    def cache_frames(self, local_attn_size: int) -> int | None:
+        """KV buffer of a sequence: the attention span plus a whole window (§5.3), so that the
+        backward pass of any chunk of the window in training re-reads its forward context."""
+        return None if local_attn_size == -1 else local_attn_size + self.window_frames
+
+
+def can_generate_more(generated: int, max_length: int, min_new_frames: int) -> bool:
+    """Whether a sequence that holds `generated` frames can produce another window (§5.2)."""
+    return generated < max_length and generated + min_new_frames <= max_length
+
+
+def new_frame_choices(generated: int, max_length: int, config: StreamingConfig,
+                      frames_per_block: int) -> list[int]:
+    """The possible numbers of new frames of the next window: the whole window first, then
+    multiples of the chunk in [min_new_frames, min(max_length - generated + 1, window))."""
+    if generated == 0:
+        return [config.window_frames]
+    top = min(max_length - generated + 1, config.window_frames)
+    return list(range(config.min_new_frames, top, frames_per_block))
+
+
+def window_schedule(max_length: int, config: StreamingConfig, frames_per_block: int,
+                    choose: Callable[[list[int]], int] = lambda c: c[0]) -> list[tuple[int, int]]:
+    """(start frame, new frames) of every window of one sequence (§5.2's table)."""
+    out, generated = [], 0
+    while can_generate_more(generated, max_length, config.min_new_frames):
+        n_new = choose(new_frame_choices(generated, max_length, config, frames_per_block))
+        out.append((generated, n_new))
+        generated += n_new
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# One sequence
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    """One window for the losses: latents [B, window_frames, C, h, w] (graph into the generator
+    for a generator window), the gradient mask (None: every frame), the prompt embedding the
+    losses use (the one active at the window's end, §5.6) and its bookkeeping."""
+
+    latents: torch.Tensor
+    gradient_mask: torch.Tensor | None
+    cond: torch.Tensor
+    start_frame: int
+    new_frames: int
+    exit_step: int
+    denoised_timestep_from: int
+    denoised_timestep_to: int
+    switched_here: bool
+    uses_switch_prompt: bool
+
+
+class LongSequence:
+    """The state of one long rollout between windows (§5.1): stream state, frames generated so
+    far, the previous window's raw latents, the prompt pair and the switch."""
+
+    def __init__(
+        self,
+        stepper: ChunkStepper,
+        config: StreamingConfig,
+        *,
+        prompts: list[str],
+        switch_prompts: list[str],
+        cond: torch.Tensor,
+        switch_cond: torch.Tensor,
+        latent_hw: tuple[int, int],
+        max_length: int,
+        switch_frame: int,
+        index: int,
+        reencode: FirstFrameEncoder,
+        track_bank_frames: bool = False,
+    ):
+        self.stepper = stepper
+        self.config = config
+        self.prompts, self.switch_prompts = list(prompts), list(switch_prompts)
+        self.cond, self.switch_cond = cond, switch_cond
+        self.latent_hw = latent_hw
+        self.max_length = max_length
+        self.switch_frame = switch_frame
+        self.index = index
+        self.reencode = reencode
+        cache = config.cache_frames(stepper.stream_config.local_attn_size)
+        self.state = stepper.new_state(cond.shape[0], latent_hw, max_length, cache_frames=cache,
+                                       track_bank_frames=track_bank_frames)
+        self.generated = 0
+        self.switched = False
+        self.previous: torch.Tensor | None = None
+        self.recaches = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond.shape[0]
+
+    def can_generate_more(self) -> bool:
+        return can_generate_more(self.generated, self.max_length, self.config.min_new_frames)
+
+    def next_window(self, draws: TrainingDraws, grad: bool, last_step_only: bool = False) -> Window:
+        """Generate the next window's new frames continuing the cache (§5.3) and assemble the
+        window (§5.2). Draw order: number of new chunks, noise, one exit step for the window."""
+        if not self.can_generate_more():
+            raise RuntimeError("the sequence is complete; start a new one")
+        stepper, cfg = self.stepper, self.config
+        fpb = stepper.frames_per_block
+        start = self.generated
+        choices = new_frame_choices(start, self.max_length, cfg, fpb)
+        blocks = draws.num_blocks(choices[0] // fpb, choices[-1] // fpb)
+        n_new = blocks * fpb
+        noise = draws.rollout_noise()
+        c, (h, w) = stepper.generator.config.in_dim, self.latent_hw
+        initial = noise.initial((self.batch_size, n_new, c, h, w)).to(stepper.generator.device,
+                                                                       stepper.dtype)
+        num_steps = len(stepper.timesteps)
+        exit_step = num_steps - 1 if last_step_only else draws.exit_steps(blocks, num_steps)[0]
+
+        switch_at = self.switch_frame - start  # relative; in [0, n_new) for the switch window
+        switches_here = not self.switched and 0 <= switch_at < n_new
+        if self.config.refresh_text_per_window:
+            self.state.text.reset()
+        chunks: list[torch.Tensor] = []
+        for j in range(blocks):
+            chunk = start // fpb + j
+            if switches_here and not self.switched and j * fpb >= switch_at:
+                self._switch(chunk, chunks)
+            context = self.switch_cond if self.switched or start >= self.switch_frame else self.cond
+            block_grad = grad and (not switches_here or j * fpb >= switch_at)
+            x = initial[:, j * fpb : (j + 1) * fpb]
+            x0 = stepper.denoise(self.state, chunk, x, context, noise, exit_step, block_grad)
+            chunks.append(x0)
+            stepper.commit(self.state, chunk, x0, context, noise)
+
+        new = torch.cat(chunks, dim=1)
+        previous = self.previous
+        full = new if previous is None else torch.cat([previous, new], dim=1)
+        self.previous = full[:, -cfg.window_frames :].detach()
+        self.generated = start + n_new
+        mask = None
+        if previous is None:
+            window = full[:, -cfg.window_frames :]
+        else:
+            overlap = cfg.window_frames - n_new
+            image = self.reencode(full[:, : n_new + 1].detach()).to(new.device, new.dtype)
+            window = torch.cat([image, full[:, -(cfg.window_frames - 1) :]], dim=1)
+            mask = torch.zeros(window.shape, dtype=torch.bool, device=window.device)
+            mask[:, overlap:] = True
+        t_from, t_to = exit_interval(stepper, exit_step)
+        uses_b = self.switched or start >= self.switch_frame
+        return Window(
+            latents=window, gradient_mask=mask, cond=self.switch_cond if uses_b else self.cond,
+            start_frame=start, new_frames=n_new, exit_step=exit_step,
+            denoised_timestep_from=t_from, denoised_timestep_to=t_to,
+            switched_here=switches_here, uses_switch_prompt=uses_b,
+        )
+
+    def _switch(self, chunk: int, chunks: list[torch.Tensor]) -> None:
+        """Prompt switch before `chunk`: recache the recent raw latents (the previous window and
+        this window's chunks so far, not the re-encoded window) with prompt B (§5.7)."""
+        pieces = ([self.previous] if self.previous is not None else []) + chunks
+        recent = torch.cat(pieces, dim=1).detach()
+        self.stepper.switch_prompt(self.state, chunk, recent, self.switch_cond,
+                                   self.config.switch_options, frames=self.config.recache_frames)
+        self.switched = True
+        self.recaches += 1
+
+    # -- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this sequence bit for bit after a restart (the prompt
+        embeddings are re-encoded from the saved prompts)."""
+        return {
+            "prompts": self.prompts, "switch_prompts": self.switch_prompts,
+            "max_length": self.max_length, "switch_frame": self.switch_frame,
+            "index": self.index, "generated": self.generated, "switched": self.switched,
+            "recaches": self.recaches, "previous": self.previous, "stream": self.state.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generated, self.switched = int(state["generated"]), bool(state["switched"])
+        self.recaches = int(state["recaches"])
+        prev = state["previous"]
+        self.previous = None if prev is None else prev.to(self.cond.device, self.stepper.dtype)
+        self.state.load_state_dict(state["stream"])
+
+
+def vae_first_frame_encoder(vae: Any) -> FirstFrameEncoder:
+    """§5.2's re-encoding with the project's VAE: decode the clip [B, f, C, h, w] from a fresh
+    causal state (the last pixel frame depends on the whole clip), take its last pixel frame
+    and encode it alone: a one-frame image latent [B, 1, C, h, w]."""
+
+    @torch.no_grad()
+    def encode(clip: torch.Tensor) -> torch.Tensor:
+        pixels = vae.decode(clip.to(vae.dtype))
+        return vae.encode(pixels[:, -1:])
+
+    return encode
