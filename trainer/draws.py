@@ -134,7 +134,7 @@ class InjectedDraws:
         return self._score_noise.to(like.device, like.dtype)
 
 
-def _seed_of(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
     """A stable 63-bit seed for a tuple of names and numbers (the same in every process)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -187,8 +187,8 @@ class SampleDraws:
         device: torch.device | str = "cpu",
     ):
         key = (seed, step, role)
-        self.shared = torch.Generator().manual_seed(_seed_of(*key, "shared"))
-        self.samples = [torch.Generator().manual_seed(_seed_of(*key, i)) for i in sample_ids]
+        self.shared = torch.Generator().manual_seed(stable_seed(*key, "shared"))
+        self.samples = [torch.Generator().manual_seed(stable_seed(*key, i)) for i in sample_ids]
         self.noise_dtype = noise_dtype
         self.device = torch.device(device)
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpointing import Resumed, read_rank_state
-from .draws import _seed_of
+from .draws import stable_seed
 from .loop import Stage1Trainer, _Record
 from .stage2 import critic_window_loss, generator_window_loss
 from .streaming import LongSequence, vae_first_frame_encoder
@@ -55,7 +55,7 @@ class Stage2Trainer(Stage1Trainer):
         """A sequence on (prompts, switch_prompts); its length and switch frame are drawn from
         (seed, index) unless given (resume)."""
         s, cfg = self.settings, self.settings.streaming
-        rng = random.Random(_seed_of(s.seed, "sequence", index))
+        rng = random.Random(stable_seed(s.seed, "sequence", index))
         if max_length is None:
             lengths = cfg.possible_max_lengths
             max_length = rng.choice(lengths) if lengths else cfg.max_length

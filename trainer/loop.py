@@ -38,7 +38,7 @@ from .checkpointing import (Resumed, _on_main, load_checkpoint, load_checkpoint_
                             rotate_checkpoints, save_checkpoint)
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
-from .draws import SampleDraws
+from .draws import SampleDraws, stable_seed
 from .ema import EMA, ema_after_iteration, ema_after_resume
 from .log import TrainLogger
 from .models import TrainModels, build_train_models
@@ -181,9 +181,14 @@ class Stage1Trainer:
             step = base.step if s.inherit_base_step else 0
             if self.rank == 0:
                 log.info("base weights from %s", base.path)
-        add_lora(m.generator, s.lora)
-        if s.lora_on_critic:
-            add_lora(m.critic, s.lora)
+        # peft draws lora_A from the global RNG: seed it from the run, so that every rank
+        # holds the same initial adapter before sharding and a run is reproducible
+        for role, model in (("generator", m.generator), ("critic", m.critic)):
+            if role == "critic" and not s.lora_on_critic:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(stable_seed(s.seed, "lora", role))
+                add_lora(model, s.lora)
         return step
 
     def _resume(self) -> None:

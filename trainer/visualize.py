@@ -27,7 +27,7 @@ from pipeline.stepper import ChunkStepper
 from utils.video_writer import Mp4Writer
 
 from .config import TrainSettings
-from .draws import _seed_of
+from .draws import stable_seed
 
 
 def build_vae(settings: TrainSettings, device: torch.device) -> WanVAE:
@@ -71,7 +71,7 @@ def write_samples(
             if switch_context is not None:
                 found = settings.streaming.switch.candidates(frames, stepper.frames_per_block)
                 if found:
-                    switch_frame = random.Random(_seed_of(settings.seed, "vis", step)).choice(found)
+                    switch_frame = random.Random(stable_seed(settings.seed, "vis", step)).choice(found)
             noise = SeededNoise(settings.seed + 1000 * step + rank, dtype=stepper.dtype, device=device)
             name = f"step_{step:07d}_rank_{rank}_sample_{i}_len_{frames}{lora}"
             if switch_frame is not None:

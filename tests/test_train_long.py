@@ -1,0 +1,258 @@
+"""Stage2Trainer end to end on configs/tiny_train_long.yaml, in process: LoRA-only training,
+lora.pt into the interactive pipeline, exact resume with a sequence in flight, the base step
+rule, the stage-2 visualisation and bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import fixed_forward
+from memflow.lora import LoraSettings, add_lora
+from trainer.checkpointing import save_checkpoint
+from trainer.config import CliFlags, TrainSettings, load_train_config
+from utils.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny_train_long.yaml"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_settings(logdir: Path | None = None, **overrides: Any) -> TrainSettings:
+    overrides.setdefault("vis_interval", 0)
+    items = [f"{k}={v}" for k, v in overrides.items()]
+    cfg = load_train_config(CONFIG, items, CliFlags(logdir=str(logdir) if logdir else None))
+    return TrainSettings.from_config(cfg)
+
+
+def make_trainer(settings: TrainSettings):
+    from trainer.long_tuning import Stage2Trainer
+
+    return Stage2Trainer(settings, CPU, progress=False)
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _split(named: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    lora = {k: v for k, v in named.items() if ".lora_" in k}
+    return lora, {k: v for k, v in named.items() if ".lora_" not in k}
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA: only the adapters train, and they start at the base model
+# ------------------------------------------------------------------------------------------------
+def test_only_lora_trains_and_base_weights_stay_bit_identical(tmp_path):
+    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=2, log_iters=100))
+    before = {name: params(m) for name, m in (("generator", trainer.generator),
+                                              ("critic", trainer.critic),
+                                              ("teacher", trainer.teacher))}
+    trainer.run()
+    assert trainer.step == 3
+    for name, model in (("generator", trainer.generator), ("critic", trainer.critic)):
+        lora_before, base_before = _split(before[name])
+        lora_after, base_after = _split(params(model))
+        assert len(lora_before) == 2 * 10 * 2  # 10 linears per block, 2 blocks, A and B
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == set(lora_before)
+        assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), name
+        changed = [k for k in lora_before if not torch.equal(lora_before[k], lora_after[k])]
+        assert changed, f"no {name} LoRA weight moved"
+    assert all(torch.equal(v, params(trainer.teacher)[k]) for k, v in before["teacher"].items())
+
+
+def test_fresh_lora_forward_equals_the_base_model():
+    from pipeline.build import build_tiny_generator
+
+    settings = make_settings()
+    model = build_tiny_generator(settings.tiny.section("generator"))
+    base = fixed_forward(model)
+    add_lora(model, settings.lora)
+    assert torch.equal(fixed_forward(model), base)
+
+
+# ------------------------------------------------------------------------------------------------
+# lora.pt: the reference's layout, loadable by interactive inference
+# ------------------------------------------------------------------------------------------------
+def _interactive_latents(settings: TrainSettings, lora_ckpt: Path | None) -> torch.Tensor:
+    """Latents of interactive inference (one switch) with the run's base generator, loading
+    the run's lora.pt through inference's own loader when `lora_ckpt` is given."""
+    from memflow.config import SwitchOptions
+    from pipeline.build import apply_lora, build_tiny_generator, finalize_for_inference
+    from pipeline.interactive_inference import InteractiveInferencePipeline
+    from pipeline.noise import SeededNoise
+
+    generator = build_tiny_generator(settings.tiny.section("generator"))
+    if lora_ckpt is not None:
+        generator = apply_lora(generator, LoraSettings(rank=4, alpha=4), lora_ckpt)
+    generator = finalize_for_inference(generator, merge_lora=False, device=CPU, dtype=torch.float32)
+    pipe = InteractiveInferencePipeline(generator, settings.stream, settings.sampling)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(1, 64, generator.config.text_dim, generator=g) for _ in range(2)]
+    return pipe.generate_latents_interactive(prompts, [2], 12, settings.latent_hw,
+                                             SeededNoise(0), SwitchOptions())
+
+
+def test_trained_lora_pt_has_the_reference_layout_and_changes_interactive_inference(tmp_path):
+    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=2, log_iters=3))
+    trainer.run()
+    path = tmp_path / "run" / "checkpoint_model_000003" / "model.pt"
+    data = torch.load(path, weights_only=True)
+    assert set(data) == {"generator_lora", "critic_lora", "step"} and data["step"] == 3
+    keys = sorted(data["generator_lora"])
+    assert len(keys) == 40
+    assert "base_model.model.blocks.0.self_attn.q.lora_A.weight" in keys
+    assert "base_model.model.blocks.1.ffn.2.lora_B.weight" in keys
+    assert data["generator_lora"]["base_model.model.blocks.0.ffn.0.lora_A.weight"].shape == (4, 32)
+    trained = {k: v for k, v in params(trainer.generator).items() if ".lora_" in k}
+    for key, value in data["generator_lora"].items():
+        own = key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        assert torch.equal(trained[own], value)
+
+    plain = _interactive_latents(trainer.settings, None)
+    adapted = _interactive_latents(trainer.settings, path)
+    assert plain.shape == adapted.shape
+    assert (plain - adapted).abs().max() > 1e-4
+
+
+def test_reference_lora_pt_layout_resumes_as_lora_ckpt(tmp_path):
+    """A lora.pt in the reference's layout (PEFT names, rank 4) starts a run through lora_ckpt;
+    another rank is refused naming the key to change."""
+    trainer = make_trainer(make_settings(tmp_path / "a", max_iters=0, log_iters=1))
+    trainer.run()
+    ckpt = tmp_path / "a" / "checkpoint_model_000001" / "model.pt"
+    started = make_trainer(make_settings(tmp_path / "b", lora_ckpt=str(ckpt)))
+    for name, value in torch.load(ckpt, weights_only=True)["critic_lora"].items():
+        own = name.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        assert torch.equal(dict(started.critic.named_parameters())[own], value)
+    assert started.step == 0  # clean: a LoRA start does not inherit the file's step
+    with pytest.raises(InputError, match=r"rank.*adapter\.rank is 8, the file holds rank 4"):
+        make_trainer(make_settings(tmp_path / "c", lora_ckpt=str(ckpt), **{"adapter.rank": 8}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Base checkpoint: architecture check and the step rule (§10 item 14)
+# ------------------------------------------------------------------------------------------------
+def _write_base(tmp_path: Path, step: int, **tiny: Any) -> Path:
+    from pipeline.build import build_tiny_generator
+
+    section = {**make_settings().tiny.section("generator"), **tiny}
+    generator, critic = build_tiny_generator(section), build_tiny_generator(section)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(0.01)
+    return save_checkpoint(tmp_path / "base", step, generator=generator, critic=critic) / "model.pt"
+
+
+@pytest.mark.parametrize("behaviour", ["clean", "compat"])
+def test_base_checkpoint_loads_and_its_step_counts_only_in_compat(tmp_path, behaviour):
+    base = _write_base(tmp_path, step=7)
+    trainer = make_trainer(make_settings(tmp_path / "run", generator_ckpt=str(base),
+                                         behaviour=behaviour))
+    assert trainer.step == (7 if behaviour == "compat" else 0)
+    saved = torch.load(base, weights_only=True)["generator"]
+    weight = dict(trainer.generator.named_parameters())["blocks.0.self_attn.q.base_layer.weight"]
+    assert torch.equal(weight, saved["model.blocks.0.self_attn.q.weight"])
+
+
+def test_base_checkpoint_of_another_architecture_is_refused_naming_the_file(tmp_path):
+    base = _write_base(tmp_path, step=0, ffn_dim=48)
+    with pytest.raises(InputError, match=r"model\.pt \(entry 'generator'\) does not fit the model"):
+        make_trainer(make_settings(tmp_path / "run", generator_ckpt=str(base)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume with a sequence in flight
+# ------------------------------------------------------------------------------------------------
+def _state(trainer) -> dict[str, Any]:
+    return {
+        "step": trainer.step,
+        "generator": params(trainer.generator),
+        "critic": params(trainer.critic),
+        "gen_opt": trainer.generator_opt.state_dict()["state"],
+        "crit_opt": trainer.critic_opt.state_dict()["state"],
+        "data": trainer.loader.state_dict(),
+        "sequence": (trainer.sequence.index, trainer.sequence.generated),
+    }
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a["step"] == b["step"] and a["data"] == b["data"] and a["sequence"] == b["sequence"]
+    worst = 0.0
+    for key in ("generator", "critic"):
+        for name, value in a[key].items():
+            worst = max(worst, (value - b[key][name]).abs().max().item())
+    for key in ("gen_opt", "crit_opt"):
+        assert a[key].keys() == b[key].keys()
+        for idx, slot in a[key].items():
+            for name, value in slot.items():
+                worst = max(worst, (value.double() - b[key][idx][name].double()).abs().max().item())
+    return worst
+
+
+def test_resume_with_a_sequence_in_flight_is_exact(tmp_path):
+    """Checkpoints every 2 iterations; at step 2 the first sequence is 12 of 18 frames in (3
+    windows used). Run B stops after 3 iterations, a new trainer resumes from step 2 (weights,
+    Adam moments, data position, the sequence's cache/bank/latents) and finishes: everything
+    equals the uninterrupted run A, bitwise."""
+    overrides = dict(max_iters=4, log_iters=2)
+    a = make_trainer(make_settings(tmp_path / "a", **overrides))
+    a.run()
+    b1 = make_trainer(make_settings(tmp_path / "b", **overrides))
+    b1.run(stop_after=3)
+    del b1
+    rank_file = tmp_path / "b" / "checkpoint_model_000002" / "rank_0.pt"
+    in_flight = torch.load(rank_file, weights_only=True)["sequence"]
+    assert in_flight is not None and 0 < in_flight["generated"] < in_flight["max_length"]
+    b2 = make_trainer(make_settings(tmp_path / "b", **overrides))
+    assert b2.step == 2 and b2.sequence is not None
+    assert b2.sequence.generated == in_flight["generated"]
+    b2.run()
+    worst = _same(_state(a), _state(b2))
+    print(f"\n[stage-2 resume] max |A - B| over weights and Adam moments: {worst:.3e}")
+    assert worst == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Visualisation (the reference's never runs, §10 item 28) and bad input
+# ------------------------------------------------------------------------------------------------
+def test_stage2_visualisation_writes_a_switch_video(tmp_path):
+    trainer = make_trainer(make_settings(tmp_path / "runs" / "run", max_iters=0, vis_interval=1,
+                                         vis_video_lengths="[12]", log_iters=100))
+    trainer.run()
+    videos = sorted((tmp_path / "runs" / "vis").rglob("*.mp4"))
+    assert [v.name for v in videos] == [
+        "step_0000001_rank_0_sample_0_len_12_lora_switch_frame_6.mp4"] or (
+        len(videos) == 1 and "_lora_switch_frame_" in videos[0].name)
+    assert videos[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"streaming_chunk_size": 7}, r"`streaming_chunk_size` \(7\) must be a multiple of num_frame_per_block"),
+    ({"switch_choices": "[21, 24]"}, r"`switch_choices`: no switch frame below streaming_max_length \(18\)"),
+    ({"switch_choices": "[4]"}, r"switch frame 4 must be a positive multiple"),
+    ({"streaming_min_new_frame": 6}, r"`streaming_min_new_frame` \(6\) must be smaller"),
+    ({"global_sink": False}, r"`global_sink`: false .* compat"),
+    ({"adapter.rank": 0}, r"`adapter`: LoRA rank must be >= 1"),
+])
+def test_bad_stage2_config_is_one_line(overrides, message):
+    with pytest.raises(InputError, match=message):
+        make_settings(**overrides)
+
+
+def test_switch_prompt_file_of_another_length_is_refused(tmp_path):
+    short = tmp_path / "switch.txt"
+    short.write_text("only one line\n")
+    with pytest.raises(InputError, match=r"switch\.txt: 1 lines, but .*tiny_train_prompts\.txt has 12"):
+        make_settings(switch_prompt_path=str(short))
