@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Single-prompt generation. NUM_GPUS (default 1) processes under torchrun; extra arguments are
-# passed to inference.py (a different --config_path, or key=value overrides).
+# Single-prompt generation. NUM_GPUS (default 1) processes, PYTHON (default python3) interpreter
+# (see utils/launch.sh); extra arguments are passed to inference.py (a different --config_path,
+# or key=value overrides). Exit status: inference.py's (0 ok, 1 a video failed, 2 bad input,
+# 143 SIGTERM).
 #   bash inference.sh                                  # configs/inference.yaml
 #   bash inference.sh --config_path configs/tiny.yaml  # tiny random models, CPU, no downloads
 set -euo pipefail
 cd "$(dirname "$0")"
+source utils/launch.sh
 config=configs/inference.yaml
 args=()
 while [[ $# -gt 0 ]]; do
@@ -13,5 +16,4 @@ while [[ $# -gt 0 ]]; do
     *) args+=("$1"); shift ;;
   esac
 done
-exec torchrun --standalone --nproc_per_node="${NUM_GPUS:-1}" \
-  inference.py --config_path "$config" "${args[@]+"${args[@]}"}"
+memflow_launch inference.py --config_path "$config" "${args[@]+"${args[@]}"}"

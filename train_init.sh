@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Stage-1 training (Self-Forcing DMD with the memory bank). NUM_GPUS (default 1) processes under
-# torchrun; extra arguments go to train.py (a different --config_path, --logdir, --no_save,
+# Stage-1 training (Self-Forcing DMD with the memory bank). NUM_GPUS (default 1) processes,
+# PYTHON (default python3) interpreter (see utils/launch.sh); extra arguments go to train.py (a different --config_path, --logdir, --no_save,
 # --no-auto-resume, key=value overrides).
 #   bash train_init.sh --logdir logs/train_init                        # configs/train_init.yaml
 #   bash train_init.sh --config_path configs/tiny_train_init.yaml      # tiny random models, CPU
 set -euo pipefail
 cd "$(dirname "$0")"
+source utils/launch.sh
 config=configs/train_init.yaml
 logdir=logs/train_init
 args=()
@@ -19,5 +20,4 @@ done
 if [[ "$config" != configs/train_init.yaml && "$logdir" == logs/train_init ]]; then
   logdir="logs/$(basename "$config" .yaml)"
 fi
-exec torchrun --standalone --nproc_per_node="${NUM_GPUS:-1}" \
-  train.py --config_path "$config" --logdir "$logdir" "${args[@]+"${args[@]}"}"
+memflow_launch train.py --config_path "$config" --logdir "$logdir" "${args[@]+"${args[@]}"}"

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -106,6 +107,46 @@ def _pickled_types(path: Path) -> list[str]:
         return []
 
 
+def _why_unreadable(path: Path, err: BaseException) -> str:
+    """What is wrong with a file that torch.load (or safetensors) could not read, in words: torch's
+    own messages are empty (EOFError), a bare key (KeyError: 101) or about its internals."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot open it ({e.strerror})"
+    if not head:
+        return "the file is empty (0 bytes)"
+    if path.suffix == ".safetensors":
+        return f"not a valid safetensors file ({_first_line(err)})"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        if not zipfile.is_zipfile(path):
+            return "the file is truncated (an incomplete PyTorch zip archive; copy it again)"
+        return f"a damaged PyTorch zip archive ({_first_line(err)})"
+    if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
+        return f"a legacy pickle that cannot be read as tensors ({_first_line(err)})"
+    return "not a PyTorch checkpoint (its contents are neither a zip archive nor a pickle)"
+
+
+def load_torch_file(path: PathLike, what: str = "checkpoint", *, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; an unreadable file is a
+    `CheckpointError` naming `what`, the file and what is wrong with it. Files holding pickled
+    objects are refused too (see `read_checkpoint` for the opt-in)."""
+    path = _require_file(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {what} {path}: the file is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
+    except Exception as err:
+        raise CheckpointError(f"cannot read {what} {path}: {_why_unreadable(path, err)}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    """mmap needs the zip format; a legacy file should get the 'why' message, not torch's."""
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def read_checkpoint(path: PathLike) -> Any:
     """`torch.load` on the CPU with `weights_only=True`.
 
@@ -119,9 +160,9 @@ def read_checkpoint(path: PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not _pickled_types(path):  # a garbage or legacy file, not a checkpoint with objects
-            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
-    except Exception as err:  # truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from None
+    except Exception as err:  # empty, truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from None
     types = ", ".join(_pickled_types(path))
     if not _trust_checkpoints:
         raise CheckpointError(
@@ -159,7 +200,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from None
     return _tensor_dict(read_checkpoint(path), str(path))
 
 

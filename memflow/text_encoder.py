@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from .checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER  # noqa: F401 (re-exported)
+from .checkpoint import load_torch_file
 
 TEXT_LEN = 512
 WAN_T5_ATTENTION = "memflow_wan_t5"
@@ -211,7 +212,7 @@ def load_wan_t5_state_dict(path: str | Path, config: UMT5Config | None = None) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: umT5 checkpoint not found (Wan's {WAN_T5_CHECKPOINT})")
-    state = from_wan_t5_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), str(path))
+    state = from_wan_t5_state_dict(load_torch_file(path, "umT5 checkpoint", mmap=True), str(path))
     if config is not None:
         _check_state_dict(state, config, str(path))
     return state
@@ -230,12 +231,25 @@ def clean_prompt(text: str) -> str:
     return regex.sub(r"\s+", " ", text).strip()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either one makes a usable umT5 tokenizer
+
+
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The umT5 tokenizer from a local folder (Wan's `google/umt5-xxl`); never touches the hub."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: umT5 tokenizer folder not found (Wan's {WAN_T5_TOKENIZER})")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would blame a missing sentencepiece package instead
+        raise FileNotFoundError(
+            f"{folder}: umT5 tokenizer folder has none of {', '.join(TOKENIZER_FILES)} "
+            f"(copy Wan's {WAN_T5_TOKENIZER} folder)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder}: cannot load the umT5 tokenizer ({first})") from None
 
 
 # --------------------------------------------------------------------------------------------

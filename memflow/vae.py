@@ -28,6 +28,7 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from .checkpoint import WAN_VAE_CHECKPOINT  # noqa: F401 (re-exported)
+from .checkpoint import load_torch_file
 
 
 # §7.1: a latent normalised for the DiT satisfies z = (mu - mean) / std, per channel.
@@ -134,7 +135,7 @@ def load_wan_vae_state_dict(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: VAE checkpoint not found (Wan's {WAN_VAE_CHECKPOINT})")
-    state = convert_wan_vae_to_diffusers(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    state = convert_wan_vae_to_diffusers(load_torch_file(path, "VAE checkpoint", mmap=True))
     config = wan_vae_config(**(config or {}))
     with torch.device("meta"):
         expected = {k: v.shape for k, v in AutoencoderKLWan(**config).state_dict().items()}

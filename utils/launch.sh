@@ -1,0 +1,34 @@
+# Shared launcher code, sourced by inference.sh, interactive_inference.sh, train_init.sh (and any
+# new launcher, e.g. train_long.sh):
+#
+#   source "$(dirname "$0")/utils/launch.sh"
+#   memflow_launch train.py --config_path "$config" "${args[@]+"${args[@]}"}"
+#
+# memflow_launch runs a Python entry point of this project in NUM_GPUS processes (default 1):
+# * with the interpreter in $PYTHON, else `python3` from PATH: torchrun is started as
+#   `python -m torch.distributed.run` by that same interpreter, so a venv whose python3 is
+#   found works without being activated;
+# * one process runs the script directly, without torchrun's elastic agent: the script's own
+#   `error:` line and exit status (2 for bad input, 143 for SIGTERM) reach the caller unchanged,
+#   and a signal reaches the script itself (`exec`);
+# * several processes run under torchrun --standalone; torchrun forwards SIGTERM to every rank,
+#   and when a rank fails it adds its own summary and exits with status 1.
+# A bad NUM_GPUS or a missing interpreter ends with one `error:` line and status 2.
+
+memflow_launch() {
+  local python="${PYTHON:-python3}"
+  local gpus="${NUM_GPUS:-1}"
+  if [[ ! "$gpus" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NUM_GPUS must be a whole number of processes >= 1, got '${gpus}'" >&2
+    exit 2
+  fi
+  if ! command -v "$python" >/dev/null 2>&1; then
+    echo "error: Python interpreter '${python}' not found; set PYTHON to the one with this" \
+      "project's packages (e.g. PYTHON=.venv/bin/python)" >&2
+    exit 2
+  fi
+  if [[ "$gpus" == 1 ]]; then
+    exec "$python" "$@"
+  fi
+  exec "$python" -m torch.distributed.run --standalone --nproc_per_node="$gpus" "$@"
+}
