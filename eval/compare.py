@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder: <mode>/ videos, <mode>/eval/ reports, compare.md")
     parser.add_argument("--limit", type=int, help="only the first N prompt lines")
     add_model_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]

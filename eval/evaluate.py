@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="latent frames per chunk (without --config_path; default %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N prompt lines")
     add_model_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.limit is not None and args.limit < 1:

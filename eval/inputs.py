@@ -61,7 +61,8 @@ def generation_from_config(cfg: DictConfig, config_path: str | None) -> Generati
         seed_mode=str(OmegaConf.select(cfg, "seed_mode", default="per_prompt")),
         config_path=config_path,
         config_sha256=hashlib.sha256(text.encode()).hexdigest(),
-        model_kwargs=OmegaConf.to_container(cfg.get("model_kwargs", {}), resolve=True),
+        model_kwargs=(OmegaConf.to_container(cfg.model_kwargs, resolve=True)
+                      if "model_kwargs" in cfg else {}),
         behaviour=str(OmegaConf.select(cfg, "behaviour", default="clean")),
     )
 

@@ -114,7 +114,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_features(self, frames: torch.Tensor) -> torch.Tensor:
-        pixels = clip_pixels(frames, self.image_size).to(self.device)
+        pixels = clip_pixels(frames.to(self.device), self.image_size)
         return _pooled(self.model.get_image_features(pixel_values=pixels)).float().cpu()
 
     @torch.no_grad()
@@ -145,6 +145,6 @@ class DinoEncoder:
 
     @torch.no_grad()
     def image_features(self, frames: torch.Tensor) -> torch.Tensor:
-        pixels = dino_pixels(frames).to(self.device)
+        pixels = dino_pixels(frames.to(self.device))
         out = self.model(pixel_values=pixels, interpolate_pos_encoding=True)
         return out.last_hidden_state[:, 0].float().cpu()
