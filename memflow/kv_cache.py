@@ -18,8 +18,10 @@ Invariants
   So the context views an earlier call attended (which a saved graph or an activation
   checkpoint recomputation reads again in backward) keep their values. Training sizes the
   capacity to cover a whole rollout (`capacity` > attention window) so nothing is ever copied.
-* When a new chunk does not fit, the oldest window frames are evicted (the window shifts left by
-  the overflow); the sink region [0, sink) is never evicted.
+* When a new chunk does not fit, the window frames it will not attend are evicted (the window
+  shifts left); the sink region [0, sink) is never evicted. With capacity = attention window
+  (inference) that is exactly the overflow; a larger training buffer is compacted to the
+  attended frames, so it is copied once per (capacity - window) tokens, not on every chunk.
 * A call that covers already committed frames (a recompute, e.g. the recache after a prompt
   switch) may rewrite window slots but never moves `end`/`fill`, and it protects the sink unless
   it starts at frame 0 (reference behaviour, spec §2.6).
@@ -120,13 +122,20 @@ class KVCache:
         recompute = end <= self.end and (start > 0 or (protect_sink_at_start and self.end > 0))
         grow = end - self.end
         if self.rolling and end > self.end and num_new + self.fill > self.capacity:
-            evict = num_new + self.fill - self.capacity
+            # evict everything the call will not attend (at least what makes room): with a
+            # buffer larger than the window (stage-2 training) the roll, a copy, then happens
+            # once per (capacity - window) tokens instead of on every chunk
+            attended = max(0, min(self.fill - self.sink, self.max_attention - self.sink - num_new))
+            evict = max(num_new + self.fill - self.capacity, self.fill - self.sink - attended)
             keep = self.fill - evict - self.sink
             new_fill = self.fill + grow - evict
         else:
             evict, keep = 0, 0
             new_fill = self.fill + grow
-        if new_fill > self.capacity or new_fill < num_new:
+        # a recompute may cover more frames than the buffer still holds (the reference's
+        # 21-frame training recache after a compacting roll): its leading tokens, outside every
+        # later attention window, are computed and not written
+        if new_fill > self.capacity or (new_fill < num_new and not recompute):
             raise ValueError(
                 f"call of {num_new} tokens at {start} does not fit the cache "
                 f"(fill {self.fill}, end {self.end}, capacity {self.capacity})"

@@ -243,3 +243,50 @@ def test_sequence_state_round_trip_continues_bit_for_bit():
             a = original.next_window(_draws(i), grad=False)
             b = restored.next_window(_draws(i), grad=False)
             assert torch.equal(a.latents, b.latents)
+
+
+def test_recache_longer_than_the_compacted_buffer_matches_the_window_recache():
+    """The reference's 21-frame training recache can cover more frames than the (compacted)
+    buffer still holds; the frames outside every later attention window are computed and not
+    written, so the following windows agree with a recache of just the attention window."""
+
+    def config(switch_frame: int, recache: int | None) -> StreamingConfig:
+        return dataclasses.replace(_config(True, switch_frame, max_length=36), window_frames=9,
+                                   recache_frames=recache)
+
+    # find a window start where the buffer holds fewer than 9 frames (just after a compaction)
+    probe = _sequence(_stepper(True), config(35, 9), 35)
+    switch_frame = None
+    with torch.no_grad():
+        while probe.can_generate_more():
+            if probe.generated and probe.state.kv.fill < 9 * probe.state.frame_len:
+                switch_frame = probe.generated
+                break
+            probe.next_window(_draws(probe.generated), grad=False)
+    assert switch_frame is not None
+    outs = []
+    for recache in (9, 6):
+        seq = _sequence(_stepper(True), config(switch_frame, recache), switch_frame)
+        with torch.no_grad():
+            while seq.generated <= switch_frame:
+                window = seq.next_window(_draws(seq.generated), grad=False)
+            outs.append([window.latents, seq.next_window(_draws(seq.generated), grad=False).latents])
+        assert seq.recaches == 1
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_training_buffer_is_copied_once_per_window_not_per_chunk():
+    """The cache holds local_attn_size + window frames; a roll compacts it to the attended
+    frames, so a window of new chunks copies it at most once (each copy stays alive while the
+    window's graph needs it) and appends in place otherwise."""
+    stepper = _stepper(False)
+    seq = _sequence(stepper, _config(False, 9, max_length=36), 9, max_length=36)
+    copies = []
+    with torch.no_grad():
+        while seq.can_generate_more():
+            buffers = {id(k) for k in seq.state.kv.k}
+            start = seq.generated
+            seq.next_window(_draws(start), grad=False)
+            copies.append(sum(id(k) not in buffers for k in seq.state.kv.k) // len(buffers))
+    assert max(copies) <= 1 and sum(copies) >= 1
