@@ -341,3 +341,15 @@ def test_compat_mode_runs_a_whole_sequence_through_its_switch(tmp_path):
     assert seq.generated == 18 and seq.switched and seq.recaches == 1
     sink = 3 * seq.state.frame_len
     assert all(k[:, :sink].abs().max() == 0 for k in seq.state.kv.k)  # §10 item 1
+
+
+@pytest.mark.parametrize("train_first, frames", [(True, 9), (False, 12)])
+def test_generator_iteration_consumes_two_windows_or_three_without_train_first_chunk(
+        train_first, frames):
+    """§5.4: a generator iteration trains one window and gives the next to the critic; with
+    train_first_chunk false the sequence's first window is generated as context only."""
+    trainer = make_trainer(make_settings(train_first_chunk=train_first))
+    trainer.train_step()
+    assert trainer.sequence.generated == frames  # windows of 6, then 3 new frames
+    trainer.train_step()  # critic only: one more window
+    assert trainer.sequence.generated == frames + 3
