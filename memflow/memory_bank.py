@@ -154,7 +154,7 @@ class MemoryBank:
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         def put(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t if t is None or device is None else t.to(device)
+            return None if t is None else t.to(device or t.device, copy=True)
 
         if len(state["k"]) != self.num_layers:
             raise ValueError(f"saved bank has {len(state['k'])} layers, this one {self.num_layers}")

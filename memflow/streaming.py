@@ -90,7 +90,7 @@ class TextCache:
 
     def load_state_dict(self, state: dict, device: torch.device | str) -> None:
         def put(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else t.to(device, copy=True)
 
         self.k = [put(t) for t in state["k"]]
         self.v = [put(t) for t in state["v"]]

@@ -276,7 +276,7 @@ class LongSequence:
         self.generated, self.switched = int(state["generated"]), bool(state["switched"])
         self.recaches = int(state["recaches"])
         prev = state["previous"]
-        self.previous = None if prev is None else prev.to(self.cond.device, self.stepper.dtype)
+        self.previous = None if prev is None else prev.to(self.cond.device, self.stepper.dtype, copy=True)
         self.state.load_state_dict(state["stream"])
 
 
