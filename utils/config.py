@@ -1,9 +1,11 @@
 """YAML configs with ``key=value`` command-line overrides, and checks for the paths they name.
 
-Overrides may only set keys that the YAML file already has (a typo such as
-``num_output_frame=24`` would otherwise be accepted and silently ignored). The exception is a
-section that the file leaves empty, like ``memory: {}``: its options are validated by the code
-that reads it, so ``memory.score_in_fp32=true`` is accepted here.
+With a `schema` (a dataclass, see `utils.schema`), every key of the file and of the overrides
+must be one of the schema's, and every value of the merged config must have the schema's type;
+this is how the entry points load their configs. Without one, overrides may only set keys that
+the YAML file already has (a typo such as ``num_output_frame=24`` would otherwise be accepted and
+silently ignored); the exception is a section that the file leaves empty, like ``memory: {}``,
+whose options are validated by the code that reads it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from utils.errors import InputError
+from utils.schema import check_override, check_section
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -59,21 +62,27 @@ def _check_known(cfg: DictConfig, key: str, path: Path) -> None:
         node = node[part]
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), schema: type | None = None
+) -> DictConfig:
     """The YAML file at `path` with command-line overrides such as ``num_output_frames=24``.
 
     Values are parsed as YAML (``x=[1,2]`` is a list, ``x=`` is null), so
-    ``switch_frame_indices=40,80`` stays the reference's comma-separated string.
+    ``switch_frame_indices=40,80`` stays the reference's comma-separated string. With `schema`,
+    unknown keys (in the file or an override) and values of the wrong type are `InputError`s.
     """
     path = Path(path)
     cfg = file_cfg = _load_yaml(path)
+    if schema is not None:
+        check_section(file_cfg, schema, where=str(path))
     for item in overrides:
         match = _OVERRIDE.fullmatch(item)
         if match is None:
             raise InputError(
                 f"malformed override {item!r}; expected key=value, e.g. num_output_frames=24"
             )
-        _check_known(file_cfg, match.group(1), path)  # sections empty in the file take any key
+        if schema is None:
+            _check_known(file_cfg, match.group(1), path)  # sections empty in the file take any key
         try:
             patch = OmegaConf.from_dotlist([item])
         except yaml.YAMLError as e:
@@ -81,7 +90,11 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             raise InputError(
                 f"override {item!r}: the value is not valid YAML ({problem})"
             ) from None
+        if schema is not None:
+            check_override(match.group(1), OmegaConf.select(patch, match.group(1)), schema)
         cfg = OmegaConf.merge(cfg, patch)
+    if schema is not None:
+        check_section(cfg, schema)
     return cfg
 
 
