@@ -470,7 +470,9 @@ def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
         schedule = SwitchSchedule(mode, choices=tuple(choices))
         frames = list(choices)
     elif mode == "fixed":
-        schedule = SwitchSchedule(mode, fixed_index=_int(cfg, "fixed_switch_index", 21, minimum=1))
+        fixed = 21 if _get(cfg, "fixed_switch_index") is None else _int(cfg, "fixed_switch_index",
+                                                                        minimum=1)
+        schedule = SwitchSchedule(mode, fixed_index=fixed)
         frames = [schedule.fixed_index]
     else:
         lo = _int(cfg, "min_switch_frame_index", minimum=1)
