@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .metrics import Consistency, mean
-
-METRICS = ("clip_score", "subject_consistency", "background_consistency", "consistency")
+from .score import DRIFT_METRICS
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -67,7 +66,7 @@ def aggregate(records: list[dict]) -> dict:
         for k in range(max(len(d) for d in drifting)):
             having = [d[k] for d in drifting if len(d) > k]
             row = {"index": k, "seconds": having[0]["seconds"], "videos": len(having)}
-            for name in METRICS:
+            for name in DRIFT_METRICS:
                 row[name] = mean(w[name] for w in having)
                 row[f"delta_{name}"] = mean(w[f"delta_{name}"] for w in having)
             rows.append(row)

@@ -19,6 +19,7 @@ from .segments import Span, sample_frames, window_spans
 from .video import VideoInfo, iter_frames
 
 PROTOCOL_VERSION = 1  # bump when a change alters any score, so old records are not reused
+DRIFT_METRICS = ("clip_score", "subject_consistency", "background_consistency", "consistency")
 
 
 @dataclass(frozen=True)
@@ -98,15 +99,18 @@ class VideoScorer:
 
     def score(self, path: Path, info: VideoInfo, prompts: list[str], segments: list[Span],
               drift: bool) -> dict:
-        """The per-video record (without file name and hashes, added by the caller)."""
+        """The per-video record (without file name and hashes, added by the caller). With
+        `drift`, also per window: the CLIP score against the first prompt and the consistency
+        within the window (each sampled from the window's own first frame), and each one's
+        change from the first window (negative = decay)."""
         p = self.protocol
-        whole = Span(0, 0, info.num_frames)
         windows = window_spans(info.num_frames, info.fps, p.window_s) if drift else []
-        seg_samples = [sample_frames(s, info.fps, p.clip_fps) for s in segments]
-        win_samples = [sample_frames(w, info.fps, p.clip_fps) for w in windows]
-        cons_frames = sample_frames(whole, info.fps, p.consistency_fps)
-        clip_needed = set(cons_frames).union(*seg_samples, *win_samples)
-        clip_f, dino_f = self._features(path, clip_needed, set(cons_frames))
+        seg_clip = [sample_frames(s, info.fps, p.clip_fps) for s in segments]
+        win_clip = [sample_frames(w, info.fps, p.clip_fps) for w in windows]
+        cons = sample_frames(Span(0, 0, info.num_frames), info.fps, p.consistency_fps)
+        win_cons = [sample_frames(w, info.fps, p.consistency_fps) for w in windows]
+        dino_needed = set(cons).union(*win_cons)
+        clip_f, dino_f = self._features(path, dino_needed.union(*seg_clip, *win_clip), dino_needed)
         text = self.clip.text_features(prompts)
 
         def clip_mean(frames: list[int], prompt: int) -> float:
@@ -116,15 +120,12 @@ class VideoScorer:
             return (consistency(torch.stack([dino_f[i] for i in frames])),
                     consistency(torch.stack([clip_f[i] for i in frames])))
 
-        seg_records = []
-        for span, frames in zip(segments, seg_samples):
-            a, b = span.seconds(info.fps)
-            seg_records.append({
-                "index": span.index, "latent_start": span.latent_start,
-                "frames": [span.start, span.stop], "seconds": [a, b],
-                "sampled_frames": len(frames), "clip_score": clip_mean(frames, span.index),
-            })
-        subject, background = both(cons_frames)
+        seg_records = [{
+            "index": span.index, "latent_start": span.latent_start,
+            "frames": [span.start, span.stop], "seconds": list(span.seconds(info.fps)),
+            "sampled_frames": len(frames), "clip_score": clip_mean(frames, span.index),
+        } for span, frames in zip(segments, seg_clip)]
+        subject, background = both(cons)
         record = {
             "fps": info.fps, "num_frames": info.num_frames, "size": [info.width, info.height],
             "segments": seg_records,
@@ -133,25 +134,19 @@ class VideoScorer:
             "background_consistency": _consistency_json(background),
             "consistency": (subject.score + background.score) / 2,
         }
-        if drift:
-            record["drift"] = self._drift(windows, win_samples, cons_frames, info, clip_mean, both)
-        return record
-
-    @staticmethod
-    def _drift(windows, win_samples, cons_frames, info, clip_mean, both) -> list[dict]:
-        """Per window: CLIP score against the prompt and consistency within the window, and each
-        one's change from the first window (negative = decay)."""
+        if not drift:
+            return record
         rows = []
-        for span, frames in zip(windows, win_samples):
-            subject, background = both([i for i in cons_frames if span.start <= i < span.stop])
-            a, b = span.seconds(info.fps)
+        for span, frames, cons_frames in zip(windows, win_clip, win_cons):
+            w_subject, w_background = both(cons_frames)
             rows.append({
-                "index": span.index, "frames": [span.start, span.stop], "seconds": [a, b],
-                "clip_score": clip_mean(frames, 0),
-                "subject_consistency": subject.score, "background_consistency": background.score,
-                "consistency": (subject.score + background.score) / 2,
+                "index": span.index, "frames": [span.start, span.stop],
+                "seconds": list(span.seconds(info.fps)), "clip_score": clip_mean(frames, 0),
+                "subject_consistency": w_subject.score, "background_consistency": w_background.score,
+                "consistency": (w_subject.score + w_background.score) / 2,
             })
         for row in rows:
-            for name in ("clip_score", "subject_consistency", "background_consistency", "consistency"):
+            for name in DRIFT_METRICS:
                 row[f"delta_{name}"] = row[name] - rows[0][name]
-        return rows
+        record["drift"] = rows
+        return record

@@ -230,21 +230,21 @@ def test_vbench_cross_check_reports_both(scorer, tmp_path, monkeypatch):
     assert "Cross-check with VBench" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_compare_tiny_preset_memory_modes(models, tmp_path, capsys):
-    """Generate with the tiny interactive preset in two memory modes (all four run the same code;
-    two keep CI short), evaluate, and print the Table 3 rows."""
+def test_compare_tiny_preset_all_memory_modes(models, tmp_path, capsys):
+    """Generate with the tiny interactive preset in every memory mode, evaluate, and print the
+    Table 3 rows."""
     clip, dino = models
     out = tmp_path / "cmp"
     story = tmp_path / "story.jsonl"
     story.write_text(json.dumps({"prompts": STORY[:2]}) + "\n")
     rc = compare.main(["--config_path", str(ROOT / "configs/tiny_interactive.yaml"),
                        "num_output_frames=6", "switch_frame_indices=3", "height=32", "width=32",
-                       f"data_path={story}", "--modes", "none,nam_sma",
+                       f"data_path={story}",
                        "--out", str(out), "--clip_model", str(clip), "--dino_model", str(dino)])
     stdout = capsys.readouterr().out
     assert rc == 0
     summary = json.loads((out / "compare.json").read_text())
-    assert [m["mode"] for m in summary["modes"]] == ["none", "nam_sma"]
+    assert [m["mode"] for m in summary["modes"]] == ["none", "sink", "nam", "nam_sma"]
     kwargs = []
     for mode in summary["modes"]:
         assert mode["videos_on_rank0"] == 1 and mode["fps"] > 0
@@ -252,5 +252,7 @@ def test_compare_tiny_preset_memory_modes(models, tmp_path, capsys):
         report = json.loads(Path(mode["report"]).read_text())
         assert report["videos"][0]["num_frames"] == 21  # 6 latent frames
         kwargs.append(report["generation"]["model_kwargs"])
-    assert [(k["sink_size"], k["bank_size"], k["SMA"]) for k in kwargs] == [(0, 0, False), (3, 2, True)]
+    assert [(k["sink_size"], k["bank_size"], k["SMA"]) for k in kwargs] == [
+        (0, 0, False), (3, 0, False), (3, 2, False), (3, 2, True)
+    ]
     assert "| nam_sma |" in stdout and "FPS" in stdout
