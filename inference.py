@@ -6,19 +6,26 @@
 The mode is `mode: single | interactive` in the config (a config with `switch_frame_indices` and
 no `mode` is interactive). Any config key can be overridden with OmegaConf dot-list arguments,
 e.g. `num_output_frames=60 model_kwargs.bank_size=2 behaviour=compat`.
-Bad input (missing files, malformed prompts, impossible settings) ends with one `error:` line
-and exit status 2, before any model is loaded.
+
+Exit status (each failure ends with one `error:` line on stderr):
+  0    every video was written (or skipped with skip_existing)
+  1    some video was not written (NaN/inf output; the others were), or an unexpected error
+       (with its traceback)
+  2    bad input: config, prompt file, checkpoint, output folder; found before generating
+  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). Unfinished videos are removed.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
+from pipeline.inference_config import load_inference_config
 from pipeline.runner import run
-from utils.config import load_config
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.errors import InputError
+from utils.signals import Terminated, sigterm_raises
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config_path, args.overrides)
-        dist = init_distributed()
-        try:
-            written = run(cfg, dist)
-        finally:
-            cleanup_distributed()
+        with sigterm_raises():
+            cfg = load_inference_config(args.config_path, args.overrides)
+            dist = init_distributed()
+            try:
+                result = run(cfg, dist)
+            finally:
+                cleanup_distributed()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path in written:
+    except Terminated as stop:
+        print(f"error: {stop}; unfinished videos were removed", file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT); unfinished videos were removed", file=sys.stderr)
+        return 128 + signal.SIGINT
+    for path in result.written:
         print(path)
+    if result.failed:
+        print(f"error: {len(result.failed)} video(s) not written: {'; '.join(result.failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

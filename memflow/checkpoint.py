@@ -133,8 +133,6 @@ def load_torch_file(path: PathLike, what: str = "checkpoint", *, mmap: bool = Fa
     `CheckpointError` naming `what`, the file and what is wrong with it. Files holding pickled
     objects are refused too (see `read_checkpoint` for the opt-in)."""
     path = _require_file(path)
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"cannot read {what} {path}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except Exception as err:

@@ -247,7 +247,7 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         )
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
+    except Exception as err:  # sentencepiece, tokenizers and transformers raise many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{folder}: cannot load the umT5 tokenizer ({first})") from None
 

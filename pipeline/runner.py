@@ -6,12 +6,19 @@ to the MP4, so the pixel video is never held in memory whole. MP4s are written u
 name and renamed when complete.
 
 Under torchrun every rank holds a full replica and takes prompts i = rank, rank + W, ... (no
-prompt dropped or duplicated); every rank writes its own files.
+prompt dropped or duplicated); every rank writes its own files. Every rank plans the names of
+all videos, so a name clash or an existing video stops every rank alike, before loading.
+
+A video whose chunk comes out NaN/inf (bad weights, overflow) is not written: the error names
+the prompt's line and the chunk, the remaining prompts are still generated, and the run reports
+the failures at the end.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,109 +27,169 @@ from tqdm.auto import tqdm
 
 from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
-from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed, shard_indices
+from memflow.text_encoder import TextEncoder, clean_prompt
+from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
 from utils.errors import InputError
-from utils.naming import video_filename
 from utils.prompts import (
     effective_switch_chunks,
-    load_interactive_prompts,
-    load_prompts,
+    load_interactive_prompt_lines,
+    load_prompt_lines,
     parse_switch_frame_indices,
 )
 from utils.video_writer import Mp4Writer, prepare_output_folder
 
-from .build import Components, build_components, check_paths, resolve_device
+from .build import CheckpointPaths, Components, build_components, check_paths, model_type, resolve_device
 from .causal_inference import CausalInferencePipeline
+from .inference_config import check_inference_config
 from .interactive_inference import InteractiveInferencePipeline
 from .noise import SeededNoise
+from .outputs import Job, PlannedVideo, check_existing, plan_videos
 from .settings import InferenceSettings, parse_settings
 
 log = logging.getLogger(__name__)
 
 
+class NonFiniteVideo(RuntimeError):
+    """A chunk's latents or pixels hold NaN/inf; its video is not written."""
+
+
 @dataclass
-class Job:
-    index: int  # line of the prompt file
-    prompts: list[str]  # one prompt, or the segments of an interactive story
+class RunResult:
+    written: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # one message per video not written
+
+
+def _get(cfg: DictConfig, key: str, default=None):
+    return OmegaConf.select(cfg, key, default=default)
 
 
 def is_interactive(cfg: DictConfig) -> bool:
-    mode = OmegaConf.select(cfg, "mode", default=None)
+    mode = _get(cfg, "mode")
     if mode is None:
-        return OmegaConf.select(cfg, "switch_frame_indices", default=None) is not None
-    if mode not in ("single", "interactive"):
-        raise InputError(f"config key `mode` must be single or interactive, got {mode!r}")
+        return _get(cfg, "switch_frame_indices") is not None
     return mode == "interactive"
 
 
 def load_jobs(cfg: DictConfig, interactive: bool, settings: InferenceSettings) -> tuple[list[Job], list[int]]:
     """Read and validate the prompt file; returns the jobs and the switch chunks."""
-    data_path = OmegaConf.select(cfg, "data_path", default=None)
+    data_path = _get(cfg, "data_path")
     if not data_path:
         raise InputError("config key `data_path` is not set")
     fpb = settings.stream.num_frame_per_block
     if not interactive:
-        return [Job(i, [p]) for i, p in enumerate(load_prompts(data_path))], []
-    stories = load_interactive_prompts(data_path)
+        return [Job(i, line, [p]) for i, (line, p) in enumerate(load_prompt_lines(data_path))], []
+    stories = load_interactive_prompt_lines(data_path)
     switch_frames = parse_switch_frame_indices(
-        OmegaConf.select(cfg, "switch_frame_indices", default=None),
-        len(stories[0]), settings.num_frames, fpb,
+        _get(cfg, "switch_frame_indices"), len(stories[0][1]), settings.num_frames, fpb,
     )
     # first chunk boundary at or after each frame, at most one switch per chunk (spec K4)
     switch_chunks = effective_switch_chunks(switch_frames, fpb, settings.num_frames // fpb)
-    return [Job(i, s) for i, s in enumerate(stories)], switch_chunks
+    return [Job(i, line, s) for i, (line, s) in enumerate(stories)], switch_chunks
 
 
-def _flag(cfg: DictConfig, key: str) -> bool:
-    """A boolean config key; a string such as "false" is an error, not True."""
-    value = OmegaConf.select(cfg, key, default=False)
-    if not isinstance(value, bool):
-        raise InputError(f"config key `{key}` must be true or false, got {value!r}")
-    return value
+def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths | None) -> None:
+    """Warn about settings that look meaningful but have no effect on this run."""
+    adapter, lora_ckpt = _get(cfg, "adapter"), _get(cfg, "lora_ckpt")
+    if paths is None:
+        ignored = [k for k in ("lora_ckpt", "wan_models_root", "text_encoder_config", "vae_config")
+                   if _get(cfg, k)]
+        if ignored:
+            log.warning("preset: tiny builds random models in memory and ignores %s (only "
+                        "generator_ckpt is loaded)", ", ".join(f"`{k}`" for k in ignored))
+    if adapter and not lora_ckpt:
+        log.warning("`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial "
+                    "weights (no effect on the video), yet the files are named _lora")
+    if lora_ckpt and not adapter and paths is not None:
+        log.warning("`lora_ckpt` is set but `adapter` is null: %s is not loaded", lora_ckpt)
 
 
-def run(cfg: DictConfig, dist: DistInfo) -> list[Path]:
-    """Generate every prompt assigned to this rank; returns the files written."""
+def set_cpu_threads(cfg: DictConfig, device: torch.device) -> None:
+    """On the CPU, use `cpu_threads` threads per process (default: every core this process may
+    run on), whatever the launcher set. torchrun sets OMP_NUM_THREADS=1 for several processes,
+    and a different thread count changes the floating-point sums, hence the pixels; fixing the
+    count keeps a video independent of the number of processes (README, "Seeds")."""
+    if device.type != "cpu":
+        return
+    threads = _get(cfg, "cpu_threads")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(int(threads or 1))
+
+
+def warn_long_prompts(encoder: TextEncoder, plan: list[PlannedVideo], data_path: str) -> None:
+    """Name the file line of each prompt that the encoder will truncate (its own warning can
+    only count prompts within one call)."""
+    for video in plan:
+        for segment, prompt in enumerate(video.job.prompts):
+            tokens = len(encoder.tokenizer([clean_prompt(prompt)], add_special_tokens=True,
+                                           verbose=False)["input_ids"][0])
+            if tokens > encoder.text_len:
+                where = f" (segment {segment})" if len(video.job.prompts) > 1 else ""
+                log.warning("%s:%d%s: the prompt has %d tokens; truncated to text_len=%d",
+                            data_path, video.job.line, where, tokens, encoder.text_len)
+
+
+def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
+    """Generate every prompt assigned to this rank; returns the files written and the videos that failed."""
+    check_inference_config(cfg)
     interactive = is_interactive(cfg)
     settings = parse_settings(cfg, interactive)
     jobs, switch_chunks = load_jobs(cfg, interactive, settings)
     paths = check_paths(cfg)
-    out_dir = Path(str(OmegaConf.select(cfg, "output_folder", default="videos")))
+    warn_ignored_settings(cfg, paths)
+    out_dir = Path(_get(cfg, "output_folder", "videos"))
+    data_path = str(_get(cfg, "data_path"))
+    plan = plan_videos(
+        jobs, dist.world_size, out_dir, model_type(cfg),
+        save_with_index=_get(cfg, "save_with_index", True), limit=_get(cfg, "inference_iter", -1),
+        data_path=data_path,
+    )
+    skip_existing = _get(cfg, "skip_existing", False)
+    if skip_existing and _get(cfg, "seed_mode", "per_prompt") != "per_prompt":
+        log.warning("skip_existing with seed_mode %s: skipped videos do not draw noise, so the "
+                    "others differ from an uninterrupted run (per_prompt does not have this)",
+                    _get(cfg, "seed_mode"))
+    check_existing(plan, skip_existing=skip_existing, overwrite=_get(cfg, "overwrite", False))
     if dist.is_main:
         prepare_output_folder(out_dir)
     barrier()
-    set_attention_backend(str(OmegaConf.select(cfg, "attn_backend", default="auto")))
-    set_trust_checkpoints(_flag(cfg, "trust_checkpoints"))
+    set_attention_backend(_get(cfg, "attn_backend", "auto"))
+    set_trust_checkpoints(_get(cfg, "trust_checkpoints", False))
 
-    seed = int(OmegaConf.select(cfg, "seed", default=0))
-    seed_mode = str(OmegaConf.select(cfg, "seed_mode", default="per_prompt"))
+    seed = _get(cfg, "seed", 0)
+    seed_mode = _get(cfg, "seed_mode", "per_prompt")
     device = resolve_device(cfg, dist.local_rank)
+    set_cpu_threads(cfg, device)
     process_seed = rank_seed(seed, dist.rank if seed_mode != "per_rank" else dist.local_rank, seed_mode)
     torch.manual_seed(process_seed)
     parts = build_components(cfg, device, settings.compat, paths)
 
     pipe_cls = InteractiveInferencePipeline if interactive else CausalInferencePipeline
     pipe = pipe_cls(parts.generator, settings.stream, settings.sampling)
-    mine = [jobs[i] for i in shard_indices(len(jobs), dist.rank, dist.world_size)]
-    limit = int(OmegaConf.select(cfg, "inference_iter", default=-1))
-    if limit >= 0:
-        mine = mine[: limit + 1]
-    save_with_index = bool(OmegaConf.select(cfg, "save_with_index", default=True))
-    fps = float(OmegaConf.select(cfg, "fps", default=16))
+    mine = [video for video in plan if video.rank == dist.rank]
+    warn_long_prompts(parts.text_encoder, mine, data_path)
+    fps = float(_get(cfg, "fps", 16))
     noise = SeededNoise(process_seed, dtype=parts.generator.dtype, device=device)
 
-    written = []
-    for job in tqdm(mine, desc=f"rank {dist.rank} prompts", disable=not dist.is_main):
-        job_seed = prompt_seed(seed, job.index, seed_mode)
+    result = RunResult()
+    for video in tqdm(mine, desc=f"rank {dist.rank} prompts", disable=not dist.is_main):
+        job_seed = prompt_seed(seed, video.job.index, seed_mode)
         if job_seed is not None:
             noise.generator.manual_seed(job_seed)
-        name = video_filename(dist.rank, job.index, 0, parts.model_type, prompt=job.prompts[0],
-                              save_with_index=save_with_index)
-        path = out_dir / name
-        _generate_one(pipe, parts, settings, job, switch_chunks, noise, path, fps, interactive)
-        written.append(path)
-        log.info("wrote %s", path)
-    return written
+        if skip_existing and video.path.exists():
+            log.info("skip %s (exists; skip_existing is set)", video.path)
+            continue
+        try:
+            _generate_one(pipe, parts, settings, video.job, switch_chunks, noise, video.path, fps,
+                          interactive)
+        except NonFiniteVideo as err:
+            message = f"{data_path}:{video.job.line}: {err}; {video.path.name} was not written"
+            log.error("%s", message)
+            result.failed.append(message)
+            continue
+        result.written.append(video.path)
+        log.info("wrote %s", video.path)
+    return result
 
 
 def _generate_one(
@@ -136,12 +203,22 @@ def _generate_one(
     fps: float,
     interactive: bool,
 ) -> None:
-    embeds = [parts.text_encoder.encode([p]) for p in job.prompts]
+    with warnings.catch_warnings():  # `warn_long_prompts` named the lines already
+        warnings.filterwarnings("ignore", message=r"prompt \d+ has \d+ tokens; truncated")
+        embeds = [parts.text_encoder.encode([p]) for p in job.prompts]
     decoder = parts.vae.stream()
+    fpb = settings.stream.num_frame_per_block
+    num_chunks = settings.num_frames // fpb
     with Mp4Writer(path, fps=fps) as writer:
 
-        def on_chunk(_: int, x0: torch.Tensor) -> None:
-            writer.write(decoder.decode(x0[:1])[0])
+        def on_chunk(n: int, x0: torch.Tensor) -> None:
+            frames = decoder.decode(x0[:1])[0]
+            finite = torch.isfinite(x0).all() & torch.isfinite(frames).all()  # no sync yet
+            writer.write(frames)  # copies the frames to the host: the device is synced here
+            if not finite:  # computed before that copy, so reading it adds no wait
+                first, last = n * fpb, n * fpb + fpb - 1
+                raise NonFiniteVideo(f"chunk {n + 1} of {num_chunks} (latent frames {first}-{last}) "
+                                     "came out NaN/inf")
 
         if interactive:
             assert isinstance(pipe, InteractiveInferencePipeline)

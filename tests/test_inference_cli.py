@@ -115,19 +115,26 @@ def test_missing_checkpoints_name_the_config_key(tmp_path, capsys):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on linux only")
-def test_torchrun_two_ranks_cover_every_prompt(tmp_path):
-    """Three prompts on two ranks: rank 0 takes prompts 0 and 2, rank 1 prompt 1; none dropped."""
-    data = _prompts(tmp_path, ["a cat", "a fox", "a boat"])
-    env = {**os.environ, "NUM_GPUS": "2", "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "out"
-    result = subprocess.run(
-        ["bash", str(ROOT / "inference.sh"), "--config_path", TINY, f"output_folder={out}",
-         f"data_path={data}", "num_output_frames=3"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    names = sorted(f.name for f in out.iterdir())
-    assert names == ["rank0-0-0_regular.mp4", "rank0-2-0_regular.mp4", "rank1-1-0_regular.mp4"]
+def test_two_ranks_cover_every_prompt_with_the_videos_of_one_process(tmp_path):
+    """Two prompts on two ranks, one each. With seed_mode per_prompt rank 1's video is byte for
+    byte the one a single process makes for that line, also on the CPU, where torchrun would
+    give each process one thread (at 256x256 the thread count changes the sums). The single
+    process skips line 0 (skip_existing), which per_prompt seeding allows."""
+    data = _prompts(tmp_path, ["a cat", "a fox"])
+    common = [f"data_path={data}", "num_output_frames=3", "height=256", "width=256"]
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "rank0-0-0_regular.mp4").write_bytes(b"")
+    for num_gpus, out, extra in ((2, tmp_path / "two", []), (1, one, ["skip_existing=true"])):
+        result = subprocess.run(
+            ["bash", str(ROOT / "inference.sh"), "--config_path", TINY, f"output_folder={out}",
+             *common, *extra],
+            env={**os.environ, "NUM_GPUS": str(num_gpus)}, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(f.name for f in (tmp_path / "two").iterdir()) == [
+        "rank0-0-0_regular.mp4", "rank1-1-0_regular.mp4"]
+    assert (tmp_path / "two" / "rank1-1-0_regular.mp4").read_bytes() == (one / "rank0-1-0_regular.mp4").read_bytes()
 
 
 def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsys):

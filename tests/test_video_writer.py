@@ -139,6 +139,15 @@ def test_folder_below_a_file_is_an_input_error(tmp_path: Path) -> None:
         prepare_output_folder(folder)
 
 
+def test_relative_folder_starting_with_a_dash_is_not_an_ffmpeg_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with Mp4Writer(Path("-out") / "video.mp4") as writer:
+        writer.write(torch.zeros(2, 3, H, W))
+    assert read_video_info(tmp_path / "-out" / "video.mp4")[0] == 2
+
+
 def test_read_video_info_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=f"video not found: {tmp_path / 'x.mp4'}"):
         read_video_info(tmp_path / "x.mp4")

@@ -42,12 +42,14 @@ def video_filename(
     model_type: str,
     prompt: str | None = None,
     save_with_index: bool = True,
+    suffix: str = "",
 ) -> str:
     """``rank{rank}-{index}-{seed_idx}_{model_type}.mp4``, or the prompt in place of the index.
 
     `index` is the global line index in the prompt file and `model_type` is "lora", "ema" or
     "regular". With ``save_with_index=False`` two prompts that agree on their first `max_len`
-    characters share a name, as in the reference; keep the default when that matters.
+    characters (or sanitise alike, such as "." and "..") share a name, as in the reference;
+    `suffix`, appended to the prompt part, tells them apart (see `pipeline.runner.plan_videos`).
     """
     if save_with_index:
         middle = str(index)
@@ -55,4 +57,4 @@ def video_filename(
         raise ValueError("video_filename: a prompt is required when save_with_index is False")
     else:
         middle = sanitize_filename(prompt)
-    return f"rank{rank}-{middle}-{seed_idx}_{model_type}.mp4"
+    return f"rank{rank}-{middle}{suffix}-{seed_idx}_{model_type}.mp4"

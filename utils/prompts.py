@@ -93,11 +93,17 @@ def load_prompts(path: str | os.PathLike[str]) -> list[str]:
     blank lines are skipped. ``.jsonl``: each line is ``{"prompt": str}`` or ``{"prompts": [...]}``
     (only the first entry is used, so interactive files work too); "prompt" wins if both exist.
     """
+    return [prompt for _, prompt in load_prompt_lines(path)]
+
+
+def load_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """`load_prompts` with the 1-based line of each prompt, for messages about one prompt."""
     path = Path(path)
     _require_suffix(path, (".txt", ".jsonl"))
-    prompts: list[str] = []
+    prompts: list[tuple[int, str]] = []
     if path.suffix.lower() == ".txt":
-        prompts = [line.rstrip() for line in _read_lines(path) if line.strip()]
+        prompts = [(n, line.rstrip()) for n, line in enumerate(_read_lines(path), start=1)
+                   if line.strip()]
     else:
         for lineno, obj in _json_objects(path):
             if "prompt" in obj:
@@ -109,7 +115,7 @@ def load_prompts(path: str | os.PathLike[str]) -> list[str]:
                     f'{path}:{lineno}: expected a "prompt" string or a "prompts" array, '
                     f"found keys {sorted(obj)}"
                 )
-            prompts.append(_check_text(value, path, lineno, where))
+            prompts.append((lineno, _check_text(value, path, lineno, where)))
     if not prompts:
         raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
     return prompts
@@ -121,9 +127,14 @@ def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[str]]:
     Every line must have the same number of segments, because one `switch_frame_indices`
     setting serves the whole file.
     """
+    return [segments for _, segments in load_interactive_prompt_lines(path)]
+
+
+def load_interactive_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, list[str]]]:
+    """`load_interactive_prompts` with the 1-based line of each story."""
     path = Path(path)
     _require_suffix(path, (".jsonl",))
-    videos: list[list[str]] = []
+    videos: list[tuple[int, list[str]]] = []
     first_line = 0
     for lineno, obj in _json_objects(path):
         if "prompts" not in obj:
@@ -134,12 +145,12 @@ def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[str]]:
         ]
         if not videos:
             first_line = lineno
-        elif len(segments) != len(videos[0]):
+        elif len(segments) != len(videos[0][1]):
             raise InputError(
                 f"{path}:{lineno}: {len(segments)} prompt segments, but line {first_line} has "
-                f"{len(videos[0])}; every line needs the same number"
+                f"{len(videos[0][1])}; every line needs the same number"
             )
-        videos.append(segments)
+        videos.append((lineno, segments))
     if not videos:
         raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
     return videos

@@ -113,7 +113,8 @@ class Mp4Writer:
         cmd = [
             imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps),
-            "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(self._partial),
+            "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            str(self._partial.absolute()),  # absolute: a relative "-out/…" would be an option
         ]
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log

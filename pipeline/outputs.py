@@ -1,0 +1,87 @@
+"""Which video file each prompt gets, planned for every rank before anything is generated.
+
+Planning all names up front is what makes two promises checkable before the models load:
+* no two videos share a file (with ``save_with_index: false`` prompts such as "." and "..", or
+  two stories that start alike, sanitise to one name; the later ones get ``_line<N>`` added);
+* no finished video is replaced by accident: if some already exist, the run stops unless the
+  config says what to do with them, ``skip_existing: true`` (keep them and generate the rest,
+  e.g. to resume a big prompt file after a crash) or ``overwrite: true``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.distributed import shard_indices
+from utils.errors import InputError
+from utils.naming import video_filename
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # position in the prompt file (what `save_with_index` names)
+    line: int  # 1-based line in the prompt file, for messages
+    prompts: list[str]  # one prompt, or the segments of an interactive story
+
+
+@dataclass(frozen=True)
+class PlannedVideo:
+    job: Job
+    rank: int
+    path: Path
+
+
+def plan_videos(
+    jobs: list[Job],
+    world_size: int,
+    out_dir: Path,
+    model_type: str,
+    *,
+    save_with_index: bool,
+    limit: int = -1,
+    data_path: str = "",
+) -> list[PlannedVideo]:
+    """Every rank's videos, in generation order per rank; names are unique.
+
+    Rank r takes jobs r, r + W, ... (`shard_indices`), the first ``limit + 1`` of them when
+    `limit` (``inference_iter``) is not negative.
+    """
+    plan: list[PlannedVideo] = []
+    taken: dict[str, Job] = {}
+    for rank in range(world_size):
+        mine = [jobs[i] for i in shard_indices(len(jobs), rank, world_size)]
+        for job in mine[: limit + 1] if limit >= 0 else mine:
+            def name(suffix: str = "") -> str:
+                return video_filename(rank, job.index, 0, model_type, prompt=job.prompts[0],
+                                      save_with_index=save_with_index, suffix=suffix)
+
+            chosen, extra = name(), 1
+            while chosen in taken:
+                chosen = name(f"_line{job.line}" + (f"_{extra}" if extra > 1 else ""))
+                extra += 1
+            if chosen != name():
+                log.warning("%s:%d and %s:%d give the same file name %s; line %d is written as %s",
+                            data_path, taken[name()].line, data_path, job.line, name(), job.line,
+                            chosen)
+            taken[chosen] = job
+            plan.append(PlannedVideo(job, rank, out_dir / chosen))
+    return plan
+
+
+def check_existing(plan: list[PlannedVideo], *, skip_existing: bool, overwrite: bool) -> None:
+    """Stop before generating when finished videos would be replaced without being asked to."""
+    if skip_existing and overwrite:
+        raise InputError("config keys `skip_existing` and `overwrite` are both true; choose one")
+    existing = [video.path for video in plan if video.path.exists()]
+    if not existing or overwrite:
+        return
+    if skip_existing:
+        log.info("skip_existing: %d of %d videos exist already and are kept", len(existing), len(plan))
+        return
+    raise InputError(
+        f"{len(existing)} of the {len(plan)} videos exist already (e.g. {existing[0]}); set "
+        "skip_existing=true to keep them and generate the rest, or overwrite=true to replace them"
+    )

@@ -1,0 +1,132 @@
+"""One clear line and a documented exit status, also through the launchers; messages that name
+the file and say what is wrong; warnings that say which prompt (issue 10, item 4)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import inference
+from pipeline.runner import warn_ignored_settings
+from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.mark.parametrize("num_gpus", ["0", "abc", "-1", "1.5"])
+def test_bad_num_gpus_is_one_line(num_gpus):
+    result = subprocess.run(["bash", str(ROOT / "inference.sh"), "--config_path", TINY],
+                            env={**os.environ, "NUM_GPUS": num_gpus}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == f"error: NUM_GPUS must be a whole number of processes >= 1, got '{num_gpus}'\n"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="launcher test on linux only")
+def test_launcher_without_torchrun_on_path_gives_the_line_and_status_2(tmp_path):
+    """Only `python3` (the interpreter with the packages) is on PATH, no torchrun: the launcher
+    still starts, and a bad value ends with the one `error:` line and status 2, no traceback."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    env.pop("PYTHON", None)
+    assert shutil.which("torchrun", path=env["PATH"]) is None
+    result = subprocess.run(
+        ["bash", str(ROOT / "interactive_inference.sh"), "--config_path",
+         str(ROOT / "configs" / "tiny_interactive.yaml"), "seed=abc"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["error: config key `seed` must be an integer; got 'abc'"]
+
+
+def _copy_wan(wan_files, tmp_path: Path) -> Path:
+    root, _ = wan_files
+    copy = tmp_path / "models"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _error_line(capsys, args: list[str]) -> str:
+    assert inference.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate Wan2.1_VAE.pth", "cannot read VAE checkpoint {folder}/Wan2.1_VAE.pth: the file is "
+                                    "truncated (an incomplete PyTorch zip archive; copy it again)"),
+        ("garbage models_t5_umt5-xxl-enc-bf16.pth",
+         "cannot read umT5 checkpoint {folder}/models_t5_umt5-xxl-enc-bf16.pth: not a PyTorch "
+         "checkpoint (its contents are neither a zip archive nor a pickle)"),
+        ("empty google/umt5-xxl", "{folder}/google/umt5-xxl: umT5 tokenizer folder has none of "
+                                  "tokenizer.json, spiece.model (copy Wan's google/umt5-xxl folder)"),
+        ("empty base.pt", "cannot read checkpoint {root}/checkpoints/base.pt: the file is empty (0 bytes)"),
+        ("garbage lora.pt", "cannot read checkpoint {root}/checkpoints/lora.pt: not a PyTorch checkpoint "
+                            "(its contents are neither a zip archive nor a pickle)"),
+    ],
+)
+def test_unreadable_files_are_named_with_what_is_wrong(wan_files, tmp_path, capsys, damage, message):
+    root = _copy_wan(wan_files, tmp_path)
+    folder = root / "wan_models" / "Wan2.1-T2V-1.3B"
+    how, name = damage.split(" ")
+    target = (root / "checkpoints" / name) if name.endswith(".pt") else folder / name
+    if how == "truncate":
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        target.write_bytes(b"this is not a checkpoint\n" * 50)
+    elif target.is_dir():
+        shutil.rmtree(target)
+        target.mkdir()
+    else:
+        target.write_bytes(b"")
+    data = tmp_path / "p.txt"
+    data.write_text("a cat\n")
+    args = ["--config_path", str(ROOT / "configs" / "inference.yaml"), "num_output_frames=3",
+            *_overrides(root, tmp_path / "out", data, wan_files[1])]
+    assert _error_line(capsys, args) == "error: " + message.format(folder=folder, root=root)
+
+
+def test_over_long_prompt_warning_names_file_and_line(tmp_path, caplog, recwarn):
+    data = tmp_path / "p.txt"
+    data.write_text("\n\n" + "a very long prompt " * 40 + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
+                               f"data_path={data}", "num_output_frames=3"]) == 0
+    long = [r.getMessage() for r in caplog.records if "tokens; truncated" in r.getMessage()]
+    assert len(long) == 1 and long[0].startswith(f"{data}:3: the prompt has ")
+    assert long[0].endswith("tokens; truncated to text_len=64")
+    assert not [w for w in recwarn if "truncated" in str(w.message)]  # no "prompt 0" warning
+
+
+def _cfg(**values) -> OmegaConf:
+    return OmegaConf.create(values)
+
+
+def test_adapter_without_lora_ckpt_warns(caplog):
+    with caplog.at_level(logging.WARNING):
+        warn_ignored_settings(_cfg(adapter={"type": "lora", "rank": 4}, lora_ckpt=None), paths=None)
+    assert caplog.messages == [
+        "`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial weights (no effect "
+        "on the video), yet the files are named _lora"]
+
+
+def test_tiny_preset_warns_about_the_paths_it_ignores(caplog):
+    with caplog.at_level(logging.WARNING):
+        warn_ignored_settings(_cfg(adapter={"rank": 4}, lora_ckpt="checkpoints/lora.pt",
+                                   wan_models_root="wan_models", generator_ckpt=None), paths=None)
+    assert caplog.messages == [
+        "preset: tiny builds random models in memory and ignores `lora_ckpt`, `wan_models_root` "
+        "(only generator_ckpt is loaded)"]
