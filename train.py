@@ -28,6 +28,7 @@ from memflow.checkpoint import set_trust_checkpoints
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.errors import InputError
+from utils.signals import Terminated, sigterm_raises
 
 log = logging.getLogger("train")
 
@@ -61,42 +62,52 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_train_config(args.config_path, args.overrides, CliFlags.from_args(args))
-        settings = TrainSettings.from_config(cfg)
-        trust = OmegaConf.select(cfg, "trust_checkpoints", default=False)
-        if not isinstance(trust, bool):
-            raise InputError(f"config key `trust_checkpoints` must be true or false, got {trust!r}")
-        set_trust_checkpoints(trust)
-        info = init_distributed()
-        try:
-            from pipeline.build import resolve_device
-
-            device = resolve_device(cfg, info.local_rank)
-            if settings.mixed_precision:
-                if device.type != "cuda":
-                    raise InputError("config key `mixed_precision`: bf16 training needs a GPU; "
-                                     "set mixed_precision=false on a CPU")
-                _single_process_group(device)
-            if device.type == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            settings = dataclasses.replace(settings, seed=_run_seed(settings.seed, device))
-            if info.is_main:
-                log.info("seed %d", settings.seed)
-            from trainer.long_tuning import Stage2Trainer
-            from trainer.loop import Stage1Trainer
-
-            trainer_class = Stage2Trainer if settings.stage == 2 else Stage1Trainer
-            trainer = trainer_class(settings, device,
-                                    config_for_logging=OmegaConf.to_container(cfg, resolve=True))
-            trainer.run()
-        finally:
-            if dist.is_initialized():
-                dist.barrier()
-            cleanup_distributed()
+        with sigterm_raises():
+            return _train(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated as stop:  # scheduler / timeout / torchrun: no half-written checkpoint
+        print(f"error: {stop}; the run resumes from its newest checkpoint", file=sys.stderr)
+        return stop.exit_status
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Load and check the config, set up the process group, train (one `error:` line for bad
+    input is raised as InputError)."""
+    cfg = load_train_config(args.config_path, args.overrides, CliFlags.from_args(args))
+    settings = TrainSettings.from_config(cfg)
+    trust = OmegaConf.select(cfg, "trust_checkpoints", default=False)
+    if not isinstance(trust, bool):
+        raise InputError(f"config key `trust_checkpoints` must be true or false, got {trust!r}")
+    set_trust_checkpoints(trust)
+    info = init_distributed()
+    try:
+        from pipeline.build import resolve_device
+
+        device = resolve_device(cfg, info.local_rank)
+        if settings.mixed_precision:
+            if device.type != "cuda":
+                raise InputError("config key `mixed_precision`: bf16 training needs a GPU; "
+                                 "set mixed_precision=false on a CPU")
+            _single_process_group(device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        settings = dataclasses.replace(settings, seed=_run_seed(settings.seed, device))
+        if info.is_main:
+            log.info("seed %d", settings.seed)
+        from trainer.long_tuning import Stage2Trainer
+        from trainer.loop import Stage1Trainer
+
+        trainer_class = Stage2Trainer if settings.stage == 2 else Stage1Trainer
+        trainer = trainer_class(settings, device,
+                                config_for_logging=OmegaConf.to_container(cfg, resolve=True))
+        trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+        cleanup_distributed()
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from utils.config import load_config
+from pipeline.inference_config import load_inference_config
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.errors import InputError
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise InputError(f"--limit must be >= 1, got {args.limit}")
         out = Path(args.out)
-        base = load_config(args.config_path, args.overrides)
+        base = load_inference_config(args.config_path, args.overrides)
         prompts = _limited_prompts(Path(str(OmegaConf.select(base, "data_path"))), args.limit, out)
         dist = init_distributed()
         try:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for mode in modes:
                 label, mode_overrides = MODES[mode]
-                cfg = load_config(args.config_path, [
+                cfg = load_inference_config(args.config_path, [
                     *args.overrides, *mode_overrides,
                     f"output_folder={out / mode}", f"data_path={prompts}",
                 ])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from utils.config import load_config
+from pipeline.inference_config import load_inference_config
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, shard_indices
 from utils.errors import InputError
 
@@ -168,7 +168,7 @@ def build_scorer(args: argparse.Namespace, device: torch.device) -> VideoScorer:
 
 def _generation(args: argparse.Namespace) -> Generation:
     if args.config_path:
-        cfg = load_config(args.config_path, args.overrides)
+        cfg = load_inference_config(args.config_path, args.overrides)
         generation = generation_from_config(cfg, args.config_path)
         if args.switch_frame_indices is not None:
             raise InputError("give the switches in the config or --switch_frame_indices, not both")

@@ -216,3 +216,27 @@ def test_truncated_latest_checkpoint_falls_back_with_one_warning(jobs):
             assert torch.equal(redone[entry][key], value), (entry, key)
     steps = [r["step"] for r in _records(logdir)]
     assert steps == list(range(1, 8)) + [5, 6, 7]  # resume appends
+
+
+def test_sigterm_stops_training_with_143_and_no_half_written_checkpoint(tmp_path):
+    """SIGTERM (what schedulers, `timeout` and torchrun send) mid-run: one `error:` line, exit
+    143 and only complete checkpoint folders (the one being written, if any, is removed)."""
+    import signal
+
+    logdir = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(logdir, "max_iters=1000", "log_iters=1"), cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not list(logdir.glob("checkpoint_model_*")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143, err[-2000:]
+    assert "error: terminated by SIGTERM" in err
+    assert "Traceback" not in err
+    leftovers = [p.name for p in logdir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    done = sorted(logdir.glob("checkpoint_model_*"))
+    assert done and all((d / "model.pt").is_file() and (d / "resume.pt").is_file() for d in done)

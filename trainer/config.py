@@ -41,6 +41,7 @@ from trainer.score import ScoreConfig
 from trainer.streaming import StreamingConfig, SwitchSchedule
 from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
+from utils.schema import check_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
@@ -609,6 +610,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         "global_sink": True, "num_samples": 1,
     })
     inference = parse_settings(view, interactive=False)
+    check_section(_get(cfg, "memory") or {}, MemoryOptions, "memory.")  # types and enums
     memory = _options(MemoryOptions, training_memory_options(compat, stage), _get(cfg, "memory"),
                       "memory")
     stream = dataclasses.replace(inference.stream, memory=memory)
