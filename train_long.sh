@@ -9,17 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source utils/launch.sh
-config=configs/train_long.yaml
-logdir=logs/train_long
-args=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config_path) config="$2"; shift 2 ;;
-    --logdir) logdir="$2"; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-if [[ "$config" != configs/train_long.yaml && "$logdir" == logs/train_long ]]; then
-  logdir="logs/$(basename "$config" .yaml)"
-fi
-memflow_launch train.py --config_path "$config" --logdir "$logdir" "${args[@]+"${args[@]}"}"
+memflow_train configs/train_long.yaml logs/train_long "$@"

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.inference_config import load_inference_config
-from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, shard_indices
+from utils.distributed import (DistInfo, barrier, cleanup_distributed, init_distributed,
+                               pick_device, shard_indices)
 from utils.errors import InputError
 
 from .inputs import Generation, check_switches, generation_from_config, load_stories, match_videos
@@ -123,15 +124,8 @@ def _version(package: str) -> str:
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda requested but no GPU is available")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
+    """The --device option (auto | cpu | cuda) for this rank."""
+    return pick_device(name, local_rank, "--device")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ from memflow.text_encoder import (
 )
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
 from utils.config import DTYPES
+from utils.distributed import pick_device
 from utils.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,8 @@ def parse_dtype(cfg: DictConfig, key: str, default: str) -> torch.dtype:
 
 
 def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
-    name = str(OmegaConf.select(cfg, "device", default="auto"))
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("config key `device`: cuda requested but no GPU is available")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise InputError(f"config key `device` must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
+    """The config's `device` (auto | cpu | cuda) for this rank."""
+    return pick_device(str(OmegaConf.select(cfg, "device", default="auto")), local_rank)
 
 
 def model_type(cfg: DictConfig) -> str:

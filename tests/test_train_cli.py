@@ -240,3 +240,21 @@ def test_sigterm_stops_training_with_143_and_no_half_written_checkpoint(tmp_path
     assert leftovers == []
     done = sorted(logdir.glob("checkpoint_model_*"))
     assert done and all((d / "model.pt").is_file() and (d / "resume.pt").is_file() for d in done)
+
+
+def test_train_long_sh_runs_the_tiny_stage2_config_and_names_bad_input(tmp_path):
+    """train_long.sh on the tiny stage-2 config: one iteration through the launcher (exit 0,
+    a logged generator and critic loss); a switch that no sequence can reach is one `error:`
+    line with exit status 2."""
+    base = ["bash", "train_long.sh", "--config_path", "configs/tiny_train_long.yaml"]
+    ok = subprocess.run([*base, "--logdir", str(tmp_path / "run"), "max_iters=0", "vis_interval=0"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["generator_loss"]) and math.isfinite(record["critic_loss"])
+    bad = subprocess.run([*base, "--logdir", str(tmp_path / "bad"), "switch_choices=[30]"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "error: config key `switch_choices`: no switch frame below streaming_max_length (18)")
+    assert not (tmp_path / "bad").exists()

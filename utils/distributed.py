@@ -125,3 +125,17 @@ def prompt_seed(base_seed: int, prompt_index: int, mode: str) -> int | None:
     """
     _check_mode(mode)
     return base_seed + prompt_index if mode == "per_prompt" else None
+
+
+def pick_device(name: str, local_rank: int = 0, source: str = "config key `device`") -> torch.device:
+    """`auto` | `cpu` | `cuda` -> the device this rank runs on (cuda: its own GPU). A name that
+    is none of them, or cuda without a GPU, is a one-line InputError naming `source`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{source}: cuda requested but no GPU is available")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise InputError(f"{source} must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")

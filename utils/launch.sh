@@ -1,5 +1,5 @@
-# Shared launcher code, sourced by inference.sh, interactive_inference.sh, train_init.sh (and any
-# new launcher, e.g. train_long.sh):
+# Shared launcher code, sourced by inference.sh, interactive_inference.sh, train_init.sh,
+# train_long.sh (and any new launcher); training launchers use memflow_train (below):
 #
 #   source "$(dirname "$0")/utils/launch.sh"
 #   memflow_launch train.py --config_path "$config" "${args[@]+"${args[@]}"}"
@@ -31,4 +31,25 @@ memflow_launch() {
     exec "$python" "$@"
   fi
   exec "$python" -m torch.distributed.run --standalone --nproc_per_node="$gpus" "$@"
+}
+
+# memflow_train DEFAULT_CONFIG DEFAULT_LOGDIR [ARGS...]: train.py with --config_path (default
+# DEFAULT_CONFIG) and --logdir (default DEFAULT_LOGDIR, or logs/<config name> for another
+# config); every other argument goes to train.py unchanged.
+memflow_train() {
+  local default_config="$1" default_logdir="$2"
+  shift 2
+  local config="$default_config" logdir="$default_logdir"
+  local args=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --config_path) config="$2"; shift 2 ;;
+      --logdir) logdir="$2"; shift 2 ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  if [[ "$config" != "$default_config" && "$logdir" == "$default_logdir" ]]; then
+    logdir="logs/$(basename "$config" .yaml)"
+  fi
+  memflow_launch train.py --config_path "$config" --logdir "$logdir" "${args[@]+"${args[@]}"}"
 }
