@@ -220,13 +220,20 @@ class KVCache:
             bufs[layer] = torch.cat(pieces, dim=1)
 
     def state_dict(self) -> dict:
-        """The committed part of the buffers ([0, fill) of every layer) and the pointers: all a
-        resumed training sequence needs to continue bit for bit."""
+        """What a later call can still read: the sink and the newest `max_attention - sink`
+        window tokens, stored contiguously, and the pointers. Older window tokens are never
+        attended again (a roll would evict them), so a resumed training sequence continues bit
+        for bit from this, with a smaller `fill` (its rolls come later; what each call attends
+        is the same)."""
+        sink = min(self.sink, self.fill)
+        tail = max(0, min(self.fill - sink, self.max_attention - self.sink))
+        keep = list(range(sink)) + list(range(self.fill - tail, self.fill))
+        index = torch.tensor(keep, dtype=torch.long, device=self.k[0].device if self.k else "cpu")
         return {
-            "k": [k[:, : self.fill].clone() for k in self.k],
-            "v": [v[:, : self.fill].clone() for v in self.v],
+            "k": [k.index_select(1, index) for k in self.k],
+            "v": [v.index_select(1, index) for v in self.v],
             "end": self.end,
-            "fill": self.fill,
+            "fill": len(keep),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -17,8 +17,8 @@ calls (FSDP collectives) without a broadcast.
 
 A sequence in flight is part of the checkpoint: every rank saves its own (`rank_{r}.pt`: KV
 cache, bank, text cache, previous window, position), so a resumed run continues it bit for bit.
-At the released sizes that is up to 33 frames of K/V for 30 layers, about 9.5 GB per rank in
-bf16 (README, "Stage 2").
+Only what the sequence can still attend is kept (sink, attention window, bank, text K/V): about
+4.4 GiB per rank in bf16 at the released sizes (README, "Stage 2").
 """
 from __future__ import annotations
 
