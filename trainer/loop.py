@@ -31,6 +31,7 @@ from memflow.attention import set_attention_backend
 from memflow.fsdp import shard_model
 from pipeline.stepper import ChunkStepper
 from utils.errors import InputError
+from utils.signals import check_terminated
 
 from memflow.lora import add_lora
 
@@ -338,7 +339,9 @@ class Stage1Trainer:
         start = self.step
         try:
             while self.step <= s.max_iters and (stop_after is None or self.step - start < stop_after):
+                check_terminated()
                 metrics = self.train_step()
+                check_terminated()  # never save after an interrupted step
                 if not s.no_save and s.logdir is not None and self.step % s.log_iters == 0:
                     self.save()
                 self.logger.log_step(

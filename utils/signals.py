@@ -26,16 +26,32 @@ class Terminated(BaseException):
         return 128 + self.signum
 
 
+_received: int | None = None
+
+
 def _raise_terminated(signum: int, _frame: object) -> None:
+    global _received
+    _received = signum
     signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
     raise Terminated(signum)
+
+
+def check_terminated() -> None:
+    """Raise `Terminated` if SIGTERM arrived inside `sigterm_raises`, also when the exception the
+    handler raised was swallowed on the way (C extensions that poll for signals may clear it).
+    Long loops call this between their steps."""
+    if _received is not None:
+        raise Terminated(_received)
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread."""
+    global _received
+    _received = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _received = None
