@@ -62,3 +62,21 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (in-process training runs compare bitwise)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def train_settings(config: Path, logdir: Path | None = None, **overrides):
+    """`TrainSettings` of a training YAML with `key=value` overrides (and --logdir)."""
+    from trainer.config import CliFlags, TrainSettings, load_train_config
+
+    items = [f"{k}={v}" for k, v in overrides.items()]
+    cfg = load_train_config(config, items, CliFlags(logdir=str(logdir) if logdir else None))
+    return TrainSettings.from_config(cfg)

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import fixed_forward
+from conftest import fixed_forward, train_settings
 from memflow.lora import LoraSettings, add_lora
 from trainer.checkpointing import save_checkpoint
-from trainer.config import CliFlags, TrainSettings, load_train_config
+from trainer.config import TrainSettings
 from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,19 +20,12 @@ CONFIG = REPO / "configs" / "tiny_train_long.yaml"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_settings(logdir: Path | None = None, **overrides: Any) -> TrainSettings:
     overrides.setdefault("vis_interval", 0)
-    items = [f"{k}={v}" for k, v in overrides.items()]
-    cfg = load_train_config(CONFIG, items, CliFlags(logdir=str(logdir) if logdir else None))
-    return TrainSettings.from_config(cfg)
+    return train_settings(CONFIG, logdir, **overrides)
 
 
 def make_trainer(settings: TrainSettings):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, init_gloo
+from conftest import free_port, init_gloo, train_settings
 from trainer.config import CliFlags, TrainSettings, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,18 +27,11 @@ CONFIG = REPO / "configs" / "tiny_train_init.yaml"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_settings(logdir: Path | None = None, **overrides: Any) -> TrainSettings:
-    items = [f"{k}={v}" for k, v in overrides.items()]
-    cfg = load_train_config(CONFIG, items, CliFlags(logdir=str(logdir) if logdir else None))
-    return TrainSettings.from_config(cfg)
+    return train_settings(CONFIG, logdir, **overrides)
 
 
 def make_trainer(settings: TrainSettings):
