@@ -42,7 +42,7 @@ from .build import CheckpointPaths, Components, build_components, check_paths, m
 from .causal_inference import CausalInferencePipeline
 from .inference_config import check_inference_config
 from .interactive_inference import InteractiveInferencePipeline
-from .noise import SeededNoise
+from .noise import NoiseOrder, SeededNoise
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
 from .settings import InferenceSettings, parse_settings
 
@@ -85,6 +85,12 @@ def load_jobs(cfg: DictConfig, interactive: bool, settings: InferenceSettings) -
     # first chunk boundary at or after each frame, at most one switch per chunk (spec K4)
     switch_chunks = effective_switch_chunks(switch_frames, fpb, settings.num_frames // fpb)
     return [Job(i, line, s) for i, (line, s) in enumerate(stories)], switch_chunks
+
+
+def noise_order(settings: InferenceSettings) -> NoiseOrder:
+    """The reference draws a video's initial noise up front (compat); clean draws it chunk by
+    chunk, so a live session (pipeline/session.py) with the same seed gives the same video."""
+    return "upfront" if settings.compat else "per_chunk"
 
 
 def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths | None) -> None:
@@ -169,7 +175,8 @@ def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
     mine = [video for video in plan if video.rank == dist.rank]
     warn_long_prompts(parts.text_encoder, mine, data_path)
     fps = float(_get(cfg, "fps", 16))
-    noise = SeededNoise(process_seed, dtype=parts.generator.dtype, device=device)
+    noise = SeededNoise(process_seed, dtype=parts.generator.dtype, device=device,
+                        order=noise_order(settings))
 
     result = RunResult()
     for video in tqdm(mine, desc=f"rank {dist.rank} prompts", disable=not dist.is_main):

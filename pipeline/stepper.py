@@ -9,7 +9,9 @@ same per-chunk procedure (spec INFERENCE.md §5.3, TRAINING.md §3.2) on a `Stre
      after step k (a training rollout); with `grad` only that last call carries gradients.
   2. `commit`: one more call on the clean x0 (re-noised to `context_noise` when the noise source
      draws context noise, as training does) writes the chunk's K/V into the cache and stages the
-     bank prototype. It never carries gradients.
+     bank prototype. It never carries gradients. After a denoise that exited at step 0 it first
+     refreshes the bank like that step did, when `commit_refreshes_after_step0_exit` is on
+     (compat: the reference's re-run inherits the last step's q_bank flag).
 
 `rollout` loops over the chunks of a video; `switch_prompt` is the prompt-switch hook (recache)
 of interactive inference and of stage-2 training.
@@ -109,12 +111,15 @@ class ChunkStepper:
         """One DiT call on [B, F, C, h, w] latents (one timestep for every frame) through the
         stream. Text K/V come from the cache, except in a call that records a graph: there they
         are recomputed with gradient, so the text embedding and the cross-attention K/V
-        projections train whatever the exit step (as the reference's checkpointed path)."""
+        projections train whatever the exit step, and the cache is left as it is (both as the
+        reference's checkpointed path: a refresh before the next call still scores with what the
+        cache held, all zeros right after a switch in compat mode)."""
         if call.refresh_memory:
             if state.config.memory.text_keys_before_refresh:
                 self.prepare_text(state, context)
-            state.refresh_memory()
-        self.prepare_text(state, context)
+            state.refresh_memory(call)
+        if not torch.is_grad_enabled():
+            self.prepare_text(state, context)
         b, f = x.shape[:2]
         timestep = torch.full((b, f), float(t), dtype=torch.float32, device=x.device)
         text = {"context": context} if torch.is_grad_enabled() else {"text_kv": state.text.kv}
@@ -144,7 +149,8 @@ class ChunkStepper:
     ) -> torch.Tensor:
         """Denoise one chunk's noisy latents [B, F, C, h, w]; returns x0 of the last step run
         (`exit_step`, default the last of the list). With `grad`, that call records a graph and
-        every earlier one runs without. Never writes the cache."""
+        every earlier one runs without. Never writes the cache; remembers the exit step on the
+        state for the commit."""
         steps = self.timesteps
         last = len(steps) - 1 if exit_step is None else exit_step
         if not 0 <= last < len(steps):
@@ -160,6 +166,7 @@ class ChunkStepper:
             if i < last:
                 eps = noise.step(chunk, i, tuple(x0.shape)).to(x0.device, x0.dtype)
                 x = self.scheduler.add_noise(x0, eps, steps[i + 1].expand(b * f)).unflatten(0, (b, f))
+        state.exit_step = last
         return x0.unflatten(0, (b, f))
 
     @torch.no_grad()
@@ -173,7 +180,12 @@ class ChunkStepper:
     ) -> None:
         """Re-run the clean chunk at t = context_noise to write its K/V (and stage a bank
         prototype). Inference feeds x0 as it is (the reference adds no noise there); a noise
-        source that draws context noise (training) re-noises x0 to context_noise first."""
+        source that draws context noise (training) re-noises x0 to context_noise first.
+
+        With `MemoryOptions.commit_refreshes_after_step0_exit` (compat), the commit of a chunk
+        whose denoise exited at step 0 refreshes the bank first, exactly as that step-0 call did:
+        the reference's re-run inherits the last denoising call's q_bank flag (TRAINING.md §10
+        item 5), so a full bank is compressed once more (§5.8)."""
         b, f = x0.shape[:2]
         x = x0.detach()
         t = self.sampling.context_noise
@@ -182,8 +194,11 @@ class ChunkStepper:
             t_all = torch.full((b * f,), float(t))
             x = self.scheduler.add_noise(x.flatten(0, 1), eps.to(x.device, x.dtype), t_all)
             x = x.unflatten(0, (b, f))
+        refresh = state.exit_step == 0 and state.config.memory.commit_refreshes_after_step0_exit
+        state.exit_step = None
         call = StreamCall.commit_chunk(
-            chunk * self.frames_per_block, record_memory=state.bank.wants_prototype(chunk)
+            chunk * self.frames_per_block, record_memory=state.bank.wants_prototype(chunk),
+            refresh_memory=refresh,
         )
         self.dit(state, x, t, context, call)
 
@@ -239,6 +254,15 @@ class ChunkStepper:
         self.dit(state, recent[:, recent.shape[1] - frames :], 0.0, context, call)
         state.text.reset()
 
+    def chunk_noise(
+        self, noise: NoiseSource, chunk: int, batch_size: int, latent_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """Chunk `chunk`'s initial noise [B, F_chunk, C, h, w] from a per-chunk source, drawn
+        when the chunk starts (after any prompt switch, before its step noise): the one draw
+        that lets a live session match an offline rollout with the same seed."""
+        shape = (batch_size, self.frames_per_block, self.generator.config.in_dim, *latent_hw)
+        return noise.chunk_initial(chunk, shape).to(self.generator.device, self.dtype)
+
     def rollout(
         self,
         batch_size: int,
@@ -258,13 +282,17 @@ class ChunkStepper:
         `context_for_chunk(n, state, generated)` returns the prompt embedding for chunk n
         (`generated`: the x0 of chunks 0..n-1); it may first switch prompts on the state.
         `exit_step`: one for every chunk, or a function of the chunk index (None: all steps).
+        The initial noise is drawn in the source's `order`: the whole video's before chunk 0
+        (``upfront``, the reference's) or each chunk's as it starts (``per_chunk``).
         """
         hooks = hooks or ChunkHooks()
         num_chunks = self.num_chunks(num_frames)
         gen = self.generator
         fpb = self.frames_per_block
-        shape = (batch_size, num_frames, gen.config.in_dim, *latent_hw)
-        initial = noise.initial(shape).to(gen.device, self.dtype)
+        upfront = None
+        if noise.order == "upfront":
+            shape = (batch_size, num_frames, gen.config.in_dim, *latent_hw)
+            upfront = noise.initial(shape).to(gen.device, self.dtype)
         state = state or self.new_state(batch_size, latent_hw, num_frames)
         chunks: list[torch.Tensor] = []
         for n in tqdm(range(num_chunks), desc="chunks", disable=not progress, leave=False):
@@ -272,7 +300,11 @@ class ChunkStepper:
                 hooks.before_chunk(n)
             context = context_for_chunk(n, state, chunks)
             k = exit_step(n) if callable(exit_step) else exit_step
-            x0 = self.denoise(state, n, initial[:, n * fpb : (n + 1) * fpb], context, noise, k, grad)
+            if upfront is None:
+                x = self.chunk_noise(noise, n, batch_size, latent_hw)
+            else:
+                x = upfront[:, n * fpb : (n + 1) * fpb]
+            x0 = self.denoise(state, n, x, context, noise, k, grad)
             chunks.append(x0)
             if hooks.on_chunk is not None:
                 hooks.on_chunk(n, x0)

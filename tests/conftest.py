@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from memflow.config import DiTConfig
 from memflow.model import WanDiT
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden"
 
@@ -80,3 +83,27 @@ def train_settings(config: Path, logdir: Path | None = None, **overrides):
     items = [f"{k}={v}" for k, v in overrides.items()]
     cfg = load_train_config(config, items, CliFlags(logdir=str(logdir) if logdir else None))
     return TrainSettings.from_config(cfg)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a launcher or Python subprocess of a test: PYTHON is the interpreter
+    running the tests (utils/launch.sh runs $PYTHON, else `python3` from PATH, which in a
+    virtualenv that is not activated is another Python without this project's packages)."""
+    return {**os.environ, "PYTHON": sys.executable, **extra}
+
+
+def run_launcher(script: str, *args: str, env: dict[str, str] | None = None,
+                 **kwargs) -> subprocess.CompletedProcess:
+    """`bash <repo>/<script> ARGS` with `subprocess_env()` (or `env`), output captured as text.
+    No time limit: a busy machine is slow, not broken; the run ends on its own."""
+    return subprocess.run(["bash", str(REPO / script), *args],
+                          env=subprocess_env() if env is None else env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def start_launcher(script: str, *args: str, env: dict[str, str] | None = None,
+                   **kwargs) -> subprocess.Popen:
+    """`run_launcher` without waiting: the started process, stdout and stderr piped as text."""
+    return subprocess.Popen(["bash", str(REPO / script), *args],
+                            env=subprocess_env() if env is None else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

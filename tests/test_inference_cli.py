@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import inference
+from conftest import run_launcher, subprocess_env
 from utils.video_writer import read_video_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,11 +125,8 @@ def test_two_ranks_cover_every_prompt_with_the_videos_of_one_process(tmp_path):
     one.mkdir()
     (one / "rank0-0-0_regular.mp4").write_bytes(b"")
     for num_gpus, out, extra in ((2, tmp_path / "two", []), (1, one, ["skip_existing=true"])):
-        result = subprocess.run(
-            ["bash", str(ROOT / "inference.sh"), "--config_path", TINY, f"output_folder={out}",
-             *common, *extra],
-            env={**os.environ, "NUM_GPUS": str(num_gpus)}, capture_output=True, text=True, timeout=300,
-        )
+        result = run_launcher("inference.sh", "--config_path", TINY, f"output_folder={out}",
+                              *common, *extra, env=subprocess_env(NUM_GPUS=str(num_gpus)))
         assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(f.name for f in (tmp_path / "two").iterdir()) == [
         "rank0-0-0_regular.mp4", "rank1-1-0_regular.mp4"]

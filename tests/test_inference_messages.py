@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import inference
+from conftest import run_launcher, subprocess_env
 from pipeline.runner import warn_ignored_settings
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
 
@@ -22,28 +22,43 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 @pytest.mark.parametrize("num_gpus", ["0", "abc", "-1", "1.5"])
 def test_bad_num_gpus_is_one_line(num_gpus):
-    result = subprocess.run(["bash", str(ROOT / "inference.sh"), "--config_path", TINY],
-                            env={**os.environ, "NUM_GPUS": num_gpus}, capture_output=True,
-                            text=True, timeout=60)
+    result = run_launcher("inference.sh", "--config_path", TINY,
+                          env=subprocess_env(NUM_GPUS=num_gpus))
     assert result.returncode == 2
     assert result.stderr == f"error: NUM_GPUS must be a whole number of processes >= 1, got '{num_gpus}'\n"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="launcher test on linux only")
 def test_launcher_without_torchrun_on_path_gives_the_line_and_status_2(tmp_path):
-    """Only `python3` (the interpreter with the packages) is on PATH, no torchrun: the launcher
-    still starts, and a bad value ends with the one `error:` line and status 2, no traceback."""
+    """Only `python3` (the interpreter with the packages) is on PATH, no torchrun, no PYTHON:
+    the launcher still starts, and a bad value ends with the one `error:` line and status 2, no
+    traceback. `python3` is a script that execs the test's interpreter (a symlink to a venv's
+    python from outside the venv would start the venv's base Python, without its packages)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
+    python3 = bin_dir / "python3"
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python3.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
     env.pop("PYTHON", None)
     assert shutil.which("torchrun", path=env["PATH"]) is None
-    result = subprocess.run(
-        ["bash", str(ROOT / "interactive_inference.sh"), "--config_path",
-         str(ROOT / "configs" / "tiny_interactive.yaml"), "seed=abc"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_launcher("interactive_inference.sh", "--config_path",
+                          str(ROOT / "configs" / "tiny_interactive.yaml"), "seed=abc", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["error: config key `seed` must be an integer; got 'abc'"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="launcher test on linux only")
+def test_launcher_runs_the_tests_interpreter_not_python3_on_path(tmp_path):
+    """`subprocess_env()` (every test's launcher runs) hands the launcher this interpreter, so
+    a `python3` first on PATH that is another Python (a virtualenv not activated) is never run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text("#!/bin/sh\necho 'not the test interpreter' >&2\nexit 1\n")
+    python3.chmod(0o755)
+    env = subprocess_env(PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    result = run_launcher("inference.sh", "--config_path", TINY, "seed=abc", env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == ["error: config key `seed` must be an integer; got 'abc'"]
 

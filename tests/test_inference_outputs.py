@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import inference
+from conftest import start_launcher, subprocess_env
 from pipeline.outputs import Job, plan_videos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,30 +115,29 @@ def test_sigterm_removes_the_partial_video_and_exits_143(tmp_path, capsys, monke
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the run
 
 
-def _wait_for_partials(folder: Path, proc: subprocess.Popen, count: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if folder.is_dir() and len(list(folder.glob(".*.partial.mp4"))) >= count:
-            return
+def _wait_for_partials(folder: Path, proc: subprocess.Popen, count: int) -> None:
+    """Until `count` partial videos exist (the run is mid-video on every rank) or the run ends."""
+    while not (folder.is_dir() and len(list(folder.glob(".*.partial.mp4"))) >= count):
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early: {proc.communicate()[1][-3000:]}")
         time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("no partial video appeared")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="signals and torchrun with gloo on linux only")
 def test_sigterm_to_the_launcher_cleans_up_on_every_rank(tmp_path):
     out = tmp_path / "out"
     data = _prompts(tmp_path, ["a cat", "a fox"])
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "inference.sh"), "--config_path", TINY, f"output_folder={out}",
-         f"data_path={data}", "num_output_frames=600"],
-        env={**os.environ, "NUM_GPUS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    _wait_for_partials(out, proc, 2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    proc = start_launcher("inference.sh", "--config_path", TINY, f"output_folder={out}",
+                          f"data_path={data}", "num_output_frames=600",
+                          env=subprocess_env(NUM_GPUS="2"))
+    try:
+        _wait_for_partials(out, proc, 2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode != 0
     assert stderr.count("error: terminated by SIGTERM; unfinished videos were removed") == 2
     assert list(out.iterdir()) == []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -23,15 +22,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import run_launcher, subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_train_init.yaml"
-TIMEOUT = 300
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    return env
+    return subprocess_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 
 
 def _train_cmd(logdir: Path, *overrides: str) -> list[str]:
@@ -53,10 +51,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_cli")
     logdir = root / "run"
     start = time.perf_counter()
-    proc = subprocess.run(
-        ["bash", "train_init.sh", "--config_path", CONFIG, "--logdir", str(logdir), "log_iters=2"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
-    )
+    proc = run_launcher("train_init.sh", "--config_path", CONFIG, "--logdir", str(logdir),
+                        "log_iters=2", env=_env(), cwd=REPO)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SimpleNamespace(root=root, logdir=logdir, wall=wall, proc=proc)
@@ -97,7 +93,7 @@ class Job:
 
     def result(self) -> SimpleNamespace:
         if self._result is None:
-            stdout, stderr = self.proc.communicate(timeout=TIMEOUT)
+            stdout, stderr = self.proc.communicate()
             self._result = SimpleNamespace(returncode=self.proc.returncode, stdout=stdout,
                                            stderr=stderr,
                                            seconds=time.perf_counter() - self.started)
@@ -123,7 +119,7 @@ def jobs(trained, tmp_path_factory):
     ckpt = trained.logdir / "checkpoint_model_000006" / "model.pt"
     videos = root / "videos"
     started["inference"] = Job(
-        ["bash", "inference.sh", "--config_path", "configs/tiny.yaml", f"generator_ckpt={ckpt}",
+        ["bash", str(REPO / "inference.sh"), "--config_path", "configs/tiny.yaml", f"generator_ckpt={ckpt}",
          f"output_folder={videos}", f"data_path={prompts}", "num_output_frames=6"],
         out=videos)
 
@@ -226,13 +222,10 @@ def test_sigterm_stops_training_with_143_and_no_half_written_checkpoint(tmp_path
     logdir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(logdir, "max_iters=1000", "log_iters=1"), cwd=REPO,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + TIMEOUT
-    while not list(logdir.glob("checkpoint_model_*")) and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
+    while not list(logdir.glob("checkpoint_model_*")) and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=TIMEOUT)
+    _, err = proc.communicate()
     assert proc.returncode == 143, err[-2000:]
     assert "error: terminated by SIGTERM" in err
     assert "Traceback" not in err
@@ -246,14 +239,14 @@ def test_train_long_sh_runs_the_tiny_stage2_config_and_names_bad_input(tmp_path)
     """train_long.sh on the tiny stage-2 config: one iteration through the launcher (exit 0,
     a logged generator and critic loss); a switch that no sequence can reach is one `error:`
     line with exit status 2."""
-    base = ["bash", "train_long.sh", "--config_path", "configs/tiny_train_long.yaml"]
-    ok = subprocess.run([*base, "--logdir", str(tmp_path / "run"), "max_iters=0", "vis_interval=0"],
-                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    base = ["--config_path", "configs/tiny_train_long.yaml"]
+    ok = run_launcher("train_long.sh", *base, "--logdir", str(tmp_path / "run"), "max_iters=0",
+                      "vis_interval=0", env=_env(), cwd=REPO)
     assert ok.returncode == 0, ok.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert math.isfinite(record["generator_loss"]) and math.isfinite(record["critic_loss"])
-    bad = subprocess.run([*base, "--logdir", str(tmp_path / "bad"), "switch_choices=[30]"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    bad = run_launcher("train_long.sh", *base, "--logdir", str(tmp_path / "bad"),
+                       "switch_choices=[30]", env=_env(), cwd=REPO)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "error: config key `switch_choices`: no switch frame below streaming_max_length (18)")
