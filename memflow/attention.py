@@ -1,66 +1,193 @@
-"""Attention kernels, chosen in one place.
+"""Attention kernels, chosen by name in one registry.
 
 Every attention call in the model goes through `attention(q, k, v, mask)` with tensors laid out
-as [B, L, H, D] (the Wan layout). The default kernel is PyTorch's `scaled_dot_product_attention`;
-flash-attn (2 or 3) is used on CUDA when installed, when no mask is given and the dtype is half
-precision. Results agree within bf16 round-off; the reference itself used flash-attn.
+as [B, L, H, D] (the Wan layout). `BACKENDS` holds the kernels by the names a config's
+`attn_backend` uses:
+
+* ``sdpa``: PyTorch's `scaled_dot_product_attention`; the default, always available, takes
+  every call (masks, any device and dtype);
+* ``flash2``: flash-attn 2 (`flash_attn.flash_attn_func`), CUDA on Ampere or newer;
+* ``flash3``: the flash-attn 3 interface (`flash_attn_interface.flash_attn_func`), Hopper;
+
+and two selectors: ``auto`` (the highest-priority installed backend that supports the call,
+else SDPA) and ``flash`` (flash3 if installed, else flash2; the name earlier configs used).
+Each backend says whether it `supports` a call (device, dtype, mask, head dim); a call it cannot
+take goes to SDPA, so an explicit name only fails, with one line naming the missing package,
+when it is selected while not installed. Flash results agree with SDPA within bf16 round-off;
+the reference itself used flash-attn, and naming flash2 or flash3 matches a reference run's
+kernel bit for bit (its FA3 check misses an H200, spec P7). `register_backend` is the one place
+to add a kernel.
+
+There is no flex_attention backend: flex pays off for structured masks, and the model has none
+at run time (block-causal attention is computed by slicing the key prefix into unmasked calls,
+see `chunk_causal_attention`; dense masks appear only in tests; the reference compiles flex but
+never calls it at inference, spec P8). It would also need torch.compile to be fast and has no
+backward on CPU.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "sdpa", "flash"]
+from utils.errors import InputError
 
-_backend: Backend = os.environ.get("MEMFLOW_ATTN_BACKEND", "auto")  # type: ignore[assignment]
-
-
-def set_attention_backend(name: Backend) -> None:
-    """Select the kernel for every later call: "auto" (flash-attn when usable, else SDPA),
-    "sdpa" (always PyTorch) or "flash" (require flash-attn; fails if it is not installed)."""
-    global _backend
-    if name not in ("auto", "sdpa", "flash"):
-        raise ValueError(f"unknown attention backend {name!r}; use auto, sdpa or flash")
-    if name == "flash" and _flash_fn() is None:
-        raise RuntimeError("attention backend 'flash' requested but flash-attn is not installed")
-    _backend = name
+Kernel = Callable[..., torch.Tensor]  # (q, k, v, mask) -> out, all [B, L, H, D]; mask may be None
 
 
-def get_attention_backend() -> Backend:
-    return _backend
-
-
-@lru_cache(maxsize=1)
-def _flash_fn() -> Callable | None:
-    """flash-attn 3 (`flash_attn_interface`) if importable, else flash-attn 2, else None."""
+@lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
     try:
-        from flash_attn_interface import flash_attn_func  # type: ignore
-
-        def fa3(q, k, v):
-            out = flash_attn_func(q, k, v)
-            return out[0] if isinstance(out, tuple) else out
-
-        return fa3
+        importlib.import_module(module)
     except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_func  # type: ignore
-
-        return flash_attn_func
-    except ImportError:
-        return None
-
-
-def _use_flash(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    if _backend == "sdpa" or mask is not None or not q.is_cuda:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    return _flash_fn() is not None
+    return True
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One attention kernel under its config name.
+
+    `call(q, k, v, mask)` takes and returns [B, L, H, D] tensors; `supports(q, k, v, mask)` says
+    whether it can take this call. `module` is what `available()` imports (None: always there)
+    and `package` how the error describes it. `auto` tries backends from the highest `priority`.
+    """
+
+    name: str
+    title: str
+    call: Kernel
+    supports: Callable[..., bool]  # (q, k, v, mask) -> can this kernel take the call?
+    priority: int
+    module: str | None = None
+    package: str = ""
+
+    def available(self) -> bool:
+        return self.module is None or _importable(self.module)
+
+    def requirement(self) -> str:
+        return f"the {self.module} package ({self.package})"
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+def _flash2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: None) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # type: ignore
+
+    return flash_attn_func(q, k, v)
+
+
+def _flash3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: None) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_func  # type: ignore
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
+
+
+@lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _flash_supports(min_arch: int, max_arch: int = 99) -> Callable[..., bool]:
+    """Flash kernels take fp16/bf16 CUDA calls without a mask, head dim a multiple of 8 up to
+    256, on a GPU whose compute capability (major) lies in [min_arch, max_arch]."""
+
+    def supports(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> bool:
+        if mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] % 8 or q.shape[-1] > 256:
+            return False
+        return min_arch <= _capability(q.device)[0] <= max_arch
+
+    return supports
+
+
+SDPA = AttentionBackend("sdpa", "torch SDPA", _sdpa, lambda q, k, v, mask: True, priority=0)
+BACKENDS: dict[str, AttentionBackend] = {}
+# Selectors that are not kernels: `auto` (every backend by priority) and these aliases, each
+# meaning the first installed backend of its list.
+ALIASES: dict[str, tuple[str, ...]] = {"flash": ("flash3", "flash2")}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    """Add (or replace) a kernel; a later `set_attention_backend` can select it by name, and
+    `auto` considers it."""
+    BACKENDS[backend.name] = backend
+
+
+register_backend(SDPA)
+register_backend(AttentionBackend(
+    "flash2", "flash-attn 2", _flash2, _flash_supports(8), priority=20,
+    module="flash_attn", package="flash-attn 2, Ampere or newer",
+))
+register_backend(AttentionBackend(
+    "flash3", "flash-attn 3", _flash3, _flash_supports(9, 9), priority=30,
+    module="flash_attn_interface", package="flash-attn 3, Hopper",
+))
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name `attn_backend` accepts, in the order messages list them."""
+    return ("auto", *BACKENDS, *ALIASES)
+
+
+def _chain(name: str) -> tuple[AttentionBackend, ...]:
+    """The backends a call under `name` tries in order; SDPA last, as it takes every call."""
+    if name not in backend_names():
+        allowed = ", ".join(backend_names())
+        raise InputError(f"unknown attention backend {name!r}; use one of {allowed}")
+    if name == "auto":  # SDPA takes every call, so a backend ranked below it would never run
+        ranked = (b for b in BACKENDS.values() if b.priority > SDPA.priority and b.available())
+        picks = sorted(ranked, key=lambda b: -b.priority)
+    else:
+        options = [BACKENDS[n] for n in ALIASES.get(name, (name,))]
+        picks = [b for b in options if b.available()][:1]
+        if not picks:
+            needs = " or ".join(b.requirement() for b in options)
+            raise InputError(f"attention backend {name!r} needs {needs}; "
+                             f"install it or use attn_backend: sdpa")
+    return (*[b for b in picks if b is not SDPA], SDPA)
+
+
+_selected = os.environ.get("MEMFLOW_ATTN_BACKEND", "auto")
+_active: tuple[AttentionBackend, ...] | None = None  # _chain(_selected), resolved on first use
+
+
+def set_attention_backend(name: str) -> None:
+    """Select the kernel for every later call by a name of `backend_names()`. An unknown name,
+    or a backend whose package is not installed, is an InputError (one line naming it)."""
+    global _selected, _active
+    _active = _chain(name)
+    _selected = name
+
+
+def get_attention_backend() -> str:
+    """The selected name (possibly `auto` or an alias); `backend_for` says which kernel runs."""
+    return _selected
+
+
+def backend_for(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> AttentionBackend:
+    """The backend `attention(q, k, v, mask)` runs under the current selection."""
+    global _active
+    if _active is None:
+        _active = _chain(_selected)
+    return next(b for b in _active if b.supports(q, k, v, mask))
 
 
 def attention(
@@ -71,12 +198,7 @@ def attention(
     `mask` is an optional boolean [Lq, Lk] (or broadcastable [B, H, Lq, Lk]) tensor where True
     means "may attend". Returns [B, Lq, H, D].
     """
-    if _use_flash(q, mask):
-        return _flash_fn()(q, k, v)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-    )
-    return out.transpose(1, 2)
+    return backend_for(q, k, v, mask).call(q, k, v, mask)
 
 
 def _key_lens_list(key_lens: torch.Tensor, batch: int, lk: int) -> list[int]:

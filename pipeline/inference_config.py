@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig
 
+from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SwitchOptions
 from memflow.text_encoder import umt5_encoder_config
 from memflow.vae import WAN21_VAE_CONFIG
@@ -31,7 +32,7 @@ from utils.schema import check_section
 
 DtypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
 SeedMode = Literal[SEED_MODES]  # type: ignore[valid-type]
-AttnBackend = Literal["auto", "sdpa", "flash"]
+AttnBackend = Literal[backend_names()]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
 
 _POSITIVE = {"positive": True}
@@ -130,7 +131,7 @@ class InferenceConfig:
     cpu_threads: int | None = field(metadata={"minimum": 1})
     dtype: DtypeName  # type: ignore[valid-type]
     vae_dtype: DtypeName  # type: ignore[valid-type]
-    attn_backend: AttnBackend
+    attn_backend: AttnBackend  # type: ignore[valid-type]
     text_encoder_offload: bool
 
 

@@ -1,10 +1,20 @@
-"""Attention backend selection and the SDPA path against an explicit softmax."""
+"""The attention backend registry (names, availability, `supports`, selection, config names) and
+the SDPA path against an explicit softmax."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from memflow import attention as attn
+from pipeline.inference_config import load_inference_config
+from trainer.config import TrainSettings, load_train_config
+from utils.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TINY_TRAIN = ROOT / "configs" / "tiny_train_init.yaml"
 
 
 def test_sdpa_matches_explicit_softmax_with_and_without_mask():
@@ -20,18 +30,145 @@ def test_sdpa_matches_explicit_softmax_with_and_without_mask():
     assert torch.allclose(attn.attention(q, k, v, mask), ref_masked, atol=1e-6)
 
 
-def test_backend_selection():
-    previous = attn.get_attention_backend()
-    try:
-        attn.set_attention_backend("sdpa")
-        assert attn.get_attention_backend() == "sdpa"
-        with pytest.raises(ValueError, match="unknown attention backend"):
-            attn.set_attention_backend("xformers")  # type: ignore[arg-type]
-        if attn._flash_fn() is None:
-            with pytest.raises(RuntimeError, match="flash-attn is not installed"):
-                attn.set_attention_backend("flash")
-    finally:
-        attn.set_attention_backend(previous)
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry and selection, restored after the test."""
+    monkeypatch.setattr(attn, "BACKENDS", dict(attn.BACKENDS))
+    monkeypatch.setattr(attn, "_selected", attn._selected)
+    monkeypatch.setattr(attn, "_active", attn._active)
+    return attn.BACKENDS
+
+
+def _installed(monkeypatch, *modules: str) -> None:
+    """Pretend exactly `modules` can be imported."""
+    monkeypatch.setattr(attn, "_importable", lambda module: module in modules)
+
+
+def _fake(calls: list, module: str | None = None, priority: int = 100) -> attn.AttentionBackend:
+    """A kernel that records its calls, takes only unmasked ones and returns SDPA's result."""
+    def call(q, k, v, mask):
+        calls.append(q.shape)
+        return attn.SDPA.call(q, k, v, mask)
+
+    return attn.AttentionBackend("fake", "fake kernel", call, lambda q, k, v, mask: mask is None,
+                                 priority=priority, module=module, package="a test kernel")
+
+
+def test_registry_names():
+    assert tuple(attn.BACKENDS) == ("sdpa", "flash2", "flash3")
+    assert attn.backend_names() == ("auto", "sdpa", "flash2", "flash3", "flash")
+    assert all(name == b.name for name, b in attn.BACKENDS.items())
+
+
+@pytest.mark.parametrize("name", ["auto", "sdpa"])
+def test_cpu_calls_run_sdpa_even_with_flash_installed(registry, monkeypatch, name):
+    _installed(monkeypatch, "flash_attn", "flash_attn_interface")
+    attn.set_attention_backend(name)
+    assert attn.get_attention_backend() == name
+    q, k, v = _qkv(1, 4)
+    assert attn.backend_for(q, k, v) is attn.SDPA
+    assert attn.backend_for(q.half(), k.half(), v.half()) is attn.SDPA  # half, but on the CPU
+
+
+def test_auto_without_flash_is_sdpa_only(registry, monkeypatch):
+    _installed(monkeypatch)
+    attn.set_attention_backend("auto")
+    assert attn._active == (attn.SDPA,)
+
+
+@pytest.mark.parametrize(
+    "installed,expected",
+    [(("flash_attn", "flash_attn_interface"), "flash3"), (("flash_attn",), "flash2"),
+     (("flash_attn_interface",), "flash3")],
+)
+def test_flash_alias_and_auto_prefer_flash3(registry, monkeypatch, installed, expected):
+    _installed(monkeypatch, *installed)
+    attn.set_attention_backend("flash")
+    assert [b.name for b in attn._active] == [expected, "sdpa"]
+    attn.set_attention_backend("auto")
+    assert attn._active[0].name == expected and attn._active[-1] is attn.SDPA
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("flash3", "attention backend 'flash3' needs the flash_attn_interface package "
+                   "(flash-attn 3, Hopper); install it or use attn_backend: sdpa"),
+        ("flash2", "attention backend 'flash2' needs the flash_attn package "
+                   "(flash-attn 2, Ampere or newer); install it or use attn_backend: sdpa"),
+        ("flash", "attention backend 'flash' needs the flash_attn_interface package "
+                  "(flash-attn 3, Hopper) or the flash_attn package (flash-attn 2, Ampere or "
+                  "newer); install it or use attn_backend: sdpa"),
+    ],
+)
+def test_explicit_unavailable_backend_names_the_package(registry, monkeypatch, name, message):
+    _installed(monkeypatch)
+    attn.set_attention_backend("sdpa")
+    with pytest.raises(InputError) as err:
+        attn.set_attention_backend(name)
+    assert str(err.value) == message
+    assert attn.get_attention_backend() == "sdpa"  # a failed selection keeps the previous one
+
+
+def test_unknown_backend_lists_the_names(registry):
+    with pytest.raises(InputError, match="unknown attention backend 'xformers'; use one of "
+                                         "auto, sdpa, flash2, flash3, flash$"):
+        attn.set_attention_backend("xformers")
+
+
+def test_registered_backend_is_selected_called_and_its_supports_respected(registry):
+    calls: list = []
+    attn.register_backend(_fake(calls))
+    assert "fake" in attn.backend_names()
+    q, k, v = _qkv(2, 6)
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    for name in ("fake", "auto"):  # by name, and by auto from its priority
+        attn.set_attention_backend(name)
+        calls.clear()
+        assert torch.equal(attn.attention(q, k, v), attn.SDPA.call(q, k, v, None))
+        assert calls == [q.shape]
+        # The fake does not take masks: the masked call runs SDPA, bit for bit.
+        assert attn.backend_for(q, k, v, mask) is attn.SDPA
+        assert torch.equal(attn.attention(q, k, v, mask), attn.SDPA.call(q, k, v, mask))
+        assert calls == [q.shape]
+
+
+def test_registered_backend_below_sdpa_priority_is_not_picked_by_auto(registry):
+    calls: list = []
+    attn.register_backend(_fake(calls, priority=-1))
+    attn.set_attention_backend("auto")
+    attn.attention(*_qkv(1, 4))
+    assert calls == []
+
+
+def test_registered_backend_missing_its_module_names_it(registry):
+    attn.register_backend(_fake([], module="memflow_no_such_module"))
+    with pytest.raises(InputError, match="^attention backend 'fake' needs the "
+                                         "memflow_no_such_module package \\(a test kernel\\)"):
+        attn.set_attention_backend("fake")
+    attn.set_attention_backend("auto")  # auto skips it
+    assert attn._active == (attn.SDPA,)
+
+
+def test_schema_and_train_config_accept_each_registry_name_and_reject_others():
+    for name in attn.backend_names():
+        assert load_inference_config(TINY, [f"attn_backend={name}"]).attn_backend == name
+        cfg = load_train_config(TINY_TRAIN, [f"attn_backend={name}"])
+        assert TrainSettings.from_config(cfg, check_files=False).attn_backend == name
+    allowed = ", ".join(attn.backend_names())
+    with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash4'"):
+        load_inference_config(TINY, ["attn_backend=flash4"])
+    with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash4'"):
+        TrainSettings.from_config(load_train_config(TINY_TRAIN, ["attn_backend=flash4"]),
+                                  check_files=False)
+
+
+def test_config_comments_list_the_registry_names():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if line.startswith("attn_backend:"):
+                listed = [word.split()[0] for word in line.split("#", 1)[1].split("|")]
+                assert tuple(listed) == attn.backend_names(), path.name
 
 
 def _block_causal_mask(length: int, chunk_tokens: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.lora import LoraSettings
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
@@ -549,7 +550,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     if fake_cfg not in (None, 0, 0.0):
         raise InputError(f"config key `fake_guidance_scale`: critic CFG is not supported, got {fake_cfg!r}")
     device = _choice(cfg, "device", DEVICES, "auto")
-    attn_backend = _choice(cfg, "attn_backend", ("auto", "sdpa", "flash"), "auto")
+    attn_backend = _choice(cfg, "attn_backend", backend_names(), "auto")
 
     # ---- geometry and frames
     fpb = _int(cfg, "num_frame_per_block", 3, minimum=1)
