@@ -374,6 +374,64 @@ def test_crash_while_writing_leaves_no_folder(tmp_path, monkeypatch, fail_at):
     assert find_resume_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
 
 
+def _full_disk_save(with_context: bool):
+    """A torch.save that fails as it does on a full disk: its zip writer turns the OSError of a
+    write into `RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos ...`,
+    raised while handling the OSError (as seen on a full tmpfs) or without it."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # a partial file exists when the failure comes
+        message = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        if not with_context:
+            raise RuntimeError(message)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError(message)  # noqa: B904 (torch raises it this way)
+
+    return save
+
+
+@pytest.mark.parametrize("with_context", [True, False], ids=["oserror-context", "free-space"])
+def test_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                  with_context):
+    """Disk full while a stage-1 checkpoint is written: the CLI's one-line CheckpointError
+    `cannot write checkpoint <final path>: No space left on device`, no folder left behind."""
+    import shutil
+    from collections import namedtuple
+
+    run = Run(steps=0)
+    monkeypatch.setattr(torch, "save", _full_disk_save(with_context))
+    if not with_context:
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 512, 512))
+    with pytest.raises(CheckpointError) as err:
+        run.save(tmp_path, 3)
+    message = str(err.value)
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'checkpoint_model_000003' / MODEL_FILE}: "
+                              "No space left on device"), message
+    assert "\n" not in message and "inline_container" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_torch_save_failures_keep_their_traceback(tmp_path, monkeypatch):
+    """A zip-writer failure with plenty of free space is named as a failed write; any other
+    RuntimeError of torch.save is a bug and propagates unchanged."""
+    run = Run(steps=0)
+    monkeypatch.setattr(torch, "save", _full_disk_save(with_context=False))
+    with pytest.raises(CheckpointError, match=r"model\.pt: the write failed \(\[enforce fail"):
+        run.save(tmp_path, 3)
+
+    def broken(obj, f, *args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        run.save(tmp_path, 3)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # (f) an unwritable logdir
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ Why it is written this way:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -282,15 +283,46 @@ def _model_payload(role: str, model: nn.Module) -> tuple[str, dict[str, torch.Te
 
 
 def _write_file(path: Path, payload: Any, shown: Path) -> None:
-    """torch.save to a new file, then fsync it. OSErrors become one-line CheckpointErrors naming
-    the final path `shown` (the temporary name would mean nothing to the user)."""
+    """torch.save to a new file, then fsync it. A failed write becomes a one-line
+    CheckpointError naming the final path `shown` (the temporary name would mean nothing to the
+    user) and what the OS said (`_write_failure`)."""
     try:
         with open(path, "xb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {shown}: {err.strerror or err}") from None
+    except (OSError, RuntimeError) as err:
+        reason = _write_failure(err, path.parent)
+        if reason is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {shown}: {reason}") from None
+
+
+# below this many free bytes a failed torch.save is taken for a full disk
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _write_failure(err: BaseException, folder: Path) -> str | None:
+    """Why a write failed, in the OS's words, or None for an error that is not a write failure.
+
+    torch.save does not pass an OSError on: when a write of its zip writer fails (ENOSPC, EIO,
+    ...), it raises `RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`,
+    either while handling the OSError (then named in its context) or with no trace of it; then
+    the file system's free space tells a full disk."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    if "inline_container" not in str(err):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < _FULL_DISK_BYTES:
+        return f"{os.strerror(errno.ENOSPC)} ({free} bytes free)"
+    return f"the write failed ({_first_line(err)})"
 
 
 def _fsync_dir(path: Path) -> None:
