@@ -1,0 +1,521 @@
+"""Live interactive generation: one open-ended streaming video, steered while it runs.
+
+A `Session` holds the models of an inference config, one stream (KV cache, memory bank, noise,
+streaming VAE decoder) and the prompt in effect. The caller asks for one chunk at a time
+(`next_chunk`) and may change the prompt at any time, from any thread (`set_prompt`); the new
+prompt takes effect at the next chunk boundary through the same switch (`switch_prompt`:
+text cache dropped, the attention window re-encoded with the new prompt) as
+`interactive_inference.sh`. So a session is the offline interactive pipeline whose switch
+frames are decided while it runs:
+
+    s = Session.from_config("configs/tiny_interactive.yaml")
+    s.start("a cat on a chair", seed=3)
+    r = s.next_chunk()          # r.frames: uint8 [T, H, W, 3]
+    s.set_prompt("the cat jumps down")
+    r = s.next_chunk()          # r.switched: the switch happened at r.latent_start
+    s.save_mp4("videos/live/clip.mp4")   # + clip.json: timeline and the replayable jsonl line
+
+Same seed, prompts and switch frames give the same latents as `interactive_inference.sh`
+(`behaviour: clean`): both draw each chunk's initial noise when the chunk starts
+(pipeline/noise.py, ``per_chunk``). A session has no length set in advance, so
+
+* the KV cache must have a finite window (`model_kwargs.local_attn_size` > 0): a global cache
+  (-1) is sized by the video length, which a session does not have (sizing it to the RoPE limit
+  would hold K/V of every frame up to 1024, hundreds of GB at 480x832);
+* it stops at the RoPE position limit, `rope_max_frames` latent frames (1024 for Wan2.1: about
+  4.3 minutes at 16 fps), with `SessionLimitReached`, instead of wrapping positions around.
+
+Memory stays bounded: the stream keeps the window's latents on the device and the decoded
+frames in a temporary file on disk (what `save_mp4` writes and `thumbnail` reads).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from memflow.attention import set_attention_backend
+from memflow.checkpoint import set_trust_checkpoints
+from utils.distributed import rank_seed
+from utils.errors import InputError
+from utils.video_writer import Mp4Writer, to_uint8_frames
+
+from .build import Components, build_components, check_paths, resolve_device
+from .inference_config import load_inference_config
+from .noise import SeededNoise
+from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
+from .settings import VAE_STRIDE, InferenceSettings, parse_settings
+from .stepper import ChunkStepper
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "memflow-session/1"
+
+
+class SessionLimitReached(RuntimeError):
+    """The next chunk would pass the RoPE position table (`rope_max_frames`): the session ends."""
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One generated chunk, decoded. `latents` [1, F, C, h, w] on the CPU, for comparisons."""
+
+    index: int  # chunk number in the session, from 0
+    latent_start: int  # first latent frame of the chunk
+    pixel_start: int  # first video frame of the chunk
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    prompt: str  # the prompt the chunk was generated under
+    switched: bool  # a prompt switch took effect at this chunk
+    generate_s: float  # switch (encode + recache), denoise and commit
+    decode_s: float  # streaming VAE decode to uint8
+    latents: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """From `latent_frame` (video frame `pixel_frame`) on, the video follows `prompt`."""
+
+    latent_frame: int
+    pixel_frame: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """Which latent frames the stream's memory holds after the last chunk.
+
+    `sink`: the frame sink; `window`: the recent frames in the KV cache; `bank`: every frame some
+    layer's memory bank holds (NAM retrieval picks per layer, so layers may differ), and
+    `bank_layers` each layer's slots in slot order."""
+
+    sink: list[int]
+    bank: list[int]
+    window: list[int]
+    bank_layers: list[list[int]]
+
+
+def pixel_frame_of(latent_frame: int) -> int:
+    """First video frame decoded from a latent frame: the causal VAE turns latent 0 into one
+    frame and every later latent into `VAE_STRIDE[0]` (4) frames."""
+    return 0 if latent_frame == 0 else 1 + VAE_STRIDE[0] * (latent_frame - 1)
+
+
+def check_prompt(text: object) -> str:
+    """A prompt must be a non-empty string; anything else is the caller's bug or bad input."""
+    if not isinstance(text, str):
+        raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("prompt is empty")
+    return text
+
+
+class FrameSpool:
+    """The decoded frames of one stream, appended to an anonymous temporary file.
+
+    A session may run for minutes: 4093 frames at 480x832 are 4.9 GB, too much to keep in
+    memory, and a video encoded on the fly could not be cut at an arbitrary `save_mp4`. Reads
+    and writes use explicit offsets (pread/pwrite), so a reader thread never moves a shared
+    file position."""
+
+    def __init__(self, height: int, width: int):
+        self.shape = (height, width, 3)
+        self.frame_bytes = height * width * 3
+        self.count = 0
+        self._file = tempfile.TemporaryFile(prefix="memflow_session_")
+
+    def append(self, frames: np.ndarray) -> None:
+        if frames.dtype != np.uint8 or frames.shape[1:] != self.shape:
+            raise ValueError(f"expected uint8 [T, {self.shape}] frames, got {frames.dtype} {frames.shape}")
+        data = np.ascontiguousarray(frames).tobytes()
+        written = os.pwrite(self._file.fileno(), data, self.count * self.frame_bytes)
+        if written != len(data):
+            raise OSError(f"short write to the frame spool ({written} of {len(data)} bytes)")
+        self.count += frames.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames [start, stop) as uint8 [T, H, W, 3]."""
+        if not 0 <= start <= stop <= self.count:
+            raise ValueError(f"frames {start}..{stop} outside the {self.count} stored")
+        out = np.empty((stop - start, *self.shape), dtype=np.uint8)
+        read = os.preadv(self._file.fileno(), [memoryview(out).cast("B")], start * self.frame_bytes)
+        if read != out.nbytes:
+            raise OSError(f"short read from the frame spool ({read} of {out.nbytes} bytes)")
+        return out
+
+    def blocks(self, stop: int, block: int = 64) -> Iterator[np.ndarray]:
+        """Frames [0, stop) in blocks, for writing a video without loading it whole."""
+        for start in range(0, stop, block):
+            yield self.read(start, min(stop, start + block))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Stream:
+    """Everything one video carries between chunks; `reset` drops it whole."""
+
+    def __init__(self, session: "Session", prompt: str, context: torch.Tensor, seed: int):
+        s = session
+        self.seed = seed
+        self.state = s.stepper.new_state(1, s.settings.latent_hw, s.max_latent_frames,
+                                         track_bank_frames=True)
+        gen = s.stepper.generator
+        self.noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
+        self.decoder = s.components.vae.stream()
+        self.spool = FrameSpool(s.height, s.width)
+        self.recent: torch.Tensor | None = None  # the last committed latents a switch re-encodes
+        self.chunk = 0
+        self.prompt, self.context = prompt, context
+        self.timeline = [TimelineEntry(0, 0, prompt)]
+        self.memory = MemoryView([], [], [], [])
+        self.broken: str | None = None  # why no further chunk can be generated
+
+    def keep_recent(self, x0: torch.Tensor, frames: int) -> None:
+        """Keep the last `frames` committed latents: all a switch re-encodes (the window)."""
+        joined = x0 if self.recent is None else torch.cat([self.recent, x0], dim=1)
+        self.recent = joined[:, -frames:]
+
+
+class Session:
+    """One device's live generation: models, one stream, the prompt in effect.
+
+    Threads: `next_chunk`, `start`, `reset` and `save_mp4` run one at a time (one lock);
+    `set_prompt` only records the wish under a second lock, so it never waits for a chunk, and
+    `timeline`, `memory`, `thumbnail` and the counters read a snapshot taken at the last chunk
+    boundary.
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        settings: InferenceSettings,
+        *,
+        seed: int = 0,
+        fps: float = 16.0,
+        config_path: str | None = None,
+        overrides: Sequence[str] = (),
+    ):
+        window = settings.stream.local_attn_size
+        if window == -1:
+            raise InputError(
+                "a live session needs a finite attention window: model_kwargs.local_attn_size "
+                "is -1 (global attention), whose KV cache is sized by the video length, and a "
+                "session has none; set local_attn_size (the released configs use 12)"
+            )
+        self.components = components
+        self.settings = settings
+        self.stepper = ChunkStepper(components.generator, settings.stream, settings.sampling)
+        self.default_seed = int(seed)
+        self._fps = float(fps)
+        self.config_path, self.overrides = config_path, list(overrides)
+        self._recent_frames = window
+        self._run_lock = threading.Lock()  # generation: one chunk / start / reset / save at a time
+        self._prompt_lock = threading.Lock()  # the pending prompt
+        self._view_lock = threading.Lock()  # the snapshot other threads read
+        self._pending: str | None = None
+        self._stream: _Stream | None = None
+        if settings.compat:
+            log.warning("behaviour: compat draws a video's initial noise up front; a session draws "
+                        "it per chunk, so interactive_inference.sh replays its timeline with other "
+                        "noise (use behaviour: clean to replay a session exactly)")
+
+    @classmethod
+    def from_config(cls, config_path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> "Session":
+        """Build the models of an inference config (the same keys and checks as inference.py:
+        `preset: tiny` on a CPU or the Wan2.1 + MemFlow checkpoints on a GPU)."""
+        overrides = list(overrides)
+        cfg = load_inference_config(config_path, overrides)
+        settings = parse_settings(cfg, interactive=True)
+        paths = check_paths(cfg)
+        warn_ignored_settings(cfg, paths)
+        set_attention_backend(OmegaConf.select(cfg, "attn_backend", default="auto"))
+        set_trust_checkpoints(OmegaConf.select(cfg, "trust_checkpoints", default=False))
+        device = resolve_device(cfg)
+        set_cpu_threads(cfg, device)
+        seed = int(OmegaConf.select(cfg, "seed", default=0))
+        torch.manual_seed(rank_seed(seed, 0, OmegaConf.select(cfg, "seed_mode", default="per_prompt")))
+        parts = build_components(cfg, device, settings.compat, paths)
+        return cls(parts, settings, seed=seed, fps=float(OmegaConf.select(cfg, "fps", default=16)),
+                   config_path=str(config_path), overrides=overrides)
+
+    # -- geometry and counters -------------------------------------------------------------------
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    @property
+    def height(self) -> int:
+        return self.settings.latent_hw[0] * VAE_STRIDE[1]
+
+    @property
+    def width(self) -> int:
+        return self.settings.latent_hw[1] * VAE_STRIDE[2]
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return self.stepper.frames_per_block
+
+    @property
+    def max_latent_frames(self) -> int:
+        """The most latent frames a session can generate: whole chunks within `rope_max_frames`."""
+        limit = self.stepper.generator.config.rope_max_frames
+        return limit // self.frames_per_chunk * self.frames_per_chunk
+
+    @property
+    def started(self) -> bool:
+        return self._stream is not None
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames generated so far in this stream."""
+        stream = self._stream
+        return 0 if stream is None else stream.chunk * self.frames_per_chunk
+
+    @property
+    def frames_generated(self) -> int:
+        """Video (pixel) frames generated so far in this stream."""
+        stream = self._stream
+        return 0 if stream is None else stream.spool.count
+
+    @property
+    def prompt(self) -> str | None:
+        """The prompt of the last chunk (or the starting prompt before the first chunk)."""
+        stream = self._stream
+        return None if stream is None else stream.prompt
+
+    @property
+    def pending_prompt(self) -> str | None:
+        """A prompt set with `set_prompt` that takes effect at the next chunk."""
+        with self._prompt_lock:
+            return self._pending
+
+    @property
+    def seed(self) -> int | None:
+        stream = self._stream
+        return None if stream is None else stream.seed
+
+    # -- control ----------------------------------------------------------------------------------
+    def start(self, prompt: str, seed: int | None = None) -> None:
+        """Begin a fresh stream under `prompt` (the previous one is dropped); `seed` defaults to
+        the config's `seed`. The first chunk comes from `next_chunk`."""
+        prompt = check_prompt(prompt)
+        if seed is None:
+            seed = self.default_seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
+        with self._run_lock:
+            self._drop_stream()
+            stream = _Stream(self, prompt, self._encode(prompt), seed)
+            with self._view_lock:
+                self._stream = stream
+
+    def set_prompt(self, text: str) -> None:
+        """Ask for `text` from the next chunk boundary on (any thread, never blocks on a chunk).
+        Several calls before a boundary: the last one wins (one switch per chunk). Asking for
+        the prompt already in effect cancels a pending switch."""
+        text = check_prompt(text)
+        if self._stream is None:
+            raise RuntimeError("the session is not started; call start(prompt) first")
+        with self._prompt_lock:
+            self._pending = text
+
+    def reset(self) -> None:
+        """Drop the stream (cache, bank, frames, timeline); the models stay. `start` again."""
+        with self._run_lock:
+            self._drop_stream()
+
+    def _drop_stream(self) -> None:
+        with self._prompt_lock:
+            self._pending = None
+        with self._view_lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.spool.close()
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        gen = self.stepper.generator
+        return self.components.text_encoder.encode([prompt]).to(gen.device, gen.dtype)
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def next_chunk(self) -> ChunkResult:
+        """Generate, commit and decode the next chunk (switching prompts first when one is
+        pending). Raises `SessionLimitReached` at the RoPE position limit."""
+        with self._run_lock:
+            stream = self._require_stream()
+            n = stream.chunk
+            start = n * self.frames_per_chunk
+            self._check_limit(start)
+            began = time.perf_counter()
+            switched = self._apply_pending(stream, n)
+            stepper = self.stepper
+            x = stepper.chunk_noise(stream.noise, n, 1, self.settings.latent_hw)
+            x0 = stepper.denoise(stream.state, n, x, stream.context, stream.noise)
+            stepper.commit(stream.state, n, x0, stream.context, stream.noise)
+            self._sync()
+            decoded = time.perf_counter()
+            frames = self._decode(stream, n, x0)
+            done = time.perf_counter()
+            stream.keep_recent(x0, self._recent_frames)
+            pixel_start = stream.spool.count
+            with self._view_lock:
+                stream.spool.append(frames)
+                stream.chunk = n + 1
+                stream.memory = memory_view(stream.state)
+            return ChunkResult(n, start, pixel_start, frames, stream.prompt, switched,
+                               decoded - began, done - decoded, x0.detach().cpu())
+
+    def _require_stream(self) -> _Stream:
+        stream = self._stream
+        if stream is None:
+            raise RuntimeError("the session is not started; call start(prompt) first")
+        if stream.broken is not None:
+            raise RuntimeError(f"{stream.broken}; reset or start the session again")
+        return stream
+
+    def _check_limit(self, start: int) -> None:
+        end = start + self.frames_per_chunk
+        limit = self.stepper.generator.config.rope_max_frames
+        if end > limit:
+            raise SessionLimitReached(
+                f"the next chunk would need latent frames {start}..{end - 1}, past the RoPE "
+                f"position limit rope_max_frames={limit}; the session generated {start} latent "
+                f"frames ({self.frames_generated} video frames). Save it and start a new one"
+            )
+
+    def _apply_pending(self, stream: _Stream, chunk: int) -> bool:
+        """Take the pending prompt, if any, at this chunk boundary: before the first chunk it
+        replaces the starting prompt, later it switches (recache) exactly as offline."""
+        with self._prompt_lock:
+            text, self._pending = self._pending, None
+        if text is None or text == stream.prompt:
+            return False
+        context = self._encode(text)
+        latent = chunk * self.frames_per_chunk
+        if chunk > 0:
+            self.stepper.switch_prompt(stream.state, chunk, stream.recent, context,
+                                       self.settings.switch)
+        stream.prompt, stream.context = text, context
+        entry = TimelineEntry(latent, pixel_frame_of(latent), text)
+        with self._view_lock:
+            stream.timeline = stream.timeline[:-1] + [entry] if chunk == 0 else [*stream.timeline, entry]
+        return chunk > 0
+
+    def _decode(self, stream: _Stream, chunk: int, x0: torch.Tensor) -> np.ndarray:
+        """Streaming VAE decode of one chunk to uint8 [T, H, W, 3], as the offline runner
+        decodes (and writes) each chunk; a NaN/inf chunk ends the stream."""
+        frames = stream.decoder.decode(x0[:1])[0]
+        finite = bool(torch.isfinite(x0).all() & torch.isfinite(frames).all())
+        if not finite:
+            stream.broken = f"chunk {chunk} (latent frames from {chunk * self.frames_per_chunk}) came out NaN/inf"
+            raise NonFiniteVideo(stream.broken)
+        return to_uint8_frames(frames).cpu().contiguous().numpy()
+
+    def _sync(self) -> None:
+        """Wait for the device, so that generate_s and decode_s time their own work."""
+        device = self.stepper.generator.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def timeline(self) -> list[TimelineEntry]:
+        """The prompts in effect from each latent frame on (the start, then each switch)."""
+        with self._view_lock:
+            return [] if self._stream is None else list(self._stream.timeline)
+
+    def memory(self) -> MemoryView:
+        """Sink, window and bank frames after the last chunk (empty before the first)."""
+        with self._view_lock:
+            return MemoryView([], [], [], []) if self._stream is None else self._stream.memory
+
+    def thumbnail(self, latent_frame: int, max_side: int | None = None) -> np.ndarray:
+        """The first video frame decoded from `latent_frame`, uint8 [H, W, 3]; with `max_side`
+        subsampled by a whole stride so that neither side exceeds it (for memory readouts)."""
+        if isinstance(latent_frame, bool) or not isinstance(latent_frame, int):
+            raise ValueError(f"latent_frame must be an integer, got {type(latent_frame).__name__}")
+        with self._view_lock:
+            stream = self._stream
+            generated = 0 if stream is None else stream.chunk * self.frames_per_chunk
+            if not 0 <= latent_frame < generated:
+                raise ValueError(f"latent frame {latent_frame} is not generated (0..{generated - 1})")
+            frame = stream.spool.read(pixel_frame_of(latent_frame), pixel_frame_of(latent_frame) + 1)[0]
+        if max_side is not None:
+            stride = max(1, math.ceil(max(frame.shape[:2]) / max_side))
+            frame = np.ascontiguousarray(frame[::stride, ::stride])
+        return frame
+
+    # -- saving -----------------------------------------------------------------------------------
+    def save_mp4(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write the video so far to `path` (.mp4) and its timeline to the same stem .json.
+
+        Both appear only complete (temporary names, then rename). The JSON holds the prompt
+        timeline and the `interactive_jsonl` line (prompts + switch_frame_indices) with the
+        overrides under which `interactive_inference.sh` regenerates the same latents."""
+        path = Path(path)
+        if path.suffix.lower() != ".mp4":
+            raise ValueError(f"save_mp4 writes an .mp4 file, got {path}")
+        json_path = path.with_suffix(".json")
+        with self._run_lock:
+            stream = self._stream
+            if stream is None or stream.chunk == 0:
+                raise ValueError("nothing generated yet: start the session and generate a chunk first")
+            sidecar = self._sidecar(stream, path.name)
+            partial = json_path.parent / f".{json_path.stem}.partial.json"
+            try:
+                with Mp4Writer(path, fps=self.fps) as writer:  # creates the folder
+                    for block in stream.spool.blocks(stream.spool.count):
+                        writer.write(block)
+                    partial.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+                os.replace(partial, json_path)
+            finally:
+                partial.unlink(missing_ok=True)
+        return path, json_path
+
+    def _sidecar(self, stream: _Stream, video_name: str) -> dict:
+        """The JSON written next to a saved video: timeline, replay line and settings."""
+        latents = stream.chunk * self.frames_per_chunk
+        timeline = [{**asdict(e), "time_s": e.pixel_frame / self.fps} for e in stream.timeline]
+        line = {"prompts": [e.prompt for e in stream.timeline],
+                "switch_frame_indices": [e.latent_frame for e in stream.timeline[1:]]}
+        data_path = Path(video_name).with_suffix(".jsonl").name
+        replay = [*self.overrides, "mode=interactive", f"data_path={data_path}",
+                  f"num_output_frames={latents}", f"seed={stream.seed}"]
+        command = ["bash", "interactive_inference.sh"]
+        if self.config_path is not None:
+            command += ["--config_path", self.config_path]
+        return {
+            "format": SIDECAR_FORMAT, "video": video_name, "fps": self.fps,
+            "height": self.height, "width": self.width, "latent_frames": latents,
+            "video_frames": stream.spool.count, "seed": stream.seed,
+            "behaviour": "compat" if self.settings.compat else "clean",
+            "config_path": self.config_path, "overrides": self.overrides,
+            "timeline": timeline, "interactive_jsonl": line,
+            "replay": {"data_path": data_path, "overrides": replay,
+                       "command": shlex.join(command + replay)},
+        }
+
+
+def memory_view(state) -> MemoryView:
+    """Which latent frames a stream state's sink, window and bank hold (bank frames need
+    `track_bank_frames`). The KV buffer holds the sink, then the newest window frames."""
+    frame_len = state.frame_len
+    kv = state.kv
+    end, fill, sink = kv.end // frame_len, kv.fill // frame_len, kv.sink // frame_len
+    in_sink = min(sink, fill)
+    window = list(range(end - (fill - in_sink), end))
+    layers = [[f for f in frames if f is not None] for frames in state.bank.slot_frames]
+    bank = sorted(set().union(*layers)) if layers else []
+    return MemoryView(list(range(in_sink)), bank, window, layers)
