@@ -94,12 +94,22 @@ class MemoryOptions:
     # Build the cross-attention (text) cache before refreshing the bank, so retrieval after a
     # prompt switch uses the new prompt rather than all-zero keys (spec Q8).
     text_keys_before_refresh: bool = True
+    # The committing re-run of a chunk whose denoising exited at step 0 refreshes the bank first,
+    # like that step-0 call (TRAINING.md §10 item 5, the reference's q_bank leak: the re-run
+    # inherits the last denoising call's q_bank flag). With `reinsert_stale_prototype` a full
+    # bank is then compressed once more per such chunk (stage 2 from the first saturation on).
+    commit_refreshes_after_step0_exit: bool = False
 
     @classmethod
-    def compat(cls, record_policy: RecordPolicy = "every_chunk") -> "MemoryOptions":
+    def compat(
+        cls,
+        record_policy: RecordPolicy = "every_chunk",
+        commit_refreshes_after_step0_exit: bool = True,
+    ) -> "MemoryOptions":
         """The reference's behaviour, quirks included. The single-prompt script records every
         chunk (so does its stage-1 rollout); the interactive script and stage-2 training every
-        `record_interval` chunks."""
+        `record_interval` chunks. The single-prompt script's re-run never inherits q_bank (it
+        passes the default), so it turns the leak off; only a one-step schedule can tell."""
         return cls(
             record_policy=record_policy,
             reinsert_stale_prototype=True,
@@ -107,6 +117,7 @@ class MemoryOptions:
             score_in_fp32=False,
             keep_order="score_desc",
             text_keys_before_refresh=False,
+            commit_refreshes_after_step0_exit=commit_refreshes_after_step0_exit,
         )
 
     @classmethod

@@ -6,7 +6,8 @@ of tokens per slot). Its life cycle per chunk (spec §3):
 1. **stage** (inside the committing clean re-run of chunk n): when the record policy says so, the
    chunk's first latent frame becomes the pending *prototype* and the count of opened slots
    becomes n // record_interval + 1.
-2. **refresh** (before any layer runs, on the first denoising call of the next chunk): the
+2. **refresh** (before any layer runs, on the first denoising call of the next chunk, on a
+   recache and, in compat mode, on the commit of a chunk whose denoising exited at step 0): the
    prototype is written into the next free slot; once every slot is used, `nam_select` keeps the
    `slots - 1` stored frames that the chunk's prompt finds most relevant and the prototype is
    appended.
@@ -20,11 +21,13 @@ attended keep their values for the backward pass of a training rollout.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 from .config import MemoryOptions
+
+RefreshAction = Literal["insert", "compress"]
 
 
 def nam_scores(
@@ -193,8 +196,9 @@ class MemoryBank:
         self,
         text_keys: Callable[[int], torch.Tensor],
         text_mask: torch.Tensor | None = None,
-    ) -> None:
-        """Insert the prototype into the next slot, or compress when the bank is full.
+    ) -> RefreshAction | None:
+        """Insert the prototype into the next slot, or compress when the bank is full; returns
+        which of the two it did (None: nothing).
 
         `text_keys(layer)` gives that layer's prompt key projections [B, T, H, D] (all zeros when
         the text cache is empty, which is what the reference scores with right after a switch).
@@ -202,10 +206,11 @@ class MemoryBank:
         since the last refresh.
         """
         if self.opened < 1 or self.slots == 0:
-            return
+            return None
         if not self.fresh and not self.options.reinsert_stale_prototype:
-            return
-        if self.opened <= self.slots:
+            return None
+        action: RefreshAction = "insert" if self.opened <= self.slots else "compress"
+        if action == "insert":
             slot = self.opened - 1
             for layer in range(self.num_layers):
                 self.k[layer] = _put(self.k[layer], slot, self.proto_k[layer])
@@ -224,6 +229,7 @@ class MemoryBank:
                     old = self.slot_frames[layer]
                     self.slot_frames[layer] = [old[i] for i in per_batch[0]] + [self.prototype_frame]
         self.fresh = False
+        return action
 
     def _compress_layer(
         self, layer: int, text_keys: torch.Tensor, text_mask: torch.Tensor | None

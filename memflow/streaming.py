@@ -9,7 +9,8 @@ self-attention attends to (sink, bank slots, window) and collects the call's new
 
 * `StreamCall.denoise(frame)`: read only.
 * `StreamCall.commit_chunk(frame, record_memory)`: the clean re-run of a finished chunk. Its K/V
-  go into the cache and, with `record_memory`, its first frame is staged as the bank prototype.
+  go into the cache and, with `record_memory`, its first frame is staged as the bank prototype
+  (after the call; a `refresh_memory` of the same call runs before it, on the bank as it was).
 * `StreamCall.recache_frames(frame)`: re-encode already generated frames (after a prompt switch).
   It rewrites window slots and never moves the cache pointers.
 
@@ -25,7 +26,7 @@ import torch
 from .attention import attention
 from .config import DiTConfig, StreamConfig
 from .kv_cache import CachePlan, KVCache
-from .memory_bank import MemoryBank, sma_select
+from .memory_bank import MemoryBank, RefreshAction, sma_select
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,11 @@ class StreamCall:
         return cls(start_frame, refresh_memory=refresh_memory)
 
     @classmethod
-    def commit_chunk(cls, start_frame: int, record_memory: bool) -> "StreamCall":
-        return cls(start_frame, commit=True, record_memory=record_memory)
+    def commit_chunk(
+        cls, start_frame: int, record_memory: bool, refresh_memory: bool = False
+    ) -> "StreamCall":
+        return cls(start_frame, commit=True, refresh_memory=refresh_memory,
+                   record_memory=record_memory)
 
     @classmethod
     def recache_frames(
@@ -114,9 +118,11 @@ class TextCache:
 @dataclass
 class StreamDebug:
     """What tests and benchmarks may ask a state to record (off by default: not on the hot
-    path). `key_frames`: attended key length in frames of every call, in call order."""
+    path). `key_frames`: attended key length in frames of every call, in call order;
+    `bank_refreshes`: every bank refresh, with the call it ran before and what it did."""
 
     key_frames: list[int] = field(default_factory=list)
+    bank_refreshes: list[tuple[StreamCall, RefreshAction | None]] = field(default_factory=list)
 
     @property
     def last_key_frames(self) -> int:
@@ -132,6 +138,11 @@ class StreamState:
     window). `cache_frames` is the KV buffer size: by default the window itself (a rolling
     cache); a training rollout passes its length so that nothing is evicted or copied during it
     (the reference's min(local_attn_size + slice_last_frames, num_training_frames)).
+
+    `exit_step` is the last denoising step run on the chunk in flight (set by the stepper's
+    denoise, cleared by its commit): the reference's commit inherits that step's bank-refresh
+    flag (MemoryOptions.commit_refreshes_after_step0_exit). Never saved: it is None between
+    chunks.
     """
 
     def __init__(
@@ -176,6 +187,7 @@ class StreamState:
         )
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None
+        self.exit_step: int | None = None
 
     def state_dict(self) -> dict:
         """Cache, bank and text cache as plain containers of tensors (`torch.save`-able with
@@ -190,10 +202,12 @@ class StreamState:
         self.bank.load_state_dict(state["bank"], device)
         self.text.load_state_dict(state["text"], device)
 
-    def refresh_memory(self) -> None:
-        """Bank maintenance before a chunk (insert the prototype or compress, spec §3.4), scored
+    def refresh_memory(self, call: StreamCall) -> None:
+        """Bank maintenance before `call` (insert the prototype or compress, spec §3.4), scored
         with whatever the text cache holds."""
-        self.bank.refresh(self.text.keys, self.text.mask)
+        action = self.bank.refresh(self.text.keys, self.text.mask)
+        if self.debug is not None:
+            self.debug.bank_refreshes.append((call, action))
 
     def begin(self, call: StreamCall, num_frames: int) -> "CallContext":
         plan = self.kv.plan(

@@ -77,7 +77,9 @@ def parse_settings(cfg: DictConfig, interactive: bool) -> InferenceSettings:
         )
 
     if compat:
-        memory = MemoryOptions.compat("every_interval" if interactive else "every_chunk")
+        # the single-prompt script's re-run never inherits q_bank (a one-step schedule shows it)
+        memory = (MemoryOptions.compat("every_interval") if interactive else
+                  MemoryOptions.compat("every_chunk", commit_refreshes_after_step0_exit=False))
     else:
         memory = MemoryOptions.clean()
     memory = _options(MemoryOptions, memory, _get(cfg, "memory"), "memory")
