@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch.nn as nn  # noqa: E402
 
 import common as C  # noqa: E402
-from runner import make_decoder, run_video  # noqa: E402
+from timed_video import make_decoder, run_video  # noqa: E402
 
 CATEGORIES = ("linear", "self_attn_kernel", "cross_attn_kernel", "maintenance", "rope", "other")
 LABELS = {

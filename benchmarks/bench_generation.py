@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
-from runner import make_decoder, run_video, sampling_config  # noqa: E402
+from timed_video import make_decoder, run_video, sampling_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -123,84 +123,95 @@ def steady(videos, warmup: int):
     return [b for v in videos for b in v.blocks[warmup:]]
 
 
-def render(args, preset, cfg, modes, videos, e2e, decoder_note, info, start_load) -> str:
-    fpb = args.frames_per_block
-    pixel_per_block = C.VAE_TIME_STRIDE * fpb  # 12 video frames per 3-latent-frame block
-    extrap = args.layers is not None and args.layers < preset.dit.num_layers
-    full_layers = preset.dit.num_layers
-    mem_kind = C.MemoryProbe(torch.device(args.device)).kind
-    warm = args.warmup_blocks
-    rows, e2e_rows, extra_rows = [], [], []
-    stats: dict[str, dict] = {}
+def min_median_max(s: dict, fmt) -> str:
+    """A summary as "min / **median** / max", the median in bold (the figure to read)."""
+    return f"{fmt(s['min'])} / **{fmt(s['median'])}** / {fmt(s['max'])}"
+
+
+def dit_figures(mode, runs, warm: int, pixel_per_block: int) -> tuple[list[str], dict, float]:
+    """A mode's row of the DiT-only table, with the summary of its steady block times and the
+    median analytic FLOPs of a block (the extrapolated table reuses both)."""
+    blocks = steady(runs, warm)
+    dit = C.summary([b.dit_s for b in blocks])
+    den = C.summary([b.denoise_s for b in blocks])
+    com = C.summary([b.commit_s for b in blocks])
+    flops = statistics.median([b.flops for b in blocks])
+    keys = sorted({(b.key_frames_denoise, b.key_frames_commit) for b in blocks})
+    first_lat = C.summary([v.first_latents_s for v in runs])
+    # one median per video shows whether the repeats agree
+    per_video = [statistics.median([b.dit_s for b in v.blocks[warm:]]) for v in runs]
+    peak = max(b.mem_peak for v in runs for b in v.blocks)
+    row = [
+        mode.label, ", ".join(f"{d}/{c}" for d, c in keys),
+        min_median_max(dit, C.fmt_ms),
+        f"{C.fmt_ms(den['median'])} + {C.fmt_ms(com['median'])}",
+        f"{pixel_per_block / dit['median']:.2f}",
+        C.fmt_s(first_lat["median"]),
+        f"{flops / 1e12:.4g}",
+        f"{flops / dit['median'] / 1e12:.3g}",
+        f"{C.mib(peak)} / {C.mib(runs[0].state_bytes)}",
+        f"{dit['n']}" + (f" ({len(per_video)} videos; medians "
+                         f"{' / '.join(C.fmt_ms(x) for x in per_video)})"
+                         if len(per_video) > 1 else ""),
+    ]
+    return row, dit, flops
+
+
+def extrapolated_figures(mode, blocks, flops: float, pixel_per_block: int, full_layers: int,
+                         run_layers: int) -> tuple[list[str], dict]:
+    """A mode's row of the all-layers table under --layers: time outside the DiT layers as
+    measured, time inside them scaled by full_layers / run_layers (the per-layer work is
+    the same in every layer), with the summary of those block times."""
+    s = C.summary([b.dit_s - b.layers_s + b.layers_s * full_layers / run_layers
+                   for b in blocks])
+    row = [mode.label, min_median_max(s, C.fmt_s), f"{pixel_per_block / s['median']:.4f}",
+           f"{flops * full_layers / run_layers / 1e12:.4g}"]
+    return row, s
+
+
+def e2e_figures(mode, runs, warm: int, pixel_per_block: int) -> tuple[list[str], dict]:
+    """A mode's row of the end-to-end table (DiT + decode + MP4 write of every block), with
+    the summary of its steady block times."""
+    eb = steady(runs, warm)
+    tot = C.summary([b.e2e_s for b in eb])
+    row = [
+        mode.label,
+        min_median_max(tot, C.fmt_ms),
+        C.fmt_ms(statistics.median(b.dit_s for b in eb)),
+        C.fmt_ms(statistics.median(b.decode_s for b in eb)),
+        C.fmt_ms(statistics.median(b.write_s for b in eb)),
+        f"{pixel_per_block / tot['median']:.2f}",
+        C.fmt_s(statistics.median(v.first_pixels_s for v in runs)),
+        C.fmt_s(statistics.median(v.total_s for v in runs)),
+        str(sum(b.pixel_frames for b in runs[0].blocks)),
+        str(tot["n"]),
+    ]
+    return row, tot
+
+
+def ratio_rows(modes, block_s: dict[str, float], e2e_s: dict[str, float]) -> list[list[str]]:
+    """Every mode against frame-sink-only, from the median block times (DiT-only, and end to
+    end where measured); none when the baseline mode was not run."""
+    if C.BASELINE_MODE not in block_s:
+        return []
+    rows = []
     for mode in modes:
-        blocks = steady(videos[mode.key], warm)
-        dit = C.summary([b.dit_s for b in blocks])
-        den = C.summary([b.denoise_s for b in blocks])
-        com = C.summary([b.commit_s for b in blocks])
-        flops = statistics.median([b.flops for b in blocks])
-        keys = sorted({(b.key_frames_denoise, b.key_frames_commit) for b in blocks})
-        first_lat = C.summary([v.first_latents_s for v in videos[mode.key]])
-        per_video = [statistics.median([b.dit_s for b in v.blocks[warm:]])
-                     for v in videos[mode.key]]
-        peak = max(b.mem_peak for v in videos[mode.key] for b in v.blocks)
-        state_bytes = videos[mode.key][0].state_bytes
-        if extrap:
-            ext = [b.dit_s - b.layers_s + b.layers_s * full_layers / cfg.num_layers
-                   for b in blocks]
-            stats[mode.key] = C.summary(ext)
-        else:
-            stats[mode.key] = dit
-        rows.append([
-            mode.label, ", ".join(f"{d}/{c}" for d, c in keys),
-            f"{C.fmt_ms(dit['min'])} / **{C.fmt_ms(dit['median'])}** / {C.fmt_ms(dit['max'])}",
-            f"{C.fmt_ms(den['median'])} + {C.fmt_ms(com['median'])}",
-            f"{pixel_per_block / dit['median']:.2f}",
-            C.fmt_s(first_lat["median"]),
-            f"{flops / 1e12:.4g}",
-            f"{flops / dit['median'] / 1e12:.3g}",
-            f"{C.mib(peak)} / {C.mib(state_bytes)}",
-            f"{dit['n']}" + (f" ({len(per_video)} videos; medians "
-                             f"{' / '.join(C.fmt_ms(x) for x in per_video)})"
-                             if len(per_video) > 1 else ""),
-        ])
-        if extrap:
-            s = stats[mode.key]
-            extra_rows.append([
-                mode.label,
-                f"{C.fmt_s(s['min'])} / **{C.fmt_s(s['median'])}** / {C.fmt_s(s['max'])}",
-                f"{pixel_per_block / s['median']:.4f}",
-                f"{flops * full_layers / cfg.num_layers / 1e12:.4g}"])
-        if e2e[mode.key]:
-            eb = steady(e2e[mode.key], warm)
-            tot = C.summary([b.e2e_s for b in eb])
-            stats[mode.key + "_e2e"] = tot
-            e2e_rows.append([
-                mode.label,
-                f"{C.fmt_ms(tot['min'])} / **{C.fmt_ms(tot['median'])}** / {C.fmt_ms(tot['max'])}",
-                C.fmt_ms(statistics.median(b.dit_s for b in eb)),
-                C.fmt_ms(statistics.median(b.decode_s for b in eb)),
-                C.fmt_ms(statistics.median(b.write_s for b in eb)),
-                f"{pixel_per_block / tot['median']:.2f}",
-                C.fmt_s(statistics.median(v.first_pixels_s for v in e2e[mode.key])),
-                C.fmt_s(statistics.median(v.total_s for v in e2e[mode.key])),
-                str(sum(b.pixel_frames for b in e2e[mode.key][0].blocks)),
-                str(tot["n"]),
-            ])
+        r = block_s[mode.key] / block_s[C.BASELINE_MODE]
+        row = [mode.label, f"{r:.3f}", f"{(r - 1) * 100:+.1f}%", f"{1 / r:.3f}"]
+        if e2e_s:
+            re_ = e2e_s[mode.key] / e2e_s[C.BASELINE_MODE]
+            row.append(f"{(re_ - 1) * 100:+.1f}%")
+        rows.append(row)
+    return rows
 
-    label = "extrapolated to all layers" if extrap else "measured"
-    ratio_rows = []
-    if C.BASELINE_MODE in stats:
-        base = stats[C.BASELINE_MODE]["median"]
-        for mode in modes:
-            r = stats[mode.key]["median"] / base
-            row = [mode.label, f"{r:.3f}", f"{(r - 1) * 100:+.1f}%", f"{1 / r:.3f}"]
-            if e2e_rows:
-                re_ = stats[mode.key + "_e2e"]["median"] / stats[C.BASELINE_MODE + "_e2e"]["median"]
-                row.append(f"{(re_ - 1) * 100:+.1f}%")
-            ratio_rows.append(row)
 
+def report_intro(args, preset, cfg, info, start_load, decoder_note, extrap: bool,
+                 measured_e2e: bool) -> list[str]:
+    """The report's title and the bullet list that says what was run and how it was timed."""
+    fpb, warm = args.frames_per_block, args.warmup_blocks
+    full_layers = preset.dit.num_layers
     steps = len(sampling_config(args).denoising_step_list)
-    out = [
+    return [
         f"### bench_generation: preset `{preset.name}`"
         + (f" ({cfg.num_layers} of {full_layers} layers run)" if extrap else "")
         + f", {info['device']}, {dtype_name(args)}",
@@ -217,35 +228,79 @@ def render(args, preset, cfg, modes, videos, e2e, decoder_note, info, start_load
          f"({args.e2e_frames} latent "
          f"frames), every chunk decoded by {decoder_note} and written with "
          "utils.video_writer.Mp4Writer (libx264 in an ffmpeg subprocess)")
-        if e2e_rows else f"- end to end: not measured ({decoder_note})",
-        "",
-        "DiT only (denoising calls + commit call; no decode in the loop):",
-        "",
-        C.table(["mode", "keys (frames) denoise/commit", "time/block ms min / **median** / max",
-                 "denoise + commit ms (median)", "DiT FPS (12 frames / median block)",
-                 "first-block latency to latents s", "TFLOP/block (analytic)",
-                 "achieved TFLOP/s", f"peak {mem_kind} / KV+bank buffers MiB",
-                 "blocks timed"], rows),
+        if measured_e2e else f"- end to end: not measured ({decoder_note})",
     ]
+
+
+def dit_table(rows, mem_kind: str) -> list[str]:
+    return ["", "DiT only (denoising calls + commit call; no decode in the loop):", "",
+            C.table(["mode", "keys (frames) denoise/commit",
+                     "time/block ms min / **median** / max",
+                     "denoise + commit ms (median)", "DiT FPS (12 frames / median block)",
+                     "first-block latency to latents s", "TFLOP/block (analytic)",
+                     "achieved TFLOP/s", f"peak {mem_kind} / KV+bank buffers MiB",
+                     "blocks timed"], rows)]
+
+
+def extrapolated_table(rows, full_layers: int, run_layers: int) -> list[str]:
+    return ["", f"Extrapolated to all {full_layers} layers: time outside the DiT blocks as "
+            f"measured + time inside them x {full_layers}/{run_layers}. "
+            "**Extrapolated, not measured.**", "",
+            C.table(["mode", "time/block s min / **median** / max", "DiT FPS",
+                     f"TFLOP/block ({full_layers} layers)"], rows)]
+
+
+def e2e_table(rows) -> list[str]:
+    return ["", "End to end (DiT + streaming VAE decode + MP4 write of every block):", "",
+            C.table(["mode", "time/block ms min / **median** / max", "DiT ms (median)",
+                     "decode ms (median)", "write ms (median)", "end-to-end FPS",
+                     "first-block latency to written frames s",
+                     "whole video s (incl. ffmpeg flush)", "frames written",
+                     "blocks timed"], rows)]
+
+
+def ratio_table(rows, extrap: bool, with_e2e: bool) -> list[str]:
+    hdr = ["mode", "time/block / sink-only", "overhead", "FPS relative to sink-only"]
+    if with_e2e:
+        hdr.append("end-to-end overhead")
+    label = "extrapolated to all layers" if extrap else "measured"
+    return ["", f"Against frame-sink-only (median block times, {label}):", "",
+            C.table(hdr, rows)]
+
+
+def render(args, preset, cfg, modes, videos, e2e, decoder_note, info, start_load) -> str:
+    """The markdown report of a run: what was run, then the DiT-only table, the all-layers
+    extrapolation (under --layers), the end-to-end table (when decoded) and the overhead of
+    each mode against frame-sink-only."""
+    pixel_per_block = C.VAE_TIME_STRIDE * args.frames_per_block  # 12 frames per 3-frame block
+    full_layers = preset.dit.num_layers
+    extrap = args.layers is not None and args.layers < full_layers
+    warm = args.warmup_blocks
+    rows, extra_rows, e2e_rows = [], [], []
+    block_s: dict[str, float] = {}  # median block time per mode (extrapolated under --layers)
+    e2e_s: dict[str, float] = {}
+    for mode in modes:
+        row, dit, flops = dit_figures(mode, videos[mode.key], warm, pixel_per_block)
+        rows.append(row)
+        block_s[mode.key] = dit["median"]
+        if extrap:
+            row, ext = extrapolated_figures(mode, steady(videos[mode.key], warm), flops,
+                                            pixel_per_block, full_layers, cfg.num_layers)
+            extra_rows.append(row)
+            block_s[mode.key] = ext["median"]
+        if e2e[mode.key]:
+            row, tot = e2e_figures(mode, e2e[mode.key], warm, pixel_per_block)
+            e2e_rows.append(row)
+            e2e_s[mode.key] = tot["median"]
+    ratios = ratio_rows(modes, block_s, e2e_s)
+    out = report_intro(args, preset, cfg, info, start_load, decoder_note, extrap, bool(e2e_rows))
+    out += dit_table(rows, C.MemoryProbe(torch.device(args.device)).kind)
     if extrap:
-        out += ["", f"Extrapolated to all {full_layers} layers: time outside the DiT blocks as "
-                f"measured + time inside them x {full_layers}/{cfg.num_layers}. "
-                "**Extrapolated, not measured.**", "",
-                C.table(["mode", "time/block s min / **median** / max", "DiT FPS",
-                         f"TFLOP/block ({full_layers} layers)"], extra_rows)]
+        out += extrapolated_table(extra_rows, full_layers, cfg.num_layers)
     if e2e_rows:
-        out += ["", "End to end (DiT + streaming VAE decode + MP4 write of every block):", "",
-                C.table(["mode", "time/block ms min / **median** / max", "DiT ms (median)",
-                         "decode ms (median)", "write ms (median)", "end-to-end FPS",
-                         "first-block latency to written frames s",
-                         "whole video s (incl. ffmpeg flush)", "frames written",
-                         "blocks timed"], e2e_rows)]
-    if ratio_rows:
-        hdr = ["mode", "time/block / sink-only", "overhead", "FPS relative to sink-only"]
-        if e2e_rows:
-            hdr.append("end-to-end overhead")
-        out += ["", f"Against frame-sink-only (median block times, {label}):", "",
-                C.table(hdr, ratio_rows)]
+        out += e2e_table(e2e_rows)
+    if ratios:
+        out += ratio_table(ratios, extrap, bool(e2e_rows))
     return "\n".join(out) + "\n"
 
 

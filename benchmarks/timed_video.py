@@ -14,12 +14,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from common import MemoryProbe, Preset, RegionTimer, Mode, block_flops, now, stream_config, time_layers
-from memflow.config import SamplingConfig
+from memflow.config import DiTConfig, SamplingConfig
 from pipeline.noise import SeededNoise
 from pipeline.stepper import ChunkHooks, ChunkStepper
 
@@ -82,6 +82,145 @@ def state_bytes(state) -> int:
     return kv_bytes + 2 * bank.num_layers * frames * frame.numel() * frame.element_size()
 
 
+def latent_video_bytes(model, preset: Preset, batch: int, num_frames: int,
+                       dtype: torch.dtype) -> int:
+    """Bytes of the whole-video latent tensors a rollout holds: the initial noise of every
+    frame and every chunk's x0. Reported apart from the state because it grows with the
+    video's length (O(frames)) while the cache and bank do not."""
+    latent_numel = batch * num_frames * model.config.in_dim * math.prod(preset.latent_hw)
+    return 2 * latent_numel * torch.empty((), dtype=dtype).element_size()
+
+
+def open_video(rec: VideoRecord, preset: Preset, mode: Mode, video_dir: str | None):
+    """The MP4 writer of a decode pass; its path goes into `rec.video_path`. Imported here so
+    that a DiT-only run needs neither ffmpeg nor the video writer."""
+    from utils.video_writer import Mp4Writer
+
+    folder = Path(video_dir or tempfile.mkdtemp(prefix="memflow-bench-"))
+    rec.video_path = str(folder / f"bench-{preset.name}-{mode.key}.mp4")
+    return Mp4Writer(rec.video_path, fps=16)
+
+
+@dataclass
+class BlockMarks:
+    """Clock readings and attended sizes of the block in progress, taken by the hooks."""
+
+    t0: float  # block start
+    calls: int  # DiT calls recorded before the block (index into state.debug.key_frames)
+    t1: float = 0.0  # x0 final: the denoising calls are done
+    t4: float = 0.0  # decode and write done: the commit call starts
+    key_frames_denoise: int = 0
+    bank_slots: int = 0
+    decode_s: float = 0.0
+    write_s: float = 0.0
+    pixel_frames: int = 0
+
+
+@dataclass
+class BlockTimer:
+    """Times one rollout block by block through `ChunkStepper.rollout`'s hooks.
+
+    Each hook reads the clock after a device sync (`common.now`), so a block's time is split
+    at the rollout's own boundaries without touching the model: `before_chunk` starts the
+    block, `on_chunk` ends its denoising calls and runs the chunk's decode and MP4 write,
+    `after_commit` ends the commit call and files the block's `BlockRecord` in `rec`.
+    """
+
+    rec: VideoRecord
+    state: Any  # the rollout's StreamState, built with debug=True (attended key lengths)
+    model_config: DiTConfig  # for the analytic FLOP count
+    steps: int  # denoising calls of a full block
+    frames_per_block: int
+    device: torch.device
+    t_start: float  # the video's start, before the state was allocated
+    probe: MemoryProbe
+    fast_fill_blocks: int = 0
+    decoder: Any = None
+    writer: Any = None
+    layer_timer: RegionTimer | None = None  # set when per-layer time is collected
+    block_hook: Callable[[BlockRecord], None] | None = None
+    progress: bool = False
+    marks: BlockMarks | None = None
+
+    def hooks(self) -> ChunkHooks:
+        return ChunkHooks(before_chunk=self.before_chunk, on_chunk=self.on_chunk,
+                          after_commit=self.after_commit)
+
+    def before_chunk(self, n: int) -> None:
+        """Start block n; the first one also closes the setup time (state + initial noise,
+        which the rollout draws before its first chunk)."""
+        if n == 0:
+            self.rec.setup_s = now(self.device) - self.t_start
+        self.probe.reset_peak()
+        self.marks = BlockMarks(t0=now(self.device), calls=len(self.state.debug.key_frames))
+
+    def on_chunk(self, n: int, x0: torch.Tensor) -> None:
+        """x0 of block n is final: end the denoising calls, then decode and write the chunk
+        the way a streaming viewer would, before the commit call runs."""
+        m = self.marks
+        m.t1 = now(self.device)
+        m.key_frames_denoise = self.state.debug.key_frames[-1]
+        m.bank_slots = self.state.bank.used_slots
+        if n == 0:
+            self.rec.first_latents_s = m.t1 - self.t_start
+        if self.decoder is not None:
+            self.decode_and_write(n, x0)
+        m.t4 = now(self.device)
+
+    def decode_and_write(self, n: int, x0: torch.Tensor) -> None:
+        """Decode block n to frames and write them; the write is timed without a device sync
+        (it runs on the host once the frames are there)."""
+        m = self.marks
+        frames = self.decoder.decode(x0)
+        t2 = now(self.device)
+        self.writer.write(frames)
+        t3 = time.perf_counter()
+        m.decode_s, m.write_s, m.pixel_frames = t2 - m.t1, t3 - t2, int(frames.shape[0])
+        if n == 0:
+            self.rec.first_pixels_s = t3 - self.t_start
+
+    def after_commit(self, n: int) -> None:
+        """Block n is in the cache: end the commit call and file the block's record."""
+        t5 = now(self.device)
+        block = self.block_record(n, t5)
+        self.rec.blocks.append(block)
+        if self.block_hook is not None:
+            self.block_hook(block)
+        if self.progress:
+            print(f"  [{self.rec.mode}] block {n}: dit {block.dit_s * 1000:.1f} ms, keys "
+                  f"{block.key_frames_denoise} frames, e2e {block.e2e_s * 1000:.1f} ms",
+                  flush=True)
+
+    def block_record(self, n: int, t5: float) -> BlockRecord:
+        """The record of block n from the marks; checks first that the block made exactly the
+        DiT calls its step count implies, so a timing is never charged to the wrong calls."""
+        m = self.marks
+        fill = n < self.fast_fill_blocks
+        calls = self.state.debug.key_frames[m.calls:]
+        steps = 1 if fill else self.steps
+        if len(calls) != steps + 1:
+            raise RuntimeError(f"block {n}: {len(calls)} DiT calls recorded, expected {steps + 1}")
+        block = BlockRecord(
+            index=n, denoise_s=m.t1 - m.t0, commit_s=t5 - m.t4, decode_s=m.decode_s,
+            write_s=m.write_s, pixel_frames=m.pixel_frames,
+            key_frames_denoise=m.key_frames_denoise, key_frames_commit=calls[-1],
+            bank_slots=m.bank_slots, mem_current=self.probe.current(),
+            mem_peak=self.probe.peak(), fast_fill=fill,
+        )
+        block.flops = block_flops(self.model_config, self.state.frame_len, self.frames_per_block,
+                                  steps, block.key_frames_denoise, block.key_frames_commit)
+        if self.layer_timer is not None:
+            block.layers_s = self.layer_timer.collect().get("layers", 0.0)
+        return block
+
+
+def close_video(writer) -> float:
+    """Close the MP4 (ffmpeg flushes its last frames); returns the seconds it took."""
+    t6 = time.perf_counter()
+    writer.close()
+    return time.perf_counter() - t6
+
+
 @torch.no_grad()
 def run_video(
     model,
@@ -110,101 +249,34 @@ def run_video(
     """
     cfg = stream_config(mode, args)
     stepper = ChunkStepper(model, cfg, sampling_config(args))
-    steps = len(stepper.timesteps)
-    fpb = cfg.num_frame_per_block
     num_frames = args.frames
     stepper.num_chunks(num_frames)  # validates the length before anything runs
     batch = context.shape[0]
     probe = MemoryProbe(device)
-    timer = RegionTimer(device)
-    undo = time_layers(model, timer) if time_layer_blocks else (lambda: None)
-    rec = VideoRecord(mode.key)
-    # the rollout keeps the initial noise of the whole video and every chunk's x0
-    latent_numel = batch * num_frames * model.config.in_dim * math.prod(preset.latent_hw)
-    rec.video_bytes = 2 * latent_numel * torch.empty((), dtype=dtype).element_size()
+    layer_timer = RegionTimer(device) if time_layer_blocks else None
+    undo = time_layers(model, layer_timer) if layer_timer is not None else (lambda: None)
+    rec = VideoRecord(mode.key,
+                      video_bytes=latent_video_bytes(model, preset, batch, num_frames, dtype))
     writer = None
-    # per-block marks, filled by the hooks
-    mark: dict[str, Any] = {}
-
-    def before_chunk(n: int) -> None:
-        if n == 0:
-            rec.setup_s = now(device) - t_start  # state + initial noise (drawn by the rollout)
-        probe.reset_peak()
-        mark.update(t0=now(device), calls=len(state.debug.key_frames), decode_s=0.0,
-                    write_s=0.0, pixels=0)
-
-    def on_chunk(n: int, x0: torch.Tensor) -> None:
-        t1 = now(device)
-        mark.update(t1=t1, key_den=state.debug.key_frames[-1], slots=state.bank.used_slots)
-        if n == 0:
-            rec.first_latents_s = t1 - t_start
-        if decoder is not None:
-            frames = decoder.decode(x0)
-            t2 = now(device)
-            writer.write(frames)
-            t3 = time.perf_counter()
-            mark.update(decode_s=t2 - t1, write_s=t3 - t2, pixels=int(frames.shape[0]))
-            if n == 0:
-                rec.first_pixels_s = t3 - t_start
-        mark["t4"] = now(device)
-
-    def after_commit(n: int) -> None:
-        t5 = now(device)
-        fill = n < fast_fill_blocks
-        calls = state.debug.key_frames[mark["calls"]:]
-        expected = (1 if fill else steps) + 1
-        if len(calls) != expected:
-            raise RuntimeError(f"block {n}: {len(calls)} DiT calls recorded, expected {expected}")
-        block = BlockRecord(
-            index=n,
-            denoise_s=mark["t1"] - mark["t0"],
-            commit_s=t5 - mark["t4"],
-            decode_s=mark["decode_s"],
-            write_s=mark["write_s"],
-            pixel_frames=mark["pixels"],
-            key_frames_denoise=mark["key_den"],
-            key_frames_commit=calls[-1],
-            bank_slots=mark["slots"],
-            mem_current=probe.current(),
-            mem_peak=probe.peak(),
-            fast_fill=fill,
-        )
-        block.flops = block_flops(model.config, state.frame_len, fpb,
-                                  1 if fill else steps, block.key_frames_denoise,
-                                  block.key_frames_commit)
-        if time_layer_blocks:
-            block.layers_s = timer.collect().get("layers", 0.0)
-        rec.blocks.append(block)
-        if block_hook is not None:
-            block_hook(block)
-        if progress:
-            print(f"  [{mode.key}] block {n}: dit {block.dit_s * 1000:.1f} ms, keys "
-                  f"{block.key_frames_denoise} frames, e2e {block.e2e_s * 1000:.1f} ms", flush=True)
-
     try:
         if decoder is not None:
-            from utils.video_writer import Mp4Writer
-
-            folder = Path(video_dir or tempfile.mkdtemp(prefix="memflow-bench-"))
-            rec.video_path = str(folder / f"bench-{preset.name}-{mode.key}.mp4")
-            writer = Mp4Writer(rec.video_path, fps=16)
+            writer = open_video(rec, preset, mode, video_dir)
             decoder.reset()
         probe.reset_peak()
         t_start = now(device)
         state = stepper.new_state(batch, preset.latent_hw, num_frames, debug=True)
         rec.state_bytes = state_bytes(state)
+        timer = BlockTimer(rec, state, model.config, len(stepper.timesteps),
+                           cfg.num_frame_per_block, device, t_start, probe, fast_fill_blocks,
+                           decoder, writer, layer_timer, block_hook, progress)
         stepper.rollout(
             batch, num_frames, preset.latent_hw, SeededNoise(seed, dtype=dtype),
             lambda n, _state, _generated: context,
             exit_step=(lambda n: 0 if n < fast_fill_blocks else None),
-            hooks=ChunkHooks(before_chunk=before_chunk, on_chunk=on_chunk,
-                             after_commit=after_commit),
-            state=state,
+            hooks=timer.hooks(), state=state,
         )
         if writer is not None:
-            t6 = time.perf_counter()
-            writer.close()
-            rec.finish_s = time.perf_counter() - t6
+            rec.finish_s = close_video(writer)
             writer = None
         rec.total_s = now(device) - t_start
     finally:
@@ -215,7 +287,7 @@ def run_video(
 
 
 class ChunkDecoder:
-    """Adapts `memflow.vae.StreamingDecoder` to the runner: x0 [1, F, C, h, w] -> [T, 3, H, W]."""
+    """Adapts `memflow.vae.StreamingDecoder` to `run_video`: x0 [1, F, C, h, w] -> [T, 3, H, W]."""
 
     def __init__(self, vae, label: str):
         self.vae = vae
