@@ -1,11 +1,12 @@
 """Build the generator, text encoder and VAE from an inference config.
 
-Two sources:
-* `preset: tiny` builds small random components in memory (no files needed), so the whole
+Two sources of the base components:
+* `preset: tiny` builds small random components in memory (no Wan files needed), so the whole
   pipeline runs on a CPU in seconds;
-* otherwise everything is read from local files: the Wan2.1 folder
-  `<wan_models_root>/<model_name>/` (config.json, DiT weights, T5 + tokenizer, VAE) and the
-  MemFlow `generator_ckpt` / `lora_ckpt`. Nothing is ever downloaded.
+* otherwise they are read from the Wan2.1 folder `<wan_models_root>/<model_name>/` (config.json,
+  DiT weights, T5 + tokenizer, VAE). Nothing is ever downloaded.
+Either way the MemFlow `generator_ckpt` and `lora_ckpt` are then loaded by the same code, so a
+tiny training run's checkpoints can be tried on a CPU exactly as the released ones on a GPU.
 
 All paths are checked before anything heavy is loaded, and a missing one is reported with the
 config key that names it.
@@ -89,28 +90,32 @@ def _section(cfg: DictConfig, key: str) -> dict:
 def _existing(cfg: DictConfig, key: str, path: Path, kind: str = "file") -> Path:
     ok = path.is_file() if kind == "file" else path.is_dir()
     if not ok:
+        if kind == "file" and path.is_dir():
+            raise InputError(f"config key `{key}`: {path} is a directory; give the checkpoint file "
+                             "inside it (e.g. .../checkpoint_model_<step>/model.pt)")
         raise InputError(f"config key `{key}`: {kind} not found: {path}")
     return path
 
 
 @dataclass(frozen=True)
 class CheckpointPaths:
-    wan_folder: Path
+    wan_folder: Path | None  # None: `preset: tiny` builds the base components in memory
     generator_ckpt: Path | None
-    lora_ckpt: Path | None
+    lora_ckpt: Path | None  # only when an `adapter` will load it
 
 
-def check_paths(cfg: DictConfig) -> CheckpointPaths | None:
-    """Verify every file the real components need exists (None for the tiny preset)."""
-    if OmegaConf.select(cfg, "preset", default=None) == "tiny":
-        return None
-    root = Path(str(OmegaConf.select(cfg, "wan_models_root", default="wan_models")))
-    name = str(OmegaConf.select(cfg, "model_name", default="Wan2.1-T2V-1.3B"))
-    folder = _existing(cfg, "wan_models_root/model_name", root / name, "dir")
-    _existing(cfg, "wan_models_root/model_name", folder / "config.json")
-    _existing(cfg, "wan_models_root/model_name", folder / WAN_T5_CHECKPOINT)
-    _existing(cfg, "wan_models_root/model_name", folder / WAN_T5_TOKENIZER, "dir")
-    _existing(cfg, "wan_models_root/model_name", folder / WAN_VAE_CHECKPOINT)
+def check_paths(cfg: DictConfig) -> CheckpointPaths:
+    """Verify every file the components need exists: the Wan folder's (none for the tiny
+    preset) and the MemFlow checkpoints (for both)."""
+    folder = None
+    if OmegaConf.select(cfg, "preset", default=None) != "tiny":
+        root = Path(str(OmegaConf.select(cfg, "wan_models_root", default="wan_models")))
+        name = str(OmegaConf.select(cfg, "model_name", default="Wan2.1-T2V-1.3B"))
+        folder = _existing(cfg, "wan_models_root/model_name", root / name, "dir")
+        _existing(cfg, "wan_models_root/model_name", folder / "config.json")
+        _existing(cfg, "wan_models_root/model_name", folder / WAN_T5_CHECKPOINT)
+        _existing(cfg, "wan_models_root/model_name", folder / WAN_T5_TOKENIZER, "dir")
+        _existing(cfg, "wan_models_root/model_name", folder / WAN_VAE_CHECKPOINT)
     gen = OmegaConf.select(cfg, "generator_ckpt", default=None)
     gen_path = _existing(cfg, "generator_ckpt", Path(str(gen))) if gen else None
     lora = OmegaConf.select(cfg, "lora_ckpt", default=None)
@@ -121,7 +126,7 @@ def check_paths(cfg: DictConfig) -> CheckpointPaths | None:
 
 
 def build_components(
-    cfg: DictConfig, device: torch.device, compat: bool, paths: CheckpointPaths | None
+    cfg: DictConfig, device: torch.device, compat: bool, paths: CheckpointPaths
 ) -> Components:
     dtype = parse_dtype(cfg, "dtype", "bfloat16")
     vae_dtype = parse_dtype(cfg, "vae_dtype", "bfloat16")
@@ -131,31 +136,27 @@ def build_components(
     if merge and compat:
         raise InputError("lora_merge: true changes bf16 rounding; it is not allowed with behaviour: compat")
 
-    if paths is None:
+    if paths.wan_folder is None:
         text_encoder, vae = _build_tiny_codecs(cfg, device, dtype, vae_dtype, offload, compat)
     else:
         text_encoder, vae = _load_wan_codecs(cfg, paths.wan_folder, device, dtype, vae_dtype, offload, compat)
     generator = load_generator(cfg, paths)
     if lora is not None:
-        generator = apply_lora(generator, lora, paths.lora_ckpt if paths is not None else None)
+        generator = apply_lora(generator, lora, paths.lora_ckpt)
     generator = finalize_for_inference(
         generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
     )
     return Components(generator, text_encoder, vae.to(device), model_type(cfg))
 
 
-def load_generator(cfg: DictConfig, paths: CheckpointPaths | None) -> WanDiT:
-    """`load_wan_generator` or `build_tiny_generator` as the config says (paths from `check_paths`).
-    A tiny generator loads `generator_ckpt` when one is set (e.g. a tiny training run's
-    checkpoint), so the tiny presets exercise the real checkpoint path end to end."""
+def load_generator(cfg: DictConfig, paths: CheckpointPaths) -> WanDiT:
+    """The base DiT (Wan weights, or the tiny preset's random ones) with `generator_ckpt` loaded
+    on top when set (paths from `check_paths`). The tiny preset goes through the same
+    checkpoint loading as the real one, so a tiny training run's model.pt changes its videos."""
     use_ema = bool(OmegaConf.select(cfg, "use_ema", default=False))
-    if paths is None:
-        generator = build_tiny_generator(_tiny_section(cfg))
-        ckpt = OmegaConf.select(cfg, "generator_ckpt", default=None)
-        if ckpt:
-            load_generator_checkpoint(generator, _existing(cfg, "generator_ckpt", Path(str(ckpt))),
-                                      use_ema=use_ema)
-        return generator
+    if paths.wan_folder is None:
+        generator = build_tiny_generator(_tiny_section(cfg))  # its random init plays the Wan weights
+        return load_checkpoint_weights(generator, paths.generator_ckpt, use_ema=use_ema)
     return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema)
 
 
@@ -168,12 +169,16 @@ def load_wan_generator(
     runs. Takes no inference settings, so training loads the same way.
     """
     generator = WanDiT(load_wan_config(wan_folder))
-    if generator_ckpt is None:
+    if generator_ckpt is None or use_ema:  # EMA checkpoints may be partial: start from the Wan weights
         load_wan_weights(generator, wan_folder)
-        return generator
-    if use_ema:  # EMA checkpoints may be partial: start from the Wan weights
-        load_wan_weights(generator, wan_folder)
-    load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema)
+    return load_checkpoint_weights(generator, generator_ckpt, use_ema=use_ema)
+
+
+def load_checkpoint_weights(generator: WanDiT, generator_ckpt: Path | None, *, use_ema: bool) -> WanDiT:
+    """Load a MemFlow generator checkpoint (`base.pt`, a training model.pt) over the base
+    weights; with `use_ema` its `generator_ema` entry, which may leave keys at the base values."""
+    if generator_ckpt is not None:
+        load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema)
     return generator
 
 

@@ -93,19 +93,18 @@ def noise_order(settings: InferenceSettings) -> NoiseOrder:
     return "upfront" if settings.compat else "per_chunk"
 
 
-def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths | None) -> None:
+def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths) -> None:
     """Warn about settings that look meaningful but have no effect on this run."""
     adapter, lora_ckpt = _get(cfg, "adapter"), _get(cfg, "lora_ckpt")
-    if paths is None:
-        ignored = [k for k in ("lora_ckpt", "wan_models_root", "text_encoder_config", "vae_config")
-                   if _get(cfg, k)]
+    if paths.wan_folder is None:
+        ignored = [k for k in ("wan_models_root", "text_encoder_config", "vae_config") if _get(cfg, k)]
         if ignored:
-            log.warning("preset: tiny builds random models in memory and ignores %s (only "
-                        "generator_ckpt is loaded)", ", ".join(f"`{k}`" for k in ignored))
+            log.warning("preset: tiny builds random base models in memory and ignores %s (its "
+                        "generator_ckpt and lora_ckpt are loaded)", ", ".join(f"`{k}`" for k in ignored))
     if adapter and not lora_ckpt:
         log.warning("`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial "
                     "weights (no effect on the video), yet the files are named _lora")
-    if lora_ckpt and not adapter and paths is not None:
+    if lora_ckpt and not adapter:
         log.warning("`lora_ckpt` is set but `adapter` is null: %s is not loaded", lora_ckpt)
 
 

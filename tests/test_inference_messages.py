@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import inference
 from conftest import run_launcher, subprocess_env
+from pipeline.build import CheckpointPaths
 from pipeline.runner import warn_ignored_settings
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
 
@@ -130,9 +131,12 @@ def _cfg(**values) -> OmegaConf:
     return OmegaConf.create(values)
 
 
+TINY_PATHS = CheckpointPaths(wan_folder=None, generator_ckpt=None, lora_ckpt=None)
+
+
 def test_adapter_without_lora_ckpt_warns(caplog):
     with caplog.at_level(logging.WARNING):
-        warn_ignored_settings(_cfg(adapter={"type": "lora", "rank": 4}, lora_ckpt=None), paths=None)
+        warn_ignored_settings(_cfg(adapter={"type": "lora", "rank": 4}, lora_ckpt=None), TINY_PATHS)
     assert caplog.messages == [
         "`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial weights (no effect "
         "on the video), yet the files are named _lora"]
@@ -141,7 +145,7 @@ def test_adapter_without_lora_ckpt_warns(caplog):
 def test_tiny_preset_warns_about_the_paths_it_ignores(caplog):
     with caplog.at_level(logging.WARNING):
         warn_ignored_settings(_cfg(adapter={"rank": 4}, lora_ckpt="checkpoints/lora.pt",
-                                   wan_models_root="wan_models", generator_ckpt=None), paths=None)
+                                   wan_models_root="wan_models", generator_ckpt=None), TINY_PATHS)
     assert caplog.messages == [
-        "preset: tiny builds random models in memory and ignores `lora_ckpt`, `wan_models_root` "
-        "(only generator_ckpt is loaded)"]
+        "preset: tiny builds random base models in memory and ignores `wan_models_root` (its "
+        "generator_ckpt and lora_ckpt are loaded)"]

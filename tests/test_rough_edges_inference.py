@@ -1,0 +1,113 @@
+"""What a new user hits on the inference side (issue 15, part 3): the README's train -> infer
+loop on a CPU for both stages, bad checkpoint paths, a full disk while writing a video, the
+README's commands in order, video names that do not depend on the process count, and bad
+input that must be one `error:` line."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import inference
+from conftest import start_launcher
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY_INTERACTIVE = str(ROOT / "configs" / "tiny_interactive.yaml")
+TINY_ADAPTER = "adapter={type: lora, rank: 4, alpha: 4}"  # configs/tiny_train_long.yaml's
+
+
+def _error(capsys, code: int) -> str:
+    """The one `error:` line of a run that exited with status 2."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _newest_model_pt(logdir: Path) -> Path:
+    folders = sorted(logdir.glob("checkpoint_model_*"))
+    assert folders, f"no checkpoint in {logdir}"
+    return folders[-1] / "model.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. The README's train -> infer loop on a CPU, both stages
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One short tiny run of each stage through the README's launchers, side by side: stage 1
+    (train_init.sh) trains the whole generator at its first step, stage 2 (train_long.sh) its
+    LoRA. Returns each run's newest model.pt."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    short = ["max_iters=1", "log_iters=1"]
+    runs = {
+        "stage1": start_launcher("train_init.sh", "--config_path", "configs/tiny_train_init.yaml",
+                                 "--logdir", str(root / "stage1"), *short),
+        "stage2": start_launcher("train_long.sh", "--config_path", "configs/tiny_train_long.yaml",
+                                 "--logdir", str(root / "stage2"), *short, "vis_interval=0"),
+    }
+    for name, proc in runs.items():
+        _, err = proc.communicate()
+        assert proc.returncode == 0, (name, err[-3000:])
+    return {name: _newest_model_pt(root / name) for name in runs}
+
+
+def _video(tmp_path: Path, name: str, config: str, *overrides: str) -> bytes:
+    """The bytes of the one video an inference run with `overrides` writes."""
+    out = tmp_path / name
+    data = [] if config == TINY_INTERACTIVE else [f"data_path={ROOT / 'prompts' / 'tiny_train_prompts.txt'}"]
+    frames = ["num_output_frames=9", "switch_frame_indices=3,6"] if not data else ["num_output_frames=6"]
+    assert inference.main(["--config_path", config, f"output_folder={out}", "inference_iter=0",
+                           *frames, *data, *overrides]) == 0
+    (video,) = out.glob("*.mp4")
+    return video.read_bytes()
+
+
+def test_stage1_model_pt_changes_the_tiny_video(trained, tmp_path):
+    """`generator_ckpt=` a tiny stage-1 run's model.pt: the video is that generator's, not the
+    random initial one's."""
+    random_init = _video(tmp_path, "random", TINY)
+    ckpt = _video(tmp_path, "trained", TINY, f"generator_ckpt={trained['stage1']}")
+    assert ckpt != random_init
+
+
+def test_stage2_lora_changes_the_tiny_interactive_video(trained, tmp_path):
+    """`lora_ckpt=` a tiny stage-2 run's model.pt with its `adapter`: the video changes. The
+    adapter alone (a fresh LoRA adds zero) gives the plain video, so the change is the trained
+    LoRA's."""
+    plain = _video(tmp_path, "plain", TINY_INTERACTIVE)
+    fresh = _video(tmp_path, "fresh", TINY_INTERACTIVE, TINY_ADAPTER)
+    adapted = _video(tmp_path, "adapted", TINY_INTERACTIVE, TINY_ADAPTER,
+                     f"lora_ckpt={trained['stage2']}")
+    assert fresh == plain
+    assert adapted != plain
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_INTERACTIVE], ids=["tiny", "tiny_interactive"])
+def test_tiny_preset_missing_lora_ckpt_is_an_error(tmp_path, capsys, config):
+    missing = tmp_path / "no_such_lora.pt"
+    code = inference.main(["--config_path", config, f"output_folder={tmp_path / 'out'}",
+                           TINY_ADAPTER, f"lora_ckpt={missing}"])
+    msg = _error(capsys, code)
+    assert "`lora_ckpt`" in msg and str(missing) in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_preset_lora_of_another_rank_is_an_error(trained, tmp_path, capsys):
+    """The checks of a real lora.pt apply: the mismatch message (its first line names the file,
+    the next ones the rank to set) and status 2."""
+    code = inference.main(["--config_path", TINY_INTERACTIVE, f"output_folder={tmp_path / 'out'}",
+                           "adapter={type: lora, rank: 8, alpha: 8}", f"lora_ckpt={trained['stage2']}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: {trained['stage2']}") and "set adapter.rank to match the file" in err
+
+
+def test_tiny_preset_lora_ckpt_without_adapter_warns(tmp_path, caplog, trained):
+    with caplog.at_level(logging.WARNING):
+        assert inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
+                               "num_output_frames=3", "inference_iter=0",
+                               f"lora_ckpt={trained['stage2']}"]) == 0
+    assert f"`lora_ckpt` is set but `adapter` is null: {trained['stage2']} is not loaded" in caplog.messages
