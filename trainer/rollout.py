@@ -11,12 +11,15 @@ Differences from the reference, all deliberate:
 * gradient checkpointing, when on, recomputes each exit call with the cache and bank it saw in
   the forward (the reference re-reads the bank in its final state, §3.5 / §10 item 6; the two
   agree for rollouts of up to 3 blocks, like the recorded fixture's 2);
-* the re-run does not inherit the last denoising step's `q_bank` (§10 item 5): with k* = 0 the
-  reference refreshes the bank once more before the commit, which re-inserts the same prototype
-  into the same slot and changes nothing until the bank compresses, which a 21-frame stage-1
-  rollout never reaches with the released sizes;
 * rollouts longer than `slice_last_frames` (the reference then decodes and re-encodes the first
   kept frame with the VAE, §3.2 item 8; never triggered in the released configs) are rejected.
+
+Reproduced in compat mode only: with k* = 0 the reference's re-run inherits the last denoising
+step's `q_bank` (§10 item 5) and refreshes the bank once more before the commit
+(`MemoryOptions.commit_refreshes_after_step0_exit`, applied by the stepper's commit). With the
+released sizes a 21-frame rollout never compresses, so that re-inserts the same prototype into
+the same slot and changes nothing; a bank that saturates (more blocks, a smaller bank, stage 2
+from frame 30) is compressed once more per block.
 """
 from __future__ import annotations
 
@@ -65,8 +68,10 @@ def training_memory_options(compat: bool, stage: int = 1) -> MemoryOptions:
     True on every re-run, TRAINING.md §3.2 / §3.5 / §10 item 4; the slot pointer still advances
     every record_interval blocks, so the open slot is overwritten) - the `every_chunk` policy,
     like its single-prompt inference. Its stage 2 records every record_interval chunks, like
-    interactive inference (§5.3). Clean mode uses this project's defaults in both stages
-    (record every interval, compress once per new prototype, retrieve with the current prompt).
+    interactive inference (§5.3). In both stages the re-run after an exit at step 0 refreshes the
+    bank once more (the leaked q_bank, §10 item 5). Clean mode uses this project's defaults in
+    both stages (record every interval, compress once per new prototype, retrieve with the
+    current prompt, no refresh on a commit).
     """
     if not compat:
         return MemoryOptions.clean()
