@@ -108,8 +108,12 @@ def dmd_loss(
 
 @dataclass
 class CriticLoss:
+    """The loss, the timestep [B, F], the critic's flow v̂ and its target ε - x (for reports)."""
+
     loss: torch.Tensor
     timestep: torch.Tensor
+    flow: torch.Tensor
+    target: torch.Tensor
 
 
 def critic_flow_loss(
@@ -134,6 +138,7 @@ def critic_flow_loss(
     x_t = noisy_sample(scheduler, x, noise, t)
     x0 = critic.x0(x_t, t, cond)
     flow = scheduler.x0_to_flow(x0.flatten(0, 1), x_t.flatten(0, 1), t.flatten()).unflatten(0, (b, f))
-    err = (flow - (noise - x)) ** 2
+    target = noise - x
+    err = (flow - target) ** 2
     loss = err[mask].mean() if mask is not None else err.mean()
-    return CriticLoss(loss, t)
+    return CriticLoss(loss, t, flow, target)

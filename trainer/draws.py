@@ -1,23 +1,30 @@
-"""Where a training step's random draws come from.
+"""Where a training run's random draws come from.
 
-Every random quantity of a stage-1 step (TRAINING.md §3.2, §4.1) is taken from a `TrainingDraws`
-object passed in, never from the global RNG: the trainer uses `SampleDraws` (per-sample
-generators keyed by seed, step and sample index), `SeededDraws` draws everything from one
-`torch.Generator` in the reference's order, parity tests use `InjectedDraws` (the reference's
-recorded draws replayed by role). The rollout's Gaussian noise goes through the
-shared `pipeline.noise.NoiseSource` interface, so the chunk stepper consumes it the same way in
-inference and training.
+A trainer takes all its randomness from one `RunDraws` object, never from the global RNG:
+`rollout(step, role, sample_ids)` gives the `TrainingDraws` of one rollout + loss (stage 1) or
+of one window + loss (stage 2), `sequence(index)` the `SequenceDraws` that set up stage-2
+sequence `index` (its length and switch frame). The trainer's default is `SeededRunDraws`
+(`SampleDraws` keyed by seed, step, role and sample index; sequences keyed by seed and index);
+`InjectedRunDraws` replays recorded draws (the reference's, or another run's) in the order the
+trainer asks for them. For one rollout, `SeededDraws` draws everything from one
+`torch.Generator` in the reference's order and `InjectedDraws` replays recorded values by role.
+The Gaussian noise goes through the shared `pipeline.noise.NoiseSource` interface, so the chunk
+stepper consumes it the same way in inference and training.
 
-Roles, in the order the reference consumes them in one generator step:
-  1. `num_blocks`          number of blocks of the rollout
-  2. `rollout_noise`       initial / step / context noise of the rollout (a NoiseSource)
-  3. `exit_steps`          one exit step per block (drawn after the initial noise)
+Roles of one `TrainingDraws`, in the order the reference consumes them:
+  1. `num_blocks`          number of blocks of the rollout (stage 2: of the window's new frames)
+  2. `rollout_noise`       initial / step / context noise (a NoiseSource; stage 2 addresses
+                           block j of the window as chunk j)
+  3. `exit_steps`          one exit step per block (drawn after the initial noise; stage 2 and
+                           same_step_across_blocks use the first for every block)
   4. `score_timestep`      integer DMD / critic timestep, one per sample
   5. `score_noise`         the noise that takes the sample to that timestep
 """
 from __future__ import annotations
 
 import hashlib
+import random
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -84,8 +91,14 @@ class SeededDraws:
 
 
 class InjectedDraws:
-    """Replays recorded draws by role (parity fixtures). Each value is checked against what the
-    step asks for, so a fixture that does not fit the configuration fails loudly."""
+    """Replays recorded draws by role (parity fixtures, one stage-1 rollout or one stage-2
+    window). Each value is checked against what the step asks for, so a fixture that does not
+    fit the configuration fails loudly.
+
+    Noise layout (`pipeline.noise.InjectedNoise`): `initial_noise` [B, F, C, h, w],
+    `step_noise` [block, step, B*F_block, C, h, w] (exit step 0 draws none: [block, 0, ...]),
+    `context_noise` [block, B*F_block, C, h, w]. `exit_steps`: one per block, or one int for
+    every block (a stage-2 window draws one exit step)."""
 
     def __init__(
         self,
@@ -93,12 +106,14 @@ class InjectedDraws:
         initial_noise: torch.Tensor,
         step_noise: torch.Tensor,
         context_noise: torch.Tensor,
-        exit_steps: Sequence[int],
+        exit_steps: Sequence[int] | int,
         score_timestep: torch.Tensor,
         score_noise: torch.Tensor,
     ):
         self._num_blocks = int(num_blocks)
         self._noise = InjectedNoise(initial_noise, step_noise, context_noise)
+        if isinstance(exit_steps, int):
+            exit_steps = [exit_steps] * self._num_blocks
         self._exit_steps = [int(k) for k in exit_steps]
         self._score_timestep = torch.as_tensor(score_timestep, dtype=torch.long)
         self._score_noise = score_noise
@@ -211,3 +226,119 @@ class SampleDraws:
         rows = [torch.randn((1, *like.shape[1:]), generator=g, dtype=like.dtype)
                 for g in self.samples]
         return torch.cat(rows).to(like.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole run's draws: rollouts / windows by (step, role, samples), stage-2 sequences by index
+# ------------------------------------------------------------------------------------------------
+class SequenceDraws(Protocol):
+    """The draws that set up one stage-2 sequence (TRAINING.md §5.1, §5.5), in this order."""
+
+    def max_length(self, choices: Sequence[int]) -> int:
+        """The sequence length among `choices` (asked only when the config lists several)."""
+        ...
+
+    def switch_frame(self, candidates: Sequence[int]) -> int:
+        """The frame the prompt switches at, among `candidates` (never empty)."""
+        ...
+
+
+class RunDraws(Protocol):
+    """Every random draw of a training run: the one object a trainer takes its randomness from."""
+
+    def rollout(self, step: int, role: str, sample_ids: Sequence[int]) -> TrainingDraws:
+        """The draws of one rollout (stage 1) or window (stage 2) and its loss, for iteration
+        `step`; `role` is "generator", "critic" or "generator_first" (stage 2's context-only
+        first window); `sample_ids` are the global indices of the batch rows."""
+        ...
+
+    def sequence(self, index: int) -> SequenceDraws:
+        """The set-up draws of stage-2 sequence number `index` (0, 1, ... over the run)."""
+        ...
+
+
+class _SeededSequenceDraws:
+    """Python `random` on one generator per sequence, length first (as the reference draws
+    them with Python's `random` on rank 0)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def max_length(self, choices: Sequence[int]) -> int:
+        return self.rng.choice(list(choices))
+
+    def switch_frame(self, candidates: Sequence[int]) -> int:
+        found = list(candidates)
+        return found[0] if len(found) == 1 else self.rng.choice(found)
+
+
+class SeededRunDraws:
+    """The trainers' default: `SampleDraws(seed, step, role, sample_ids)` for every rollout and
+    window, and a generator keyed by (seed, sequence number) for each sequence, so all ranks
+    agree without a broadcast and an exact resume needs only the step and the positions."""
+
+    def __init__(self, seed: int, noise_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.seed = seed
+        self.noise_dtype = noise_dtype
+        self.device = torch.device(device)
+
+    def rollout(self, step: int, role: str, sample_ids: Sequence[int]) -> SampleDraws:
+        return SampleDraws(self.seed, step, role, sample_ids, noise_dtype=self.noise_dtype,
+                           device=self.device)
+
+    def sequence(self, index: int) -> SequenceDraws:
+        return _SeededSequenceDraws(random.Random(stable_seed(self.seed, "sequence", index)))
+
+
+@dataclass(frozen=True)
+class InjectedSequence:
+    """A recorded sequence set-up (a `SequenceDraws`): its switch frame and, when the run draws
+    it, its length; each is checked against what the configuration allows."""
+
+    switch: int
+    length: int | None = None
+
+    def max_length(self, choices: Sequence[int]) -> int:
+        if self.length is None or self.length not in choices:
+            raise ValueError(f"injected sequence length {self.length} is not one of the "
+                             f"configured lengths {list(choices)}")
+        return self.length
+
+    def switch_frame(self, candidates: Sequence[int]) -> int:
+        if self.switch not in candidates:
+            raise ValueError(f"injected switch frame {self.switch} is not one of the candidates "
+                             f"{list(candidates)}")
+        return self.switch
+
+
+class InjectedRunDraws:
+    """Replays a recorded run: `rollouts` are handed out in the order the trainer asks for them
+    (per iteration and micro-step: the generator's, then the critic's; stage 2's windows in
+    sequence order), `sequences[i]` sets up sequence i. `requests` lists what was asked,
+    (step, role, sample ids), so a replay can check it ran the recorded schedule."""
+
+    def __init__(self, rollouts: Sequence[TrainingDraws],
+                 sequences: Sequence[InjectedSequence] = ()):
+        self.rollouts = list(rollouts)
+        self.sequences = list(sequences)
+        self.requests: list[tuple[int, str, tuple[int, ...]]] = []
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every recorded rollout has been handed out."""
+        return len(self.requests) == len(self.rollouts)
+
+    def rollout(self, step: int, role: str, sample_ids: Sequence[int]) -> TrainingDraws:
+        n = len(self.requests)
+        if n >= len(self.rollouts):
+            raise ValueError(f"the injected draws hold {len(self.rollouts)} rollouts; step {step} "
+                             f"asks for another ({role})")
+        self.requests.append((step, role, tuple(sample_ids)))
+        return self.rollouts[n]
+
+    def sequence(self, index: int) -> SequenceDraws:
+        if index >= len(self.sequences):
+            raise ValueError(f"the injected draws set up {len(self.sequences)} sequences; the run "
+                             f"starts sequence {index}")
+        return self.sequences[index]

@@ -11,9 +11,10 @@ takes the next window of the rank's current long sequence (`LongSequence`):
 
 A new sequence (the next prompt pair from the loader, its length and switch frame) starts when
 there is none or the current one cannot produce another window. Length and switch frame come
-from a generator keyed by (seed, sequence number), and the number of new frames and the exit
-step of a window from the iteration's shared draws, so every rank runs the same number of DiT
-calls (FSDP collectives) without a broadcast.
+from the run's draws for that sequence number (`RunDraws.sequence`; by default a generator keyed
+by (seed, sequence number)), and the number of new frames and the exit step of a window from
+the window's draws (`RunDraws.rollout`; by default the iteration's shared generator), so every
+rank runs the same number of DiT calls (FSDP collectives) without a broadcast.
 
 A sequence in flight is part of the checkpoint: every rank saves its own (`rank_{r}.pt`: KV
 cache, bank, text cache, previous window, position), so a resumed run continues it bit for bit.
@@ -23,14 +24,12 @@ Only what the sequence can still attend is kept (sink, attention window, bank, t
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .checkpointing import Resumed, read_rank_state
-from .draws import stable_seed
 from .loop import Stage1Trainer, _Record
 from .stage2 import critic_window_loss, generator_window_loss
 from .streaming import LongSequence, vae_first_frame_encoder
@@ -44,23 +43,27 @@ class Stage2Trainer(Stage1Trainer):
     sequence: LongSequence | None = None
     sequences_started: int = 0
 
+    _reencode = None
+
     def _first_frame_encoder(self):
-        if getattr(self, "_reencode", None) is None:
+        """§5.2's first-frame re-encoding with the run's VAE (`vae()`), built once."""
+        if self._reencode is None:
             self._reencode = vae_first_frame_encoder(self.vae())
         return self._reencode
 
     # -- sequences ------------------------------------------------------------------------------
     def _new_sequence(self, prompts: list[str], switch_prompts: list[str], index: int,
                       max_length: int | None = None, switch_frame: int | None = None) -> LongSequence:
-        """A sequence on (prompts, switch_prompts); its length and switch frame are drawn from
-        (seed, index) unless given (resume)."""
+        """A sequence on (prompts, switch_prompts); its length (when the config lists several)
+        and switch frame come from the run's draws for sequence `index` unless given (resume)."""
         s, cfg = self.settings, self.settings.streaming
-        rng = random.Random(stable_seed(s.seed, "sequence", index))
-        if max_length is None:
-            lengths = cfg.possible_max_lengths
-            max_length = rng.choice(lengths) if lengths else cfg.max_length
-        if switch_frame is None:
-            switch_frame = cfg.switch.draw(max_length, s.frames_per_block, rng)
+        if max_length is None or switch_frame is None:
+            draws = self.draws.sequence(index)
+            if max_length is None:
+                lengths = cfg.possible_max_lengths
+                max_length = draws.max_length(lengths) if lengths else cfg.max_length
+            if switch_frame is None:
+                switch_frame = cfg.switch.draw(max_length, s.frames_per_block, draws)
         with torch.no_grad():
             cond, switch_cond = (
                 self.text_encoder.encode(p).to(self.device, s.compute_dtype)
@@ -94,20 +97,23 @@ class Stage2Trainer(Stage1Trainer):
             seq = self._sequence()
             if not s.streaming.train_first_chunk and seq.generated == 0:
                 with torch.no_grad():  # the first window is context only (§5.4)
-                    seq.next_window(self._draws("generator_first", self._ids(micro)), grad=False,
-                                    last_step_only=last_only)
+                    first = seq.next_window(self._draws("generator_first", self._ids(micro)),
+                                            grad=False, last_step_only=last_only)
+                if record.report is not None:
+                    record.report.context_windows.append(first)
+                del first
                 seq = self._sequence()
             uncond = self.negative.expand(seq.batch_size, -1, -1)
             g = generator_window_loss(self.models, seq, uncond, s.score,
                                       self._draws("generator", self._ids(micro)), last_only)
             (g.loss / accum).backward()
-            record.generator(g.loss, g.dmdtrain_gradient_norm, g.dmd_timestep)
+            record.generator(g)
             del g
         seq = self._sequence()
         c = critic_window_loss(self.models, seq, s.score, self._draws("critic", self._ids(micro)),
                                last_only)
         (c.loss / accum).backward()
-        record.critic(c.loss, c.critic_timestep)
+        record.critic(c)
 
     def _ids(self, micro: int) -> list[int]:
         return self._sample_ids(micro, self.settings.batch_size)

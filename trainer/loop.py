@@ -8,11 +8,16 @@ Per iteration s (read before its increment):
   * clip (pre-clip norms are logged) and step the optimisers; EMA after a generator step;
   * s += 1; EMA creation at ema_start_step; checkpoint every `log_iters`; log.
 
-Randomness: every draw of iteration s comes from `SampleDraws(seed, s, role, sample ids)`; the
-global sample index of batch row b of micro-step m on rank r is (m * world + r) * batch + b. So a
-sample's noise and timesteps do not depend on how samples are split over ranks, micro-steps and
-batch rows, exit steps and block counts are the same on every rank without a broadcast, and an
-exact resume needs only the step and the data position.
+Randomness: every draw comes from one injectable `RunDraws` (trainer/draws.py). The default,
+`SeededRunDraws`, gives iteration s `SampleDraws(seed, s, role, sample ids)`; the global sample
+index of batch row b of micro-step m on rank r is (m * world + r) * batch + b. So a sample's
+noise and timesteps do not depend on how samples are split over ranks, micro-steps and batch
+rows, exit steps and block counts are the same on every rank without a broadcast, and an exact
+resume needs only the step and the data position. `InjectedRunDraws` replays recorded draws.
+
+The networks (text encoder and VAE included) can be given as a `TrainModels`, and an opt-in
+`report_hook` sees each iteration's losses, their inputs and the gradients before clipping
+(trainer/report.py).
 """
 from __future__ import annotations
 
@@ -39,10 +44,11 @@ from .checkpointing import (Resumed, _on_main, load_checkpoint, load_checkpoint_
                             rotate_checkpoints, save_checkpoint)
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
-from .draws import SampleDraws, stable_seed
+from .draws import RunDraws, SeededRunDraws, TrainingDraws, stable_seed
 from .ema import EMA, ema_after_iteration, ema_after_resume
 from .log import TrainLogger
 from .models import TrainModels, build_train_models
+from .report import IterationReport, ReportHook, gradients
 from .stage1 import Stage1Models, critic_loss, generator_loss
 
 log = logging.getLogger(__name__)
@@ -105,22 +111,30 @@ def _mean(values: list[float]) -> float | None:
 
 @dataclass
 class _Record:
-    """What the micro-steps of one iteration report (host floats)."""
+    """What the micro-steps of one iteration log (host floats), and the loss objects themselves
+    when a report hook wants them (`report`)."""
 
     gen_losses: list[float] = field(default_factory=list)
     dmd_norms: list[float] = field(default_factory=list)
     dmd_ts: list[float] = field(default_factory=list)
     critic_losses: list[float] = field(default_factory=list)
     critic_ts: list[float] = field(default_factory=list)
+    report: IterationReport | None = None
 
-    def generator(self, loss: torch.Tensor, norm: torch.Tensor, timestep: torch.Tensor) -> None:
-        self.gen_losses.append(loss.item())
-        self.dmd_norms.append(float(norm))
-        self.dmd_ts.append(float(timestep.float().mean()))
+    def generator(self, g: Any) -> None:
+        """A generator loss (stage 1's `GeneratorLoss` or stage 2's `WindowGeneratorLoss`)."""
+        self.gen_losses.append(g.loss.item())
+        self.dmd_norms.append(float(g.dmdtrain_gradient_norm))
+        self.dmd_ts.append(float(g.dmd_timestep.float().mean()))
+        if self.report is not None:
+            self.report.generator_losses.append(g)
 
-    def critic(self, loss: torch.Tensor, timestep: torch.Tensor) -> None:
-        self.critic_losses.append(loss.item())
-        self.critic_ts.append(float(timestep.float().mean()))
+    def critic(self, c: Any) -> None:
+        """A critic loss (`CriticStepLoss` or `WindowCriticLoss`)."""
+        self.critic_losses.append(c.loss.item())
+        self.critic_ts.append(float(c.critic_timestep.float().mean()))
+        if self.report is not None:
+            self.report.critic_losses.append(c)
 
 
 class Stage1Trainer:
@@ -132,9 +146,14 @@ class Stage1Trainer:
         device: torch.device,
         *,
         models: TrainModels | None = None,
+        draws: RunDraws | None = None,
+        report_hook: ReportHook | None = None,
         config_for_logging: dict[str, Any] | None = None,
         progress: bool = True,
     ):
+        """`models`: the networks (default: built from the settings); `draws`: every random
+        draw of the run (default: `SeededRunDraws` of the run's seed); `report_hook`: called
+        with each iteration's `IterationReport` before clipping (default: none, nothing kept)."""
         self.settings = s = settings
         self.device = device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -144,6 +163,9 @@ class Stage1Trainer:
         set_attention_backend(s.attn_backend)
         m = models or build_train_models(s, device)
         self.text_encoder = m.text_encoder
+        self._vae = m.vae
+        self.draws: RunDraws = draws or SeededRunDraws(s.seed, s.compute_dtype, device)
+        self.report_hook = report_hook
         self.base_step = self._prepare_models(m)
         for model in (m.generator, m.critic, m.teacher):
             model.gradient_checkpointing = s.gradient_checkpointing and model is not m.teacher
@@ -232,8 +254,9 @@ class Stage1Trainer:
             log.info("resumed from %s at step %d", loaded.path, self.step)
 
     def vae(self):
-        """The VAE (visualisation, stage 2's first-frame re-encoding), built once on first use."""
-        if getattr(self, "_vae", None) is None:
+        """The VAE (visualisation, stage 2's first-frame re-encoding): the one given with the
+        models, else built from the settings on first use."""
+        if self._vae is None:
             from .visualize import build_vae
 
             self._vae = build_vae(self.settings, self.device)
@@ -259,10 +282,8 @@ class Stage1Trainer:
         first = (micro * self.world + self.rank) * self.settings.batch_size
         return list(range(first, first + batch))
 
-    def _draws(self, role: str, ids: list[int]) -> SampleDraws:
-        s = self.settings
-        return SampleDraws(s.seed, self.step, role, ids, noise_dtype=s.compute_dtype,
-                           device=self.device)
+    def _draws(self, role: str, ids: list[int]) -> TrainingDraws:
+        return self.draws.rollout(self.step, role, ids)
 
     def _micro_step(self, micro: int, train_gen: bool, record: "_Record") -> None:
         """One micro-step (§3.1): a generator rollout + DMD loss (when the generator trains) and an
@@ -278,11 +299,11 @@ class Stage1Trainer:
             g = generator_loss(self.models, cond, uncond, s.latent_hw, s.rollout, s.score,
                                self._draws("generator", ids))
             (g.loss / accum).backward()
-            record.generator(g.loss, g.dmdtrain_gradient_norm, g.dmd_timestep)
+            record.generator(g)
         c = critic_loss(self.models, cond, s.latent_hw, s.rollout, s.score,
                         self._draws("critic", ids))
         (c.loss / accum).backward()
-        record.critic(c.loss, c.critic_timestep)
+        record.critic(c)
 
     def train_step(self) -> StepMetrics:
         """One iteration (§2.5): micro-steps, clipping, optimiser steps, EMA; then s += 1."""
@@ -292,8 +313,15 @@ class Stage1Trainer:
             self.generator_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         record = _Record()
+        if self.report_hook is not None:
+            record.report = IterationReport(self.step, train_gen)
         for micro in range(s.gradient_accumulation_steps):
             self._micro_step(micro, train_gen, record)
+        if record.report is not None:
+            record.report.critic_grads = gradients(self.critic)
+            if train_gen:
+                record.report.generator_grads = gradients(self.generator)
+            self.report_hook(record.report)
         gen_norm = None
         if train_gen:
             gen_norm = _clip(self.generator, s.generator_optim.max_grad_norm)

@@ -6,16 +6,22 @@
 * critic ("fake score"): the bidirectional Wan folder `fake_name` (Wan2.1-T2V-1.3B), trainable;
 * teacher ("real score"): the bidirectional Wan folder `real_name` (Wan2.1-T2V-14B, shapes from
   its config.json), frozen;
-* text encoder: umT5 of the `generator_name` folder (Wan2.1-T2V-1.3B), frozen.
+* text encoder: umT5 of the `generator_name` folder (Wan2.1-T2V-1.3B), frozen;
+* VAE (visualisation, stage 2's first-frame re-encoding): built on first use from the settings
+  unless given.
 
 `preset: tiny` builds all four as tiny random models in memory. The DiTs come back in float32
 on the CPU (fp32 master weights; placement and sharding are the trainer's). The frozen text
 encoder is replicated on every rank in the compute dtype (bf16 with mixed precision, as the
 reference's FSDP computes it), or kept on the CPU with `text_encoder_cpu_offload`.
+
+A trainer takes a `TrainModels` in place of building one, so a test or a parity check can give
+it other networks, a text encoder that replays recorded prompt embeddings, or its own VAE.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,10 +34,15 @@ from .config import TrainSettings
 
 @dataclass
 class TrainModels:
+    """The networks of a run. `text_encoder`: anything with `encode(prompts) -> [B, T, dim]`;
+    `vae`: anything with `dtype`, `encode` and `decode` like `memflow.vae.WanVAE`, on the
+    training device (None: built from the settings when first needed)."""
+
     generator: WanDiT
     critic: WanDiT
     teacher: WanDiT
     text_encoder: TextEncoder
+    vae: Any = None
 
 
 def build_train_models(settings: TrainSettings, device: torch.device) -> TrainModels:

@@ -68,9 +68,14 @@ def generator_loss(
 
 @dataclass
 class CriticStepLoss:
+    """The loss (graph into the critic), its timestep, the rollout it judged, and the critic's
+    flow v̂ with its target ε - x."""
+
     loss: torch.Tensor
     critic_timestep: torch.Tensor
     rollout: RolloutOutput
+    critic_flow: torch.Tensor
+    flow_target: torch.Tensor
 
 
 def critic_loss(
@@ -91,4 +96,4 @@ def critic_loss(
         out.latents, cond, models.critic, models.stepper.scheduler, score_config, draws,
         None, interval,
     )
-    return CriticStepLoss(crit.loss, crit.timestep, out)
+    return CriticStepLoss(crit.loss, crit.timestep, out, crit.flow, crit.target)

@@ -21,17 +21,26 @@ from .streaming import LongSequence, Window
 
 @dataclass
 class WindowGeneratorLoss:
+    """The DMD loss of a window (graph into the generator), the window (its latents and
+    schedule), the DMD gradient Δ with its timestep and the logged mean|Δ|."""
+
     loss: torch.Tensor
     window: Window
+    dmd_grad: torch.Tensor
     dmd_timestep: torch.Tensor
     dmdtrain_gradient_norm: torch.Tensor
 
 
 @dataclass
 class WindowCriticLoss:
+    """The critic loss of a window (graph into the critic), the window, the timestep, and the
+    critic's flow v̂ with its target ε - x."""
+
     loss: torch.Tensor
     window: Window
     critic_timestep: torch.Tensor
+    critic_flow: torch.Tensor
+    flow_target: torch.Tensor
 
 
 def generator_window_loss(
@@ -47,7 +56,7 @@ def generator_window_loss(
     dmd = dmd_gradient(window.latents, window.cond, uncond, models.teacher, models.critic,
                        models.stepper.scheduler, score_config, draws, interval)
     loss = dmd_loss(window.latents, dmd.grad, window.gradient_mask)
-    return WindowGeneratorLoss(loss, window, dmd.timestep, dmd.gradient_norm)
+    return WindowGeneratorLoss(loss, window, dmd.grad, dmd.timestep, dmd.gradient_norm)
 
 
 def critic_window_loss(
@@ -63,4 +72,4 @@ def critic_window_loss(
     crit = critic_flow_loss(window.latents.detach(), window.cond, models.critic,
                             models.stepper.scheduler, score_config, draws,
                             window.gradient_mask, interval)
-    return WindowCriticLoss(crit.loss, window, crit.timestep)
+    return WindowCriticLoss(crit.loss, window, crit.timestep, crit.flow, crit.target)

@@ -25,16 +25,16 @@ exact, §10 item 6).
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 
 from memflow.config import SwitchOptions
+from pipeline.noise import NoiseSource
 from pipeline.stepper import ChunkStepper
 
-from .draws import TrainingDraws
+from .draws import SequenceDraws, TrainingDraws
 from .rollout import exit_interval
 
 SwitchMode = Literal["random_choice", "fixed", "random"]
@@ -70,11 +70,12 @@ class SwitchSchedule:
             found = [lo] if lo == hi else list(range(lo, hi, frames_per_block))
         return [p for p in found if 0 < p < max_length]
 
-    def draw(self, max_length: int, frames_per_block: int, rng: random.Random) -> int:
+    def draw(self, max_length: int, frames_per_block: int, draws: SequenceDraws) -> int:
+        """The switch frame of a sequence of `max_length` frames, chosen by `draws`."""
         found = self.candidates(max_length, frames_per_block)
         if not found:
             raise ValueError(f"no switch frame below the sequence length {max_length} ({self})")
-        return found[0] if len(found) == 1 else rng.choice(found)
+        return draws.switch_frame(found)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,25 @@ class Window:
     uses_switch_prompt: bool
 
 
+class WindowNoise(NoiseSource):
+    """A window's noise addressed by block of the window: the stepper asks for absolute chunk
+    n, the window's draws answer for block n - first_chunk, so recorded draws are stored per
+    window and block whatever the window's depth in the sequence."""
+
+    def __init__(self, noise: NoiseSource, first_chunk: int):
+        self.noise = noise
+        self.first_chunk = first_chunk
+
+    def initial(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.noise.initial(shape)
+
+    def step(self, chunk: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.noise.step(chunk - self.first_chunk, step, shape)
+
+    def context(self, chunk: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self.noise.context(chunk - self.first_chunk, shape)
+
+
 class LongSequence:
     """The state of one long rollout between windows (§5.1): stream state, frames generated so
     far, the previous window's raw latents, the prompt pair and the switch."""
@@ -196,7 +216,8 @@ class LongSequence:
 
     def next_window(self, draws: TrainingDraws, grad: bool, last_step_only: bool = False) -> Window:
         """Generate the next window's new frames continuing the cache (§5.3) and assemble the
-        window (§5.2). Draw order: number of new chunks, noise, one exit step for the window."""
+        window (§5.2). Draw order: number of new chunks, noise (addressed by block of the
+        window, `WindowNoise`), one exit step for the window (the first of one per block)."""
         if not self.can_generate_more():
             raise RuntimeError("the sequence is complete; start a new one")
         stepper, cfg = self.stepper, self.config
@@ -205,7 +226,7 @@ class LongSequence:
         choices = new_frame_choices(start, self.max_length, cfg, fpb)
         blocks = draws.num_blocks(choices[0] // fpb, choices[-1] // fpb)
         n_new = blocks * fpb
-        noise = draws.rollout_noise()
+        noise = WindowNoise(draws.rollout_noise(), first_chunk=start // fpb)
         c, (h, w) = stepper.generator.config.in_dim, self.latent_hw
         initial = noise.initial((self.batch_size, n_new, c, h, w)).to(stepper.generator.device,
                                                                        stepper.dtype)
