@@ -25,6 +25,7 @@ class Job:
     index: int  # position in the prompt file (what `save_with_index` names)
     line: int  # 1-based line in the prompt file, for messages
     prompts: list[str]  # one prompt, or the segments of an interactive story
+    switch_chunks: tuple[int, ...] = ()  # interactive: the chunk at which each next prompt starts
 
 
 @dataclass(frozen=True)

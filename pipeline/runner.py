@@ -31,8 +31,9 @@ from memflow.text_encoder import TextEncoder, clean_prompt
 from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
 from utils.errors import InputError
 from utils.prompts import (
+    InteractiveStory,
     effective_switch_chunks,
-    load_interactive_prompt_lines,
+    load_interactive_stories,
     load_prompt_lines,
     parse_switch_frame_indices,
 )
@@ -70,21 +71,33 @@ def is_interactive(cfg: DictConfig) -> bool:
     return mode == "interactive"
 
 
-def load_jobs(cfg: DictConfig, interactive: bool, settings: InferenceSettings) -> tuple[list[Job], list[int]]:
-    """Read and validate the prompt file; returns the jobs and the switch chunks."""
+def load_jobs(cfg: DictConfig, interactive: bool, settings: InferenceSettings) -> list[Job]:
+    """Read and validate the prompt file; an interactive job carries its switch chunks."""
     data_path = _get(cfg, "data_path")
     if not data_path:
         raise InputError("config key `data_path` is not set")
-    fpb = settings.stream.num_frame_per_block
     if not interactive:
-        return [Job(i, line, [p]) for i, (line, p) in enumerate(load_prompt_lines(data_path))], []
-    stories = load_interactive_prompt_lines(data_path)
-    switch_frames = parse_switch_frame_indices(
-        _get(cfg, "switch_frame_indices"), len(stories[0][1]), settings.num_frames, fpb,
-    )
-    # first chunk boundary at or after each frame, at most one switch per chunk (spec K4)
-    switch_chunks = effective_switch_chunks(switch_frames, fpb, settings.num_frames // fpb)
-    return [Job(i, line, s) for i, (line, s) in enumerate(stories)], switch_chunks
+        return [Job(i, line, [p]) for i, (line, p) in enumerate(load_prompt_lines(data_path))]
+    return [Job(i, story.line, story.prompts, story_switch_chunks(cfg, story, settings, data_path))
+            for i, story in enumerate(load_interactive_stories(data_path))]
+
+
+def story_switch_chunks(
+    cfg: DictConfig, story: InteractiveStory, settings: InferenceSettings, data_path: str
+) -> tuple[int, ...]:
+    """The chunks where a story's prompts switch: from its line's own `switch_frame_indices`
+    (a saved live session) or the config's; the first chunk boundary at or after each frame,
+    at most one switch per chunk (spec K4)."""
+    fpb = settings.stream.num_frame_per_block
+    own = story.switch_frame_indices is not None
+    value = story.switch_frame_indices if own else _get(cfg, "switch_frame_indices")
+    try:
+        frames = parse_switch_frame_indices(value, len(story.prompts), settings.num_frames, fpb)
+    except InputError as err:
+        if not own:
+            raise
+        raise InputError(f"{data_path}:{story.line}: {err}") from None
+    return tuple(effective_switch_chunks(frames, fpb, settings.num_frames // fpb))
 
 
 def noise_order(settings: InferenceSettings) -> NoiseOrder:
@@ -139,7 +152,7 @@ def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
     check_inference_config(cfg)
     interactive = is_interactive(cfg)
     settings = parse_settings(cfg, interactive)
-    jobs, switch_chunks = load_jobs(cfg, interactive, settings)
+    jobs = load_jobs(cfg, interactive, settings)
     paths = check_paths(cfg)
     warn_ignored_settings(cfg, paths)
     out_dir = Path(_get(cfg, "output_folder", "videos"))
@@ -186,8 +199,7 @@ def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
             log.info("skip %s (exists; skip_existing is set)", video.path)
             continue
         try:
-            _generate_one(pipe, parts, settings, video.job, switch_chunks, noise, video.path, fps,
-                          interactive)
+            _generate_one(pipe, parts, settings, video.job, noise, video.path, fps, interactive)
         except NonFiniteVideo as err:
             message = f"{data_path}:{video.job.line}: {err}; {video.path.name} was not written"
             log.error("%s", message)
@@ -203,7 +215,6 @@ def _generate_one(
     parts: Components,
     settings: InferenceSettings,
     job: Job,
-    switch_chunks: list[int],
     noise: SeededNoise,
     path: Path,
     fps: float,
@@ -229,7 +240,7 @@ def _generate_one(
         if interactive:
             assert isinstance(pipe, InteractiveInferencePipeline)
             pipe.generate_latents_interactive(
-                embeds, switch_chunks, settings.num_frames, settings.latent_hw, noise,
+                embeds, list(job.switch_chunks), settings.num_frames, settings.latent_hw, noise,
                 switch=settings.switch, on_chunk=on_chunk, progress=True,
             )
         else:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,18 +125,35 @@ def load_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
 def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[str]]:
     """Segment lists for interactive generation: one ``{"prompts": [s0, ..., sK]}`` per line.
 
-    Every line must have the same number of segments, because one `switch_frame_indices`
-    setting serves the whole file.
+    Every line without its own ``"switch_frame_indices"`` must have the same number of segments,
+    because one `switch_frame_indices` setting serves them all.
     """
     return [segments for _, segments in load_interactive_prompt_lines(path)]
 
 
 def load_interactive_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, list[str]]]:
     """`load_interactive_prompts` with the 1-based line of each story."""
+    return [(story.line, story.prompts) for story in load_interactive_stories(path)]
+
+
+@dataclass(frozen=True)
+class InteractiveStory:
+    """One line of an interactive prompt file. `switch_frame_indices`: the line's own switch
+    frames (latent frames, as the config key; a saved live session's timeline replays this
+    way), or None when the config's `switch_frame_indices` applies."""
+
+    line: int
+    prompts: list[str]
+    switch_frame_indices: list[int] | None = None
+
+
+def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveStory]:
+    """The stories of an interactive ``.jsonl`` file: ``{"prompts": [...]}`` per line, with an
+    optional ``"switch_frame_indices"`` (a list of integers or the config's string form)."""
     path = Path(path)
     _require_suffix(path, (".jsonl",))
-    videos: list[tuple[int, list[str]]] = []
-    first_line = 0
+    stories: list[InteractiveStory] = []
+    first: InteractiveStory | None = None  # the first line that uses the config's switches
     for lineno, obj in _json_objects(path):
         if "prompts" not in obj:
             raise InputError(f'{path}:{lineno}: missing key "prompts" (found keys {sorted(obj)})')
@@ -143,17 +161,34 @@ def load_interactive_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[in
             _check_text(s, path, lineno, f'"prompts"[{j}]')
             for j, s in enumerate(_prompt_list(obj, path, lineno))
         ]
-        if not videos:
-            first_line = lineno
-        elif len(segments) != len(videos[0][1]):
-            raise InputError(
-                f"{path}:{lineno}: {len(segments)} prompt segments, but line {first_line} has "
-                f"{len(videos[0][1])}; every line needs the same number"
-            )
-        videos.append((lineno, segments))
-    if not videos:
+        story = InteractiveStory(lineno, segments, _line_switches(obj, path, lineno))
+        if story.switch_frame_indices is None:
+            if first is None:
+                first = story
+            elif len(segments) != len(first.prompts):
+                raise InputError(
+                    f"{path}:{lineno}: {len(segments)} prompt segments, but line {first.line} has "
+                    f"{len(first.prompts)}; every line needs the same number"
+                )
+        stories.append(story)
+    if not stories:
         raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
-    return videos
+    return stories
+
+
+def _line_switches(obj: dict[str, Any], path: Path, lineno: int) -> list[int] | None:
+    """A line's own ``"switch_frame_indices"`` entries (checked against the video length later,
+    by `parse_switch_frame_indices`), or None."""
+    if "switch_frame_indices" not in obj:
+        return None
+    value = obj["switch_frame_indices"]
+    if not isinstance(value, (list, str)):
+        raise InputError(f'{path}:{lineno}: "switch_frame_indices" must be an array of integers, '
+                         f"got {_json_type(value)}")
+    try:
+        return _switch_entries(value)
+    except InputError as err:
+        raise InputError(f"{path}:{lineno}: {err}") from None
 
 
 def _switch_entries(value: str | int | Sequence[int] | None) -> list[int]:
