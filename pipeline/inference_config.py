@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SwitchOptions
@@ -28,6 +28,7 @@ from memflow.text_encoder import umt5_encoder_config
 from memflow.vae import WAN21_VAE_CONFIG
 from utils.config import DTYPES, load_config
 from utils.distributed import SEED_MODES
+from utils.errors import InputError
 from utils.schema import check_section
 
 DtypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
@@ -65,13 +66,22 @@ class Adapter:
     apply_to_critic: bool
 
 
-def _shape_section(name: str, fields: dict[str, Any], doc: str) -> type:
-    return dataclasses.make_dataclass(name, list(fields.items()), namespace={"__doc__": doc})
+SEED_RANGE = {"minimum": 0, "maximum": 2**63 - 1}  # what a torch generator takes, with room for
+# the per-prompt (seed + line) and per-rank (seed + rank) offsets
 
 
+def _shape_section(name: str, fields: dict[str, Any], doc: str,
+                   metadata: dict[str, dict[str, Any]] | None = None) -> type:
+    specs = [(n, t, field(metadata=(metadata or {}).get(n, {}))) for n, t in fields.items()]
+    return dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc})
+
+
+_DIT_FIELDS = typing.get_type_hints(DiTConfig)
 TinyShape = _shape_section(
-    "TinyShape", {**typing.get_type_hints(DiTConfig), "seed": int},
+    "TinyShape", {**_DIT_FIELDS, "seed": int},
     "`tiny:` (preset: tiny): the DiT shape fields and the random seed.",
+    {**{n: {"minimum": 1} for n, t in _DIT_FIELDS.items() if t is int}, "eps": _POSITIVE,
+     "seed": SEED_RANGE},
 )
 TextEncoderShape = _shape_section(
     "TextEncoderShape", {n: int for n in inspect.signature(umt5_encoder_config).parameters},
@@ -119,7 +129,7 @@ class InferenceConfig:
     data_path: str = field(metadata=_NONEMPTY)
     inference_iter: int = field(metadata={"minimum": -1})
     num_samples: int
-    seed: int
+    seed: int = field(metadata=SEED_RANGE)
     seed_mode: SeedMode  # type: ignore[valid-type]
     output_folder: str = field(metadata=_NONEMPTY)
     save_with_index: bool
@@ -135,11 +145,27 @@ class InferenceConfig:
     text_encoder_offload: bool
 
 
+def check_tiny_shape(cfg: DictConfig) -> None:
+    """The `tiny:` section as a whole makes a DiT (e.g. `dim` divisible by `num_heads`): the
+    relations between its keys, which a per-key schema cannot express."""
+    tiny = cfg.get("tiny") if isinstance(cfg, DictConfig) else None
+    if not tiny:
+        return
+    shape = {k: v for k, v in OmegaConf.to_container(tiny).items() if k != "seed"}
+    try:
+        DiTConfig.from_dict(shape)
+    except ValueError as err:
+        raise InputError(f"config key `tiny`: {err}") from None
+
+
 def check_inference_config(cfg: DictConfig) -> None:
     """Check every key, type and allowed value of an already loaded config."""
     check_section(cfg, InferenceConfig)
+    check_tiny_shape(cfg)
 
 
 def load_inference_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> DictConfig:
     """The config file at `path` with ``key=value`` `overrides`, checked against the schema."""
-    return load_config(path, overrides, schema=InferenceConfig)
+    cfg = load_config(path, overrides, schema=InferenceConfig)
+    check_tiny_shape(cfg)
+    return cfg

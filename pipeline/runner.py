@@ -121,6 +121,16 @@ def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths) -> None:
         log.warning("`lora_ckpt` is set but `adapter` is null: %s is not loaded", lora_ckpt)
 
 
+def warn_unused_switches(cfg: DictConfig, interactive: bool) -> None:
+    """Single-prompt mode has no prompt switches: name the switch keys it ignores."""
+    if interactive:
+        return
+    unused = [k for k in ("switch_frame_indices", "switch") if _get(cfg, k) not in (None, {}, "")]
+    if unused:
+        log.warning("mode: single ignores %s (prompt switches need mode: interactive and a .jsonl "
+                    "file of {\"prompts\": [...]} lines)", ", ".join(f"`{k}`" for k in unused))
+
+
 def set_cpu_threads(cfg: DictConfig, device: torch.device) -> None:
     """On the CPU, use `cpu_threads` threads per process (default: every core this process may
     run on), whatever the launcher set. torchrun sets OMP_NUM_THREADS=1 for several processes,
@@ -155,6 +165,7 @@ def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
     jobs = load_jobs(cfg, interactive, settings)
     paths = check_paths(cfg)
     warn_ignored_settings(cfg, paths)
+    warn_unused_switches(cfg, interactive)
     out_dir = Path(_get(cfg, "output_folder", "videos"))
     data_path = str(_get(cfg, "data_path"))
     plan = plan_videos(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import inference
-from conftest import start_launcher
+from conftest import run_launcher, start_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -111,3 +111,92 @@ def test_tiny_preset_lora_ckpt_without_adapter_warns(tmp_path, caplog, trained):
                                "num_output_frames=3", "inference_iter=0",
                                f"lora_ckpt={trained['stage2']}"]) == 0
     assert f"`lora_ckpt` is set but `adapter` is null: {trained['stage2']} is not loaded" in caplog.messages
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Bad input: one `error:` line (status 2), or a warning naming the key
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tiny.dim=33", "config key `tiny`: dim 33 is not divisible by num_heads 2"),
+        ("tiny.num_heads=0", "config key `tiny.num_heads` must be >= 1, got 0"),
+        ("seed=99999999999999999999",
+         "config key `seed` must be between 0 and 9223372036854775807, got 99999999999999999999"),
+        ("seed=-1", "config key `seed` must be between 0 and 9223372036854775807, got -1"),
+        ("tiny.seed=18446744073709551616",
+         "config key `tiny.seed` must be between 0 and 9223372036854775807, got 18446744073709551616"),
+    ],
+)
+def test_values_that_used_to_give_a_traceback_are_one_line(tmp_path, capsys, override, message):
+    code = inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}", override])
+    assert _error(capsys, code) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "script,args,option,usage",
+    [
+        ("inference.sh", ["--config_path"], "--config_path",
+         "bash inference.sh [--config_path FILE.yaml] [key=value ...]"),
+        ("interactive_inference.sh", ["--config_path", "--x"], "--config_path",
+         "bash interactive_inference.sh [--config_path FILE.yaml] [key=value ...]"),
+        ("train_init.sh", ["--config_path", "configs/tiny_train_init.yaml", "--logdir"], "--logdir",
+         "bash train_init.sh [--config_path FILE.yaml] [--logdir DIR] [train.py options] [key=value ...]"),
+    ],
+    ids=["inference", "interactive", "train_init-logdir"],
+)
+def test_launcher_option_without_value_is_a_usage_line(script, args, option, usage):
+    """An option given last (or followed by another option) is one line, not bash's `$2:
+    unbound variable`."""
+    result = run_launcher(script, *args)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {option} needs a value; usage: {usage}\n"
+
+
+def test_a_folder_as_generator_ckpt_is_named_as_a_folder(tmp_path, capsys):
+    folder = tmp_path / "checkpoint_model_000006"
+    folder.mkdir()
+    code = inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
+                           f"generator_ckpt={folder}"])
+    msg = _error(capsys, code)
+    assert msg.startswith(f"error: config key `generator_ckpt`: {folder} is a directory")
+    assert "not found" not in msg
+
+
+def test_switches_in_single_prompt_mode_are_a_warning_naming_the_key(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
+                               "num_output_frames=3", "inference_iter=0",
+                               "switch_frame_indices=3"]) == 0
+    warnings = [m for m in caplog.messages if "mode: single ignores" in m]
+    assert len(warnings) == 1 and "`switch_frame_indices`" in warnings[0]
+
+
+def test_no_switch_warning_for_a_plain_single_prompt_config(caplog):
+    from omegaconf import OmegaConf
+
+    from pipeline.runner import warn_unused_switches
+
+    with caplog.at_level(logging.WARNING):
+        warn_unused_switches(OmegaConf.create({"mode": "single", "switch": {}}), interactive=False)
+        warn_unused_switches(OmegaConf.create({"switch_frame_indices": "3"}), interactive=True)
+    assert caplog.messages == []
+
+
+def test_a_bad_value_in_the_file_that_an_override_replaces_is_no_error(tmp_path, capsys):
+    """The merged config is what runs, so it is what is checked; a bad value that stays is
+    still an error, and an unknown key in the file is still named with the file."""
+    from pipeline.inference_config import load_inference_config
+
+    config = tmp_path / "my.yaml"
+    config.write_text(Path(TINY).read_text().replace("seed: 0\nnum_samples", "seed: abc\nnum_samples")
+                      .replace("  dim: 32", "  dim: 33"))
+    cfg = load_inference_config(config, ["seed=3", "tiny.dim=32"])
+    assert cfg.seed == 3 and cfg.tiny.dim == 32
+    code = inference.main(["--config_path", str(config), "tiny.dim=32"])
+    assert _error(capsys, code) == "error: config key `seed` must be an integer; got 'abc'"
+    config.write_text(Path(TINY).read_text() + "num_output_frame: 3\n")
+    code = inference.main(["--config_path", str(config), "num_output_frames=3"])
+    assert _error(capsys, code) == (f"error: {config}: unknown config key `num_output_frame`; "
+                                    "did you mean `num_output_frames`?")

@@ -1,7 +1,8 @@
 """YAML configs with ``key=value`` command-line overrides, and checks for the paths they name.
 
 With a `schema` (a dataclass, see `utils.schema`), every key of the file and of the overrides
-must be one of the schema's, and every value of the merged config must have the schema's type;
+must be one of the schema's, and every value of the merged config (the file's values that no
+override replaces, and the overrides) must have the schema's type;
 this is how the entry points load their configs. Without one, overrides may only set keys that
 the YAML file already has (a typo such as ``num_output_frame=24`` would otherwise be accepted and
 silently ignored); the exception is a section that the file leaves empty, like ``memory: {}``,
@@ -20,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from utils.errors import InputError
-from utils.schema import check_override, check_section
+from utils.schema import check_known_keys, check_override, check_section
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -74,7 +75,7 @@ def load_config(
     path = Path(path)
     cfg = file_cfg = _load_yaml(path)
     if schema is not None:
-        check_section(file_cfg, schema, where=str(path))
+        check_known_keys(file_cfg, schema, where=str(path))
     for item in overrides:
         match = _OVERRIDE.fullmatch(item)
         if match is None:

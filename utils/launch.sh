@@ -15,6 +15,18 @@
 #   and when a rank fails it adds its own summary and exits with status 1.
 # A bad NUM_GPUS or a missing interpreter ends with one `error:` line and status 2.
 
+# memflow_need_value USAGE OPTION [NEXT...]: in a launcher's argument loop, before reading an
+# option's value ("$2"): an option given last, or followed by another --option, ends with one
+# `error:` line showing USAGE and status 2 (under `set -u` "$2" would be an unbound variable).
+memflow_need_value() {
+  local usage="$1"
+  shift
+  if [[ $# -lt 2 || -z "$2" || "$2" == --* ]]; then
+    echo "error: $1 needs a value; usage: ${usage}" >&2
+    exit 2
+  fi
+}
+
 memflow_launch() {
   local python="${PYTHON:-python3}"
   local gpus="${NUM_GPUS:-1}"
@@ -41,10 +53,11 @@ memflow_train() {
   shift 2
   local config="$default_config" logdir="$default_logdir"
   local args=()
+  local usage="bash $(basename "$0") [--config_path FILE.yaml] [--logdir DIR] [train.py options] [key=value ...]"
   while [[ $# -gt 0 ]]; do
     case "$1" in
-      --config_path) config="$2"; shift 2 ;;
-      --logdir) logdir="$2"; shift 2 ;;
+      --config_path) memflow_need_value "$usage" "$@"; config="$2"; shift 2 ;;
+      --logdir) memflow_need_value "$usage" "$@"; logdir="$2"; shift 2 ;;
       *) args+=("$1"); shift ;;
     esac
   done

@@ -5,7 +5,12 @@ is a section (``model_kwargs:``, ``memory:``), whose keys are all optional. Only
 are read: the defaults stay with the code that reads each key. Supported annotations: ``int``,
 ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``, unions of these, ``list[X]`` /
 ``tuple[X, ...]``, a nested dataclass, and ``Any`` (anything). Field metadata adds bounds:
-``minimum`` (ints and floats), ``positive`` (> 0) and ``nonempty`` (strings).
+``minimum`` / ``maximum`` (ints and floats), ``positive`` (> 0) and ``nonempty`` (strings).
+
+A config assembled from a file and ``key=value`` overrides is checked in two passes: the file's
+keys first (`check_known_keys`: an unknown key is named with the file it is in), then every
+value of the merged config (`check_section`), so a bad value that an override replaces is no
+error.
 
 Every problem is an `InputError` naming the key, the value and what is allowed, e.g.
 ``config key `seed` must be an integer, got 'abc'``, so a typo or a wrong type never becomes a
@@ -126,8 +131,13 @@ def _check_bounds(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise InputError(f"config key `{key}` must not be empty")
     if meta.get("positive") and isinstance(value, (int, float)) and value <= 0:
         raise InputError(f"config key `{key}` must be > 0, got {value}")
-    minimum = meta.get("minimum")
-    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+    if not isinstance(value, (int, float)):
+        return
+    minimum, maximum = meta.get("minimum"), meta.get("maximum")
+    if maximum is not None and (value > maximum or minimum is not None and value < minimum):
+        low = f"between {minimum} and" if minimum is not None else "at most"
+        raise InputError(f"config key `{key}` must be {low} {maximum}, got {value}")
+    if minimum is not None and value < minimum:
         raise InputError(f"config key `{key}` must be >= {minimum}, got {value}")
 
 
@@ -144,6 +154,19 @@ def check_section(values: Mapping[str, Any], schema: type, prefix: str = "", whe
             raise unknown_key_error(full, [f"{prefix}{k}" for k in fields], where)
         annotation, meta = fields[key]
         _check_value(full, raw, annotation, meta, where)
+
+
+def check_known_keys(values: Mapping[str, Any], schema: type, prefix: str = "", where: str = "") -> None:
+    """Check only that every key of `values` (and of its sections) is one of `schema`'s; the
+    values are checked later, on the merged config."""
+    fields = _fields(schema)
+    for key, raw in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise unknown_key_error(full, [f"{prefix}{k}" for k in fields], where)
+        section, value = _section_of(fields[key][0]), _plain(raw)
+        if section is not None and isinstance(value, dict):
+            check_known_keys(value, section, f"{full}.", where)
 
 
 def _check_value(key: str, raw: Any, annotation: Any, meta: Mapping[str, Any], where: str) -> None:
