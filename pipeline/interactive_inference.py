@@ -5,6 +5,10 @@ next segment's prompt takes over through the stepper's `switch_prompt`: the cros
 (text) cache is dropped and the last `local_attn_size` generated frames are re-encoded with the
 new prompt ("recache"), so the KV window speaks the new prompt while the sink and the memory
 bank keep the story so far.
+
+Switches never draw noise, so the noise source's order alone fixes the numbers: the runner passes
+the ``per_chunk`` order in `behaviour: clean`, and a live session (pipeline/session.py), which
+decides its switches while it runs, then reproduces a video made here.
 """
 from __future__ import annotations
 

@@ -48,6 +48,7 @@ from omegaconf import OmegaConf
 
 from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
+from memflow.streaming import StreamState
 from utils.distributed import rank_seed
 from utils.errors import InputError
 from utils.video_writer import Mp4Writer, to_uint8_frames
@@ -508,7 +509,7 @@ class Session:
         }
 
 
-def memory_view(state) -> MemoryView:
+def memory_view(state: StreamState) -> MemoryView:
     """Which latent frames a stream state's sink, window and bank hold (bank frames need
     `track_bank_frames`). The KV buffer holds the sink, then the newest window frames."""
     frame_len = state.frame_len

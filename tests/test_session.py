@@ -275,3 +275,22 @@ def test_bad_line_switch_frames_name_the_line(tmp_path: Path, value: str, messag
     with pytest.raises(InputError, match=message) as info:
         load()
     assert str(info.value).startswith(f"{story}:2: ")
+
+
+def test_each_noise_order_has_only_its_own_initial_draw() -> None:
+    """A per-chunk source cannot be read up front (nor the reverse): that would silently give
+    another video than its order promises. Recorded noise can be sliced per chunk."""
+    from pipeline.noise import InjectedNoise, SeededNoise
+
+    shape = (1, 3, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="upfront"):
+        SeededNoise(0, order="per_chunk").initial(shape)
+    with pytest.raises(RuntimeError, match="per_chunk"):
+        SeededNoise(0).chunk_initial(0, shape)
+    with pytest.raises(ValueError, match="noise order"):
+        SeededNoise(0, order="sideways")
+    recorded = torch.randn(1, 6, 4, 2, 2)
+    injected = InjectedNoise(recorded, torch.zeros(2, 1, 3, 4, 2, 2))
+    assert torch.equal(torch.cat([injected.chunk_initial(n, shape) for n in range(2)], 1), recorded)
+    with pytest.raises(ValueError, match="no frames 6..8"):
+        injected.chunk_initial(2, shape)
