@@ -54,7 +54,7 @@ from utils.errors import InputError
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
 from .build import Components, build_components, check_paths, resolve_device
-from .inference_config import load_inference_config
+from .inference_config import SEED_RANGE, load_inference_config
 from .noise import SeededNoise
 from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
 from .settings import VAE_STRIDE, InferenceSettings, parse_settings
@@ -316,6 +316,9 @@ class Session:
             seed = self.default_seed
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
+        low, high = SEED_RANGE["minimum"], SEED_RANGE["maximum"]
+        if not low <= seed <= high:
+            raise ValueError(f"seed must be in [{low}, {high}] (what a torch generator takes), got {seed}")
         with self._run_lock:
             self._drop_stream()
             stream = _Stream(self, prompt, self._encode(prompt), seed)

@@ -232,6 +232,8 @@ def test_bad_calls_are_rejected(session: Session, tmp_path: Path) -> None:
         session.set_prompt("a dog")
     with pytest.raises(ValueError, match="seed must be an integer"):
         session.start("a dog", seed="3")
+    with pytest.raises(ValueError, match=r"seed must be in \[0, "):
+        session.start("a dog", seed=-1)
     session.start("a dog")
     with pytest.raises(ValueError, match="nothing generated"):
         session.save_mp4(tmp_path / "empty.mp4")
