@@ -26,6 +26,7 @@ from trainer.checkpointing import (  # noqa: E402
     list_checkpoints,
     load_checkpoint,
     load_checkpoint_file,
+    remove_leftovers,
     rotate_checkpoints,
     save_checkpoint,
 )
@@ -320,34 +321,77 @@ def test_rotation_after_real_saves(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # (d) fallback past a corrupt latest checkpoint
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("broken", [MODEL_FILE, RESUME_FILE])
-def test_corrupt_latest_falls_back_with_one_line_warning(tmp_path, caplog, broken):
+def _cut(path: Path, keep) -> None:
+    """Cut a file to `keep(size)` bytes, as a kill or a full disk mid-write leaves it."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(keep(size))
+
+
+CUTS = {"half": lambda size: size // 2, "tail": lambda size: size - 10}  # tail: torch's Errno 22
+
+
+@pytest.mark.parametrize("cut", sorted(CUTS))
+@pytest.mark.parametrize("broken", [MODEL_FILE, RESUME_FILE, "rank_0.pt"])
+def test_corrupt_latest_falls_back_with_one_line_warning(tmp_path, caplog, broken, cut):
+    """A cut model.pt, resume.pt or (stage 2) rank_0.pt in the newest folder: the previous one
+    is resumed, rank state included, after one warning that names the file and says what is
+    wrong with it in words, not torch's internals."""
     run = Run(steps=1)
-    run.save(tmp_path, 2, data_position=2)
     saved = {k: v.clone() for k, v in run.generator.state_dict().items()}
+    save_checkpoint(tmp_path, 2, generator=run.generator, critic=run.critic,
+                    resume_state={"data_position": 2}, rank_state={"position": torch.arange(2)})
     run.train_once(7)
-    latest = run.save(tmp_path, 4, data_position=4)
+    latest = save_checkpoint(tmp_path, 4, generator=run.generator, critic=run.critic,
+                             resume_state={"data_position": 4},
+                             rank_state={"position": torch.arange(4)})
     bad = latest / broken
-    size = bad.stat().st_size
-    with open(bad, "r+b") as f:
-        f.truncate(size // 2)
+    _cut(bad, CUTS[cut])
 
     gen = tiny_dit(seed=9)
     with caplog.at_level(logging.WARNING, logger="trainer.checkpointing"):
         resumed = load_checkpoint(tmp_path, generator=gen)
     assert resumed.step == 2 and resumed.resume_state == {"data_position": 2}
+    assert _same(resumed.rank_state, {"position": torch.arange(2)})
     assert _same(dict(gen.state_dict()), saved)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(bad) in warnings[0] and "\n" not in warnings[0]
     assert "checkpoint_model_000002" in warnings[0]
+    assert "not a complete checkpoint (truncated or corrupt" in warnings[0], warnings[0]
+    assert "mmap" not in warnings[0] and "Errno" not in warnings[0]
 
 
-def test_all_corrupt_raises(tmp_path):
+def test_all_corrupt_raises_saying_how_to_start_over(tmp_path):
     run = Run(steps=0)
     folder = run.save(tmp_path, 1)
     (folder / MODEL_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+    with pytest.raises(CheckpointError, match="no readable checkpoint") as err:
         load_checkpoint(tmp_path, generator=tiny_dit())
+    assert "--no-auto-resume" in str(err.value) and "another --logdir" in str(err.value)
+
+
+def test_start_removes_only_the_leftovers_of_a_killed_write_or_rotation(tmp_path):
+    """kill -9 mid-write leaves `.checkpoint_model_<step>.<pid>.<hex>.partial`, mid-rotation
+    `.checkpoint_model_<step>.<hex>.deleting`: both go; nothing else in the logdir is touched
+    (other names, files, a symlink to a folder elsewhere and what it points to)."""
+    complete = Run(steps=0).save(tmp_path, 2)
+    leftovers = [_fake_checkpoint(tmp_path, ".checkpoint_model_000004.4242.0a1b2c3d.partial"),
+                 _fake_checkpoint(tmp_path, ".checkpoint_model_000001.deadbeef.deleting")]
+    (leftovers[0] / "resume.pt").write_bytes(b"x" * 100)
+    kept = [_fake_checkpoint(tmp_path, name) for name in (
+        ".checkpoint_model_000004.partial", ".other_000004.4242.0a1b2c3d.partial",
+        "checkpoint_model_000004.4242.0a1b2c3d.partial", ".checkpoint_model_000004.x.deleting")]
+    (tmp_path / ".checkpoint_model_000005.1.0a1b2c3d.partial").write_text("a file")
+    elsewhere = _fake_checkpoint(tmp_path.parent / f"{tmp_path.name}_elsewhere", "target")
+    (tmp_path / ".checkpoint_model_000006.1.0a1b2c3d.partial").symlink_to(elsewhere)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    assert remove_leftovers(tmp_path) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        set(before) - {p.name for p in leftovers})
+    assert all(p.is_dir() for p in kept) and (elsewhere / MODEL_FILE).is_file()
+    assert find_resume_checkpoint(tmp_path) == complete
+    assert remove_leftovers(tmp_path / "absent") == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -523,3 +567,55 @@ def test_fsdp2_two_processes_save_and_resume(tmp_path):
     load_generator_checkpoint(model, checkpoint_dir(tmp_path, 6) / MODEL_FILE)
     data = torch.load(checkpoint_dir(tmp_path, 6) / RESUME_FILE, weights_only=True)
     assert data["world_size"] == WORLD and len(data["rng"]) == WORLD
+
+
+# ------------------------------------------------------------------------------------------------
+# (h) the end of a run and a killed run's leftovers, through the stage-1 trainer
+# ------------------------------------------------------------------------------------------------
+def _log_steps(logdir: Path) -> list[int]:
+    import json
+
+    return [json.loads(line)["step"] for line in (logdir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("behaviour, final", [("clean", 2), ("compat", 3)])
+def test_a_run_ends_at_its_final_step_saves_it_and_a_rerun_redoes_nothing(tmp_path, behaviour,
+                                                                          final):
+    """max_iters 2: clean runs iterations 0 and 1 (ends at step 2), compat one more as the
+    reference's `while s <= max_iters` (step 3, TRAINING.md §10 item 25); either way the last
+    step is saved although log_iters does not divide it, so a rerun resumes there and trains
+    nothing."""
+    from test_train_loop import make_settings, make_trainer
+
+    settings = make_settings(tmp_path / "run", max_iters=2, log_iters=100, behaviour=behaviour)
+    trainer = make_trainer(settings)
+    trainer.run()
+    assert trainer.step == trainer.final_step == final
+    assert [c.step for c in list_checkpoints(tmp_path / "run")] == [final]
+    assert _log_steps(tmp_path / "run") == list(range(1, final + 1))
+
+    again = make_trainer(settings)
+    assert again.step == final
+    steps: list[int] = []
+    again.run(on_step=steps.append)
+    assert steps == [] and _log_steps(tmp_path / "run") == list(range(1, final + 1))
+
+
+def test_videos_of_the_resumed_step_are_written_again_after_a_kill(tmp_path):
+    """A run killed while writing the sample videos of its checkpointed last step (the video
+    missing, its `.partial.mp4` left): the rerun resumes at that step, removes the partial and
+    writes the video again, byte for byte the one an uninterrupted run wrote."""
+    from test_train_loop import make_settings, make_trainer
+
+    settings = make_settings(tmp_path / "run", max_iters=2, log_iters=2, vis_interval=2)
+    make_trainer(settings).run()
+    (video,) = sorted((tmp_path / "vis").rglob("*.mp4"))
+    assert video.name == "step_0000002_rank_0_sample_0_len_6.mp4"
+    original = video.read_bytes()
+    partial = video.with_name(f".{video.stem}.partial.mp4")
+    video.rename(partial)  # kill -9 mid-encode: only the partial exists
+
+    make_trainer(settings).run()
+    assert video.read_bytes() == original
+    assert not partial.exists()
+    assert sorted(p.name for p in video.parent.iterdir()) == [video.name]

@@ -53,7 +53,7 @@ def read_lines(path):
 
 
 def test_rank0_writes_one_valid_json_line_per_step(tmp_path):
-    logger = TrainLogger(tmp_path / "run", rank=0, max_iters=3, progress=False)
+    logger = TrainLogger(tmp_path / "run", rank=0, final_step=4, progress=False)
     logger.log_step(1, generator_loss=torch.tensor(0.5, dtype=torch.float64),
                     critic_loss=torch.tensor(1.25), generator_grad_norm=torch.tensor(3.0),
                     critic_grad_norm=2.0, dmdtrain_gradient_norm=torch.tensor(0.1),
@@ -87,9 +87,26 @@ def test_resume_appends(tmp_path):
     assert records[1]["sec_per_step"] == 1.5 and records[1]["peak_memory_gib"] == 0.25
 
 
+def test_resume_drops_the_records_past_the_resumed_step(tmp_path):
+    """A run killed at step 5 after its checkpoint at 2 (and mid-line: a torn last record)
+    resumes at 2 and redoes 3..5: each step appears once, in order, every line valid JSON."""
+    with TrainLogger(tmp_path, progress=False) as logger:
+        for step in range(1, 6):
+            logger.log_step(step, critic_loss=float(step))
+    with open(tmp_path / LOG_FILE, "a", encoding="utf-8") as f:
+        f.write('{"step": 6, "critic_lo')  # kill -9 mid-write
+    with TrainLogger(tmp_path, start_step=2, progress=False) as logger:
+        for step in range(3, 6):
+            logger.log_step(step, critic_loss=10.0 * step)
+    records = read_lines(tmp_path / LOG_FILE)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["critic_loss"] for r in records] == [1.0, 2.0, 30.0, 40.0, 50.0]
+    assert [p.name for p in tmp_path.iterdir()] == [LOG_FILE]  # no temporary file left
+
+
 def test_other_ranks_write_nothing(tmp_path, monkeypatch):
     module = fake_wandb(monkeypatch, FakeRun())
-    logger = TrainLogger(tmp_path / "run", rank=1, max_iters=3, wandb=settings())
+    logger = TrainLogger(tmp_path / "run", rank=1, final_step=4, wandb=settings())
     assert logger.log_step(1, critic_loss=1.0) is None
     logger.write("hello")
     logger.close()
@@ -98,7 +115,7 @@ def test_other_ranks_write_nothing(tmp_path, monkeypatch):
 
 
 def test_progress_bar_runs(tmp_path, capsys):
-    with TrainLogger(tmp_path, max_iters=2, progress=True) as logger:
+    with TrainLogger(tmp_path, final_step=3, progress=True) as logger:
         for step in (1, 2, 3):
             logger.log_step(step, generator_loss=0.1, critic_loss=0.2)
         assert logger._bar.n == 3

@@ -47,7 +47,7 @@ def _split(named: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 # LoRA: only the adapters train, and they start at the base model
 # ------------------------------------------------------------------------------------------------
 def test_only_lora_trains_and_base_weights_stay_bit_identical(tmp_path):
-    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=2, log_iters=100))
+    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=3, log_iters=100))
     before = {name: params(m) for name, m in (("generator", trainer.generator),
                                               ("critic", trainer.critic),
                                               ("teacher", trainer.teacher))}
@@ -98,7 +98,7 @@ def _interactive_latents(settings: TrainSettings, lora_ckpt: Path | None) -> tor
 
 
 def test_trained_lora_pt_has_the_reference_layout_and_changes_interactive_inference(tmp_path):
-    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=2, log_iters=3))
+    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=3, log_iters=3))
     trainer.run()
     path = tmp_path / "run" / "checkpoint_model_000003" / "model.pt"
     data = torch.load(path, weights_only=True)
@@ -122,7 +122,7 @@ def test_trained_lora_pt_has_the_reference_layout_and_changes_interactive_infere
 def test_reference_lora_pt_layout_resumes_as_lora_ckpt(tmp_path):
     """A lora.pt in the reference's layout (PEFT names, rank 4) starts a run through lora_ckpt;
     another rank is refused naming the key to change."""
-    trainer = make_trainer(make_settings(tmp_path / "a", max_iters=0, log_iters=1))
+    trainer = make_trainer(make_settings(tmp_path / "a", max_iters=1, log_iters=1))
     trainer.run()
     ckpt = tmp_path / "a" / "checkpoint_model_000001" / "model.pt"
     started = make_trainer(make_settings(tmp_path / "b", lora_ckpt=str(ckpt)))
@@ -199,7 +199,7 @@ def test_resume_with_a_sequence_in_flight_is_exact(tmp_path):
     windows used). Run B stops after 3 iterations, a new trainer resumes from step 2 (weights,
     Adam moments, data position, the sequence's cache/bank/latents) and finishes: everything
     equals the uninterrupted run A, bitwise."""
-    overrides = dict(max_iters=4, log_iters=2)
+    overrides = dict(max_iters=5, log_iters=2)
     a = make_trainer(make_settings(tmp_path / "a", **overrides))
     a.run()
     b1 = make_trainer(make_settings(tmp_path / "b", **overrides))
@@ -221,7 +221,7 @@ def test_resume_with_a_sequence_in_flight_is_exact(tmp_path):
 # Visualisation (the reference's never runs, §10 item 28) and bad input
 # ------------------------------------------------------------------------------------------------
 def test_stage2_visualisation_writes_a_switch_video(tmp_path):
-    trainer = make_trainer(make_settings(tmp_path / "runs" / "run", max_iters=0, vis_interval=1,
+    trainer = make_trainer(make_settings(tmp_path / "runs" / "run", max_iters=1, vis_interval=1,
                                          vis_video_lengths="[12]", log_iters=100))
     trainer.run()
     videos = sorted((tmp_path / "runs" / "vis").rglob("*.mp4"))
@@ -268,7 +268,7 @@ def _dist_worker(rank: int, port: int, out_dir: str, base: str) -> None:
     try:
         torch.set_num_threads(1)
         settings = make_settings(Path(out_dir) / "run", batch_size=1, generator_ckpt=base,
-                                 max_iters=0, log_iters=1)
+                                 max_iters=1, log_iters=1)
         trainer = make_trainer(settings)
         sharded = all(isinstance(p, DTensor) for p in trainer.generator.parameters())
         trainer.run()

@@ -166,15 +166,15 @@ def _log_records(logdir: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("first_leg", [3, 4, 6],
                          ids=["stop-at-checkpoint", "stop-past-checkpoint", "resume-with-ema"])
 def test_resume_is_exact(tmp_path, first_leg):
-    """Run A: steps 0..6 uninterrupted. Run B: `first_leg` iterations, then a new trainer on
-    the same logdir resumes from the newest checkpoint (3 or 6; from 3 the generator's Adam
+    """Run A: iterations 0..5 uninterrupted. Run B: `first_leg` iterations, then a new trainer
+    on the same logdir resumes from the newest checkpoint (3 or 6; from 3 the generator's Adam
     state is used again at step 5, from 6 the EMA comes from the checkpoint) and finishes.
-    Generator, critic, EMA, optimiser states and the data position agree at the end (step 7),
+    Generator, critic, EMA, optimiser states and the data position agree at the end (step 6),
     bitwise."""
     overrides = dict(max_iters=6, log_iters=3)
     a = make_trainer(make_settings(tmp_path / "a", **overrides))
     a.run()
-    assert a.step == 7 and a.ema is not None
+    assert a.step == 6 and a.ema is not None
 
     b1 = make_trainer(make_settings(tmp_path / "b", **overrides))
     b1.run(stop_after=first_leg)
@@ -187,16 +187,16 @@ def test_resume_is_exact(tmp_path, first_leg):
     # ema_start_step 4: dropped on a resume before it (re-created at 4), else loaded
     assert (b2.ema is None) == (resume_step < 4)
     b2.run()
-    assert b2.step == 7
+    assert b2.step == 6
 
     worst = _compare(_snapshot(a), _snapshot(b2))
     print(f"\n[resume first_leg={first_leg}] max |A - B| over weights/EMA/optimiser: {worst:.3e}")
     assert worst == 0.0
 
-    # the log: B's records equal A's; after stopping at 4, step 4 is logged twice, identically
+    # the log: B's records equal A's, each step once (the resume drops step 4 of the first leg)
     rec_a = {r["step"]: r for r in _log_records(tmp_path / "a")}
     rec_b = _log_records(tmp_path / "b")
-    assert [r["step"] for r in rec_b] == list(range(1, first_leg + 1)) + list(range(resume_step + 1, 8))
+    assert [r["step"] for r in rec_b] == list(range(1, 7))
     for r in rec_b:
         for key in ("generator_loss", "critic_loss", "critic_grad_norm", "generator_grad_norm"):
             assert r[key] == rec_a[r["step"]][key], (r["step"], key)
@@ -405,7 +405,7 @@ def test_rollout_reads_the_bank():
 def test_visualisation_writes_videos_next_to_the_run(tmp_path):
     """vis_interval: every rank samples its validation prompts with the live generator through
     the inference stepper and writes MP4s into the run folder's sibling vis/ (TRAINING.md §8.3)."""
-    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=1, vis_interval=2,
+    trainer = make_trainer(make_settings(tmp_path / "run", max_iters=2, vis_interval=2,
                                          no_save=True))
     trainer.run()
     videos = sorted((tmp_path / "vis").rglob("*.mp4"))

@@ -30,9 +30,13 @@ Why it is written this way:
 * Atomic. The folder is written under a hidden temporary name in logdir (`.checkpoint_model_…
   .partial`), its files fsynced, then renamed; a crash leaves no folder under a final name, and
   rotation / resume never see the temporary one. Rotation renames a folder away before deleting.
-* Resume falls back. The newest folder that reads is used; an unreadable one (truncated file)
-  is reported in one warning line naming the file, and the previous one is tried. A checkpoint
-  that reads but does not fit the model is a configuration error and raises.
+* Resume falls back. The newest folder that reads is used: its model.pt and resume.pt on rank 0
+  and every rank's own rank_{r}.pt. An unreadable one (truncated file) is reported in one
+  warning line naming the file, and the previous one is tried. A checkpoint that reads but does
+  not fit the model is a configuration error and raises.
+* Crash leftovers are removed. A kill -9 while a folder is written or deleted leaves its
+  hidden `.partial` / `.deleting` name behind (gigabytes at the real sizes); the next start
+  removes them (`remove_leftovers`: this logdir only, only names this module makes).
 * Without a process group (one process), everything runs locally as rank 0.
 """
 from __future__ import annotations
@@ -80,6 +84,12 @@ RANK_FILE = "rank_{rank}.pt"
 LORA_ENTRIES = {"generator": "generator_lora", "critic": "critic_lora"}
 RESUME_FORMAT = 1
 PARTIAL_SUFFIX = ".partial"
+DELETING_SUFFIX = ".deleting"
+# the hidden names of a folder being written (pid, random) or deleted (random)
+LEFTOVER_RE = re.compile(
+    rf"\.{FOLDER_PREFIX}\d+\.(?:\d+\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}"
+    rf"|[0-9a-f]{{8}}{re.escape(DELETING_SUFFIX)})"
+)
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -175,11 +185,31 @@ def rotate_checkpoints(logdir: PathLike, max_checkpoints: int) -> list[Path]:
         return []
     deleted = []
     for old in list_checkpoints(logdir)[:-max_checkpoints]:
-        trash = old.path.with_name(f".{old.path.name}.{secrets.token_hex(4)}.deleting")
+        trash = _trash_name(old.path)
         os.replace(old.path, trash)
         shutil.rmtree(trash)
         deleted.append(old.path)
     return deleted
+
+
+def _trash_name(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.{secrets.token_hex(4)}{DELETING_SUFFIX}")
+
+
+def remove_leftovers(logdir: PathLike) -> list[Path]:
+    """Delete what a killed run left in `logdir` (rank 0; call before this run writes): hidden
+    folders of a checkpoint being written (`.checkpoint_model_<step>.<pid>.<hex>.partial`) or
+    deleted (`.checkpoint_model_<step>.<hex>.deleting`). Only direct sub-folders with exactly
+    those names go (no symlinks, nothing else); returns them."""
+    logdir = Path(logdir)
+    if not is_main_rank() or not logdir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(logdir.iterdir()):
+        if LEFTOVER_RE.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,7 +381,7 @@ def _publish(tmp: Path, final: Path) -> Path:
     _fsync_dir(tmp)
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.{secrets.token_hex(4)}.deleting")
+        old = _trash_name(final)
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
@@ -438,13 +468,18 @@ def _write_rank_file(tmp: Path, final: Path, state: dict[str, Any]) -> None:
         _write_file(tmp / name, state, final / name)
     except (CheckpointError, TypeError) as err:
         error = str(err)
+    failed = _first_error(error)
+    if failed:
+        raise CheckpointError(failed)
+
+
+def _first_error(error: str) -> str:
+    """The first non-empty error message of any rank ("" when every rank succeeded). Collective."""
     errors = [error]
     if _distributed():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
-    failed = [e for e in errors if e]
-    if failed:
-        raise CheckpointError(failed[0])
+    return next((e for e in errors if e), "")
 
 
 def read_rank_state(checkpoint: PathLike) -> dict[str, Any] | None:
@@ -477,18 +512,34 @@ class Resumed:
     ema_loaded: bool = False
     optimizers_loaded: tuple[str, ...] = ()
     rng_restored: bool = False
+    rank_state: dict[str, Any] | None = None  # this rank's rank_{r}.pt (auto-resume only)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
 def _read(path: Path) -> Any:
-    """torch.load with mmap (rank 0 does not copy the file into memory twice), weights_only."""
+    """torch.load with mmap (rank 0 does not copy the file into memory twice), weights_only.
+
+    A zip that does not load is a checkpoint cut short (a crash mid-write, a full disk, a
+    partial copy): the message says so rather than repeating torch's internals ("mmap can only
+    be used with ...", "[Errno 22] Invalid argument"). Anything else (an empty or legacy file,
+    foreign pickled objects) goes to memflow's `read_checkpoint`, which names what it is."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    with open(path, "rb") as f:
+        zipped = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    if not zipped:
+        return read_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         return read_checkpoint(path)  # foreign objects: memflow's guarded weights_only=False
-    except Exception as err:  # truncated, not a zip, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    except Exception:  # truncated, damaged
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a complete checkpoint (truncated or corrupt, "
+            f"{path.stat().st_size} bytes)"
+        ) from None
 
 
 def _state_entry(data: Mapping[str, Any], entry: str, path: Path) -> dict[str, torch.Tensor]:
@@ -684,34 +735,57 @@ def load_checkpoint(
 
     Restores the generator and critic (strict, FSDP2-aware), the EMA (when given and saved), the
     optimiser states (when given and saved), each rank's RNG states (same world size only) and
-    returns the step and the loop's resume_state. A folder whose model.pt or resume.pt does not
-    read is skipped with a one-line warning naming the file. Returns None when `logdir` has no
-    checkpoint; raises CheckpointError when it has some but none reads, or when the newest
-    readable one does not fit the models.
+    returns the step, the loop's resume_state and this rank's rank_{r}.pt. A folder whose
+    model.pt, resume.pt or any rank's rank_{r}.pt does not read is skipped with a one-line
+    warning naming the file. Returns None when `logdir` has no checkpoint; raises
+    CheckpointError when it has some but none reads (saying how to start over), or when the
+    newest readable one does not fit the models.
     """
     logdir = Path(logdir)
-
-    box: dict[str, _Files] = {}
-
-    def pick() -> bool:
-        """Rank 0: the newest folder that reads, newest first; True when there is one."""
-        found = list_checkpoints(logdir)
-        for i in range(len(found) - 1, -1, -1):
-            try:
-                box["files"] = _read_files(found[i].path / MODEL_FILE)
-                return True
-            except CheckpointError as err:
-                nxt = f"falling back to {found[i - 1].path.name}" if i else "no older checkpoint"
-                log.warning("skipping unreadable checkpoint: %s; %s", err, nxt)
+    found = _on_main(lambda: [str(c.path) for c in list_checkpoints(logdir)])
+    box: dict[str, Any] = {}
+    for i in range(len(found) - 1, -1, -1):
+        error = _read_folder(Path(found[i]), box)
+        if not error:
+            break
+        box.clear()
+        if is_main_rank():
+            nxt = f"falling back to {Path(found[i - 1]).name}" if i else "no older checkpoint"
+            log.warning("skipping unreadable checkpoint: %s; %s", error, nxt)
+    else:
         if found:
-            raise CheckpointError(f"no readable checkpoint among the {len(found)} in {logdir}")
-        return False
-
-    if not _on_main(pick):
+            raise CheckpointError(
+                f"no readable checkpoint among the {len(found)} in {logdir}; to start over, "
+                "pass --no-auto-resume (auto_resume=false) or use another --logdir"
+            )
         return None
-    return _apply(box.get("files"), generator=generator, critic=critic,
-                  generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
-                  ema=ema, restore_rng=restore_rng)
+    resumed = _apply(box.get("files"), generator=generator, critic=critic,
+                     generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
+                     ema=ema, restore_rng=restore_rng)
+    resumed.rank_state = box.get("rank_state")
+    return resumed
+
+
+def _read_folder(folder: Path, box: dict[str, Any]) -> str:
+    """Read a checkpoint folder into `box` (rank 0: "files"; every rank: its "rank_state");
+    the first error of any rank, or "" when everything read. Collective."""
+
+    def read_main() -> str:
+        try:
+            box["files"] = _read_files(folder / MODEL_FILE)
+        except CheckpointError as err:
+            return str(err)
+        return ""
+
+    error = _on_main(read_main)
+    if error:
+        return error
+    mine = ""
+    try:
+        box["rank_state"] = read_rank_state(folder)
+    except CheckpointError as err:
+        mine = str(err)
+    return _first_error(mine)
 
 
 def load_checkpoint_file(

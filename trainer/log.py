@@ -7,6 +7,10 @@ not measured that step: the generator losses on critic-only steps, for example);
 are added as given. Tensors become numbers (0-dim) or lists; NaN and infinities become the
 strings "nan", "inf", "-inf" so that every line stays valid JSON.
 
+A resumed run continues the file from the step it resumed at: records past that step (the
+iterations a killed run did after its last checkpoint, which the resumed run does again) and a
+line cut short by the kill are dropped first, so every step appears once, in order.
+
 The module is `log`, not `logging`, so that it never shadows the standard library.
 
 wandb is optional and imported lazily: it is used only when enabled in the settings, installed,
@@ -85,12 +89,38 @@ def peak_memory_gib(device: torch.device | str | None = None, reset: bool = True
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the records of `path` past `step`, and any line that is not a whole JSON record
+    (the last one, cut short by a kill); atomic (a temporary file renamed over it); no-op
+    when nothing goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+        return
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one log.jsonl line, or None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
 class TrainLogger:
     """Writes one record per training step (rank 0 only).
 
     `wandb` is a `trainer.config.WandbSettings` (or None for no wandb); `config` the resolved
-    config to store with the wandb run. The progress bar counts steps up to `max_iters` + 1
-    iterations (the reference's loop runs until step > max_iters).
+    config to store with the wandb run. The progress bar counts steps from `start_step` up to
+    `final_step`; an existing log.jsonl keeps its records up to `start_step` only.
     """
 
     def __init__(
@@ -98,7 +128,7 @@ class TrainLogger:
         logdir: str | os.PathLike[str] | None,
         *,
         rank: int = 0,
-        max_iters: int | None = None,
+        final_step: int | None = None,
         start_step: int = 0,
         wandb: Any = None,
         config: Mapping[str, Any] | None = None,
@@ -117,10 +147,10 @@ class TrainLogger:
         if logdir:
             self.path = Path(logdir) / LOG_FILE
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            keep_records_up_to(self.path, start_step)
             self._file = open(self.path, "a", encoding="utf-8")  # resume appends
         if progress:
-            total = max_iters + 1 if max_iters is not None else None
-            self._bar = tqdm(total=total, initial=start_step, desc="train", unit="step",
+            self._bar = tqdm(total=final_step, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True, leave=True)
         if wandb is not None and getattr(wandb, "enabled", False):
             self._wandb = self._start_wandb(wandb, config)

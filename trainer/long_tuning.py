@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpointing import Resumed, read_rank_state
+from .checkpointing import Resumed
 from .loop import Stage1Trainer, _Record
 from .stage2 import critic_window_loss, generator_window_loss
 from .streaming import LongSequence, vae_first_frame_encoder
@@ -131,7 +131,7 @@ class Stage2Trainer(Stage1Trainer):
         if not exact:
             return
         self.sequences_started = int(loaded.resume_state.get("sequences_started", 0))
-        state = read_rank_state(loaded.path)
+        state = loaded.rank_state  # read (and checked on every rank) by load_checkpoint
         # every rank must continue its sequence, or none does: ranks run windows in lockstep
         everyone = torch.tensor([0 if state is None else 1])
         if dist.is_initialized():

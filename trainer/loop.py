@@ -6,7 +6,8 @@ Per iteration s (read before its increment):
     rollout with gradient + DMD loss (when the generator trains); an independent no-grad rollout
     + critic flow loss; each loss divided by the number of micro-steps is back-propagated;
   * clip (pre-clip norms are logged) and step the optimisers; EMA after a generator step;
-  * s += 1; EMA creation at ema_start_step; checkpoint every `log_iters`; log.
+  * s += 1; EMA creation at ema_start_step; checkpoint every `log_iters` and at the end; log.
+The run ends at step max_iters (`final_step`; compat: max_iters + 1, TRAINING.md §10 item 25).
 
 Randomness: every draw comes from one injectable `RunDraws` (trainer/draws.py). The default,
 `SeededRunDraws`, gives iteration s `SampleDraws(seed, s, role, sample ids)`; the global sample
@@ -41,7 +42,7 @@ from utils.signals import check_terminated
 from memflow.lora import add_lora
 
 from .checkpointing import (Resumed, _on_main, load_checkpoint, load_checkpoint_file,
-                            rotate_checkpoints, save_checkpoint)
+                            remove_leftovers, rotate_checkpoints, save_checkpoint)
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
 from .draws import RunDraws, SeededRunDraws, TrainingDraws, stable_seed
@@ -84,7 +85,8 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
 
 def _prepare_logdir(logdir: Path) -> None:
     """Create the run folder (rank 0) before any model is built, so that an unusable --logdir
-    (e.g. a path under a regular file) is one `error:` line on every rank, not a traceback."""
+    (e.g. a path under a regular file) is one `error:` line on every rank, not a traceback; and
+    remove the half-written or half-deleted checkpoint folders a killed run left there."""
 
     def make() -> None:
         try:
@@ -93,6 +95,9 @@ def _prepare_logdir(logdir: Path) -> None:
             raise InputError(f"cannot write to logdir {logdir}: {err.strerror or err}") from None
         if not os.access(logdir, os.W_OK | os.X_OK):
             raise InputError(f"cannot write to logdir {logdir}: permission denied")
+        for leftover in remove_leftovers(logdir):
+            log.info("removed %s (left by a run killed while writing or deleting a checkpoint)",
+                     leftover)
 
     _on_main(make)
 
@@ -186,7 +191,7 @@ class Stage1Trainer:
             self.negative = self.text_encoder.encode([s.negative_prompt]).to(device, s.compute_dtype)
         self.logger = TrainLogger(
             None if s.no_save and s.logdir is None else s.logdir, rank=self.rank,
-            max_iters=s.max_iters, start_step=self.step, wandb=s.wandb,
+            final_step=self.final_step, start_step=self.step, wandb=s.wandb,
             config=config_for_logging, progress=progress, device=device,
         )
 
@@ -225,6 +230,7 @@ class Stage1Trainer:
         self.step = self.base_step
         if s.auto_resume and s.logdir is not None:
             resumed = load_checkpoint(s.logdir, **kwargs)
+        self._check_resumed_vis = resumed is not None
         if resumed is None:
             start = s.generator_ckpt if s.lora is None else s.lora_ckpt
             if start is not None:
@@ -262,20 +268,35 @@ class Stage1Trainer:
             self._vae = build_vae(self.settings, self.device)
         return self._vae
 
-    def _visualiser(self, stepper: ChunkStepper) -> Callable[[int], None] | None:
-        """Sample videos every `vis_interval` steps into <logdir>/../vis (§8.3), or None."""
+    def _visualiser(self, stepper: ChunkStepper):
+        """Sample videos every `vis_interval` steps into <logdir>/../vis (§8.3): a
+        `trainer.visualize.Visualiser`, or None."""
         s = self.settings
         if not s.vis_interval or not s.vis_video_lengths or s.logdir is None:
             return None
-        from .visualize import write_samples
+        from .visualize import Visualiser
 
-        vae = self.vae()
         switch_path = s.val_switch_prompt_path if s.stage == 2 else None
         dataset = PromptDataset.from_file(s.val_data_path, switch_path)
         batch = validation_batch(dataset, s.val_batch_size, self.rank, self.world)
         out_dir = Path(s.logdir).resolve().parent / "vis"
-        return lambda step: write_samples(stepper, self.text_encoder, vae, batch.prompts, s, step,
-                                          self.rank, out_dir, batch.switch_prompts)
+        return Visualiser(stepper, self.text_encoder, self.vae(), batch.prompts, s, self.rank,
+                          out_dir, batch.switch_prompts)
+
+    def _finish_resumed_vis(self) -> None:
+        """A run killed while writing the videos of the step it resumes from never passes that
+        step again: write them now, on every rank when any rank's are incomplete."""
+        s = self.settings
+        if self.vis is None or self.step == 0 or self.step % s.vis_interval:
+            return
+        missing = torch.tensor([0 if self.vis.complete(self.step) else 1])
+        if dist.is_initialized():
+            missing = missing.to(self.device)
+            dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+        if int(missing.item()):
+            if self.rank == 0:
+                log.info("writing the unfinished sample videos of step %d", self.step)
+            self.vis.write(self.step)
 
     # -- one iteration ----------------------------------------------------------------------
     def _sample_ids(self, micro: int, batch: int) -> list[int]:
@@ -361,23 +382,34 @@ class Stage1Trainer:
         """Each rank's own state for rank_{r}.pt (None: nothing per rank)."""
         return None
 
+    @property
+    def final_step(self) -> int:
+        """The step the run ends at: max_iters iterations from step 0 in clean; max_iters + 1 in
+        compat, whose loop runs while s <= max_iters (TRAINING.md §10 item 25)."""
+        return self.settings.max_iters + (1 if self.settings.compat else 0)
+
     def run(self, stop_after: int | None = None, on_step: Callable[[int], None] | None = None) -> None:
-        """Iterate until the step exceeds max_iters (or `stop_after` more iterations)."""
+        """Iterate until `final_step` (or `stop_after` more iterations). The final step is
+        saved too, whatever `log_iters`, so a rerun of a finished run has nothing to redo."""
         s = self.settings
         start = self.step
         try:
-            while self.step <= s.max_iters and (stop_after is None or self.step - start < stop_after):
+            if self._check_resumed_vis:
+                self._check_resumed_vis = False
+                self._finish_resumed_vis()
+            while self.step < self.final_step and (stop_after is None or self.step - start < stop_after):
                 check_terminated()
                 metrics = self.train_step()
                 check_terminated()  # never save after an interrupted step
-                if not s.no_save and s.logdir is not None and self.step % s.log_iters == 0:
+                due = self.step % s.log_iters == 0 or self.step == self.final_step
+                if not s.no_save and s.logdir is not None and due:
                     self.save()
                 self.logger.log_step(
                     self.step, **metrics.__dict__,
                     lr=s.generator_optim.lr, lr_critic=s.critic_optim.lr,
                 )
                 if self.vis is not None and self.step % s.vis_interval == 0:
-                    self.vis(self.step)
+                    self.vis.write(self.step)
                 if s.gc_interval and self.step % s.gc_interval == 0:
                     gc.collect()
                     if self.device.type == "cuda":

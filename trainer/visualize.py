@@ -10,10 +10,15 @@ gradients; the noise is seeded by step and rank, so a resumed run draws the same
 Stage 2 samples prompt A switching to B at a frame drawn with the training switch rule, through
 the recache of interactive inference (the reference's two-prompt visualisation cannot run and
 its failure is swallowed, so it never writes a video, TRAINING.md §8.3 / §10 item 28).
+
+A run killed while it writes a step's videos resumes from that step's checkpoint without
+passing that step again: `Visualiser.complete` tells the loop to write them again (the stale
+`.partial.mp4` of this rank and step is removed first).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +47,88 @@ def build_vae(settings: TrainSettings, device: torch.device) -> WanVAE:
     return vae.to(device)
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class _Sample:
+    """One video of a step: prompt `index`, `frames` long, switching at `switch_frame`."""
+
+    index: int
+    frames: int
+    switch_frame: int | None
+    path: Path
+
+
+@dataclass
+class Visualiser:
+    """Writes each rank's sample videos of a step into `out_dir` (<logdir>/../vis)."""
+
+    stepper: ChunkStepper
+    text_encoder: TextEncoder
+    vae: WanVAE
+    prompts: list[str]
+    settings: TrainSettings
+    rank: int
+    out_dir: Path
+    switch_prompts: list[str] | None = None
+
+    def folder(self, step: int) -> Path:
+        return self.out_dir / f"step_{step:07d}"
+
+    def samples(self, step: int) -> list[_Sample]:
+        """The videos of `step`, in writing order, with their switch frames and file names."""
+        s = self.settings
+        lora = "_lora" if s.lora is not None else ""
+        out = []
+        for i in range(len(self.prompts)):
+            for frames in s.vis_video_lengths:
+                switch_frame = None
+                if self.switch_prompts is not None:
+                    found = s.streaming.switch.candidates(frames, self.stepper.frames_per_block)
+                    if found:
+                        switch_frame = random.Random(stable_seed(s.seed, "vis", step)).choice(found)
+                name = f"step_{step:07d}_rank_{self.rank}_sample_{i}_len_{frames}{lora}"
+                if switch_frame is not None:
+                    name += f"_switch_frame_{switch_frame}"
+                out.append(_Sample(i, frames, switch_frame, self.folder(step) / f"{name}.mp4"))
+        return out
+
+    def complete(self, step: int) -> bool:
+        """Whether every video of `step` of this rank is on disk (finished: Mp4Writer renames a
+        video to its name only once it is complete)."""
+        return all(sample.path.is_file() for sample in self.samples(step))
+
+    @torch.no_grad()
+    def write(self, step: int) -> list[Path]:
+        """One video per prompt and per length in `vis_video_lengths` (switching to
+        `switch_prompts[i]` when given); returns the files written. Collective (every rank
+        writes its own)."""
+        s, stepper = self.settings, self.stepper
+        device = stepper.generator.device
+        folder = self.folder(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f".step_{step:07d}_rank_{self.rank}_*.partial.mp4"):
+            stale.unlink(missing_ok=True)  # a killed run's unfinished video of this rank and step
+        switch = SwitchOptions.compat() if s.compat else SwitchOptions()
+        written = []
+        for sample in self.samples(step):
+            context = self._encode(self.prompts[sample.index])
+            switch_context = None
+            if self.switch_prompts is not None:
+                switch_context = self._encode(self.switch_prompts[sample.index])
+            noise = SeededNoise(s.seed + 1000 * step + self.rank, dtype=stepper.dtype, device=device)
+            decoder = self.vae.stream()
+            with Mp4Writer(sample.path, fps=16) as writer:
+                stepper.rollout(
+                    1, sample.frames, s.latent_hw, noise,
+                    _prompt_for_chunk(stepper, context, switch_context, sample.switch_frame, switch),
+                    hooks=_decode_hook(decoder, writer),
+                )
+            written.append(sample.path)
+        return written
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        return self.text_encoder.encode([prompt]).to(self.stepper.generator.device, self.stepper.dtype)
+
+
 def write_samples(
     stepper: ChunkStepper,
     text_encoder: TextEncoder,
@@ -54,39 +140,9 @@ def write_samples(
     out_dir: Path,
     switch_prompts: list[str] | None = None,
 ) -> list[Path]:
-    """One video per prompt and per length in `vis_video_lengths` (switching to
-    `switch_prompts[i]` when given); returns the files written."""
-    device = stepper.generator.device
-    folder = out_dir / f"step_{step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    lora = "_lora" if settings.lora is not None else ""
-    written = []
-    for i, prompt in enumerate(prompts):
-        context = text_encoder.encode([prompt]).to(device, stepper.dtype)
-        switch_context = None
-        if switch_prompts is not None:
-            switch_context = text_encoder.encode([switch_prompts[i]]).to(device, stepper.dtype)
-        for frames in settings.vis_video_lengths:
-            switch_frame = None
-            if switch_context is not None:
-                found = settings.streaming.switch.candidates(frames, stepper.frames_per_block)
-                if found:
-                    switch_frame = random.Random(stable_seed(settings.seed, "vis", step)).choice(found)
-            noise = SeededNoise(settings.seed + 1000 * step + rank, dtype=stepper.dtype, device=device)
-            name = f"step_{step:07d}_rank_{rank}_sample_{i}_len_{frames}{lora}"
-            if switch_frame is not None:
-                name += f"_switch_frame_{switch_frame}"
-            path = folder / f"{name}.mp4"
-            decoder = vae.stream()
-            with Mp4Writer(path, fps=16) as writer:
-                stepper.rollout(
-                    1, frames, settings.latent_hw, noise,
-                    _prompt_for_chunk(stepper, context, switch_context, switch_frame,
-                                      SwitchOptions.compat() if settings.compat else SwitchOptions()),
-                    hooks=_decode_hook(decoder, writer),
-                )
-            written.append(path)
-    return written
+    """`Visualiser(...).write(step)`: the sample videos of one step; returns the files written."""
+    return Visualiser(stepper, text_encoder, vae, prompts, settings, rank, out_dir,
+                      switch_prompts).write(step)
 
 
 def _prompt_for_chunk(stepper: ChunkStepper, context: torch.Tensor,
