@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import train_settings
+from pipeline.noise import NoiseSource
 from trainer.draws import (InjectedDraws, InjectedRunDraws, InjectedSequence, SeededRunDraws,
                            SequenceDraws, TrainingDraws, stable_seed)
 from trainer.models import build_train_models
@@ -46,9 +47,9 @@ def recorded_windows(settings, exits: list[int], seed: int = 0) -> list[dict[str
     g = torch.Generator().manual_seed(seed)
     fpb, window = settings.frames_per_block, settings.streaming.window_frames
     block = (settings.batch_size * fpb, 16, *settings.latent_hw)
+    schedule = window_schedule(settings.streaming.max_length, settings.streaming, fpb)
     out = []
-    for (_, n_new), k in zip(window_schedule(settings.streaming.max_length, settings.streaming, fpb),
-                             exits):
+    for (_, n_new), k in zip(schedule, exits):
         blocks = n_new // fpb
         out.append(dict(
             blocks=blocks, exit=k,
@@ -73,6 +74,10 @@ def snapshot(report: IterationReport) -> dict[str, Any]:
     """Copies of everything a report holds (its gradients are scaled by clipping afterwards)."""
 
     def window(loss: Any, role: str) -> dict[str, Any]:
+        if not hasattr(loss, "window"):  # stage 1: a rollout
+            r = loss.rollout
+            return dict(role=role, exit=r.exit_steps, latents=r.latents.detach().clone(),
+                        loss=loss.loss.detach().clone())
         w = loss.window
         return dict(role=role, start=w.start_frame, new=w.new_frames, exit=w.exit_step,
                     switched_here=w.switched_here, uses_b=w.uses_switch_prompt,
@@ -91,13 +96,15 @@ def snapshot(report: IterationReport) -> dict[str, Any]:
     return dict(step=report.step, windows=windows, grads=grads)
 
 
-def run(draws=None, iterations: int = 3, models=None, settings=None):
-    """A tiny stage-2 trainer driven by `draws` (None: its default) for `iterations` steps."""
+def run(draws=None, iterations: int = 3, models=None, settings=None, stage: int = 2):
+    """A tiny trainer driven by `draws` (None: its default) for `iterations` steps."""
     from trainer.long_tuning import Stage2Trainer
+    from trainer.loop import Stage1Trainer
 
     reports: list[dict[str, Any]] = []
-    trainer = Stage2Trainer(settings or make_settings(), CPU, models=models, draws=draws,
-                            report_hook=lambda r: reports.append(snapshot(r)), progress=False)
+    trainer = (Stage2Trainer if stage == 2 else Stage1Trainer)(
+        settings or make_settings(), CPU, models=models, draws=draws,
+        report_hook=lambda r: reports.append(snapshot(r)), progress=False)
     metrics = [trainer.train_step().__dict__ for _ in range(iterations)]
     weights = {f"{role}.{k}": v.detach().clone() for role, m in
                (("generator", trainer.generator), ("critic", trainer.critic))
@@ -184,8 +191,9 @@ def test_the_injected_draws_drive_the_run(replayed):
 # ------------------------------------------------------------------------------------------------
 # The default draws are the same protocol: recorded, they replay the default run
 # ------------------------------------------------------------------------------------------------
-class RecordingNoise:
-    """Records a window's noise by block and step (window-relative, as `WindowNoise` asks)."""
+class RecordingNoise(NoiseSource):
+    """Records a rollout's noise by chunk and step (stage 2: by block of the window, as
+    `WindowNoise` asks)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -238,8 +246,11 @@ class RecordingDraws:
         blocks = v["num_blocks"]
         shape = noise.contexts[0].shape
         k = 1 + max((s for _, s in noise.steps), default=-1)
-        step = (torch.stack([torch.stack([noise.steps[j, i] for i in range(k)]) for j in range(blocks)])
-                if k else torch.empty(blocks, 0, *shape))
+        if k:
+            step = torch.stack([torch.stack([noise.steps[j, i] for i in range(k)])
+                                for j in range(blocks)])
+        else:
+            step = torch.empty(blocks, 0, *shape)
         context = torch.stack([noise.contexts[j] for j in range(blocks)])
         return InjectedDraws(blocks, noise.initial_noise, step, context, v["exit_steps"], v["t"],
                              v["score"])
@@ -297,9 +308,33 @@ def test_the_default_draws_recorded_and_replayed_give_the_default_run_bitwise():
         assert_bitwise(default["weights"], other["weights"], "weights")
 
 
+def test_stage1_takes_its_draws_and_reports_through_the_same_api():
+    """Stage 1 (configs/tiny_train_init.yaml, a generator iteration then a critic-only one):
+    the default run, the recorded `SeededRunDraws` and their replay are bitwise equal, and the
+    report's critic flow target is the recorded score noise minus the rollout."""
+    settings = train_settings(REPO / "configs" / "tiny_train_init.yaml", None, vis_interval=0)
+    default = run(settings=settings, iterations=2, stage=1)
+    recording = RecordingRunDraws(SeededRunDraws(settings.seed, settings.compute_dtype, CPU))
+    recorded = run(recording, iterations=2, settings=settings, stage=1)
+    replay = recording.replay()
+    replayed = run(replay, iterations=2, settings=settings, stage=1)
+    assert [(step, role) for step, role, _ in replay.requests] == [
+        (0, "generator"), (0, "critic"), (1, "critic")]
+    for other in (recorded, replayed):
+        assert_bitwise(default["reports"], other["reports"], "reports")
+        assert_bitwise(default["metrics"], other["metrics"], "metrics")
+        assert_bitwise(default["weights"], other["weights"], "weights")
+    critic = default["reports"][1]["windows"][0]
+    assert critic["role"] == "critic"
+    noise = recording.rollouts[2].values["score"]
+    assert torch.equal(critic["target"], noise - critic["latents"])
+    assert default["reports"][1]["grads"] and all(
+        k.startswith("critic.") for k in default["reports"][1]["grads"])
+
+
 def test_injected_draws_that_do_not_fit_the_run_fail_loudly():
     windows = recorded_windows(make_settings(), EXITS)
-    with pytest.raises(ValueError, match=r"switch frame 7 is not one of the candidates \[6, 9, 12\]"):
+    with pytest.raises(ValueError, match=r"switch frame 7 is not one of the candidates \[6, 9, 12"):
         run(injected(windows, switch=7), iterations=1)
     with pytest.raises(ValueError, match=r"hold 2 rollouts; step 1 asks for another \(critic\)"):
         run(injected(windows[:2]), iterations=2)
@@ -440,5 +475,5 @@ def test_text_encoder_and_vae_come_from_the_given_models_and_grads_are_pre_clipp
         assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == \
             pytest.approx(norm, rel=1e-5)
         model = getattr(trainer, role)
-        clipped = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-        assert torch.linalg.vector_norm(torch.stack(clipped)).item() == pytest.approx(1e-6, rel=1e-3)
+        clipped = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        assert torch.linalg.vector_norm(clipped).item() == pytest.approx(1e-6, rel=1e-3)
