@@ -9,8 +9,9 @@ e.g. `num_output_frames=60 model_kwargs.bank_size=2 behaviour=compat`.
 
 Exit status (each failure ends with one `error:` line on stderr):
   0    every video was written (or skipped with skip_existing)
-  1    some video was not written (NaN/inf output; the others were), or an unexpected error
-       (with its traceback)
+  1    some video was not written (NaN/inf output; the others were), the disk refused a video
+       (`cannot write video <file>: No space left on device`; the run stops there, nothing
+       half-written is left), or an unexpected error (with its traceback)
   2    bad input: config, prompt file, checkpoint, output folder; found before generating
   130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). Unfinished videos are removed.
 """
@@ -26,6 +27,7 @@ from pipeline.runner import run
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.errors import InputError
 from utils.signals import Terminated, sigterm_raises
+from utils.video_writer import VideoWriteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as stop:
         print(f"error: {stop}; unfinished videos were removed", file=sys.stderr)
         return stop.exit_status
+    except VideoWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT); unfinished videos were removed", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -2,9 +2,10 @@
 to which prompt line.
 
 Videos are matched to prompt lines by the names the pipeline gives them
-(`utils.naming.video_filename`): ``rank{r}-{line}-{seed_idx}_{model_type}.mp4``, or the sanitised
-first prompt in place of the line with `save_with_index: false`. The rank in the name does not
-matter, so videos generated on any number of GPUs evaluate the same.
+(`utils.naming.video_filename`): ``{line}-{seed_idx}_{model_type}.mp4`` (``behaviour: clean``) or
+``rank{r}-{line}-{seed_idx}_{model_type}.mp4`` (the reference's, compat), or the sanitised first
+prompt in place of the line with `save_with_index: false`. A rank in the name does not matter,
+so videos generated on any number of GPUs evaluate the same.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from utils.errors import InputError
 from utils.naming import sanitize_filename
 from utils.prompts import load_interactive_prompts, load_prompts, parse_switch_frame_indices
 
-_NAME = re.compile(r"rank\d+-(?P<middle>.+)-\d+_(?:lora|ema|regular)\.mp4")
+_NAME = re.compile(r"(?:rank\d+-)?(?P<middle>.+)-\d+_(?:lora|ema|regular)\.mp4")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,12 @@
 
 Planning all names up front is what makes two promises checkable before the models load:
 * no two videos share a file (with ``save_with_index: false`` prompts such as "." and "..", or
-  two stories that start alike, sanitise to one name; the later ones get ``_line<N>`` added);
+  two stories that start alike, sanitise to one name; the later ones in the file get
+  ``_line<N>`` added);
+* in ``behaviour: clean`` a video's name depends only on the prompt file, not on the number of
+  processes, so ``skip_existing`` resumes a run on another number of GPUs. The reference's names
+  (kept under ``compat``) start with the rank that wrote the video: ``rank1-1-0`` on 2 processes
+  is ``rank0-1-0`` on 1;
 * no finished video is replaced by accident: if some already exist, the run stops unless the
   config says what to do with them, ``skip_existing: true`` (keep them and generate the rest,
   e.g. to resume a big prompt file after a crash) or ``overwrite: true``.
@@ -42,34 +47,42 @@ def plan_videos(
     model_type: str,
     *,
     save_with_index: bool,
+    rank_in_names: bool = False,
     limit: int = -1,
     data_path: str = "",
 ) -> list[PlannedVideo]:
     """Every rank's videos, in generation order per rank; names are unique.
 
     Rank r takes jobs r, r + W, ... (`shard_indices`), the first ``limit + 1`` of them when
-    `limit` (``inference_iter``) is not negative.
+    `limit` (``inference_iter``) is not negative. `rank_in_names` gives the reference's names
+    (``rank{r}-...``, compat); without it a name depends only on the prompt file.
     """
-    plan: list[PlannedVideo] = []
-    taken: dict[str, Job] = {}
+    rank_of = {i: rank for rank in range(world_size) for i in shard_indices(len(jobs), rank, world_size)}
+    order = []  # (rank, position in `jobs`) in generation order per rank
     for rank in range(world_size):
-        mine = [jobs[i] for i in shard_indices(len(jobs), rank, world_size)]
-        for job in mine[: limit + 1] if limit >= 0 else mine:
-            def name(suffix: str = "") -> str:
-                return video_filename(rank, job.index, 0, model_type, prompt=job.prompts[0],
-                                      save_with_index=save_with_index, suffix=suffix)
+        mine = shard_indices(len(jobs), rank, world_size)
+        order += [(rank, i) for i in (mine[: limit + 1] if limit >= 0 else mine)]
 
-            chosen, extra = name(), 1
-            while chosen in taken:
-                chosen = name(f"_line{job.line}" + (f"_{extra}" if extra > 1 else ""))
-                extra += 1
-            if chosen != name():
-                log.warning("%s:%d and %s:%d give the same file name %s; line %d is written as %s",
-                            data_path, taken[name()].line, data_path, job.line, name(), job.line,
-                            chosen)
-            taken[chosen] = job
-            plan.append(PlannedVideo(job, rank, out_dir / chosen))
-    return plan
+    def name(i: int, suffix: str = "") -> str:
+        return video_filename(rank_of[i] if rank_in_names else None, jobs[i].index, 0, model_type,
+                              prompt=jobs[i].prompts[0], save_with_index=save_with_index,
+                              suffix=suffix)
+
+    planned = {i for _, i in order}
+    names: list[str] = []
+    taken: dict[str, Job] = {}
+    for i, job in enumerate(jobs):  # file order, so that the `_line<N>` go to the same lines
+        chosen, extra = name(i), 1
+        while chosen in taken:
+            chosen = name(i, f"_line{job.line}" + (f"_{extra}" if extra > 1 else ""))
+            extra += 1
+        if chosen != name(i) and i in planned:
+            log.warning("%s:%d and %s:%d give the same file name %s; line %d is written as %s",
+                        data_path, taken[name(i)].line, data_path, job.line, name(i), job.line,
+                        chosen)
+        taken[chosen] = job
+        names.append(chosen)
+    return [PlannedVideo(jobs[i], rank, out_dir / names[i]) for rank, i in order]
 
 
 def check_existing(plan: list[PlannedVideo], *, skip_existing: bool, overwrite: bool) -> None:

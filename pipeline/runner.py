@@ -170,8 +170,8 @@ def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
     data_path = str(_get(cfg, "data_path"))
     plan = plan_videos(
         jobs, dist.world_size, out_dir, model_type(cfg),
-        save_with_index=_get(cfg, "save_with_index", True), limit=_get(cfg, "inference_iter", -1),
-        data_path=data_path,
+        save_with_index=_get(cfg, "save_with_index", True), rank_in_names=settings.compat,
+        limit=_get(cfg, "inference_iter", -1), data_path=data_path,
     )
     skip_existing = _get(cfg, "skip_existing", False)
     if skip_existing and _get(cfg, "seed_mode", "per_prompt") != "per_prompt":

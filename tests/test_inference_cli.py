@@ -30,7 +30,7 @@ def test_single_prompt_tiny_writes_mp4s(tmp_path, capsys):
     data = _prompts(tmp_path, ["a cat on a chair", "a fox in the snow"])
     assert _run(TINY, tmp_path, f"data_path={data}", "num_output_frames=6") == 0
     files = sorted((tmp_path / "out").iterdir())
-    assert [f.name for f in files] == ["rank0-0-0_regular.mp4", "rank0-1-0_regular.mp4"]
+    assert [f.name for f in files] == ["0-0_regular.mp4", "1-0_regular.mp4"]
     for f in files:
         assert read_video_info(f) == (1 + 4 * 5, 128, 96, 16.0)
     assert str(files[0]) in capsys.readouterr().out
@@ -39,7 +39,7 @@ def test_single_prompt_tiny_writes_mp4s(tmp_path, capsys):
 def test_interactive_tiny_writes_mp4(tmp_path):
     assert _run(TINY_INTERACTIVE, tmp_path, "num_output_frames=9", "switch_frame_indices=3,6") == 0
     (video,) = (tmp_path / "out").iterdir()
-    assert video.name == "rank0-0-0_regular.mp4"
+    assert video.name == "0-0_regular.mp4"
     assert read_video_info(video) == (1 + 4 * 8, 128, 96, 16.0)
 
 
@@ -50,7 +50,9 @@ def test_same_config_same_video_and_compat_differs(tmp_path):
     for name, extra in (("a", []), ("b", []), ("compat", ["behaviour=compat"])):
         out = tmp_path / name
         assert inference.main(["--config_path", TINY, f"output_folder={out}", *common, *extra]) == 0
-        runs[name] = (out / "rank0-0-0_regular.mp4").read_bytes()
+        (video,) = out.iterdir()  # compat keeps the reference's name: rank0-0-0_regular.mp4
+        assert video.name == ("rank0-0-0_regular.mp4" if extra else "0-0_regular.mp4")
+        runs[name] = video.read_bytes()
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["compat"]  # every-chunk recording differs from every-interval
 
@@ -115,22 +117,27 @@ def test_missing_checkpoints_name_the_config_key(tmp_path, capsys):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on linux only")
 def test_two_ranks_cover_every_prompt_with_the_videos_of_one_process(tmp_path):
-    """Two prompts on two ranks, one each. With seed_mode per_prompt rank 1's video is byte for
-    byte the one a single process makes for that line, also on the CPU, where torchrun would
-    give each process one thread (at 256x256 the thread count changes the sums). The single
-    process skips line 0 (skip_existing), which per_prompt seeding allows."""
+    """Two prompts on two ranks, one each; then one process resumes that folder with
+    skip_existing after line 1's video is lost. Names do not depend on the process count
+    (behaviour: clean), so it keeps line 0's video and remakes only line 1's; with seed_mode
+    per_prompt that video is byte for byte rank 1's, also on the CPU, where torchrun would give
+    each process one thread (at 256x256 the thread count changes the sums)."""
+    import shutil
+
     data = _prompts(tmp_path, ["a cat", "a fox"])
     common = [f"data_path={data}", "num_output_frames=3", "height=256", "width=256"]
-    one = tmp_path / "one"
-    one.mkdir()
-    (one / "rank0-0-0_regular.mp4").write_bytes(b"")
-    for num_gpus, out, extra in ((2, tmp_path / "two", []), (1, one, ["skip_existing=true"])):
+    two, one = tmp_path / "two", tmp_path / "one"
+    for num_gpus, out, extra in ((2, two, []), (1, one, ["skip_existing=true"])):
+        if num_gpus == 1:
+            shutil.copytree(two, one)
+            (one / "1-0_regular.mp4").unlink()
+            (one / "0-0_regular.mp4").write_bytes(b"kept")
         result = run_launcher("inference.sh", "--config_path", TINY, f"output_folder={out}",
                               *common, *extra, env=subprocess_env(NUM_GPUS=str(num_gpus)))
         assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(f.name for f in (tmp_path / "two").iterdir()) == [
-        "rank0-0-0_regular.mp4", "rank1-1-0_regular.mp4"]
-    assert (tmp_path / "two" / "rank1-1-0_regular.mp4").read_bytes() == (one / "rank0-1-0_regular.mp4").read_bytes()
+    assert sorted(f.name for f in two.iterdir()) == ["0-0_regular.mp4", "1-0_regular.mp4"]
+    assert (one / "0-0_regular.mp4").read_bytes() == b"kept"
+    assert (one / "1-0_regular.mp4").read_bytes() == (two / "1-0_regular.mp4").read_bytes()
 
 
 def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsys):

@@ -38,15 +38,20 @@ def test_prompts_that_sanitise_alike_get_distinct_files(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert _run(tmp_path, f"data_path={data}", "save_with_index=false") == 0
     names = sorted(f.name for f in (tmp_path / "out").iterdir())
-    assert names == ["rank0-untitled-0_regular.mp4", "rank0-untitled_line2-0_regular.mp4"]
-    assert f"{data}:1 and {data}:2 give the same file name rank0-untitled-0_regular.mp4; line 2 " \
-           "is written as rank0-untitled_line2-0_regular.mp4" in caplog.text
+    assert names == ["untitled-0_regular.mp4", "untitled_line2-0_regular.mp4"]
+    assert f"{data}:1 and {data}:2 give the same file name untitled-0_regular.mp4; line 2 " \
+           "is written as untitled_line2-0_regular.mp4" in caplog.text
 
 
 def test_interactive_stories_with_the_same_first_prompt_get_distinct_files(tmp_path):
     jobs = [Job(0, 1, ["a cat", "a dog"]), Job(1, 2, ["a cat", "a fox"]), Job(2, 3, ["a cat", "x"])]
     plan = plan_videos(jobs, 2, tmp_path, "regular", save_with_index=False)
     assert [(v.rank, v.path.name) for v in plan] == [
+        (0, "a cat-0_regular.mp4"), (0, "a cat_line3-0_regular.mp4"),
+        (1, "a cat_line2-0_regular.mp4"),
+    ]
+    reference = plan_videos(jobs, 2, tmp_path, "regular", save_with_index=False, rank_in_names=True)
+    assert [(v.rank, v.path.name) for v in reference] == [
         (0, "rank0-a cat-0_regular.mp4"), (0, "rank0-a cat_line3-0_regular.mp4"),
         (1, "rank1-a cat-0_regular.mp4"),
     ]
@@ -56,7 +61,7 @@ def test_existing_videos_are_kept_skipped_or_overwritten_only_when_asked(tmp_pat
     data = _prompts(tmp_path, ["a cat", "a fox"])
     out = tmp_path / "out"
     out.mkdir()
-    first, second = out / "rank0-0-0_regular.mp4", out / "rank0-1-0_regular.mp4"
+    first, second = out / "0-0_regular.mp4", out / "1-0_regular.mp4"
     first.write_bytes(b"finished video")  # an earlier run crashed before the second video
 
     assert _run(tmp_path, f"data_path={data}") == 2
@@ -91,8 +96,8 @@ def test_nonfinite_latents_stop_the_video_not_the_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         f"error: 2 video(s) not written: "
-        f"{data}:1: chunk 1 of 1 (latent frames 0-2) came out NaN/inf; rank0-0-0_regular.mp4 was not written; "
-        f"{data}:2: chunk 1 of 1 (latent frames 0-2) came out NaN/inf; rank0-1-0_regular.mp4 was not written")
+        f"{data}:1: chunk 1 of 1 (latent frames 0-2) came out NaN/inf; 0-0_regular.mp4 was not written; "
+        f"{data}:2: chunk 1 of 1 (latent frames 0-2) came out NaN/inf; 1-0_regular.mp4 was not written")
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -65,7 +65,7 @@ def test_single_prompt_from_original_format_files(wan_files, tmp_path):
     out = tmp_path / "out"
     assert inference.main(args + _overrides(root, out, data, t5)) == 0
     (video,) = out.iterdir()
-    assert video.name == "rank0-0-0_lora.mp4"
+    assert video.name == "0-0_lora.mp4"
     assert read_video_info(video) == (21, 96, 64, 16.0)
     # the LoRA file is really applied: without it the video differs
     out2 = tmp_path / "out2"

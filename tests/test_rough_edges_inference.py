@@ -5,12 +5,15 @@ input that must be one `error:` line."""
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 import inference
 from conftest import run_launcher, start_launcher
+from utils.naming import video_filename
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -200,3 +203,102 @@ def test_a_bad_value_in_the_file_that_an_override_replaces_is_no_error(tmp_path,
     code = inference.main(["--config_path", str(config), "num_output_frames=3"])
     assert _error(capsys, code) == (f"error: {config}: unknown config key `num_output_frame`; "
                                     "did you mean `num_output_frames`?")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. A full disk while writing a video
+# ------------------------------------------------------------------------------------------------
+def test_a_full_disk_stops_the_run_with_one_line_and_no_partial_file(tmp_path, capsys, monkeypatch):
+    """Every video's temporary file is a link to /dev/full (each write fails with ENOSPC, as on
+    a full disk): one `error:` line naming the video, status 1 (a video was not written; the
+    input was fine), no traceback, nothing left in the output folder."""
+    from test_video_writer import full_disk_partial
+    from utils.video_writer import Mp4Writer
+
+    start = Mp4Writer._start
+    monkeypatch.setattr(Mp4Writer, "_start",
+                        lambda self, w, h: (full_disk_partial(self.path), start(self, w, h)))
+    out = tmp_path / "out"
+    code = inference.main(["--config_path", TINY, f"output_folder={out}", "num_output_frames=3"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    first = out / video_filename(None, 0, 0, "regular")
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [
+        f"error: cannot write video {first}: No space left on device"]
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The README's commands in order; names that do not depend on the process count
+# ------------------------------------------------------------------------------------------------
+def _readme_tiny_commands() -> list[list[str]]:
+    """The README's `bash <launcher> --config_path configs/tiny*.yaml ...` commands, in order,
+    as argument lists (continuation lines joined, comments dropped)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = [shlex.split(line, comments=True)
+                for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [c for c in commands if c[:1] == ["bash"] and "--config_path" in c
+            and c[c.index("--config_path") + 1].startswith("configs/tiny")]
+
+
+def test_readme_tiny_commands_run_in_order():
+    """Read top to bottom, the README's tiny commands must each work after the previous ones:
+    no inference command writes into a folder an earlier one filled (that stops with exit 2),
+    and each checkpoint it loads is the last one an earlier training command writes."""
+    from omegaconf import OmegaConf
+
+    from pipeline.inference_config import load_inference_config
+
+    commands = _readme_tiny_commands()
+    assert [c[1] for c in commands] == ["inference.sh", "interactive_inference.sh", "train_init.sh",
+                                        "inference.sh", "train_long.sh", "interactive_inference.sh"]
+    folders: list[str] = []
+    trained: dict[str, OmegaConf] = {}  # logdir -> training config
+    for command in commands:
+        config = command[command.index("--config_path") + 1]
+        rest = command[command.index("--config_path") + 2:]
+        if command[1].startswith("train"):
+            logdir = rest[rest.index("--logdir") + 1] if "--logdir" in rest else f"logs/{Path(config).stem}"
+            trained[logdir] = OmegaConf.load(ROOT / config)
+            continue
+        cfg = load_inference_config(ROOT / config, rest)
+        assert cfg.output_folder not in folders or cfg.overwrite or cfg.skip_existing, command
+        folders.append(cfg.output_folder)
+        for key in ("generator_ckpt", "lora_ckpt"):
+            if cfg[key] is None:
+                continue
+            logdir = str(Path(cfg[key]).parents[1])
+            assert logdir in trained, (key, cfg[key], list(trained))
+            last = trained[logdir].max_iters  # behaviour: clean saves the last step
+            assert cfg[key] == f"{logdir}/checkpoint_model_{last:06d}/model.pt", command
+            if key == "lora_ckpt":
+                run = trained[logdir].adapter
+                assert (cfg.adapter.rank, cfg.adapter.alpha) == (run.rank, run.alpha)
+
+
+def test_video_names_do_not_depend_on_the_process_count():
+    """clean: prompt i's file is the same on 1 and 2 processes, so skip_existing carries over;
+    compat: the reference's rank-based names."""
+    from pipeline.outputs import Job, plan_videos
+
+    jobs = [Job(i, i + 1, [f"prompt {i}"]) for i in range(3)]
+
+    def names(world_size: int, **kwargs) -> dict[int, str]:
+        plan = plan_videos(jobs, world_size, Path("out"), "regular", save_with_index=True, **kwargs)
+        assert sorted(v.job.index for v in plan) == [0, 1, 2]
+        return {v.job.index: v.path.name for v in plan}
+
+    assert names(1) == names(2) == {i: video_filename(None, i, 0, "regular") for i in range(3)}
+    assert names(2, rank_in_names=True) == {0: "rank0-0-0_regular.mp4", 1: "rank1-1-0_regular.mp4",
+                                            2: "rank0-2-0_regular.mp4"}
+    assert names(1, rank_in_names=True)[1] == "rank0-1-0_regular.mp4"
+
+
+def test_clashing_prompt_names_get_the_same_suffix_on_any_process_count():
+    from pipeline.outputs import Job, plan_videos
+
+    jobs = [Job(0, 1, ["a cat"]), Job(1, 2, ["a dog"]), Job(2, 3, ["a cat"])]
+    for world_size in (1, 2, 3):
+        plan = plan_videos(jobs, world_size, Path("out"), "regular", save_with_index=False)
+        assert {v.job.line: v.path.name for v in plan} == {
+            1: "a cat-0_regular.mp4", 2: "a dog-0_regular.mp4", 3: "a cat_line3-0_regular.mp4"}

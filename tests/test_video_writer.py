@@ -12,7 +12,13 @@ import torch
 
 from utils.errors import InputError
 from utils.naming import sanitize_filename, video_filename
-from utils.video_writer import Mp4Writer, prepare_output_folder, read_video_info, to_uint8_frames
+from utils.video_writer import (
+    Mp4Writer,
+    VideoWriteError,
+    prepare_output_folder,
+    read_video_info,
+    to_uint8_frames,
+)
 
 W, H = 64, 48
 
@@ -139,6 +145,30 @@ def test_folder_below_a_file_is_an_input_error(tmp_path: Path) -> None:
         prepare_output_folder(folder)
 
 
+def full_disk_partial(path: Path) -> Path:
+    """Make the writer's temporary file for `path` a link to /dev/full, which accepts opening
+    and refuses every write with ENOSPC, as a full disk does. Returns the link."""
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full is needed to simulate a full disk")
+    link = path.parent / f".{path.stem}.partial.mp4"
+    link.symlink_to("/dev/full")
+    return link
+
+
+@pytest.mark.parametrize("frames", [2, 40], ids=["refused-at-close", "refused-while-writing"])
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, frames: int) -> None:
+    path = tmp_path / "video.mp4"
+    link = full_disk_partial(path)
+    with pytest.raises(VideoWriteError) as caught:
+        with Mp4Writer(path) as writer:
+            for _ in range(0, frames, 2):
+                writer.write(torch.rand(2, 3, H, W))
+    assert str(caught.value) == f"cannot write video {path}: No space left on device"
+    assert not path.exists() and not link.is_symlink()
+    assert os.listdir(tmp_path) == []
+    assert Path("/dev/full").exists()
+
+
 def test_relative_folder_starting_with_a_dash_is_not_an_ffmpeg_option(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,6 +189,7 @@ def test_read_video_info_missing_file(tmp_path: Path) -> None:
 def test_indexed_video_names() -> None:
     assert video_filename(0, 12, 0, "lora") == "rank0-12-0_lora.mp4"
     assert video_filename(1, 3, 2, "ema", prompt="ignored") == "rank1-3-2_ema.mp4"
+    assert video_filename(None, 12, 0, "lora") == "12-0_lora.mp4"  # clean: no rank
 
 
 def test_prompt_video_names_are_sanitised() -> None:

@@ -3,7 +3,9 @@
 The reference writes ``rank{r}-{prompt[:100]}-{seed_idx}.mp4`` for single prompts without
 touching ``/`` (P4), so a prompt with a slash fails or writes into a subfolder. Here both
 pipelines use one rule, the interactive script's ``..._{model_type}.mp4`` form, and the prompt
-always goes through `sanitize_filename`.
+always goes through `sanitize_filename`. The reference's names start with the rank that wrote
+the video, so they change with the number of processes; `behaviour: clean` leaves the rank out
+(``{line}-{seed_idx}_{model_type}.mp4``), `compat` keeps it.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def sanitize_filename(text: str, max_len: int = 100) -> str:
 
 
 def video_filename(
-    rank: int,
+    rank: int | None,
     index: int,
     seed_idx: int,
     model_type: str,
@@ -44,12 +46,14 @@ def video_filename(
     save_with_index: bool = True,
     suffix: str = "",
 ) -> str:
-    """``rank{rank}-{index}-{seed_idx}_{model_type}.mp4``, or the prompt in place of the index.
+    """``rank{rank}-{index}-{seed_idx}_{model_type}.mp4`` (the reference's), or without the
+    ``rank{rank}-`` part when `rank` is None; the prompt in place of the index with
+    ``save_with_index=False``.
 
     `index` is the global line index in the prompt file and `model_type` is "lora", "ema" or
     "regular". With ``save_with_index=False`` two prompts that agree on their first `max_len`
     characters (or sanitise alike, such as "." and "..") share a name, as in the reference;
-    `suffix`, appended to the prompt part, tells them apart (see `pipeline.runner.plan_videos`).
+    `suffix`, appended to the prompt part, tells them apart (see `pipeline.outputs.plan_videos`).
     """
     if save_with_index:
         middle = str(index)
@@ -57,4 +61,5 @@ def video_filename(
         raise ValueError("video_filename: a prompt is required when save_with_index is False")
     else:
         middle = sanitize_filename(prompt)
-    return f"rank{rank}-{middle}{suffix}-{seed_idx}_{model_type}.mp4"
+    prefix = "" if rank is None else f"rank{rank}-"
+    return f"{prefix}{middle}{suffix}-{seed_idx}_{model_type}.mp4"

@@ -7,9 +7,14 @@ ffmpeg's exit status: a failed encode (disk full, bad size) would look like succ
 
 The encoder settings match the reference's torchvision/PyAV path: libx264 with its default
 options (CRF 23, preset medium), yuv420p, constant frame rate.
+
+When the disk refuses the video (full, quota, read-only, ...) the writer raises one
+`VideoWriteError` line, ``cannot write video <path>: No space left on device``, taken from
+ffmpeg's log, and leaves no partial file.
 """
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import tempfile
@@ -24,6 +29,18 @@ import torch
 from utils.errors import InputError
 
 _CONVERT_FRAMES = 16  # frames converted to uint8 per pipe write
+
+
+class VideoWriteError(RuntimeError):
+    """A video could not be written (the disk or ffmpeg refused it). The message is one line
+    naming the final path and the reason; nothing of the video is left on disk."""
+
+
+def _os_reason(log: str) -> str | None:
+    """The first operating-system error message in an ffmpeg log (ffmpeg prints strerror)."""
+    found = [(log.find(text), text) for text in {os.strerror(code) for code in errno.errorcode}
+             if text in log]
+    return min(found)[1] if found else None
 
 
 def prepare_output_folder(folder: str | os.PathLike[str]) -> Path:
@@ -121,12 +138,15 @@ class Mp4Writer:
         )
         self._size = (width, height)
 
-    def _ffmpeg_error(self) -> RuntimeError:
+    def _ffmpeg_error(self) -> VideoWriteError:
+        """Why ffmpeg failed, in one line: the OS error it met (disk full, ...), else the first
+        line of its log."""
         self._log.seek(0)
         log = self._log.read().decode("utf-8", "replace").strip()
-        return RuntimeError(
-            f"ffmpeg failed writing {self.path} (exit {self._proc.returncode}): {log}"
-        )
+        lines = log.splitlines()
+        reason = _os_reason(log) or (lines[0] if lines else None)
+        status = f"ffmpeg exited with status {self._proc.returncode}"
+        return VideoWriteError(f"cannot write video {self.path}: {reason or status}")
 
     def write(self, frames: torch.Tensor | np.ndarray) -> None:
         """Append frames: float [T, 3, H, W] or [T, H, W, 3] in [0, 1], or uint8 [T, H, W, 3].
@@ -164,7 +184,11 @@ class Mp4Writer:
             error = self._ffmpeg_error()
             self.abort()
             raise error
-        os.replace(self._partial, self.path)
+        try:
+            os.replace(self._partial, self.path)
+        except OSError as err:
+            self.abort()
+            raise VideoWriteError(f"cannot write video {self.path}: {err.strerror or err}") from None
         self._log.close()
 
     def abort(self) -> None:
