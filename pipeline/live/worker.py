@@ -1,0 +1,248 @@
+"""The generation thread of the client that holds the device.
+
+The session (models, stream state) is used by this thread only, so the event loop never waits
+for the DiT or the VAE. Client commands arrive through a queue and are applied between chunks:
+that is where a prompt switch takes effect anyway (`Session.set_prompt` applies at the next chunk
+boundary), so "switch now" costs at most the chunk in progress. Each chunk's frames are encoded
+to JPEG here and put in the client's `Outbox`, which drops frames rather than ever waiting.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.session import SessionLimitReached
+
+from .downloads import DownloadStore
+from .outbox import Outbox, encode_jpeg, frame_message
+from .protocol import Command, PlannedSwitch, Plan, SetPrompt, Simple, Start, error_frame
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_QUIT = object()
+
+
+@dataclass
+class PendingSwitch:
+    prompt: str
+    requested_at: float  # time.monotonic() when the server received it
+    chunk: int           # chunks generated when it was requested
+
+
+class GenerationWorker(threading.Thread):
+    """Runs one client's generation: start/stop/reset/prompt/plan/save, chunk after chunk."""
+
+    def __init__(self, get_session: Callable[[], Any], outbox: Outbox, settings: ServerSettings,
+                 downloads: DownloadStore):
+        super().__init__(name="memflow-live-generation", daemon=True)
+        self._get_session = get_session
+        self.outbox = outbox
+        self.settings = settings
+        self.downloads = downloads
+        self._commands: queue.Queue = queue.Queue()
+        self.session = None
+        self.state = "loading"
+        self.note = ""
+        self._clear_video()
+
+    def _clear_video(self) -> None:
+        self.prompt: str | None = None
+        self.seed: int | None = None
+        self.chunks = 0
+        self.pixels = 0
+        self.plan: list[PlannedSwitch] = []
+        self.pending: PendingSwitch | None = None
+        self.last_chunk: dict[str, Any] | None = None
+        self._thumbs: dict[int, str] = {}
+
+    # -- called from the event loop -------------------------------------------------------------
+    def submit(self, command: Command) -> None:
+        self._commands.put((command, time.monotonic()))
+
+    def stop(self) -> None:
+        self._commands.put((_QUIT, time.monotonic()))
+
+    # -- the thread --------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.session = self._get_session()
+            self.session.reset()
+        except Exception as e:  # a session that cannot be built: tell the client, end
+            log.exception("building the live session failed")
+            self._fail(f"the session could not be built: {e}")
+            return
+        self._set_state("idle", "ready: type a prompt and press start")
+        while True:
+            block = self.state != "running"
+            try:
+                command, received = self._commands.get(block=block)
+            except queue.Empty:
+                self._step_safely()
+                continue
+            if command is _QUIT:
+                return
+            try:
+                self._handle(command, received)
+            except Exception as e:
+                log.exception("live command %r failed", command)
+                self._fail(f"{type(command).__name__.lower()} failed: {e}")
+
+    def _fail(self, message: str) -> None:
+        self.outbox.put_message(error_frame("generation_failed", message))
+        self._set_state("error", message + "; press reset or start to try again")
+
+    def _handle(self, command: Command, received: float) -> None:
+        if isinstance(command, Start):
+            self._start(command)
+        elif isinstance(command, SetPrompt):
+            self._set_prompt(command.prompt, received)
+        elif isinstance(command, Plan):
+            self.plan = list(command.switches)
+            self._post_timeline()
+        elif isinstance(command, Simple):
+            {"stop": self._stop, "resume": self._resume, "reset": self._reset,
+             "save": self._save}[command.type]()
+
+    def _start(self, command: Start) -> None:
+        plan = self.plan
+        try:
+            self.session.start(command.prompt, seed=command.seed)  # drops the previous video
+        except ValueError as e:  # a prompt or seed the session refuses
+            self.outbox.put_message(error_frame("bad_field", str(e)))
+            return
+        self._clear_video()
+        self.plan = plan  # a plan made before starting applies to the new video
+        self.prompt, self.seed = command.prompt, self.session.seed
+        self._post_timeline()
+        self._set_state("running", "generating")
+
+    def _set_prompt(self, prompt: str, received: float) -> None:
+        if self.state in ("idle", "loading", "error"):
+            self.outbox.put_message(error_frame("not_started", "start a video first; the "
+                                                "prompt of `start` is its first prompt"))
+            return
+        self.session.set_prompt(prompt)
+        same = prompt == self.session.prompt  # asking for the prompt in effect cancels a switch
+        self.pending = None if same else PendingSwitch(prompt, received, self.chunks)
+        self._post_status()
+
+    def _stop(self) -> None:
+        if self.state == "running":
+            self._set_state("stopped", "stopped: resume to continue this video")
+
+    def _resume(self) -> None:
+        if self.state == "stopped":
+            self._set_state("running", "generating")
+        elif self.state == "limit":
+            self.outbox.put_message(error_frame("at_limit", self.note))
+        elif self.state != "running":
+            self.outbox.put_message(error_frame("not_started", "nothing to resume; press start"))
+
+    def _reset(self) -> None:
+        self.session.reset()
+        self._clear_video()
+        self._post_timeline()
+        self.outbox.put_message({"type": "memory", "sink": [], "bank": [], "window": [], "thumbs": {}})
+        self._set_state("idle", "reset: ready for a new video")
+
+    def _save(self) -> None:
+        if self.pixels == 0:
+            self.outbox.put_message(error_frame("nothing_to_save", "no frames generated yet"))
+            return
+        file_id = self.downloads.save(self.session)
+        self.outbox.put_message({"type": "saved", "id": file_id, "frames": self.pixels,
+                                 "mp4": f"/download/{file_id}.mp4",
+                                 "timeline": f"/download/{file_id}.json"})
+
+    # -- one chunk -----------------------------------------------------------------------------
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except SessionLimitReached as stop:
+            self._set_state("limit", f"stopped at the session limit: {stop}; press start "
+                            "for a new video (or download this one)")
+        except Exception as e:
+            log.exception("live generation failed")
+            self._fail(f"generation failed at chunk {self.chunks}: {e}")
+
+    def _apply_due_plan(self) -> None:
+        """Apply the latest planned switch whose frame the next chunk has reached (at most one
+        switch per chunk: a chunk boundary is the only place a switch can happen)."""
+        due = [s for s in self.plan if s.frame <= self.pixels]
+        if not due:
+            return
+        self.plan = [s for s in self.plan if s.frame > self.pixels]
+        self._set_prompt(due[-1].prompt, time.monotonic())
+
+    def _step(self) -> None:
+        self._apply_due_plan()
+        result = self.session.next_chunk()
+        started = time.perf_counter()
+        for k, rgb in enumerate(result.frames):
+            self.outbox.put_frame(frame_message(rgb, result.pixel_start + k, result.index,
+                                                self.settings.jpeg_quality))
+        encode_s = time.perf_counter() - started
+        self.outbox.put_message(self._chunk_message(result, encode_s))
+        self.pixels += len(result.frames)
+        self.chunks += 1
+        self.prompt = result.prompt
+        self._post_memory()
+        self._post_timeline()
+        self._post_status()
+
+    def _chunk_message(self, result, encode_s: float) -> dict[str, Any]:
+        n = len(result.frames)
+        busy = result.generate_s + result.decode_s
+        msg = {"type": "chunk", "index": result.index, "latent_start": result.latent_start,
+               "pixel_start": result.pixel_start, "frames": n, "prompt": result.prompt,
+               "switched": bool(result.switched), "generate_s": result.generate_s,
+               "decode_s": result.decode_s, "encode_s": encode_s,
+               "gen_fps": n / busy if busy > 0 else None}
+        if self.pending is not None and result.prompt == self.pending.prompt:
+            msg["switch_latency_ms"] = (time.monotonic() - self.pending.requested_at) * 1000
+            msg["switch_chunks"] = self.chunks - self.pending.chunk  # chunks finished in between
+            self.pending = None
+        self.last_chunk = msg
+        return msg
+
+    # -- state messages ------------------------------------------------------------------------
+    def _set_state(self, state: str, note: str) -> None:
+        self.state, self.note = state, note
+        self._post_status()
+
+    def _post_status(self) -> None:
+        last = self.last_chunk or {}
+        self.outbox.put_message({
+            "type": "status", "state": self.state, "message": self.note, "prompt": self.prompt,
+            "pending_prompt": self.pending.prompt if self.pending else None, "seed": self.seed,
+            "chunks": self.chunks, "frames_generated": self.pixels,
+            "fps": getattr(self.session, "fps", None), "gen_fps": last.get("gen_fps"),
+            "chunk_ms": (last["generate_s"] + last["decode_s"]) * 1000 if last else None,
+        })
+
+    def _post_timeline(self) -> None:
+        switches = [] if self.session is None or self.chunks == 0 and self.prompt is None else [
+            {"latent_frame": e.latent_frame, "pixel_frame": e.pixel_frame, "prompt": e.prompt}
+            for e in self.session.timeline]
+        self.outbox.put_message({
+            "type": "timeline", "switches": switches, "frames_generated": self.pixels,
+            "plan": [{"frame": s.frame, "prompt": s.prompt} for s in self.plan]})
+
+    def _post_memory(self) -> None:
+        view = self.session.memory()
+        frames = list(dict.fromkeys([*view.sink, *view.bank]))
+        self._thumbs = {f: self._thumbs.get(f) or self._thumbnail(f) for f in frames}
+        self.outbox.put_message({"type": "memory", "sink": list(view.sink), "bank": list(view.bank),
+                                 "window": list(view.window),
+                                 "thumbs": {str(f): url for f, url in self._thumbs.items()}})
+
+    def _thumbnail(self, latent_frame: int) -> str:
+        rgb = self.session.thumbnail(latent_frame, max_side=self.settings.thumbnail_side)
+        data = encode_jpeg(rgb, 80)
+        return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")

@@ -1,0 +1,109 @@
+"""Live interactive generation in the browser: a web server around one streaming session.
+
+    python serve.py --config_path configs/tiny_interactive.yaml          # CPU, random tiny models
+    python serve.py --config_path configs/interactive_inference.yaml     # Wan2.1 + MemFlow, GPU
+    python serve.py --config_path ... --host 0.0.0.0 --token "$TOKEN"    # reachable from others
+
+The config and its `key=value` overrides are the ones inference.py takes (same schema, same
+checks); the models are loaded once, then the URL is printed. Open it, type a prompt, press
+start; a new prompt takes effect at the next chunk boundary. One client generates at a time;
+others wait in a queue. Protocol, limits and security: docs/live.md.
+
+Binds 127.0.0.1 by default. Another `--host` needs an access token (`--token`, or the
+MEMFLOW_LIVE_TOKEN environment variable, which keeps it out of the process list), unless
+`--allow-no-token`. `--port 0` picks a free port.
+
+Exit status: 0 after a clean stop (Ctrl-C, SIGTERM); 2 bad input (config, token, port), as one
+`error:` line before serving; 1 an unexpected error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from utils.errors import InputError
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", required=True, help="YAML inference config (see configs/)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    parser.add_argument("--token", default=os.environ.get("MEMFLOW_LIVE_TOKEN") or None,
+                        help="access token clients must give (default: $MEMFLOW_LIVE_TOKEN)")
+    parser.add_argument("--allow-no-token", action="store_true",
+                        help="expose a non-loopback --host without a token")
+    parser.add_argument("--max-prompt-chars", type=int, default=1000)
+    parser.add_argument("--messages-per-second", type=float, default=20.0)
+    parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    return parser.parse_args(argv)
+
+
+def server_settings(args):
+    from pipeline.live import ServerSettings
+    from pipeline.live.settings import is_loopback
+
+    # A loopback server accepts only loopback Host headers: a page of another site whose name
+    # is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach it.
+    hosts = ("127.0.0.1", "localhost", args.host) if is_loopback(args.host) and ":" not in args.host else None
+    settings = ServerSettings(host=args.host, port=args.port, token=args.token,
+                              allow_no_token=args.allow_no_token, allowed_hosts=hosts,
+                              max_prompt_chars=args.max_prompt_chars,
+                              messages_per_second=args.messages_per_second)
+    settings.check()
+    return settings
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def url_of(settings, port: int) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    query = f"?token={settings.token}" if settings.token else ""
+    return f"http://{host}:{port}/{query}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = server_settings(args)
+        from pipeline.session import Session
+
+        print(f"loading {args.config_path} ...", file=sys.stderr, flush=True)
+        session = Session.from_config(args.config_path, args.overrides)
+        sock = bind(settings.host, settings.port)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from pipeline.live import create_app
+
+    app = create_app(lambda: session, settings)
+    port = sock.getsockname()[1]
+    print(f"MemFlow live: open {url_of(settings, port)}", flush=True)
+    if settings.host in ("0.0.0.0", "::"):
+        print("(listening on every interface: use this machine's address in place of "
+              f"{settings.host})", flush=True)
+    config = uvicorn.Config(app, log_level="warning", ws_max_size=settings.max_message_bytes,
+                            lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

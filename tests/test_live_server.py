@@ -1,0 +1,338 @@
+"""The live server (pipeline/live) through FastAPI's TestClient: the WebSocket protocol with the
+real tiny session, one generation per device with a queue, bad messages, the access token,
+downloads by id only, and a slow client that drops frames instead of stalling generation.
+
+Protocol-only tests (queue, bad messages, flood, token, slow client) use `FakeSession`, which
+has the Session API's shape and makes small frames instantly, so they run in milliseconds; the
+happy path and the downloads use the real tiny Session.
+"""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+from pipeline.live import ServerSettings, create_app  # noqa: E402
+from pipeline.live.protocol import FRAME_HEADER  # noqa: E402
+from pipeline.session import Session, SessionLimitReached  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny_interactive.yaml"
+
+
+# -- a stand-in with the Session API's shape, for protocol tests ----------------------------------
+@dataclass
+class _Chunk:
+    index: int
+    latent_start: int
+    pixel_start: int
+    frames: np.ndarray
+    prompt: str
+    switched: bool
+    generate_s: float = 0.001
+    decode_s: float = 0.001
+
+
+@dataclass
+class _Entry:
+    latent_frame: int
+    pixel_frame: int
+    prompt: str
+
+
+@dataclass
+class _Memory:
+    sink: list = field(default_factory=list)
+    bank: list = field(default_factory=list)
+    window: list = field(default_factory=list)
+
+
+class FakeSession:
+    """Frames of 16x24 pixels, 4 per chunk, made at once; `limit` chunks then the limit."""
+
+    fps = 16.0
+
+    def __init__(self, limit: int = 10**6, delay_s: float = 0.0):
+        self.limit, self.delay_s = limit, delay_s
+        self.chunks_made = 0  # over the session's life, across resets
+        self.reset()
+
+    def reset(self):
+        self.prompt = self.seed = None
+        self._next_prompt = None
+        self.index = 0
+        self.timeline = []
+
+    def start(self, prompt, seed=None):
+        self.reset()
+        self.prompt, self.seed = prompt, seed
+        self.timeline = [_Entry(0, 0, prompt)]
+
+    def set_prompt(self, prompt):
+        self._next_prompt = prompt
+
+    def next_chunk(self):
+        if self.index >= self.limit:
+            raise SessionLimitReached(f"{self.limit} chunks")
+        time.sleep(self.delay_s)
+        switched = self._next_prompt is not None and self._next_prompt != self.prompt
+        if self._next_prompt is not None:
+            self.prompt, self._next_prompt = self._next_prompt, None
+        if switched:
+            self.timeline.append(_Entry(3 * self.index, 4 * self.index, self.prompt))
+        frames = np.full((4, 16, 24, 3), (self.index * 40) % 256, dtype=np.uint8)
+        chunk = _Chunk(self.index, 3 * self.index, 4 * self.index, frames, self.prompt, switched)
+        self.index += 1
+        self.chunks_made += 1
+        return chunk
+
+    def memory(self):
+        return _Memory(sink=[0, 1, 2] if self.index else [], bank=[3] if self.index > 1 else [])
+
+    def thumbnail(self, latent_frame, max_side=None):
+        return np.zeros((16, 24, 3), dtype=np.uint8)
+
+    def save_mp4(self, path):
+        path = Path(path)
+        path.write_bytes(b"fake mp4")
+        sidecar = path.with_suffix(".json")
+        sidecar.write_text(json.dumps([e.__dict__ for e in self.timeline]))
+        return path, sidecar
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def receive_until(ws, predicate, limit: int = 2000, frames: list | None = None, ack: bool = True):
+    """Read messages until a JSON one satisfies `predicate`; binary frames go to `frames` and are
+    acknowledged (cumulatively) so the server's ack window keeps frames coming."""
+    for _ in range(limit):
+        message = ws.receive()
+        if message.get("type") == "websocket.close":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        if message.get("bytes") is not None:
+            if frames is not None:
+                frames.append(message["bytes"])
+            receive_until.count = getattr(receive_until, "count", 0) + 1
+            if ack and frames is not None:
+                ws.send_json({"type": "ack", "frames": len(frames)})
+            continue
+        obj = json.loads(message["text"])
+        if predicate(obj):
+            return obj
+    raise AssertionError("the expected message did not arrive")
+
+
+def of_type(kind, **fields):
+    return lambda m: m.get("type") == kind and all(m.get(k) == v for k, v in fields.items())
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    """Wait for `condition()` (a state reached in another thread), polling."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def assert_released(app) -> None:
+    """Nothing leaks once every client has left: no holder, nobody queued, no worker thread."""
+    hub = app.state.hub
+    wait_until(lambda: hub.owner is None and not hub.waiting and not any(
+        t.name == "memflow-live-generation" for t in threading.enumerate()))
+
+
+def settings(**kw) -> ServerSettings:
+    return ServerSettings(**kw)
+
+
+@pytest.fixture
+def fake_app():
+    def make(session=None, **kw):
+        session = session or FakeSession()
+        return create_app(lambda: session, settings(**kw)), session
+    return make
+
+
+# -- protocol with the fake session ------------------------------------------------------------
+def test_hello_then_idle_status(fake_app):
+    app, _ = fake_app()
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        hello = receive_until(ws, of_type("hello"))
+        assert hello["fps"] == 16.0 and hello["frame_header_bytes"] == FRAME_HEADER.size
+        status = receive_until(ws, of_type("status", state="idle"))
+        assert status["frames_dropped"] == 0
+
+
+def test_bad_messages_get_error_frames_and_the_connection_stays(fake_app):
+    app, _ = fake_app(max_prompt_chars=50, max_prompt_bytes=60)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        cases = [
+            (lambda: ws.send_text("{not json"), "bad_json"),
+            (lambda: ws.send_text("[1, 2]"), "bad_message"),
+            (lambda: ws.send_json({"type": "explode"}), "unknown_type"),
+            (lambda: ws.send_json({"type": "start", "prompt": "x" * 51}), "prompt_too_long"),
+            # 20 characters, 80 bytes of UTF-8: over the byte limit only
+            (lambda: ws.send_json({"type": "start", "prompt": "\U0001F600" * 20}), "prompt_too_long"),
+            (lambda: ws.send_json({"type": "start", "prompt": "   "}), "bad_field"),
+            (lambda: ws.send_json({"type": "start", "prompt": "a", "seed": -1}), "bad_field"),
+            (lambda: ws.send_json({"type": "start", "prompt": "a", "seed": True}), "bad_field"),
+            (lambda: ws.send_bytes(b"\xff\xfe\x00garbage"), "not_utf8"),
+            (lambda: ws.send_bytes(b'{"type": "ping"}'), "binary_message"),
+            (lambda: ws.send_json({"type": "ack", "frames": 5}), "bad_field"),  # none sent yet
+            (lambda: ws.send_json({"type": "prompt", "prompt": "a dog"}), "not_started"),
+            (lambda: ws.send_json({"type": "plan", "switches": [{"prompt": "a"}]}), "bad_field"),
+        ]
+        for send, code in cases:
+            send()
+            error = receive_until(ws, of_type("error"))
+            assert error["code"] == code, (code, error)
+            assert error["message"] and error["fatal"] is False
+        ws.send_json({"type": "ping", "t": 1.5})
+        assert receive_until(ws, of_type("pong"))["t"] == 1.5  # still connected and answering
+
+
+def test_oversize_message_closes_with_1009(fake_app):
+    app, _ = fake_app(max_message_bytes=1000)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status"))
+        ws.send_text(json.dumps({"type": "prompt", "prompt": "x" * 2000}))
+        assert receive_until(ws, of_type("error"))["code"] == "message_too_big"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            receive_until(ws, lambda m: False)
+        assert closed.value.code == 1009
+
+
+def test_flood_gets_an_error_frame_then_a_policy_close(fake_app):
+    app, session = fake_app(messages_per_second=5, message_burst=10)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        for i in range(40):
+            ws.send_json({"type": "ping", "t": i})
+        seen = []
+        with pytest.raises(WebSocketDisconnect) as closed:
+            receive_until(ws, lambda m: seen.append(m) and False)
+        assert closed.value.code == 1008
+        codes = [m["code"] for m in seen if m["type"] == "error"]
+        assert codes == ["rate_limited", "flood"]
+        pongs = [m for m in seen if m["type"] == "pong"]
+        assert 10 <= len(pongs) < 20  # the burst passed, the rest was refused
+        assert_released(app)  # the flooder's worker was stopped and the device released
+
+
+def test_token_required_when_set(fake_app):
+    app, _ = fake_app(token="s3cret-token")
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:  # no token: the first message must give it
+            ws.send_json({"type": "start", "prompt": "a cat"})
+            error = receive_until(ws, of_type("error"))
+            assert error["code"] == "unauthorized" and error["fatal"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                receive_until(ws, lambda m: False)
+            assert closed.value.code == 4401
+        with client.websocket_connect("/ws?token=wrong-token") as ws:
+            assert receive_until(ws, of_type("error"))["code"] == "unauthorized"
+        with client.websocket_connect("/ws?token=s3cret-token") as ws:
+            receive_until(ws, of_type("status", state="idle"))
+        with client.websocket_connect("/ws") as ws:
+            ws.send_json({"type": "hello", "token": "s3cret-token"})
+            receive_until(ws, of_type("status", state="idle"))
+        assert client.get("/download/" + "0" * 32 + ".mp4").status_code == 403
+        assert client.get("/download/" + "0" * 32 + ".mp4?token=s3cret-token").status_code == 404
+
+
+def test_foreign_origin_refused(fake_app):
+    app, _ = fake_app()
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws", headers={"origin": "http://evil.example"}) as ws:
+            assert receive_until(ws, of_type("error"))["code"] == "forbidden_origin"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                receive_until(ws, lambda m: False)
+            assert closed.value.code == 4403
+
+
+def test_second_client_waits_busy_then_gets_the_device(fake_app):
+    app, session = fake_app(session=FakeSession(delay_s=0.01))
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as first:
+            receive_until(first, of_type("status", state="idle"))
+            first.send_json({"type": "start", "prompt": "a cat", "seed": 1})
+            receive_until(first, of_type("chunk"), frames=[])
+            with client.websocket_connect("/ws") as second:
+                queued = receive_until(second, of_type("status", state="queued"))
+                assert queued["position"] == 1 and queued["queue"] == 1
+                assert "busy" in queued["message"]
+                second.send_json({"type": "start", "prompt": "a dog"})
+                busy = receive_until(second, of_type("error"))
+                assert busy["code"] == "busy" and "number 1 of 1" in busy["message"]
+                first.close()
+                receive_until(second, of_type("status", state="idle"))  # it has the device now
+                second.send_json({"type": "start", "prompt": "a dog"})
+                chunk = receive_until(second, of_type("chunk"), frames=[])
+                assert chunk["prompt"] == "a dog" and chunk["index"] == 0
+        assert_released(app)
+
+
+def test_slow_client_drops_frames_and_generation_goes_on(fake_app):
+    """A client that reads nothing while many chunks are made: the server keeps at most
+    `queue_frames` frames for it, drops the rest (counted), and generation does not wait."""
+    app, session = fake_app(queue_frames=6, ack_window=4)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:
+            receive_until(ws, of_type("status", state="idle"))
+            ws.send_json({"type": "start", "prompt": "a cat"})
+            wait_until(lambda: session.chunks_made >= 30)  # 120 frames, the client reads nothing
+            outbox = app.state.hub.owner.outbox
+            assert outbox.peak_frames <= 6 and outbox.frames_waiting <= 6
+            assert outbox.sent == 4  # the ack window: no ack came, so only 4 frames left
+            ws.send_json({"type": "stop"})
+            status = receive_until(ws, lambda m: m.get("type") == "status"
+                                   and m.get("state") == "stopped")
+            assert status["frames_dropped"] >= 120 - 6 - 4
+            assert status["frames_dropped"] == outbox.dropped
+        assert_released(app)
+
+
+def test_session_limit_reported(fake_app):
+    app, _ = fake_app(session=FakeSession(limit=2))
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        ws.send_json({"type": "start", "prompt": "a cat"})
+        status = receive_until(ws, of_type("status", state="limit"), frames=[])
+        assert "session limit" in status["message"] and status["chunks"] == 2
+        ws.send_json({"type": "resume"})
+        assert receive_until(ws, of_type("error"))["code"] == "at_limit"
+
+
+def test_download_takes_an_id_never_a_path(fake_app, tmp_path):
+    app, _ = fake_app()
+    with TestClient(app) as client:
+        for name in ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2fserve.py",
+                     "0" * 32 + ".mp4", "0" * 32 + ".py", "/etc/passwd", "README.md"]:
+            response = client.get("/download/" + name)
+            assert response.status_code == 404, name
+            assert b"root:" not in response.content
+        with client.websocket_connect("/ws") as ws:
+            receive_until(ws, of_type("status", state="idle"))
+            ws.send_json({"type": "save"})
+            assert receive_until(ws, of_type("error"))["code"] == "nothing_to_save"
+            ws.send_json({"type": "start", "prompt": "a cat"})
+            receive_until(ws, of_type("chunk"), frames=[])
+            ws.send_json({"type": "save"})
+            saved = receive_until(ws, of_type("saved"), frames=[])
+        assert client.get(saved["mp4"]).content == b"fake mp4"
+        assert client.get(saved["timeline"]).json()[0]["prompt"] == "a cat"
+        folder = app.state.downloads.root
+        assert folder.is_dir()
+    assert not folder.exists()  # removed when the server stops
