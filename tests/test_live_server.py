@@ -336,3 +336,71 @@ def test_download_takes_an_id_never_a_path(fake_app, tmp_path):
         folder = app.state.downloads.root
         assert folder.is_dir()
     assert not folder.exists()  # removed when the server stops
+
+
+# -- the real tiny session ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_session():
+    """The tiny preset at a small frame size (its VAE decode dominates on a CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    session = Session.from_config(TINY_CONFIG, ["height=48", "width=64"])
+    torch.set_num_threads(threads)  # from_config sets the process's thread count; restore it
+    return session
+
+
+def decode_frame(data: bytes) -> tuple[int, int, np.ndarray, str]:
+    index, chunk = FRAME_HEADER.unpack_from(data)
+    image = Image.open(io.BytesIO(data[FRAME_HEADER.size:]))
+    return index, chunk, np.asarray(image.convert("RGB")), image.format
+
+
+def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
+    from pipeline.session import pixel_frame_of
+
+    s = tiny_session
+    app = create_app(lambda: s, settings())
+    frames: list[bytes] = []
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:
+            assert receive_until(ws, of_type("hello"))["fps"] == s.fps
+            receive_until(ws, of_type("status", state="idle"))
+            ws.send_json({"type": "start", "prompt": "a cat on a chair", "seed": 3})
+            first = receive_until(ws, of_type("chunk"), frames=frames)
+            assert (first["index"], first["latent_start"], first["prompt"]) == (0, 0, "a cat on a chair")
+            ws.send_json({"type": "prompt", "prompt": "a dog in the park"})
+            switched = receive_until(ws, lambda m: m.get("type") == "chunk"
+                                     and m["prompt"] == "a dog in the park", frames=frames)
+            # at the next chunk boundary: at most the chunk in progress finished under the old prompt
+            assert switched["switched"] and switched["switch_chunks"] <= 1
+            assert switched["latent_start"] == s.frames_per_chunk * switched["index"]
+            assert switched["pixel_start"] == pixel_frame_of(switched["latent_start"])
+            timeline = receive_until(ws, lambda m: m.get("type") == "timeline"
+                                     and len(m["switches"]) == 2, frames=frames)
+            assert timeline["switches"][1] == {"latent_frame": switched["latent_start"],
+                                               "pixel_frame": switched["pixel_start"],
+                                               "prompt": "a dog in the park"}
+            memory = receive_until(ws, of_type("memory"), frames=frames)
+            assert {int(f) for f in memory["thumbs"]} == set(memory["sink"]) | set(memory["bank"])
+            assert memory["sink"]
+            ws.send_json({"type": "stop"})
+            receive_until(ws, of_type("status", state="stopped"), frames=frames)
+            ws.send_json({"type": "save"})
+            saved = receive_until(ws, of_type("saved"), frames=frames)
+
+            decoded = [decode_frame(f) for f in frames]
+            assert [d[0] for d in decoded] == list(range(len(decoded)))  # in order, none dropped
+            assert all(d[3] == "JPEG" and d[2].shape == (s.height, s.width, 3) for d in decoded)
+            # each JPEG is its frame: closer to the session's own frame than to another one
+            for latent in (0, switched["latent_start"]):
+                own = s.thumbnail(latent).astype(float)
+                got = decoded[pixel_frame_of(latent)][2].astype(float)
+                other = decoded[pixel_frame_of(latent) + 5][2].astype(float)
+                assert np.abs(got - own).mean() < 0.5 * np.abs(other - own).mean()
+        mp4 = client.get(saved["mp4"])
+        assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
+        sidecar = client.get(saved["timeline"]).json()
+        assert [e["prompt"] for e in sidecar["timeline"]] == ["a cat on a chair", "a dog in the park"]
+        assert sidecar["interactive_jsonl"]["switch_frame_indices"] == [switched["latent_start"]]
+        assert_released(app)

@@ -33,6 +33,7 @@ class PendingSwitch:
     prompt: str
     requested_at: float  # time.monotonic() when the server received it
     chunk: int           # chunks generated when it was requested
+    planned: bool        # from the plan (applied right before its chunk), not "switch now"
 
 
 class GenerationWorker(threading.Thread):
@@ -122,14 +123,14 @@ class GenerationWorker(threading.Thread):
         self._post_timeline()
         self._set_state("running", "generating")
 
-    def _set_prompt(self, prompt: str, received: float) -> None:
+    def _set_prompt(self, prompt: str, received: float, planned: bool = False) -> None:
         if self.state in ("idle", "loading", "error"):
             self.outbox.put_message(error_frame("not_started", "start a video first; the "
                                                 "prompt of `start` is its first prompt"))
             return
         self.session.set_prompt(prompt)
         same = prompt == self.session.prompt  # asking for the prompt in effect cancels a switch
-        self.pending = None if same else PendingSwitch(prompt, received, self.chunks)
+        self.pending = None if same else PendingSwitch(prompt, received, self.chunks, planned)
         self._post_status()
 
     def _stop(self) -> None:
@@ -178,17 +179,17 @@ class GenerationWorker(threading.Thread):
         if not due:
             return
         self.plan = [s for s in self.plan if s.frame > self.pixels]
-        self._set_prompt(due[-1].prompt, time.monotonic())
+        self._set_prompt(due[-1].prompt, time.monotonic(), planned=True)
 
     def _step(self) -> None:
         self._apply_due_plan()
         result = self.session.next_chunk()
         started = time.perf_counter()
-        for k, rgb in enumerate(result.frames):
-            self.outbox.put_frame(frame_message(rgb, result.pixel_start + k, result.index,
-                                                self.settings.jpeg_quality))
-        encode_s = time.perf_counter() - started
-        self.outbox.put_message(self._chunk_message(result, encode_s))
+        frames = [frame_message(rgb, result.pixel_start + k, result.index, self.settings.jpeg_quality)
+                  for k, rgb in enumerate(result.frames)]
+        self.outbox.put_message(self._chunk_message(result, time.perf_counter() - started))
+        for frame in frames:  # after the chunk's message, so a client knows their prompt
+            self.outbox.put_frame(frame)
         self.pixels += len(result.frames)
         self.chunks += 1
         self.prompt = result.prompt
@@ -207,6 +208,7 @@ class GenerationWorker(threading.Thread):
         if self.pending is not None and result.prompt == self.pending.prompt:
             msg["switch_latency_ms"] = (time.monotonic() - self.pending.requested_at) * 1000
             msg["switch_chunks"] = self.chunks - self.pending.chunk  # chunks finished in between
+            msg["planned"] = self.pending.planned
             self.pending = None
         self.last_chunk = msg
         return msg

@@ -1,0 +1,167 @@
+"""The live page in a real headless browser (Debian's chromium + chromium-driver via Selenium).
+
+serve.py runs as a subprocess with the tiny preset (a smaller frame size, so that each chunk
+decodes in about a second on a CPU); the browser opens the printed URL, starts a video, sees
+frames arrive (the frame counter grows, the canvas is not blank), switches the prompt, and
+finds the switch on the timeline at a chunk boundary. Skipped, with the reason, where chromium,
+chromedriver or selenium is missing (README "Setup" installs them).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+SIZE = (48, 64)  # height, width of the test video
+FRAMES_PER_CHUNK = 3  # num_frame_per_block of configs/tiny_interactive.yaml
+
+MISSING = ("no headless browser: install chromium and chromium-driver (README, Setup)"
+           if CHROMIUM is None or DRIVER is None else None)
+try:
+    from selenium import webdriver
+except ImportError:
+    MISSING = "selenium is not installed (pip install -r requirements.txt)"
+if MISSING and os.environ.get("MEMFLOW_REQUIRE_BROWSER"):  # CI: a skip would hide the gap
+    raise RuntimeError(f"MEMFLOW_REQUIRE_BROWSER is set but {MISSING}")
+if MISSING:
+    pytest.skip(MISSING, allow_module_level=True)
+
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from pipeline.session import pixel_frame_of  # noqa: E402
+
+PATIENCE_S = 240  # a safety net for a stuck run; every wait below ends on its condition
+
+
+def read_url(proc: subprocess.Popen, lines: list[str]) -> str:
+    """The URL serve.py prints once its models are loaded (its stdout, read line by line)."""
+    for line in proc.stdout:
+        lines.append(line)
+        if "open http" in line:
+            return line.split("open ", 1)[1].strip()
+    raise AssertionError(f"serve.py ended before printing its URL: {''.join(lines)}")
+
+
+def wait_http(url: str) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} does not answer"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def server():
+    command = [sys.executable, "serve.py", "--config_path", "configs/tiny_interactive.yaml",
+               "--port", "0", f"height={SIZE[0]}", f"width={SIZE[1]}", "cpu_threads=1"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    try:
+        url = read_url(proc, lines)
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        wait_http(url + "healthz")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture
+def browser():
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def until(driver, condition, what: str):
+    return WebDriverWait(driver, PATIENCE_S, poll_frequency=0.1).until(
+        lambda d: condition(d), message=what)
+
+
+CANVAS_STATS = """
+const c = document.getElementById('video');
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0, sum = 0, sq = 0, nonblack = 0;
+for (let i = 0; i < d.length; i += 4) {
+  const v = (d[i] + d[i + 1] + d[i + 2]) / 3;
+  n++; sum += v; sq += v * v; if (v > 8) nonblack++;
+}
+const mean = sum / n;
+return {width: c.width, height: c.height, mean: mean, std: Math.sqrt(sq / n - mean * mean),
+        nonblack: nonblack / n};
+"""
+
+
+def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path):
+    browser.get(server)
+    until(browser, lambda d: text(d, "state") == "idle", "the page never got the device")
+    browser.find_element(By.ID, "prompt").send_keys("a red fox runs through snow")
+    seed = browser.find_element(By.ID, "seed")
+    seed.clear()
+    seed.send_keys("3")
+    browser.find_element(By.ID, "start").click()
+
+    until(browser, lambda d: int(text(d, "frames-received")) > 0 and text(d, "frame-shown") != "-",
+          "no frame arrived")
+    first = int(text(browser, "frames-received"))
+    until(browser, lambda d: int(text(d, "frames-received")) > first, "the frame counter stopped")
+    later = int(text(browser, "frames-received"))
+    canvas = browser.execute_script(CANVAS_STATS)
+    assert (canvas["height"], canvas["width"]) == SIZE
+    assert canvas["std"] > 5 and canvas["nonblack"] > 0.5, canvas  # a picture, not a blank canvas
+
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys("a blue whale under the sea")
+    browser.find_element(By.ID, "switch").click()
+    entry = until(browser, lambda d: next((li for li in d.find_elements(By.CSS_SELECTOR, "#switch-list li")
+                                           if "blue whale" in li.text), False),
+                  "the switch never appeared on the timeline")
+    latent, frame = int(entry.get_attribute("data-latent")), int(entry.get_attribute("data-frame"))
+    assert latent > 0 and latent % FRAMES_PER_CHUNK == 0  # at a chunk boundary, after chunk 0
+    assert frame == pixel_frame_of(latent)  # the first video frame of that latent frame
+    markers = [int(m.get_attribute("data-frame")) for m in
+               browser.find_elements(By.CSS_SELECTOR, "#timeline .tl-switch")]
+    assert markers == [0, frame]
+    until(browser, lambda d: text(d, "switch-latency").endswith("ms"), "the new prompt was never shown")
+
+    browser.find_element(By.ID, "stop").click()
+    until(browser, lambda d: text(d, "state") == "stopped", "stop was not acknowledged")
+    browser.find_element(By.ID, "save").click()
+    link = until(browser, lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#downloads a")), False),
+                 "no download link")
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=60) as response:
+        assert response.read(12)[4:8] == b"ftyp"  # an MP4
+    browser.save_screenshot(str(tmp_path / "live.png"))
+    print(f"\nbrowser saw: frame counter {first} -> {later} -> {text(browser, 'frames-received')}, "
+          f"canvas {canvas}, switch at latent {latent} = frame {frame}, "
+          f"latency {text(browser, 'switch-latency')}, timeline markers {markers}")
