@@ -231,13 +231,18 @@ def test_a_full_disk_stops_the_run_with_one_line_and_no_partial_file(tmp_path, c
 # ------------------------------------------------------------------------------------------------
 # 3. The README's commands in order; names that do not depend on the process count
 # ------------------------------------------------------------------------------------------------
+INFERENCE_LAUNCHERS = ("inference.sh", "interactive_inference.sh")
+TRAINING_LAUNCHERS = ("train_init.sh", "train_long.sh")
+
+
 def _readme_tiny_commands() -> list[list[str]]:
-    """The README's `bash <launcher> --config_path configs/tiny*.yaml ...` commands, in order,
-    as argument lists (continuation lines joined, comments dropped)."""
+    """The README's `bash <inference or training launcher> --config_path configs/tiny*.yaml ...`
+    commands, in order, as argument lists (continuation lines joined, comments dropped)."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     commands = [shlex.split(line, comments=True)
                 for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [c for c in commands if c[:1] == ["bash"] and "--config_path" in c
+            and c[1] in INFERENCE_LAUNCHERS + TRAINING_LAUNCHERS
             and c[c.index("--config_path") + 1].startswith("configs/tiny")]
 
 
@@ -250,9 +255,9 @@ def test_readme_tiny_commands_run_in_order():
     from pipeline.inference_config import load_inference_config
 
     commands = _readme_tiny_commands()
-    assert [c[1] for c in commands] == ["inference.sh", "interactive_inference.sh", "train_init.sh",
-                                        "inference.sh", "train_long.sh", "interactive_inference.sh"]
+    assert {c[1] for c in commands} == set(INFERENCE_LAUNCHERS + TRAINING_LAUNCHERS)
     folders: list[str] = []
+    loaded: set[str] = set()  # the training launchers whose checkpoints an inference command tries
     trained: dict[str, OmegaConf] = {}  # logdir -> training config
     for command in commands:
         config = command[command.index("--config_path") + 1]
@@ -269,11 +274,13 @@ def test_readme_tiny_commands_run_in_order():
                 continue
             logdir = str(Path(cfg[key]).parents[1])
             assert logdir in trained, (key, cfg[key], list(trained))
+            loaded.add(key)
             last = trained[logdir].max_iters  # behaviour: clean saves the last step
             assert cfg[key] == f"{logdir}/checkpoint_model_{last:06d}/model.pt", command
             if key == "lora_ckpt":
                 run = trained[logdir].adapter
                 assert (cfg.adapter.rank, cfg.adapter.alpha) == (run.rank, run.alpha)
+    assert loaded == {"generator_ckpt", "lora_ckpt"}  # both stages' train -> infer loops
 
 
 def test_video_names_do_not_depend_on_the_process_count():
