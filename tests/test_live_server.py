@@ -8,10 +8,12 @@ happy path and the downloads use the real tiny Session.
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,7 +303,11 @@ def test_slow_client_drops_frames_and_generation_goes_on(fake_app):
                                    and m.get("state") == "stopped")
             assert status["frames_dropped"] >= 120 - 6 - 4
             assert status["frames_dropped"] == outbox.dropped
+            freed = weakref.ref(outbox)
+            del outbox
         assert_released(app)
+        gc.collect()
+        assert freed() is None  # the client's queue went with it
 
 
 def test_session_limit_reported(fake_app):

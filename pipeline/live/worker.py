@@ -71,6 +71,7 @@ class GenerationWorker(threading.Thread):
 
     # -- the thread --------------------------------------------------------------------------------
     def run(self) -> None:
+        self._set_state("loading", "loading the models")
         try:
             self.session = self._get_session()
             self.session.reset()
@@ -229,9 +230,9 @@ class GenerationWorker(threading.Thread):
         })
 
     def _post_timeline(self) -> None:
-        switches = [] if self.session is None or self.chunks == 0 and self.prompt is None else [
-            {"latent_frame": e.latent_frame, "pixel_frame": e.pixel_frame, "prompt": e.prompt}
-            for e in self.session.timeline]
+        timeline = self.session.timeline if self.session is not None else []
+        switches = [{"latent_frame": e.latent_frame, "pixel_frame": e.pixel_frame, "prompt": e.prompt}
+                    for e in timeline]
         self.outbox.put_message({
             "type": "timeline", "switches": switches, "frames_generated": self.pixels,
             "plan": [{"frame": s.frame, "prompt": s.prompt} for s in self.plan]})

@@ -48,8 +48,9 @@ function send(obj) {
   if (live.ws && live.ws.readyState === WebSocket.OPEN) live.ws.send(JSON.stringify(obj));
 }
 
-// Frames are acknowledged (cumulatively, at most every 50 ms): the server sends only a window
-// of unacknowledged frames, so a slow page gets dropped frames instead of growing delay.
+// Frames are acknowledged (cumulatively, at most every 100 ms, well inside the message rate
+// limit): the server sends only a window of unacknowledged frames, so a slow page gets dropped
+// frames instead of a growing delay.
 function scheduleAck() {
   if (live.ackTimer !== null) return;
   live.ackTimer = setTimeout(() => {
@@ -58,7 +59,7 @@ function scheduleAck() {
       live.acked = live.received;
       send({ type: "ack", frames: live.acked });
     }
-  }, 50);
+  }, 100);
 }
 
 // -- incoming ----------------------------------------------------------------------------------
