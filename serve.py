@@ -13,8 +13,9 @@ Binds 127.0.0.1 by default. Another `--host` needs an access token (`--token`, o
 MEMFLOW_LIVE_TOKEN environment variable, which keeps it out of the process list), unless
 `--allow-no-token`. `--port 0` picks a free port.
 
-Exit status: 0 after a clean stop (Ctrl-C, SIGTERM); 2 bad input (config, token, port), as one
-`error:` line before serving; 1 an unexpected error.
+Exit status: 2 bad input (config, token, port), as one `error:` line before serving; 130 after
+Ctrl-C and 143 after SIGTERM, once uvicorn has shut down cleanly (clients get close code 1012,
+the generation thread finishes its chunk, saved files are removed); 1 an unexpected error.
 """
 from __future__ import annotations
 
