@@ -410,3 +410,38 @@ def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
         assert [e["prompt"] for e in sidecar["timeline"]] == ["a cat on a chair", "a dog in the park"]
         assert sidecar["interactive_jsonl"]["switch_frame_indices"] == [switched["latent_start"]]
         assert_released(app)
+
+
+# -- the page and the command line ------------------------------------------------------------------
+def test_page_and_assets_are_served_with_security_headers(fake_app):
+    app, _ = fake_app()
+    with TestClient(app) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and '<canvas id="video"' in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["referrer-policy"] == "no-referrer"
+        for asset in ("/static/app.js", "/static/style.css"):
+            assert client.get(asset).status_code == 200
+        assert "http" not in page.text.replace("http-equiv", "")  # nothing from another site
+
+
+def run_cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(list(args), cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_cli_refuses_bad_input_with_one_error_line():
+    import sys
+
+    exposed = run_cli(sys.executable, "serve.py", "--config_path", str(TINY_CONFIG), "--host", "0.0.0.0")
+    assert exposed.returncode == 2 and "error: --host 0.0.0.0 exposes" in exposed.stderr
+    short = run_cli(sys.executable, "serve.py", "--config_path", str(TINY_CONFIG), "--token", "abc")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+    missing = run_cli("bash", "serve.sh", "--config_path", "configs/none.yaml")
+    assert missing.returncode == 2 and "error: config file not found" in missing.stderr
+    gpus = run_cli("bash", "serve.sh", env={"NUM_GPUS": "2"})
+    assert gpus.returncode == 2 and "one process on one device" in gpus.stderr
