@@ -47,7 +47,10 @@ from utils.schema import check_section
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
 
-SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2", "no_shard")
+# FSDP2 always shards over every rank (a hybrid strategy's inter-node replication is not
+# modelled, which on one node is the same); "zero2" keeps the gathered weights from the forward
+# to the backward (reshard_after_forward=False)
+SHARDING_STRATEGIES = ("full", "hybrid_full", "hybrid_zero2")
 DATA_SHUFFLE = ("epoch", "fixed", "none")
 WANDB_MODES = ("offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -277,6 +280,11 @@ class TrainSettings:
     @property
     def frames_per_block(self) -> int:
         return self.stream.num_frame_per_block
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        """FSDP2's reading of `sharding_strategy`: free gathered weights after each forward."""
+        return not self.sharding_strategy.endswith("zero2")
 
     def train_generator(self, step: int) -> bool:
         """Whether iteration `step` (read before its increment) updates the generator."""
@@ -649,11 +657,11 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     vae_dtype = _dtype(cfg, "vae_dtype", "bfloat16")
 
     # ---- optimisation
-    def optim(suffix: str, grad_key: str) -> OptimSettings:
+    def optim(lr: str, beta1: str, beta2: str, grad_key: str) -> OptimSettings:
         return OptimSettings(
-            lr=_float(cfg, f"lr{suffix}", positive=True),
-            betas=(_float(cfg, f"beta1{suffix}", 0.0, low=0.0, high_open=1.0),
-                   _float(cfg, f"beta2{suffix}", 0.999, low=0.0, high_open=1.0)),
+            lr=_float(cfg, lr, positive=True),
+            betas=(_float(cfg, beta1, 0.0, low=0.0, high_open=1.0),
+                   _float(cfg, beta2, 0.999, low=0.0, high_open=1.0)),
             weight_decay=_float(cfg, "weight_decay", 0.01, low=0.0),
             max_grad_norm=_float(cfg, grad_key, 10.0, positive=True),
         )
@@ -757,8 +765,8 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         compute_dtype=compute if mixed else param_dtype,
         vae_dtype=vae_dtype,
         gradient_checkpointing=_bool(cfg, "gradient_checkpointing", True),
-        generator_optim=optim("", "max_grad_norm_generator"),
-        critic_optim=optim("_critic", "max_grad_norm_critic"),
+        generator_optim=optim("lr", "beta1", "beta2", "max_grad_norm_generator"),
+        critic_optim=optim("lr_critic", "beta1_critic", "beta2_critic", "max_grad_norm_critic"),
         dfake_gen_update_ratio=_int(cfg, "dfake_gen_update_ratio", 5, minimum=1),
         gradient_accumulation_steps=_int(cfg, "gradient_accumulation_steps", 1, minimum=1),
         batch_size=_int(cfg, "batch_size", 1, minimum=1),

@@ -176,7 +176,8 @@ class Stage1Trainer:
             model.gradient_checkpointing = s.gradient_checkpointing and model is not m.teacher
             model.to(device)
             if dist.is_initialized():
-                shard_model(model, compute_dtype=s.compute_dtype if s.mixed_precision else None)
+                shard_model(model, compute_dtype=s.compute_dtype if s.mixed_precision else None,
+                            reshard_after_forward=s.reshard_after_forward)
         self.generator, self.critic, self.teacher = m.generator, m.critic, m.teacher
         stepper = ChunkStepper(self.generator, s.stream, s.sampling, dtype=s.compute_dtype)
         self.models = Stage1Models.build(stepper, self.teacher, self.critic, s.score)

@@ -10,8 +10,9 @@
 * VAE (visualisation, stage 2's first-frame re-encoding): built on first use from the settings
   unless given.
 
-`preset: tiny` builds all four as tiny random models in memory. The DiTs come back in float32
-on the CPU (fp32 master weights; placement and sharding are the trainer's). The frozen text
+`preset: tiny` builds all four as tiny random models in memory. The DiTs come back on the CPU
+in `param_dtype` (the master weights, fp32 as in the reference; placement and sharding are the
+trainer's), and the generator must take latents of the config's `image_or_video_shape` channels. The frozen text
 encoder is replicated on every rank in the compute dtype (bf16 with mixed precision, as the
 reference's FSDP computes it), or kept on the CPU with `text_encoder_cpu_offload`.
 
@@ -28,6 +29,7 @@ import torch
 from memflow.model import WanDiT
 from memflow.text_encoder import TextEncoder
 from pipeline.build import build_tiny_generator, load_wan_generator
+from utils.errors import InputError
 
 from .config import TrainSettings
 
@@ -47,7 +49,7 @@ class TrainModels:
 
 def build_train_models(settings: TrainSettings, device: torch.device) -> TrainModels:
     """Load (or, for the tiny preset, build) the generator, critic, teacher and text encoder."""
-    if settings.tiny is not None:
+    if settings.preset == "tiny":
         from memflow.tiny import build_tiny_text_encoder
 
         tiny = settings.tiny
@@ -66,7 +68,13 @@ def build_train_models(settings: TrainSettings, device: torch.device) -> TrainMo
             dtype=settings.compute_dtype, device=device, offload=settings.text_encoder_cpu_offload,
         )
     generator, critic, teacher = models
+    if generator.config.in_dim != settings.latent_channels:
+        raise InputError(
+            f"config key `image_or_video_shape`: {settings.latent_channels} latent channels, but "
+            f"the generator takes {generator.config.in_dim}"
+        )
     for model in models:
+        model.to(settings.param_dtype)
         model.train()
     teacher.requires_grad_(False)
     text_encoder.requires_grad_(False)

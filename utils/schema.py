@@ -2,10 +2,12 @@
 
 A schema is a dataclass whose field annotations say what each key may hold; a nested dataclass
 is a section (``model_kwargs:``, ``memory:``), whose keys are all optional. Only the annotations
-are read: the defaults stay with the code that reads each key. Supported annotations: ``int``,
-``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``, unions of these, ``list[X]`` /
-``tuple[X, ...]``, a nested dataclass, and ``Any`` (anything). Field metadata adds bounds:
-``minimum`` / ``maximum`` (ints and floats), ``positive`` (> 0) and ``nonempty`` (strings).
+and metadata are read here; the schemas and their defaults live in `utils.settings_schema`.
+Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
+unions of these, ``list[X]`` / ``tuple[X, ...]``, a nested dataclass, and ``Any`` (anything).
+Field metadata adds bounds:
+``minimum`` / ``maximum`` (ints and floats), ``positive`` (> 0) and ``nonempty`` (strings);
+``alias`` is the key's spelling in the YAML when it differs from the field name.
 
 A config assembled from a file and ``key=value`` overrides is checked in two passes: the file's
 keys first (`check_known_keys`: an unknown key is named with the file it is in), then every
@@ -39,12 +41,17 @@ def _show(value: Any) -> str:
 def _fields(schema: type) -> dict[str, tuple[Any, Mapping[str, Any]]]:
     """name -> (resolved annotation, metadata) of a schema dataclass."""
     hints = typing.get_type_hints(schema, include_extras=False)
-    return {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(schema)}
+    return {_key(f): (hints[f.name], f.metadata) for f in dataclasses.fields(schema)}
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("alias", f.name)
 
 
 def schema_keys(schema: type) -> list[str]:
-    """The keys a schema section allows, in declaration order."""
-    return [f.name for f in dataclasses.fields(schema)]
+    """The keys a schema section allows, in declaration order (a field's ``alias`` metadata
+    is its spelling in the YAML)."""
+    return [_key(f) for f in dataclasses.fields(schema)]
 
 
 def unknown_key_error(key: str, known: list[str], where: str = "") -> InputError:
