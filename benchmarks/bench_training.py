@@ -41,8 +41,8 @@ def parse_args(argv=None):
 def run_child(args) -> dict:
     """One rollout + backward in this process; returns its figures."""
     from memflow.config import SamplingConfig
-    from pipeline.noise import SeededNoise
-    from pipeline.stepper import ChunkStepper
+    from memflow.chunk_loop import ChunkStepper
+    from memflow.noise import SeededNoise
 
     preset, device, dtype = C.resolve(args)
     mode = C.parse_modes(args.modes)[0]
@@ -55,8 +55,8 @@ def run_child(args) -> dict:
     def rollout(frames: int) -> torch.Tensor:
         noise = SeededNoise(args.seed, dtype=dtype, device=device, context_noise=True)
         state = stepper.new_state(1, preset.latent_hw, frames, cache_frames=frames)
-        return stepper.rollout(1, frames, preset.latent_hw, noise, lambda n, s, g: context,
-                               exit_step=args.exit_step, grad=True, state=state)
+        return stepper.rollout(context, frames, preset.latent_hw, noise, exit_step=args.exit_step,
+                               grad=True, state=state)
 
     # one chunk first: the first checkpointed call pays a one-off set-up of ~2 s on CPU
     rollout(args.frames_per_block).float().square().mean().backward()

@@ -1,6 +1,6 @@
-"""One streamed video, timed block by block, driven by the pipeline's own chunk stepper.
+"""One streamed video, timed block by block, driven by the model library's chunk loop.
 
-`run_video` generates the video with `ChunkStepper.rollout` (pipeline/stepper.py), the loop
+`run_video` generates the video with `ChunkStepper.rollout` (memflow/chunk_loop.py), the loop
 every caller of the streaming core runs, and times each chunk through the rollout's hooks:
 `before_chunk` starts the block, `on_chunk` (x0 final, before the commit) ends the denoising
 calls and runs the per-chunk decode and MP4 write, `after_commit` ends the commit call. The
@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from common import MemoryProbe, Preset, RegionTimer, Mode, block_flops, now, stream_config, time_layers
+from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import DiTConfig, SamplingConfig
-from pipeline.noise import SeededNoise
-from pipeline.stepper import ChunkHooks, ChunkStepper
+from memflow.noise import SeededNoise
 
 
 @dataclass
@@ -146,9 +146,9 @@ class BlockTimer:
         return ChunkHooks(before_chunk=self.before_chunk, on_chunk=self.on_chunk,
                           after_commit=self.after_commit)
 
-    def before_chunk(self, n: int) -> None:
-        """Start block n; the first one also closes the setup time (state + initial noise,
-        which the rollout draws before its first chunk)."""
+    def before_chunk(self, n: int, state: Any, generated: list[torch.Tensor]) -> None:
+        """Start block n (the prompt stays); the first one also closes the setup time (state +
+        initial noise, which the rollout draws before its first chunk)."""
         if n == 0:
             self.rec.setup_s = now(self.device) - self.t_start
         self.probe.reset_peak()
@@ -270,8 +270,7 @@ def run_video(
                            cfg.num_frame_per_block, device, t_start, probe, fast_fill_blocks,
                            decoder, writer, layer_timer, block_hook, progress)
         stepper.rollout(
-            batch, num_frames, preset.latent_hw, SeededNoise(seed, dtype=dtype),
-            lambda n, _state, _generated: context,
+            context, num_frames, preset.latent_hw, SeededNoise(seed, dtype=dtype),
             exit_step=(lambda n: 0 if n < fast_fill_blocks else None),
             hooks=timer.hooks(), state=state,
         )

@@ -1,18 +1,18 @@
 """Streaming single-prompt generation: latents chunk by chunk through the causal DiT.
 
-The per-chunk work (denoise with the warped step list, then the committing clean pass) is the
-shared `ChunkStepper` (pipeline/stepper.py); this pipeline feeds it one prompt for every chunk.
+The per-chunk work (denoise with the warped step list, then the committing clean pass) and the
+loop over chunks are the model library's `ChunkStepper` (memflow/chunk_loop.py); this pipeline
+runs it on one prompt for every chunk.
 """
 from __future__ import annotations
 
 import torch
 
+from memflow.chunk_loop import ChunkCallback, ChunkHooks, ChunkStepper
 from memflow.config import SamplingConfig, StreamConfig
 from memflow.model import WanDiT
+from memflow.noise import NoiseSource
 from memflow.streaming import StreamState
-
-from .noise import NoiseSource
-from .stepper import ChunkCallback, ChunkHooks, ChunkStepper
 
 
 class CausalInferencePipeline:
@@ -55,7 +55,6 @@ class CausalInferencePipeline:
         """
         context = prompt_embeds.to(self.generator.device, self.generator.dtype)
         return self.stepper.rollout(
-            prompt_embeds.shape[0], num_frames, latent_hw, noise,
-            lambda n, state, generated: context,
+            context, num_frames, latent_hw, noise,
             hooks=ChunkHooks(on_chunk=on_chunk), progress=progress, state=state,
         )

@@ -1,10 +1,10 @@
 """Interactive multi-prompt generation: the prompt changes at given latent frames (spec §6).
 
-A video is a list of prompt segments. When chunk n starts at or after the next switch frame, the
-next segment's prompt takes over through the stepper's `switch_prompt`: the cross-attention
-(text) cache is dropped and the last `local_attn_size` generated frames are re-encoded with the
-new prompt ("recache"), so the KV window speaks the new prompt while the sink and the memory
-bank keep the story so far.
+A video is a list of prompt segments. Before the chunk at the next switch frame, the chunk
+loop's `before_chunk` hook (`ChunkStepper.prompt_switches`) switches to the next segment's
+prompt through `switch_prompt`: the cross-attention (text) cache is dropped and the last
+`local_attn_size` generated frames are re-encoded with the new prompt ("recache"), so the KV
+window speaks the new prompt while the sink and the memory bank keep the story so far.
 
 Switches never draw noise, so the noise source's order alone fixes the numbers: the runner passes
 the ``per_chunk`` order in `behaviour: clean`, and a live session (pipeline/session.py), which
@@ -16,12 +16,12 @@ from typing import Sequence
 
 import torch
 
+from memflow.chunk_loop import ChunkCallback, ChunkHooks
 from memflow.config import SwitchOptions
+from memflow.noise import NoiseSource
 from memflow.streaming import StreamState
 
 from .causal_inference import CausalInferencePipeline
-from .noise import NoiseSource
-from .stepper import ChunkCallback, ChunkHooks
 
 
 class InteractiveInferencePipeline(CausalInferencePipeline):
@@ -57,19 +57,9 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
             )
         device, dtype = self.generator.device, self.generator.dtype
         contexts = [e.to(device, dtype) for e in segment_embeds]
-        starts = dict(zip(switch_chunks, range(1, len(contexts))))  # chunk -> segment it starts
-        segment = 0
-
-        def context_for_chunk(n: int, state: StreamState, generated: list[torch.Tensor]) -> torch.Tensor:
-            nonlocal segment
-            if n in starts:
-                segment = starts[n]
-                self.stepper.switch_prompt(
-                    state, n, torch.cat(generated, dim=1), contexts[segment], switch
-                )
-            return contexts[segment]
-
+        switches = self.stepper.prompt_switches(dict(zip(switch_chunks, contexts[1:])), switch)
         return self.stepper.rollout(
-            contexts[0].shape[0], num_frames, latent_hw, noise, context_for_chunk,
-            hooks=ChunkHooks(on_chunk=on_chunk), progress=progress, state=state,
+            contexts[0], num_frames, latent_hw, noise,
+            hooks=ChunkHooks(before_chunk=switches, on_chunk=on_chunk), progress=progress,
+            state=state,
         )

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
+from memflow.noise import NoiseOrder, SeededNoise
 from memflow.text_encoder import TextEncoder, clean_prompt
 from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
 from utils.errors import InputError
@@ -43,7 +44,6 @@ from .build import CheckpointPaths, Components, build_components, check_paths, m
 from .causal_inference import CausalInferencePipeline
 from .inference_config import check_inference_config
 from .interactive_inference import InteractiveInferencePipeline
-from .noise import NoiseOrder, SeededNoise
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
 from .settings import InferenceSettings, parse_settings
 

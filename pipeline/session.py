@@ -17,7 +17,7 @@ frames are decided while it runs:
 
 Same seed, prompts and switch frames give the same latents as `interactive_inference.sh`
 (`behaviour: clean`): both draw each chunk's initial noise when the chunk starts
-(pipeline/noise.py, ``per_chunk``). A session has no length set in advance, so
+(memflow/noise.py, ``per_chunk``). A session has no length set in advance, so
 
 * the KV cache must have a finite window (`model_kwargs.local_attn_size` > 0): a global cache
   (-1) is sized by the video length, which a session does not have (sizing it to the RoPE limit
@@ -48,6 +48,8 @@ from omegaconf import OmegaConf
 
 from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
+from memflow.chunk_loop import ChunkStepper
+from memflow.noise import SeededNoise
 from memflow.streaming import StreamState
 from utils.distributed import rank_seed
 from utils.errors import InputError
@@ -55,10 +57,8 @@ from utils.video_writer import Mp4Writer, to_uint8_frames
 
 from .build import Components, build_components, check_paths, resolve_device
 from .inference_config import SEED_RANGE, load_inference_config
-from .noise import SeededNoise
 from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
 from .settings import VAE_STRIDE, InferenceSettings, parse_settings
-from .stepper import ChunkStepper
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,8 @@ class Session:
     @torch.no_grad()
     def next_chunk(self) -> ChunkResult:
         """Generate, commit and decode the next chunk (switching prompts first when one is
-        pending). Raises `SessionLimitReached` at the RoPE position limit."""
+        pending). The chunk is the chunk loop's `ChunkStepper.step`, the function an offline
+        rollout runs for each chunk. Raises `SessionLimitReached` at the RoPE position limit."""
         with self._run_lock:
             stream = self._require_stream()
             n = stream.chunk
@@ -364,10 +365,8 @@ class Session:
             self._check_limit(start)
             began = time.perf_counter()
             switched = self._apply_pending(stream, n)
-            stepper = self.stepper
-            x = stepper.chunk_noise(stream.noise, n, 1, self.settings.latent_hw)
-            x0 = stepper.denoise(stream.state, n, x, stream.context, stream.noise)
-            stepper.commit(stream.state, n, x0, stream.context, stream.noise)
+            x = self.stepper.chunk_noise(stream.noise, n, 1, self.settings.latent_hw)
+            x0 = self.stepper.step(stream.state, n, x, stream.context, stream.noise)
             self._sync()
             decoded = time.perf_counter()
             frames = self._decode(stream, n, x0)

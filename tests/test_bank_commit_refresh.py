@@ -17,12 +17,12 @@ import torch
 
 import memflow.memory_bank as memory_bank
 from conftest import TINY, tiny_dit, tiny_prompt
+from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.memory_bank import MemoryBank
 from memflow.streaming import StreamDebug
 from omegaconf import OmegaConf
 from pipeline.settings import parse_settings
-from pipeline.stepper import ChunkStepper
 from trainer.draws import SeededDraws
 from trainer.rollout import RolloutConfig, training_memory_options, training_rollout
 from trainer.streaming import LongSequence, StreamingConfig, SwitchSchedule

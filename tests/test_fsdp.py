@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training_gradients import FRAMES, HW, _loss, _stepper  # noqa: E402
 
 from conftest import free_port, init_gloo, tiny_prompt  # noqa: E402
-from pipeline.noise import SeededNoise  # noqa: E402
+from memflow.noise import SeededNoise  # noqa: E402
 
 WORLD = 2
 
@@ -29,8 +29,7 @@ def _rank_loss(stepper, rank: int) -> torch.Tensor:
     ctx = tiny_prompt(seed=10 + rank)
     noise = SeededNoise(100 + rank, dtype=torch.float32, context_noise=True)
     state = stepper.new_state(1, HW, FRAMES, cache_frames=FRAMES)
-    out = stepper.rollout(1, FRAMES, HW, noise, lambda n, s, g: ctx, exit_step=2,
-                          grad=True, state=state)
+    out = stepper.rollout(ctx, FRAMES, HW, noise, exit_step=2, grad=True, state=state)
     return _loss(out)
 
 

@@ -11,9 +11,9 @@ import torch
 from memflow.checkpoint import load_generator_checkpoint
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
+from memflow.noise import InjectedNoise
 from memflow.streaming import StreamCall
 from pipeline.causal_inference import CausalInferencePipeline
-from pipeline.noise import InjectedNoise
 
 GOLDEN_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=512)
 LATENT_HW = (60, 104)

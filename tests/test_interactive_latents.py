@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.noise import SeededNoise
 from pipeline.interactive_inference import InteractiveInferencePipeline
-from pipeline.noise import SeededNoise
 
 from conftest import tiny_dit, tiny_prompt
 

@@ -7,9 +7,9 @@ import torch
 from memflow.config import MemoryOptions, StreamConfig
 from memflow.memory_bank import nam_scores, nam_select, sma_select
 from memflow.config import SamplingConfig
+from memflow.chunk_loop import ChunkStepper
+from memflow.noise import SeededNoise
 from pipeline.causal_inference import CausalInferencePipeline
-from pipeline.noise import SeededNoise
-from pipeline.stepper import ChunkStepper
 
 from conftest import tiny_dit, tiny_prompt
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
+from memflow.noise import InjectedNoise, SeededNoise
 from pipeline.causal_inference import CausalInferencePipeline
-from pipeline.noise import InjectedNoise, SeededNoise
 
 from conftest import TINY, tiny_dit, tiny_prompt
 

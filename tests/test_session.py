@@ -282,7 +282,7 @@ def test_bad_line_switch_frames_name_the_line(tmp_path: Path, value: str, messag
 def test_each_noise_order_has_only_its_own_initial_draw() -> None:
     """A per-chunk source cannot be read up front (nor the reverse): that would silently give
     another video than its order promises. Recorded noise can be sliced per chunk."""
-    from pipeline.noise import InjectedNoise, SeededNoise
+    from memflow.noise import InjectedNoise, SeededNoise
 
     shape = (1, 3, 4, 2, 2)
     with pytest.raises(RuntimeError, match="upfront"):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from memflow.checkpoint import load_generator_checkpoint
+from memflow.chunk_loop import ChunkStepper
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
-from pipeline.stepper import ChunkStepper
 from trainer.dmd import dmd_gradient, dmd_loss, shift_timestep, score_timestep
 from trainer.draws import InjectedDraws, SeededDraws
 from trainer.rollout import RolloutConfig, training_memory_options
@@ -293,8 +293,8 @@ def test_stage1_bank_timeline():
     (released sizes: window 12, sink 3, bank 3, record_interval 3): the open slot is rewritten
     with the previous block's first frame on every commit, the pointer moves every 3 blocks."""
     torch.set_num_threads(1)
-    from pipeline.noise import SeededNoise
-    from pipeline.stepper import ChunkHooks
+    from memflow.chunk_loop import ChunkHooks
+    from memflow.noise import SeededNoise
 
     stream = StreamConfig(memory=training_memory_options(compat=True))
     stepper = ChunkStepper(tiny_dit(), stream, SamplingConfig())
@@ -305,6 +305,6 @@ def test_stage1_bank_timeline():
     hooks = ChunkHooks(on_chunk=lambda n, x0: seen.append(list(state.bank.slot_frames[0])))
     ctx = tiny_prompt()
     with torch.no_grad():
-        stepper.rollout(1, 21, (2, 2), SeededNoise(0, dtype=torch.float32, context_noise=True),
-                        lambda n, s, g: ctx, exit_step=1, hooks=hooks, state=state)
+        stepper.rollout(ctx, 21, (2, 2), SeededNoise(0, dtype=torch.float32, context_noise=True),
+                        exit_step=1, hooks=hooks, state=state)
     assert seen == [[], [0], [3], [6], [6, 9], [6, 12], [6, 15]]

@@ -84,7 +84,7 @@ def _interactive_latents(settings: TrainSettings, lora_ckpt: Path | None) -> tor
     from memflow.config import SwitchOptions
     from pipeline.build import apply_lora, build_tiny_generator, finalize_for_inference
     from pipeline.interactive_inference import InteractiveInferencePipeline
-    from pipeline.noise import SeededNoise
+    from memflow.noise import SeededNoise
 
     generator = build_tiny_generator(settings.tiny.section("generator"))
     if lora_ckpt is not None:

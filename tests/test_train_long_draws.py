@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import train_settings
-from pipeline.noise import NoiseSource
+from memflow.noise import NoiseSource
 from trainer.draws import (InjectedDraws, InjectedRunDraws, InjectedSequence, SeededRunDraws,
                            SequenceDraws, TrainingDraws, stable_seed)
 from trainer.models import build_train_models

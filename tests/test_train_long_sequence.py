@@ -10,8 +10,8 @@ import torch
 
 import memflow.memory_bank as memory_bank
 from conftest import TINY, tiny_dit, tiny_prompt
+from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
-from pipeline.stepper import ChunkStepper
 from trainer.draws import SeededDraws
 from trainer.streaming import (LongSequence, StreamingConfig, SwitchSchedule, can_generate_more,
                                new_frame_choices, window_schedule)

@@ -339,7 +339,7 @@ def _bank_row(state, call) -> dict[str, Any]:
 def test_bank_holds_frames_during_the_generator_rollout(monkeypatch):
     """Hook every DiT call of step 0's generator rollout (the first rollout of the step) and
     record the bank as the call saw it: from chunk 1 on it holds a non-zero frame per layer."""
-    from pipeline.stepper import ChunkStepper
+    from memflow.chunk_loop import ChunkStepper
 
     trainer = make_trainer(make_settings())
     assert trainer.settings.stream.bank_size == 2

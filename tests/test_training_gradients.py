@@ -13,9 +13,9 @@ import copy
 import pytest
 import torch
 
+from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
-from pipeline.noise import SeededNoise
-from pipeline.stepper import ChunkStepper
+from memflow.noise import SeededNoise
 
 from conftest import tiny_dit, tiny_prompt
 
@@ -37,8 +37,7 @@ def _rollout(stepper: ChunkStepper, exit_step: int, rolling: bool, seed: int = 0
     ctx = tiny_prompt().to(stepper.generator.dtype)
     noise = SeededNoise(seed, dtype=stepper.generator.dtype, context_noise=True)
     state = stepper.new_state(1, HW, FRAMES, cache_frames=None if rolling else FRAMES)
-    out = stepper.rollout(1, FRAMES, HW, noise, lambda n, s, g: ctx, exit_step=exit_step,
-                          grad=True, state=state)
+    out = stepper.rollout(ctx, FRAMES, HW, noise, exit_step=exit_step, grad=True, state=state)
     return out, state
 
 
@@ -160,7 +159,7 @@ def test_text_cache_is_built_once_per_prompt():
     model.text_kv = lambda context: builds.append(1) or original(context)
     with torch.no_grad():
         ctx = tiny_prompt()
-        stepper.rollout(1, FRAMES, HW, SeededNoise(0, dtype=torch.float32), lambda n, s, g: ctx)
+        stepper.rollout(ctx, FRAMES, HW, SeededNoise(0, dtype=torch.float32))
     assert len(builds) == 1
 
 

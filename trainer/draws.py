@@ -8,7 +8,7 @@ sequence `index` (its length and switch frame). The trainer's default is `Seeded
 `InjectedRunDraws` replays recorded draws (the reference's, or another run's) in the order the
 trainer asks for them. For one rollout, `SeededDraws` draws everything from one
 `torch.Generator` in the reference's order and `InjectedDraws` replays recorded values by role.
-The Gaussian noise goes through the shared `pipeline.noise.NoiseSource` interface, so the chunk
+The Gaussian noise goes through the shared `memflow.noise.NoiseSource` interface, so the chunk
 stepper consumes it the same way in inference and training.
 
 Roles of one `TrainingDraws`, in the order the reference consumes them:
@@ -29,7 +29,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from pipeline.noise import InjectedNoise, NoiseSource, SeededNoise
+from memflow.noise import InjectedNoise, NoiseSource, SeededNoise
 
 
 class TrainingDraws(Protocol):
@@ -95,7 +95,7 @@ class InjectedDraws:
     window). Each value is checked against what the step asks for, so a fixture that does not
     fit the configuration fails loudly.
 
-    Noise layout (`pipeline.noise.InjectedNoise`): `initial_noise` [B, F, C, h, w],
+    Noise layout (`memflow.noise.InjectedNoise`): `initial_noise` [B, F, C, h, w],
     `step_noise` [block, step, B*F_block, C, h, w] (exit step 0 draws none: [block, 0, ...]),
     `context_noise` [block, B*F_block, C, h, w]. `exit_steps`: one per block, or one int for
     every block (a stage-2 window draws one exit step)."""

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from memflow.attention import set_attention_backend
+from memflow.chunk_loop import ChunkStepper
 from memflow.fsdp import shard_model
-from pipeline.stepper import ChunkStepper
 from utils.errors import InputError
 from utils.signals import check_terminated
 

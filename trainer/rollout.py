@@ -1,10 +1,11 @@
 """The stage-1 Self-Forcing rollout (TRAINING.md §3.2) on the shared chunk stepper.
 
-The generator produces a whole clip chunk by chunk exactly as at inference (same stepper, cache
-and bank), except that each chunk stops at a random exit step, that exit call carries gradient,
-and the committing pass re-noises the clean chunk to `context_noise` with fresh noise. Gradient
-reaches the parameters only through each chunk's own exit-step call: the cache, the bank, the
-noisy inputs and earlier chunks are constants of that graph (§3.3).
+The generator produces a whole clip chunk by chunk exactly as at inference (the same chunk
+loop, `ChunkStepper.rollout`, cache and bank), except that each chunk stops at a random exit
+step (the loop's exit-step rule, drawn after the initial noise), that exit call carries
+gradient, and the committing pass re-noises the clean chunk to `context_noise` with fresh
+noise. Gradient reaches the parameters only through each chunk's own exit-step call: the
+cache, the bank, the noisy inputs and earlier chunks are constants of that graph (§3.3).
 
 Differences from the reference, all deliberate:
 * batch size > 1 works (the reference's context-pass timestep fails to broadcast, §10 item 23);
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions
-from pipeline.stepper import ChunkStepper
 
 from .draws import TrainingDraws
 
@@ -137,10 +138,8 @@ def training_rollout(
     batch = context.shape[0]
     cache = config.cache_frames(stepper.stream_config.local_attn_size)
     state = stepper.new_state(batch, latent_hw, num_frames, cache_frames=cache)
-    latents = stepper.rollout(
-        batch, num_frames, latent_hw, draws.rollout_noise(), lambda n, s, g: context,
-        exit_step=exit_step, grad=grad, state=state,
-    )
+    latents = stepper.rollout(context, num_frames, latent_hw, draws.rollout_noise(),
+                              exit_step=exit_step, grad=grad, state=state)
     if config.same_step_across_blocks:
         t_from, t_to = exit_interval(stepper, flags[0])
     else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.stepper import ChunkStepper
+from memflow.chunk_loop import ChunkStepper
 
 from .dmd import critic_flow_loss, dmd_gradient, dmd_loss
 from .draws import TrainingDraws

@@ -10,18 +10,20 @@ critic only ever see one `window_frames`-frame window (21, about 5 s):
   overlap of `window_frames - n_new` frames of the previous window (§5.2);
 * the first latent of every later window is replaced by the VAE's image latent of its decoded
   frame (`FirstFrameEncoder`), so the window looks like a real clip to the bidirectional teacher;
-* the sequence switches from A to B once, at frame `switch_frame` (§5.5): the text cache is
-  dropped and the recent frames are re-encoded with B through the stepper's `switch_prompt`,
-  the same recache as interactive inference (§5.7); windows from the switch on use and are
-  judged against B (§5.6);
+* the sequence switches from A to B once, at frame `switch_frame` (§5.5): in the chunk loop's
+  `before_chunk` hook the text cache is dropped and the recent frames are re-encoded with B
+  through the stepper's `switch_prompt`, the same recache as interactive inference (§5.7);
+  windows from the switch on use and are judged against B (§5.6);
 * the bank records every `record_interval` chunks, as at inference, and persists across windows
   and across the switch; the sink survives the switch (clean) or is zeroed (compat, §10 item 1).
 
-Gradients flow only through each new chunk's exit-step call of a generator window (earlier
-windows, the overlap and the re-encoded first latent are constants), and the cache is sized
-`local_attn_size + window_frames` frames so that every chunk of the window being trained keeps
-the exact context its forward saw (copy-on-write cache and bank: checkpoint recomputation is
-exact, §10 item 6).
+A window is one `ChunkStepper.rollout` from the window's first chunk on the sequence's state,
+with one exit step for its chunks and a gradient rule: gradients flow only through each new
+chunk's exit-step call of a generator window (earlier windows, the overlap, the chunks before
+the switch in the switch window and the re-encoded first latent are constants), and the cache
+is sized `local_attn_size + window_frames` frames so that every chunk of the window being
+trained keeps the exact context its forward saw (copy-on-write cache and bank: checkpoint
+recomputation is exact, §10 item 6).
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import SwitchOptions
-from pipeline.noise import NoiseSource
-from pipeline.stepper import ChunkStepper
+from memflow.noise import NoiseSource
+from memflow.streaming import StreamState
 
 from .draws import SequenceDraws, TrainingDraws
 from .rollout import exit_interval
@@ -217,39 +220,53 @@ class LongSequence:
     def next_window(self, draws: TrainingDraws, grad: bool, last_step_only: bool = False) -> Window:
         """Generate the next window's new frames continuing the cache (§5.3) and assemble the
         window (§5.2). Draw order: number of new chunks, noise (addressed by block of the
-        window, `WindowNoise`), one exit step for the window (the first of one per block)."""
+        window, `WindowNoise`), one exit step for the window (the first of one per block,
+        drawn after the window's initial noise)."""
         if not self.can_generate_more():
             raise RuntimeError("the sequence is complete; start a new one")
         stepper, cfg = self.stepper, self.config
-        fpb = stepper.frames_per_block
-        start = self.generated
+        fpb, num_steps = stepper.frames_per_block, len(stepper.timesteps)
+        start, first = self.generated, self.generated // fpb
         choices = new_frame_choices(start, self.max_length, cfg, fpb)
         blocks = draws.num_blocks(choices[0] // fpb, choices[-1] // fpb)
         n_new = blocks * fpb
-        noise = WindowNoise(draws.rollout_noise(), first_chunk=start // fpb)
-        c, (h, w) = stepper.generator.config.in_dim, self.latent_hw
-        initial = noise.initial((self.batch_size, n_new, c, h, w)).to(stepper.generator.device,
-                                                                       stepper.dtype)
-        num_steps = len(stepper.timesteps)
-        exit_step = num_steps - 1 if last_step_only else draws.exit_steps(blocks, num_steps)[0]
-
+        noise = WindowNoise(draws.rollout_noise(), first_chunk=first)
         switch_at = self.switch_frame - start  # relative; in [0, n_new) for the switch window
         switches_here = not self.switched and 0 <= switch_at < n_new
-        if self.config.refresh_text_per_window:
-            self.state.text.reset()
-        chunks: list[torch.Tensor] = []
-        for j in range(blocks):
-            chunk = start // fpb + j
-            if switches_here and not self.switched and j * fpb >= switch_at:
-                self._switch(chunk, chunks)
-            context = self.switch_cond if self.switched or start >= self.switch_frame else self.cond
-            block_grad = grad and (not switches_here or j * fpb >= switch_at)
-            x = initial[:, j * fpb : (j + 1) * fpb]
-            x0 = stepper.denoise(self.state, chunk, x, context, noise, exit_step, block_grad)
-            chunks.append(x0)
-            stepper.commit(self.state, chunk, x0, context, noise)
+        exit_steps: list[int] = []
 
-        new = torch.cat(chunks, dim=1)
+        def exit_step(chunk: int) -> int:
+            if not exit_steps:  # at the first chunk: after the window's initial noise
+                drawn = num_steps - 1 if last_step_only else draws.exit_steps(blocks, num_steps)[0]
+                exit_steps.append(drawn)
+            return exit_steps[0]
+
+        def after_switch(chunk: int) -> bool:
+            """In the switch window, chunks before the switch are constants of the graph."""
+            return not switches_here or (chunk - first) * fpb >= switch_at
+
+        def switch(chunk: int, state: StreamState, generated: list[torch.Tensor]):
+            if not switches_here or self.switched or not after_switch(chunk):
+                return None
+            self._switch(chunk, generated)
+            return self.switch_cond
+
+        if cfg.refresh_text_per_window:
+            self.state.text.reset()
+        context = self.switch_cond if self.switched or start >= self.switch_frame else self.cond
+        new = stepper.rollout(
+            context, n_new, self.latent_hw, noise, first_chunk=first, exit_step=exit_step,
+            grad=lambda chunk: grad and after_switch(chunk), hooks=ChunkHooks(before_chunk=switch),
+            state=self.state,
+        )
+        return self._window(new, start, exit_steps[0], switches_here)
+
+    def _window(self, new: torch.Tensor, start: int, exit_step: int, switched_here: bool) -> Window:
+        """Assemble the window of `new` frames from `start` (§5.2): the first window is its new
+        frames; a later one is the previous window's tail (overlap) plus the new frames, its
+        first latent replaced by the re-encoded image latent, trained on the new frames only."""
+        cfg = self.config
+        n_new = new.shape[1]
         previous = self.previous
         full = new if previous is None else torch.cat([previous, new], dim=1)
         self.previous = full[:, -cfg.window_frames :].detach()
@@ -263,13 +280,13 @@ class LongSequence:
             window = torch.cat([image, full[:, -(cfg.window_frames - 1) :]], dim=1)
             mask = torch.zeros(window.shape, dtype=torch.bool, device=window.device)
             mask[:, overlap:] = True
-        t_from, t_to = exit_interval(stepper, exit_step)
+        t_from, t_to = exit_interval(self.stepper, exit_step)
         uses_b = self.switched or start >= self.switch_frame
         return Window(
             latents=window, gradient_mask=mask, cond=self.switch_cond if uses_b else self.cond,
             start_frame=start, new_frames=n_new, exit_step=exit_step,
             denoised_timestep_from=t_from, denoised_timestep_to=t_to,
-            switched_here=switches_here, uses_switch_prompt=uses_b,
+            switched_here=switched_here, uses_switch_prompt=uses_b,
         )
 
     def _switch(self, chunk: int, chunks: list[torch.Tensor]) -> None:

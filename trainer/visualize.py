@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
+from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import SwitchOptions
-
+from memflow.noise import SeededNoise
 from memflow.text_encoder import TextEncoder
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
-from pipeline.noise import SeededNoise
-from pipeline.stepper import ChunkStepper
 from utils.video_writer import Mp4Writer
 
 from .config import TrainSettings
@@ -115,13 +114,14 @@ class Visualiser:
             if self.switch_prompts is not None:
                 switch_context = self._encode(self.switch_prompts[sample.index])
             noise = SeededNoise(s.seed + 1000 * step + self.rank, dtype=stepper.dtype, device=device)
+            switches = {}
+            if sample.switch_frame is not None:  # A, then B from the switch on (recache)
+                switches[sample.switch_frame // stepper.frames_per_block] = switch_context
             decoder = self.vae.stream()
             with Mp4Writer(sample.path, fps=16) as writer:
-                stepper.rollout(
-                    1, sample.frames, s.latent_hw, noise,
-                    _prompt_for_chunk(stepper, context, switch_context, sample.switch_frame, switch),
-                    hooks=_decode_hook(decoder, writer),
-                )
+                hooks = ChunkHooks(before_chunk=stepper.prompt_switches(switches, switch),
+                                   on_chunk=lambda n, x0: writer.write(decoder.decode(x0[:1])[0]))
+                stepper.rollout(context, sample.frames, s.latent_hw, noise, hooks=hooks)
             written.append(sample.path)
         return written
 
@@ -143,26 +143,3 @@ def write_samples(
     """`Visualiser(...).write(step)`: the sample videos of one step; returns the files written."""
     return Visualiser(stepper, text_encoder, vae, prompts, settings, rank, out_dir,
                       switch_prompts).write(step)
-
-
-def _prompt_for_chunk(stepper: ChunkStepper, context: torch.Tensor,
-                      switch_context: torch.Tensor | None, switch_frame: int | None,
-                      switch: SwitchOptions):
-    """The rollout's prompt rule: A, then B from `switch_frame` on, with the interactive
-    pipeline's recache at the switch."""
-    switch_chunk = None if switch_frame is None else switch_frame // stepper.frames_per_block
-
-    def prompt(n: int, state, generated: list[torch.Tensor]) -> torch.Tensor:
-        if switch_chunk is None or n < switch_chunk:
-            return context
-        if n == switch_chunk:
-            stepper.switch_prompt(state, n, torch.cat(generated, dim=1), switch_context, switch)
-        return switch_context
-
-    return prompt
-
-
-def _decode_hook(decoder, writer):
-    from pipeline.stepper import ChunkHooks
-
-    return ChunkHooks(on_chunk=lambda n, x0: writer.write(decoder.decode(x0[:1])[0]))

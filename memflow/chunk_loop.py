@@ -1,7 +1,8 @@
-"""The chunk stepper: one chunk of streaming generation, shared by every caller.
+"""The chunk loop: streaming generation one chunk at a time, shared by every caller.
 
-Single-prompt and interactive inference, the benchmarks and the training rollouts all run the
-same per-chunk procedure (spec INFERENCE.md §5.3, TRAINING.md §3.2) on a `StreamState`:
+Single-prompt and interactive inference, the live session, the benchmarks, stage-1 rollouts and
+stage-2 windows all run the same per-chunk procedure (spec INFERENCE.md §5.3, TRAINING.md §3.2)
+on a `StreamState`, through `ChunkStepper.step`:
 
   1. `denoise`: from the chunk's noise, for each timestep of the (warped) step list, predict the
      flow, convert to x0 and, except after the last step, re-noise x0 to the next timestep with
@@ -13,8 +14,12 @@ same per-chunk procedure (spec INFERENCE.md §5.3, TRAINING.md §3.2) on a `Stre
      refreshes the bank like that step did, when `commit_refreshes_after_step0_exit` is on
      (compat: the reference's re-run inherits the last step's q_bank flag).
 
-`rollout` loops over the chunks of a video; `switch_prompt` is the prompt-switch hook (recache)
-of interactive inference and of stage-2 training.
+`rollout` loops over consecutive chunks of one stream: from chunk 0 of a fresh state (a video,
+a stage-1 rollout) or from any chunk of a state that holds the earlier ones (a stage-2 window).
+Each chunk gets its own exit step and gradient flag (a value or a rule of the chunk index), and
+a `before_chunk` hook runs before it: prompt switches happen there (`switch_prompt`, the recache
+of interactive inference and stage-2 training), and the hook hands the loop the prompt that
+holds from that chunk on.
 
 The stepper owns the stream policy around each DiT call (bank refresh before it, text cache,
 commit after it); the model only computes.
@@ -22,30 +27,37 @@ commit after it); the model only computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
-from memflow.model import WanDiT, text_mask
-from memflow.scheduler import FlowMatchScheduler
-from memflow.streaming import StreamCall, StreamState
-
+from .config import SamplingConfig, StreamConfig, SwitchOptions
+from .model import WanDiT, text_mask
 from .noise import NoiseSource
+from .scheduler import FlowMatchScheduler
+from .streaming import StreamCall, StreamState
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
-ContextForChunk = Callable[[int, StreamState, list[torch.Tensor]], torch.Tensor]
+BeforeChunk = Callable[[int, StreamState, list[torch.Tensor]], torch.Tensor | None]
 ExitStep = int | Callable[[int], int | None] | None
+GradRule = bool | Callable[[int], bool]
 
 
 @dataclass
 class ChunkHooks:
-    """Optional callbacks around each chunk of a rollout (streaming decode, timing)."""
+    """Optional callbacks around each chunk of a rollout.
 
-    before_chunk: Callable[[int], None] | None = None  # before chunk n is denoised
-    on_chunk: ChunkCallback | None = None  # chunk n's x0 is final (before its commit)
-    after_commit: Callable[[int], None] | None = None  # chunk n is in the cache
+    `before_chunk(n, state, generated)` runs before chunk n draws its noise (`generated`: the x0
+    of this rollout's chunks so far). It may switch prompts on the state and returns the prompt
+    embedding that holds from chunk n on, or None to keep the current one; a new prompt goes
+    with `switch_prompt` (or at least a text-cache reset), since no-grad calls read the text
+    K/V from the state's cache. `on_chunk(n, x0)`: chunk n's x0 is final, before its commit
+    (streaming decode). `after_commit(n)`: chunk n is in the cache (timing)."""
+
+    before_chunk: BeforeChunk | None = None
+    on_chunk: ChunkCallback | None = None
+    after_commit: Callable[[int], None] | None = None
 
 
 class ChunkStepper:
@@ -211,10 +223,17 @@ class ChunkStepper:
         noise: NoiseSource,
         exit_step: int | None = None,
         grad: bool = False,
+        hooks: ChunkHooks | None = None,
     ) -> torch.Tensor:
-        """`denoise` then `commit` one chunk; returns its x0."""
+        """One chunk from its initial noise `x`: `denoise`, `hooks.on_chunk`, `commit`,
+        `hooks.after_commit`; returns its x0. The one per-chunk procedure: `rollout` runs it
+        for every chunk and a live session once per `next_chunk`, so both make the same calls."""
         x0 = self.denoise(state, chunk, x, context, noise, exit_step, grad)
+        if hooks is not None and hooks.on_chunk is not None:
+            hooks.on_chunk(chunk, x0)
         self.commit(state, chunk, x0, context, noise)
+        if hooks is not None and hooks.after_commit is not None:
+            hooks.after_commit(chunk)
         return x0
 
     @torch.no_grad()
@@ -263,52 +282,71 @@ class ChunkStepper:
         shape = (batch_size, self.frames_per_block, self.generator.config.in_dim, *latent_hw)
         return noise.chunk_initial(chunk, shape).to(self.generator.device, self.dtype)
 
+    def prompt_switches(
+        self, contexts: Mapping[int, torch.Tensor], switch: SwitchOptions
+    ) -> BeforeChunk:
+        """A `before_chunk` hook that switches to `contexts[n]` before chunk n, as interactive
+        inference does (`switch_prompt` re-encodes the attention window from this rollout's
+        chunks so far, so the rollout starts at chunk 0); other chunks keep their prompt."""
+
+        def before_chunk(n: int, state: StreamState, generated: list[torch.Tensor]):
+            context = contexts.get(n)
+            if context is not None:
+                self.switch_prompt(state, n, torch.cat(generated, dim=1), context, switch)
+            return context
+
+        return before_chunk
+
     def rollout(
         self,
-        batch_size: int,
+        context: torch.Tensor,
         num_frames: int,
         latent_hw: tuple[int, int],
         noise: NoiseSource,
-        context_for_chunk: ContextForChunk,
         *,
+        first_chunk: int = 0,
         exit_step: ExitStep = None,
-        grad: bool = False,
+        grad: GradRule = False,
         hooks: ChunkHooks | None = None,
         progress: bool = False,
         state: StreamState | None = None,
     ) -> torch.Tensor:
-        """Generate [B, num_frames, C, h, w] latents chunk by chunk.
+        """Generate `num_frames` latent frames [B, num_frames, C, h, w] for the prompt embedding
+        `context` [B, T, text_dim], chunk by chunk from chunk `first_chunk`.
 
-        `context_for_chunk(n, state, generated)` returns the prompt embedding for chunk n
-        (`generated`: the x0 of chunks 0..n-1); it may first switch prompts on the state.
-        `exit_step`: one for every chunk, or a function of the chunk index (None: all steps).
-        The initial noise is drawn in the source's `order`: the whole video's before chunk 0
-        (``upfront``, the reference's) or each chunk's as it starts (``per_chunk``).
+        A rollout from chunk 0 makes a fresh state unless given one; a later first chunk
+        continues `state`, which holds the chunks before it (a stage-2 window). `exit_step`:
+        the last denoising step, one for every chunk or a rule of the (absolute) chunk index
+        (None: all steps); `grad`: whether a chunk's exit call records a graph, likewise a value
+        or a rule. `hooks.before_chunk` may switch prompts before any chunk (see `ChunkHooks`).
+        The initial noise is drawn in the source's `order`: for all of the rollout's frames
+        before its first chunk (``upfront``, the reference's) or each chunk's as it starts
+        (``per_chunk``, then addressed by absolute chunk index).
         """
         hooks = hooks or ChunkHooks()
-        num_chunks = self.num_chunks(num_frames)
-        gen = self.generator
-        fpb = self.frames_per_block
+        batch_size = context.shape[0]
+        chunks_here = self.num_chunks(num_frames)
+        if state is None and first_chunk:
+            raise ValueError(f"a rollout from chunk {first_chunk} continues a stream: pass its "
+                             "state")
         upfront = None
         if noise.order == "upfront":
-            shape = (batch_size, num_frames, gen.config.in_dim, *latent_hw)
-            upfront = noise.initial(shape).to(gen.device, self.dtype)
-        state = state or self.new_state(batch_size, latent_hw, num_frames)
+            shape = (batch_size, num_frames, self.generator.config.in_dim, *latent_hw)
+            upfront = noise.initial(shape).to(self.generator.device, self.dtype)
+        if state is None:
+            state = self.new_state(batch_size, latent_hw, num_frames)
+        fpb = self.frames_per_block
         chunks: list[torch.Tensor] = []
-        for n in tqdm(range(num_chunks), desc="chunks", disable=not progress, leave=False):
+        for j in tqdm(range(chunks_here), desc="chunks", disable=not progress, leave=False):
+            n = first_chunk + j
             if hooks.before_chunk is not None:
-                hooks.before_chunk(n)
-            context = context_for_chunk(n, state, chunks)
+                switched = hooks.before_chunk(n, state, chunks)
+                context = context if switched is None else switched
             k = exit_step(n) if callable(exit_step) else exit_step
+            g = grad(n) if callable(grad) else grad
             if upfront is None:
                 x = self.chunk_noise(noise, n, batch_size, latent_hw)
             else:
-                x = upfront[:, n * fpb : (n + 1) * fpb]
-            x0 = self.denoise(state, n, x, context, noise, k, grad)
-            chunks.append(x0)
-            if hooks.on_chunk is not None:
-                hooks.on_chunk(n, x0)
-            self.commit(state, n, x0, context, noise)
-            if hooks.after_commit is not None:
-                hooks.after_commit(n)
+                x = upfront[:, j * fpb : (j + 1) * fpb]
+            chunks.append(self.step(state, n, x, context, noise, k, g, hooks))
         return torch.cat(chunks, dim=1)
