@@ -15,9 +15,10 @@ Categories (they do not overlap):
 * self-attention kernel: the attention call over [sink | bank | window];
 * cross-attention kernel: the attention call over the 512 text tokens;
 * cache/bank maintenance: the rest of the streaming self-attention: per layer, reading its
-  context (`CallContext.layer`: sink and window views from the cache, the bank slots) and, in
-  `ChunkAttention.__call__`, concatenating memory and window and the SMA frame selection; after
-  the layers, the commit (`StreamState.finish`: writing the committed K/V and the prototype);
+  context (`CallContext.layer`: what each memory source gives: sink and window views from the
+  cache, the bank slots) and, in `ChunkAttention.__call__`, concatenating the sources' pieces and
+  the SMA frame selection; after the layers, the commit (`StreamState.finish`: the prototype and
+  writing the committed K/V);
   plus the bank refresh (NAM insertion/compression) before the layers;
 * RoPE: rotating q and k (complex float64, as the reference);
 * other DiT: norms, modulation, GELU, residuals, patch embedding, time embedding, unpatchify,
@@ -92,7 +93,8 @@ class Instrument:
         wrap(mbm.MemoryBank, "refresh", "bank_refresh")
         wrap(mbm.MemoryBank, "read", "bank_read")
         wrap(mbm.MemoryBank, "stage_layer", "bank_stage")
-        wrap(kvm.KVCache, "context", "kv_gather")
+        wrap(kvm.KVCache, "sink_context", "kv_gather")
+        wrap(kvm.KVCache, "window_context", "kv_gather")
         wrap(kvm.KVCache, "commit_layer", "kv_commit")
         wrap(mm, "apply_rope", "rope")
         for module in model.modules():

@@ -99,6 +99,10 @@ class MemoryOptions:
     # inherits the last denoising call's q_bank flag). With `reinsert_stale_prototype` a full
     # bank is then compressed once more per such chunk (stage 2 from the first saturation on).
     commit_refreshes_after_step0_exit: bool = False
+    # The bank is attended only when there is a sink (spec Q10: the reference's no-sink branch
+    # ignores the bank, which is still maintained). Off: with sink_size 0 the keys are
+    # [bank | window].
+    bank_requires_sink: bool = False
 
     @classmethod
     def compat(
@@ -118,6 +122,7 @@ class MemoryOptions:
             keep_order="score_desc",
             text_keys_before_refresh=False,
             commit_refreshes_after_step0_exit=commit_refreshes_after_step0_exit,
+            bank_requires_sink=True,
         )
 
     @classmethod

@@ -9,9 +9,9 @@ Invariants
 * Keys are stored already rotated with the RoPE of their absolute frame; values are raw.
 * `end` (G, tokens) is the absolute end of everything committed; `fill` (E, tokens) is how much
   of the buffer is used. fill <= cap, and both are the same for every layer.
-* Only `commit` writes. A denoising call reads its context (`context`) as views of the
-  buffers without touching them, so the several denoising steps of a chunk all see the same
-  history.
+* Only `commit` writes. A denoising call reads its context (`sink_context`, `window_context`)
+  as views of the buffers without touching them, so the several denoising steps of a chunk all
+  see the same history.
 * Positions below `fill` are never written in place. A commit that only appends (writes at or
   past `fill`, no eviction) writes into the free tail; one that evicts or rewrites committed
   positions (a roll, a recache) replaces the layer's buffer by a new tensor (copy on write).
@@ -29,6 +29,7 @@ Invariants
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -59,6 +60,18 @@ class CachePlan:
     def new_offset(self) -> int:
         """Buffer position of the call's new token 0 (its first `skip` tokens are not written)."""
         return self.write_start - self.skip
+
+
+class CacheRead(NamedTuple):
+    """What one call attends of one region of the cache (sink or window), in key order:
+    committed pieces `k`/`v` ([B, tokens, H, D] views), then the call's own new tokens that sit
+    in the region (`new`, a slice of the call's tokens), then committed pieces `k_tail`/`v_tail`."""
+
+    k: Sequence[torch.Tensor]
+    v: Sequence[torch.Tensor]
+    new: slice
+    k_tail: Sequence[torch.Tensor] = ()
+    v_tail: Sequence[torch.Tensor] = ()
 
 
 class KVCache:
@@ -158,34 +171,33 @@ class KVCache:
             window_start=window_start,
         )
 
-    def context(self, layer: int, plan: CachePlan) -> dict[str, list[torch.Tensor]]:
-        """The committed K/V one call attends to, as views of the buffers, in key order around
-        the call's own tokens (`attended_new`): sink = [sink_k | new | sink_tail_k], window =
-        [window_k | new]. Each value is a list of [B, tokens, H, D] pieces. The sink tail is
-        non-empty only while the sink is not yet filled (it then reads zeros, as the reference)."""
+    def sink_context(self, layer: int, plan: CachePlan) -> CacheRead:
+        """The attended sink of one layer for a call, as views of the buffers:
+        [committed sink | the call's new tokens in the sink | sink tail]. The tail is non-empty
+        only while the sink is not yet filled (it then reads zeros, as the reference)."""
+        k, v = self.k[layer], self.v[layer]
+        ws, we = plan.write_start, plan.new_fill
+        sink_hi = min(self.sink, ws)
+        tail_lo = min(self.sink, max(we, sink_hi))
+        off = plan.new_offset
+        new = slice(max(0, ws) - off, max(ws, min(self.sink, we)) - off)
+        read = self._read_old
+        return CacheRead(
+            read(k, plan, 0, sink_hi), read(v, plan, 0, sink_hi), new,
+            read(k, plan, tail_lo, self.sink), read(v, plan, tail_lo, self.sink),
+        )
+
+    def window_context(self, layer: int, plan: CachePlan) -> CacheRead:
+        """The attended window of one layer for a call, as views of the buffers:
+        [committed window frames | the call's new tokens in the window] (oldest first)."""
         k, v = self.k[layer], self.v[layer]
         ws, we = plan.write_start, plan.new_fill
         lo, hi = self._window_range(plan)
-        sink_hi = min(self.sink, ws)
-        tail_lo = min(self.sink, max(we, sink_hi))
         win_hi = max(lo, min(hi, ws))
-        return {
-            "sink_k": self._read_old(k, plan, 0, sink_hi),
-            "sink_v": self._read_old(v, plan, 0, sink_hi),
-            "sink_tail_k": self._read_old(k, plan, tail_lo, self.sink),
-            "sink_tail_v": self._read_old(v, plan, tail_lo, self.sink),
-            "window_k": self._read_old(k, plan, lo, win_hi),
-            "window_v": self._read_old(v, plan, lo, win_hi),
-        }
-
-    def attended_new(self, plan: CachePlan) -> tuple[slice, slice]:
-        """Which of the call's new tokens sit in the attended sink and in the attended window:
-        their key order is [old sink | new in sink | bank | old window | new in window]."""
-        off, ws, we = plan.new_offset, plan.write_start, plan.new_fill
-        lo, hi = self._window_range(plan)
-        in_sink = slice(max(0, ws) - off, max(ws, min(self.sink, we)) - off)
-        in_window = slice(max(lo, ws) - off, max(max(lo, ws), min(hi, we)) - off)
-        return in_sink, in_window
+        off = plan.new_offset
+        new = slice(max(lo, ws) - off, max(max(lo, ws), min(hi, we)) - off)
+        read = self._read_old
+        return CacheRead(read(k, plan, lo, win_hi), read(v, plan, lo, win_hi), new)
 
     def _window_range(self, plan: CachePlan) -> tuple[int, int]:
         if self.sink > 0 and self.max_attention - self.sink <= 0:

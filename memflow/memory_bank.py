@@ -14,6 +14,9 @@ of tokens per slot). Its life cycle per chunk (spec §3):
 3. **read** (every self-attention call): the used slots sit between the sink and the local
    window; with SMA on, `sma_select` keeps only the top-k sink/bank frames per head.
 
+The stream drives the bank through its memory source (`BankSource` in memflow/memory_sources.py:
+stage on commit, refresh before a call, read per layer).
+
 Invariants: only `refresh` changes the bank's K/V; only `stage` changes the prototype and the
 opened count; denoising calls only read. Nothing is changed in place: each slot is its own
 tensor, and a refresh replaces the slot list (copy on write), so the frames an earlier call

@@ -1,11 +1,12 @@
 """Per-video streaming state: KV cache, memory bank and text (cross-attention) cache.
 
-A stepper (pipeline/stepper.py) creates one `StreamState` per video. For every DiT call it opens
+A stepper (memflow/chunk_loop.py) creates one `StreamState` per video. For every DiT call it opens
 a `CallContext` with `begin(call)`, hands the context to the model, and closes it with
 `finish(ctx)`. The model only reads: the context fixes, at call time, every tensor the call's
-self-attention attends to (sink, bank slots, window) and collects the call's new K/V; all writes
-(KV commit, bank prototype) happen in `finish`, after the model has run. The call says what
-`finish` may do:
+self-attention attends to (what the state's memory sources give: sink, bank slots, window; see
+memflow/memory_sources.py) and collects the call's new K/V; all writes (the sources' commit
+hooks, such as the bank prototype, then the KV commit) happen in `finish`, after the model has
+run. The call says what `finish` may do:
 
 * `StreamCall.denoise(frame)`: read only.
 * `StreamCall.commit_chunk(frame, record_memory)`: the clean re-run of a finished chunk. Its K/V
@@ -14,8 +15,8 @@ self-attention attends to (sink, bank slots, window) and collects the call's new
 * `StreamCall.recache_frames(frame)`: re-encode already generated frames (after a prompt switch).
   It rewrites window slots and never moves the cache pointers.
 
-Bank refreshes (`refresh_memory`) and the text cache are driven by the stepper too, before the
-call, so the model never decides stream policy.
+Memory refreshes (`refresh_memory`: the bank's insert/compress) and the text cache are driven by
+the stepper too, before the call, so the model never decides stream policy.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import torch
 from .attention import attention
 from .config import DiTConfig, StreamConfig
 from .kv_cache import CachePlan, KVCache
-from .memory_bank import MemoryBank, RefreshAction, sma_select
+from .memory_bank import MemoryBank, sma_select
+from .memory_sources import Commit, MemorySource, Segment, SourceLayout, standard_sources
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,11 @@ class TextCache:
 class StreamDebug:
     """What tests and benchmarks may ask a state to record (off by default: not on the hot
     path). `key_frames`: attended key length in frames of every call, in call order;
-    `bank_refreshes`: every bank refresh, with the call it ran before and what it did."""
+    `bank_refreshes`: every memory refresh, with the call it ran before and what the sources did
+    (the bank's "insert" / "compress"; None: nothing)."""
 
     key_frames: list[int] = field(default_factory=list)
-    bank_refreshes: list[tuple[StreamCall, RefreshAction | None]] = field(default_factory=list)
+    bank_refreshes: list[tuple[StreamCall, str | None]] = field(default_factory=list)
 
     @property
     def last_key_frames(self) -> int:
@@ -138,6 +141,9 @@ class StreamState:
     window). `cache_frames` is the KV buffer size: by default the window itself (a rolling
     cache); a training rollout passes its length so that nothing is evicted or copied during it
     (the reference's min(local_attn_size + slice_last_frames, num_training_frames)).
+
+    `sources` is the attended context in key order (default `standard_sources`: sink, bank,
+    window); a layout function of the state gives another (memflow/memory_sources.py).
 
     `exit_step` is the last denoising step run on the chunk in flight (set by the stepper's
     denoise, cleared by its commit): the reference's commit inherits that step's bank-refresh
@@ -158,6 +164,7 @@ class StreamState:
         cache_frames: int | None = None,
         debug: bool = False,
         track_bank_frames: bool = False,
+        sources: SourceLayout = standard_sources,
     ):
         self.config = stream_config
         self.frame_len = model_config.tokens_per_frame(latent_height, latent_width)
@@ -188,24 +195,35 @@ class StreamState:
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None
         self.exit_step: int | None = None
+        self.sources: tuple[MemorySource, ...] = tuple(sources(self))
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"memory source names must be unique, got {names}")
 
     def state_dict(self) -> dict:
-        """Cache, bank and text cache as plain containers of tensors (`torch.save`-able with
-        weights_only loading): a training sequence in flight survives a checkpoint with it."""
-        return {"kv": self.kv.state_dict(), "bank": self.bank.state_dict(),
-                "text": self.text.state_dict()}
+        """Cache, memory sources (the bank) and text cache as plain containers of tensors
+        (`torch.save`-able with weights_only loading): a training sequence in flight survives a
+        checkpoint with it."""
+        return {"kv": self.kv.state_dict(), "text": self.text.state_dict(),
+                "sources": {source.name: source.state_dict() for source in self.sources}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` into a state built with the same configs and sizes."""
+        """Restore `state_dict()` into a state built with the same configs, sizes and sources."""
+        saved, names = list(state["sources"]), [source.name for source in self.sources]
+        if saved != names:
+            raise ValueError(f"saved stream has memory sources {saved}, this one {names}")
         device = self.kv.k[0].device if self.kv.k else "cpu"
         self.kv.load_state_dict(state["kv"])
-        self.bank.load_state_dict(state["bank"], device)
+        for source in self.sources:
+            source.load_state_dict(state["sources"][source.name], device)
         self.text.load_state_dict(state["text"], device)
 
     def refresh_memory(self, call: StreamCall) -> None:
-        """Bank maintenance before `call` (insert the prototype or compress, spec §3.4), scored
-        with whatever the text cache holds."""
-        action = self.bank.refresh(self.text.keys, self.text.mask)
+        """Memory maintenance before `call` (the bank inserts its prototype or compresses, spec
+        §3.4), scored with whatever the text cache holds."""
+        action = None
+        for source in self.sources:
+            action = source.refresh(self.text) or action
         if self.debug is not None:
             self.debug.bank_refreshes.append((call, action))
 
@@ -220,7 +238,8 @@ class StreamState:
         return CallContext(self, call, plan)
 
     def finish(self, ctx: "CallContext") -> None:
-        """Apply the call's writes after every layer has run: K/V commit, bank prototype."""
+        """Apply the call's writes after every layer has run: the sources' commit hooks (the
+        bank prototype), then the K/V commit."""
         if self.debug is not None and ctx.key_tokens is not None:
             self.debug.key_frames.append(ctx.key_tokens // self.frame_len)
         if not ctx.call.commit:
@@ -228,17 +247,12 @@ class StreamState:
         if len(ctx.new_kv) != self.kv.num_layers:
             raise RuntimeError("a committing call finished before every layer ran")
         plan = ctx.plan
+        commit = Commit(ctx.call, plan, ctx.new_kv, self.frame_len, self.frames_per_block)
+        for source in self.sources:
+            source.on_commit(commit)
         for layer, (k, v) in sorted(ctx.new_kv.items()):
             self.kv.commit_layer(layer, plan, k, v)
         self.kv.advance(plan)
-        if ctx.call.record_memory and not plan.recompute:
-            lo, hi = plan.skip, plan.skip + self.frame_len
-            for layer, (k, v) in ctx.new_kv.items():
-                self.bank.stage_layer(layer, k[:, lo:hi], v[:, lo:hi])
-            end_frame = plan.end // self.frame_len
-            chunk_index = end_frame // self.frames_per_block - 1
-            first_written = (plan.start + plan.skip) // self.frame_len
-            self.bank.finish_stage(chunk_index, first_written)
 
 
 class CallContext:
@@ -251,23 +265,21 @@ class CallContext:
         self.plan = plan
         self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.key_tokens: int | None = None
+        cfg = state.config
+        self.sma_top_k = cfg.sma_top_k if cfg.sma else None
 
     @property
     def start_frame(self) -> int:
         return self.call.start_frame
 
     def layer(self, index: int) -> "ChunkAttention":
-        state = self.state
-        pieces = {name: tuple(p) for name, p in state.kv.context(index, self.plan).items()}
-        in_sink, in_window = state.kv.attended_new(self.plan)
-        use_memory = state.kv.sink > 0  # the reference ignores the bank without a sink (Q10)
-        bank_k, bank_v = state.bank.read(index) if use_memory else ([], [])
-        cfg = state.config
+        segments = []
+        for source in self.state.sources:
+            segment = source.read(index, self.plan)
+            if segment is not None:
+                segments.append(segment)
         return ChunkAttention(
-            **pieces, bank_k=tuple(bank_k), bank_v=tuple(bank_v),
-            new_in_sink=in_sink, new_in_window=in_window, use_memory=use_memory,
-            sma_top_k=cfg.sma_top_k if cfg.sma else None, frame_len=state.frame_len,
-            context=self, index=index,
+            tuple(segments), self.sma_top_k, self.state.frame_len, context=self, index=index
         )
 
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_tokens: int) -> None:
@@ -280,42 +292,41 @@ class CallContext:
 @dataclass(frozen=True, eq=False)
 class ChunkAttention:
     """Self-attention of one layer of one streaming call (spec §2.3): the call's queries attend
-    [sink | bank | window], where the sink and window mix committed K/V (fixed here, at call
-    time) with the call's own new K/V (`new_in_sink`, `new_in_window` slices of them).
+    the concatenation of the sources' segments, in order ([sink | bank | window] by default),
+    where the sink and window mix committed K/V (fixed here, at call time) with the call's own
+    new K/V. With SMA (`sma_top_k`), the frames of the selectable segments (sink and bank) are
+    first narrowed to the top k per head (spec §4), in the place of the first of them.
 
     The committed tensors are never changed in place afterwards (copy-on-write cache and bank),
     so an activation checkpoint that re-runs this attention in backward sees exactly what the
     forward saw."""
 
-    sink_k: tuple[torch.Tensor, ...]
-    sink_v: tuple[torch.Tensor, ...]
-    sink_tail_k: tuple[torch.Tensor, ...]
-    sink_tail_v: tuple[torch.Tensor, ...]
-    bank_k: tuple[torch.Tensor, ...]
-    bank_v: tuple[torch.Tensor, ...]
-    window_k: tuple[torch.Tensor, ...]
-    window_v: tuple[torch.Tensor, ...]
-    new_in_sink: slice
-    new_in_window: slice
-    use_memory: bool
+    segments: tuple[Segment, ...]
     sma_top_k: int | None
     frame_len: int
     context: CallContext
     index: int
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        win_k = [*self.window_k, k[:, self.new_in_window]]
-        win_v = [*self.window_v, v[:, self.new_in_window]]
-        if self.use_memory:
-            mem_k = [*self.sink_k, k[:, self.new_in_sink], *self.sink_tail_k, *self.bank_k]
-            mem_v = [*self.sink_v, v[:, self.new_in_sink], *self.sink_tail_v, *self.bank_v]
-            if self.sma_top_k is not None:
-                sel_k, sel_v = sma_select(
-                    q, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), self.frame_len,
-                    self.sma_top_k,
-                )
-                mem_k, mem_v = [sel_k], [sel_v]
-            win_k, win_v = mem_k + win_k, mem_v + win_v
-        keys, values = torch.cat(win_k, dim=1), torch.cat(win_v, dim=1)
-        self.context.record(self.index, k, v, keys.shape[1])
-        return attention(q, keys, values)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        mem_k: list[torch.Tensor] = []
+        mem_v: list[torch.Tensor] = []
+        at = 0  # where the SMA selection goes: the place of the first selectable segment
+        for segment in self.segments:
+            if self.sma_top_k is not None and segment.selectable:
+                if not mem_k:
+                    at = len(keys)
+                segment.extend(mem_k, mem_v, k, v)
+            else:
+                segment.extend(keys, values, k, v)
+        if mem_k:
+            sel_k, sel_v = sma_select(
+                q, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), self.frame_len,
+                self.sma_top_k,
+            )
+            keys.insert(at, sel_k)
+            values.insert(at, sel_v)
+        all_k, all_v = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+        self.context.record(self.index, k, v, all_k.shape[1])
+        return attention(q, all_k, all_v)

@@ -27,10 +27,9 @@ def _buffer_frames(cache):
 
 def _sink_and_window(cache, plan, new):
     """The sink and window keys of layer 0 as one call would attend them."""
-    ctx = cache.context(0, plan)
-    in_sink, in_window = cache.attended_new(plan)
-    sink = torch.cat([*ctx["sink_k"], new[:, in_sink], *ctx["sink_tail_k"]], dim=1)
-    window = torch.cat([*ctx["window_k"], new[:, in_window]], dim=1)
+    s, w = cache.sink_context(0, plan), cache.window_context(0, plan)
+    sink = torch.cat([*s.k, new[:, s.new], *s.k_tail], dim=1)
+    window = torch.cat([*w.k, new[:, w.new]], dim=1)
     return sink, window
 
 
@@ -141,8 +140,8 @@ def test_committed_views_never_change():
     reads = []
     for n in range(6):
         plan = cache.plan(3 * n * FL, 3 * FL)
-        ctx = cache.context(0, plan)
-        reads += [(t, t.clone()) for t in ctx["sink_k"] + ctx["window_k"]]
+        views = [*cache.sink_context(0, plan).k, *cache.window_context(0, plan).k]
+        reads += [(t, t.clone()) for t in views]
         _commit(cache, 3 * n, 3)
     plan = cache.plan(15 * FL, 3 * FL)  # a recache of the last chunk rewrites committed slots
     cache.commit_layer(0, plan, _frames(15, 3) + 50, _frames(15, 3) + 50)

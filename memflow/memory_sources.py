@@ -1,0 +1,178 @@
+"""Memory sources: what the self-attention of a streaming call attends, as an ordered list.
+
+The keys (and values) of a streaming DiT call are the concatenation, in list order, of what each
+source of its `StreamState` gives for that layer. The standard list is the reference's key order
+(spec §2.3): the frame sink, the memory bank's used slots, the local window. A source:
+
+* `read(layer, plan)`: its K/V pieces for one layer of one call (a `Segment`), or None when it
+  contributes nothing to this call. Called once per layer per call, so it only slices views;
+* `refresh(text)`: maintenance before a call that refreshes memory (the bank inserts its
+  prototype or compresses, scored with the prompt's text keys);
+* `on_commit(commit)`: what it does when a chunk is committed (the bank stages the chunk's
+  first frame as its prototype). It runs after every layer and before the KV cache is written,
+  so a source still sees what the commit will evict;
+* `state_dict()` / `load_state_dict()`: its state, for resuming a training sequence.
+
+A source that declares itself `selectable` lets Sparse Memory Activation choose among its frames
+(the sink and the bank); the others (the window) are always attended whole.
+
+The KV cache itself is not a source: it is the stream's buffer of committed frames, which gives
+every call its plan (positions, eviction) and is written by every committing call. The sink and
+the window are two views of it.
+
+A new memory policy (an EMA sink, a retrieved sink, ...) is one new `MemorySource` class listed
+in `standard_sources` (or passed to `StreamState` as `sources=`); nothing else changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from .kv_cache import CachePlan, CacheRead, KVCache
+from .memory_bank import MemoryBank
+
+if TYPE_CHECKING:
+    from .streaming import StreamCall, StreamState, TextCache
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One source's part of one layer's keys in one call: committed pieces `k`/`v`
+    ([B, tokens, H, D] each), then the call's own new tokens `new` (a slice of them; None: none),
+    then committed pieces `k_tail`/`v_tail`. `selectable`: SMA may choose among its frames."""
+
+    k: Sequence[torch.Tensor]
+    v: Sequence[torch.Tensor]
+    new: slice | None = None
+    k_tail: Sequence[torch.Tensor] = ()
+    v_tail: Sequence[torch.Tensor] = ()
+    selectable: bool = False
+
+    @classmethod
+    def of(cls, read: CacheRead, selectable: bool = False) -> "Segment":
+        return cls(read.k, read.v, read.new, read.k_tail, read.v_tail, selectable)
+
+    def extend(self, keys: list, values: list, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Append this segment's pieces, in key order, to `keys` and `values`."""
+        keys.extend(self.k)
+        values.extend(self.v)
+        if self.new is not None:
+            keys.append(k_new[:, self.new])
+            values.append(v_new[:, self.new])
+        keys.extend(self.k_tail)
+        values.extend(self.v_tail)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A committing call, as the sources see it after every layer ran: the call, its cache plan
+    and each layer's new K/V ([B, tokens, H, D], detached)."""
+
+    call: StreamCall
+    plan: CachePlan
+    new_kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]]
+    frame_len: int
+    frames_per_block: int
+
+
+class MemorySource:
+    """One part of the attended context. Every hook but `read` defaults to doing nothing."""
+
+    name: ClassVar[str]  # its key in the stream's state_dict; unique in a state's list
+    selectable: ClassVar[bool] = False
+
+    def read(self, layer: int, plan: CachePlan) -> Segment | None:
+        raise NotImplementedError
+
+    def refresh(self, text: TextCache) -> str | None:
+        """Maintenance before a call that refreshes memory; returns what it did (None: nothing)."""
+        return None
+
+    def on_commit(self, commit: Commit) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, device: torch.device | str) -> None:
+        return None
+
+
+class SinkSource(MemorySource):
+    """The first frames of the video, kept for the whole stream (a view of the KV cache)."""
+
+    name = "sink"
+    selectable = True
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+
+    def read(self, layer: int, plan: CachePlan) -> Segment:
+        return Segment.of(self.kv.sink_context(layer, plan), selectable=True)
+
+
+class WindowSource(MemorySource):
+    """The newest frames, the call's own included (a view of the KV cache)."""
+
+    name = "window"
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+
+    def read(self, layer: int, plan: CachePlan) -> Segment:
+        return Segment.of(self.kv.window_context(layer, plan))
+
+
+class BankSource(MemorySource):
+    """The memory bank (NAM, spec §3): its used slots between the sink and the window.
+
+    `attended` False keeps the bank maintained but never read: the reference's "no bank without a
+    sink" (spec Q10, MemoryOptions.bank_requires_sink)."""
+
+    name = "bank"
+    selectable = True
+
+    def __init__(self, bank: MemoryBank, attended: bool = True):
+        self.bank = bank
+        self.attended = attended
+
+    def read(self, layer: int, plan: CachePlan) -> Segment | None:
+        if not self.attended:
+            return None
+        k, v = self.bank.read(layer)
+        return Segment(k, v, selectable=True) if k else None
+
+    def refresh(self, text: TextCache) -> str | None:
+        return self.bank.refresh(text.keys, text.mask)
+
+    def on_commit(self, commit: Commit) -> None:
+        """Stage the committed chunk's first frame as the prototype (spec §3.2), when the call
+        records memory; never on a recompute (a recache)."""
+        plan, frame_len = commit.plan, commit.frame_len
+        if not commit.call.record_memory or plan.recompute:
+            return
+        lo, hi = plan.skip, plan.skip + frame_len
+        for layer, (k, v) in commit.new_kv.items():
+            self.bank.stage_layer(layer, k[:, lo:hi], v[:, lo:hi])
+        chunk_index = (plan.end // frame_len) // commit.frames_per_block - 1
+        self.bank.finish_stage(chunk_index, (plan.start + plan.skip) // frame_len)
+
+    def state_dict(self) -> dict:
+        return self.bank.state_dict()
+
+    def load_state_dict(self, state: dict, device: torch.device | str) -> None:
+        self.bank.load_state_dict(state, device)
+
+
+SourceLayout = Callable[["StreamState"], Sequence[MemorySource]]
+
+
+def standard_sources(state: StreamState) -> list[MemorySource]:
+    """The reference's context in its key order (spec §2.3): sink, bank, window. This is the one
+    place a new memory policy is registered."""
+    sink = state.kv.sink > 0
+    bank_read = sink or not state.config.memory.bank_requires_sink
+    sources: list[MemorySource] = [SinkSource(state.kv)] if sink else []
+    return sources + [BankSource(state.bank, attended=bank_read), WindowSource(state.kv)]
