@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         from pipeline.build import resolve_device
 
-        device = resolve_device(cfg, info.local_rank)
+        device = resolve_device(settings, info.local_rank)
         if settings.mixed_precision:
             if device.type != "cuda":
                 raise InputError("config key `mixed_precision`: bf16 training needs a GPU; "

@@ -49,6 +49,9 @@ def generation_from_config(cfg: DictConfig, config_path: str | None) -> Generati
     """Read mode, switches, length and seeds as `pipeline.runner` does; the config's hash is taken
     over its resolved YAML (file plus overrides), so two runs that differ in any key differ."""
     from pipeline.runner import is_interactive
+    from utils.settings_schema import InferenceConfig
+
+    defaults = InferenceConfig()  # the schema's defaults, as pipeline.runner reads them
 
     interactive = is_interactive(cfg)
     switches = OmegaConf.select(cfg, "switch_frame_indices", default=None) if interactive else None
@@ -56,15 +59,15 @@ def generation_from_config(cfg: DictConfig, config_path: str | None) -> Generati
     return Generation(
         interactive=interactive,
         switch_frames=tuple(_switch_list(switches)),
-        frames_per_block=int(OmegaConf.select(cfg, "num_frame_per_block", default=3)),
-        num_latent_frames=int(OmegaConf.select(cfg, "num_output_frames", default=120)),
-        seed=int(OmegaConf.select(cfg, "seed", default=0)),
-        seed_mode=str(OmegaConf.select(cfg, "seed_mode", default="per_prompt")),
+        frames_per_block=int(OmegaConf.select(cfg, "num_frame_per_block", default=defaults.num_frame_per_block)),
+        num_latent_frames=int(OmegaConf.select(cfg, "num_output_frames", default=defaults.num_output_frames)),
+        seed=int(OmegaConf.select(cfg, "seed", default=defaults.seed)),
+        seed_mode=str(OmegaConf.select(cfg, "seed_mode", default=defaults.seed_mode)),
         config_path=config_path,
         config_sha256=hashlib.sha256(text.encode()).hexdigest(),
         model_kwargs=(OmegaConf.to_container(cfg.model_kwargs, resolve=True)
                       if "model_kwargs" in cfg else {}),
-        behaviour=str(OmegaConf.select(cfg, "behaviour", default="clean")),
+        behaviour=str(OmegaConf.select(cfg, "behaviour", default=defaults.behaviour)),
     )
 
 

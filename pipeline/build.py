@@ -9,7 +9,9 @@ Either way the MemFlow `generator_ckpt` and `lora_ckpt` are then loaded by the s
 tiny training run's checkpoints can be tried on a CPU exactly as the released ones on a GPU.
 
 All paths are checked before anything heavy is loaded, and a missing one is reported with the
-config key that names it.
+config key that names it. Every function reads the typed `InferenceConfig` of
+`utils.settings_schema` (a loaded `DictConfig` is converted once, on entry, by `typed_config`),
+so the defaults of absent keys are the schema's.
 
 The generator is made in steps so that training can reuse the loading: `load_generator` (fp32,
 CPU, trainable), `apply_lora`, then `finalize_for_inference` (merge, cast, freeze) for inference
@@ -17,13 +19,14 @@ only; a trainer does its own LoRA/FSDP wrapping instead of the last step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from memflow.checkpoint import load_generator_checkpoint, load_wan_config, load_wan_weights
 from memflow.config import DiTConfig
@@ -40,6 +43,7 @@ from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
 from utils.config import DTYPES
 from utils.distributed import pick_device
 from utils.errors import InputError
+from utils.settings_schema import InferenceConfig, settings_from_config
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +57,46 @@ class Components:
     model_type: str  # "lora", "ema" or "regular": part of the output file names
 
 
-def parse_dtype(cfg: DictConfig, key: str, default: str) -> torch.dtype:
-    name = str(OmegaConf.select(cfg, key, default=default))
+ConfigLike = InferenceConfig | DictConfig
+
+
+def typed_config(cfg: ConfigLike) -> InferenceConfig:
+    """The typed settings of a (checked) inference config."""
+    return cfg if isinstance(cfg, InferenceConfig) else settings_from_config(cfg, InferenceConfig)
+
+
+def parse_dtype(cfg: ConfigLike, key: str, default: str = "bfloat16") -> torch.dtype:
+    """The torch dtype that the dtype key `key` (dtype, vae_dtype) names."""
+    name = str(getattr(typed_config(cfg), key, None) or default)
     if name not in DTYPES:
         raise InputError(f"config key `{key}`: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
-def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
-    """The config's `device` (auto | cpu | cuda) for this rank."""
-    return pick_device(str(OmegaConf.select(cfg, "device", default="auto")), local_rank)
+def resolve_device(cfg: Any, local_rank: int = 0) -> torch.device:
+    """The `device` (auto | cpu | cuda) of typed settings (inference's or training's, anything
+    with a `device`) or of a loaded inference config, for this rank."""
+    device = typed_config(cfg).device if isinstance(cfg, DictConfig) else cfg.device
+    return pick_device(str(device), local_rank)
 
 
-def model_type(cfg: DictConfig) -> str:
-    if OmegaConf.select(cfg, "adapter", default=None):
+def model_type(cfg: ConfigLike) -> str:
+    c = typed_config(cfg)
+    if c.adapter:
         return "lora"
-    return "ema" if OmegaConf.select(cfg, "use_ema", default=False) else "regular"
+    return "ema" if c.use_ema else "regular"
 
 
-def _lora_settings(cfg: DictConfig) -> LoraSettings | None:
-    adapter = OmegaConf.select(cfg, "adapter", default=None)
-    if not adapter:
+def _lora_settings(c: InferenceConfig) -> LoraSettings | None:
+    if not c.adapter:
         return None
     try:
-        return LoraSettings.from_config(OmegaConf.to_container(adapter))
+        return LoraSettings.from_config(dataclasses.asdict(c.adapter))
     except ValueError as err:
         raise InputError(f"config key `adapter`: {err}") from None
 
 
-def _section(cfg: DictConfig, key: str) -> dict:
-    """An optional mapping section of the config (e.g. shape overrides), {} when unset."""
-    value = OmegaConf.select(cfg, key, default=None)
-    return dict(OmegaConf.to_container(value)) if value else {}
-
-
-def _existing(cfg: DictConfig, key: str, path: Path, kind: str = "file") -> Path:
+def _existing(key: str, path: Path, kind: str = "file") -> Path:
     ok = path.is_file() if kind == "file" else path.is_dir()
     if not ok:
         if kind == "file" and path.is_dir():
@@ -104,58 +113,57 @@ class CheckpointPaths:
     lora_ckpt: Path | None  # only when an `adapter` will load it
 
 
-def check_paths(cfg: DictConfig) -> CheckpointPaths:
+def check_paths(cfg: ConfigLike) -> CheckpointPaths:
     """Verify every file the components need exists: the Wan folder's (none for the tiny
     preset) and the MemFlow checkpoints (for both)."""
+    c = typed_config(cfg)
     folder = None
-    if OmegaConf.select(cfg, "preset", default=None) != "tiny":
-        root = Path(str(OmegaConf.select(cfg, "wan_models_root", default="wan_models")))
-        name = str(OmegaConf.select(cfg, "model_name", default="Wan2.1-T2V-1.3B"))
-        folder = _existing(cfg, "wan_models_root/model_name", root / name, "dir")
-        _existing(cfg, "wan_models_root/model_name", folder / "config.json")
-        _existing(cfg, "wan_models_root/model_name", folder / WAN_T5_CHECKPOINT)
-        _existing(cfg, "wan_models_root/model_name", folder / WAN_T5_TOKENIZER, "dir")
-        _existing(cfg, "wan_models_root/model_name", folder / WAN_VAE_CHECKPOINT)
-    gen = OmegaConf.select(cfg, "generator_ckpt", default=None)
-    gen_path = _existing(cfg, "generator_ckpt", Path(str(gen))) if gen else None
-    lora = OmegaConf.select(cfg, "lora_ckpt", default=None)
+    if c.preset != "tiny":
+        key = "wan_models_root/model_name"
+        folder = _existing(key, Path(str(c.wan_models_root)) / str(c.model_name), "dir")
+        _existing(key, folder / "config.json")
+        _existing(key, folder / WAN_T5_CHECKPOINT)
+        _existing(key, folder / WAN_T5_TOKENIZER, "dir")
+        _existing(key, folder / WAN_VAE_CHECKPOINT)
+    gen_path = _existing("generator_ckpt", Path(str(c.generator_ckpt))) if c.generator_ckpt else None
     lora_path = None
-    if lora and OmegaConf.select(cfg, "adapter", default=None):
-        lora_path = _existing(cfg, "lora_ckpt", Path(str(lora)))
+    if c.lora_ckpt and c.adapter:
+        lora_path = _existing("lora_ckpt", Path(str(c.lora_ckpt)))
     return CheckpointPaths(folder, gen_path, lora_path)
 
 
 def build_components(
-    cfg: DictConfig, device: torch.device, compat: bool, paths: CheckpointPaths
+    cfg: ConfigLike, device: torch.device, compat: bool, paths: CheckpointPaths
 ) -> Components:
-    dtype = parse_dtype(cfg, "dtype", "bfloat16")
-    vae_dtype = parse_dtype(cfg, "vae_dtype", "bfloat16")
-    offload = bool(OmegaConf.select(cfg, "text_encoder_offload", default=False))
-    lora = _lora_settings(cfg)
-    merge = bool(OmegaConf.select(cfg, "lora_merge", default=False))
+    c = typed_config(cfg)
+    dtype, vae_dtype = parse_dtype(c, "dtype"), parse_dtype(c, "vae_dtype")
+    offload = bool(c.text_encoder_offload)
+    lora = _lora_settings(c)
+    merge = bool(c.lora_merge)
     if merge and compat:
         raise InputError("lora_merge: true changes bf16 rounding; it is not allowed with behaviour: compat")
 
     if paths.wan_folder is None:
-        text_encoder, vae = _build_tiny_codecs(cfg, device, dtype, vae_dtype, offload, compat)
+        text_encoder, vae = _build_tiny_codecs(c, device, dtype, vae_dtype, offload, compat)
     else:
-        text_encoder, vae = _load_wan_codecs(cfg, paths.wan_folder, device, dtype, vae_dtype, offload, compat)
-    generator = load_generator(cfg, paths)
+        text_encoder, vae = _load_wan_codecs(c, paths.wan_folder, device, dtype, vae_dtype, offload, compat)
+    generator = load_generator(c, paths)
     if lora is not None:
         generator = apply_lora(generator, lora, paths.lora_ckpt)
     generator = finalize_for_inference(
         generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
     )
-    return Components(generator, text_encoder, vae.to(device), model_type(cfg))
+    return Components(generator, text_encoder, vae.to(device), model_type(c))
 
 
-def load_generator(cfg: DictConfig, paths: CheckpointPaths) -> WanDiT:
+def load_generator(cfg: ConfigLike, paths: CheckpointPaths) -> WanDiT:
     """The base DiT (Wan weights, or the tiny preset's random ones) with `generator_ckpt` loaded
     on top when set (paths from `check_paths`). The tiny preset goes through the same
     checkpoint loading as the real one, so a tiny training run's model.pt changes its videos."""
-    use_ema = bool(OmegaConf.select(cfg, "use_ema", default=False))
+    c = typed_config(cfg)
+    use_ema = bool(c.use_ema)
     if paths.wan_folder is None:
-        generator = build_tiny_generator(_tiny_section(cfg))  # its random init plays the Wan weights
+        generator = build_tiny_generator(c.tiny or {})  # its random init plays the Wan weights
         return load_checkpoint_weights(generator, paths.generator_ckpt, use_ema=use_ema)
     return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema)
 
@@ -212,18 +220,14 @@ def finalize_for_inference(
     return generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _tiny_section(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.select(cfg, "tiny", default={}) or {})
-
-
 def _build_tiny_codecs(
-    cfg: DictConfig, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+    c: InferenceConfig, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
     offload: bool, compat: bool,
 ) -> tuple[TextEncoder, WanVAE]:
     """Random tiny text encoder and VAE, seeded by the `tiny:` section like the tiny DiT."""
     from memflow.tiny import build_tiny_text_encoder, build_tiny_vae
 
-    tiny = _tiny_section(cfg)
+    tiny = c.tiny or {}
     seed = int(tiny.get("seed", 0))
     text_encoder = build_tiny_text_encoder(
         seed=seed, text_len=int(tiny.get("text_len", 64)), dtype=dtype, device=device, offload=offload
@@ -233,19 +237,19 @@ def _build_tiny_codecs(
 
 
 def _load_wan_codecs(
-    cfg: DictConfig, wan_folder: Path, device: torch.device, dtype: torch.dtype,
+    c: InferenceConfig, wan_folder: Path, device: torch.device, dtype: torch.dtype,
     vae_dtype: torch.dtype, offload: bool, compat: bool,
 ) -> tuple[TextEncoder, WanVAE]:
     """umT5 and VAE of a Wan2.1 folder. Loaded before the DiT so that a bad file among them is
     reported before the (large) DiT weights are read."""
     text_len = load_wan_config(wan_folder).text_len
-    t5_config = umt5_encoder_config(**_section(cfg, "text_encoder_config"))
+    t5_config = umt5_encoder_config(**(c.text_encoder_config or {}))
     try:
         text_encoder = TextEncoder.from_wan_folder(
             wan_folder, config=t5_config, text_len=text_len, dtype=dtype, device=device, offload=offload,
         )
         vae = WanVAE.from_wan_checkpoint(
-            wan_folder / WAN_VAE_CHECKPOINT, config=_section(cfg, "vae_config"),
+            wan_folder / WAN_VAE_CHECKPOINT, config=dict(c.vae_config or {}),
             dtype=vae_dtype, compat=compat,
         )
     except (ValueError, FileNotFoundError) as err:  # the loaders' one-line file errors

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from memflow.attention import set_attention_backend
@@ -38,9 +38,19 @@ from utils.prompts import (
     load_prompt_lines,
     parse_switch_frame_indices,
 )
+from utils.settings_schema import InferenceConfig
 from utils.video_writer import Mp4Writer, prepare_output_folder
 
-from .build import CheckpointPaths, Components, build_components, check_paths, model_type, resolve_device
+from .build import (
+    CheckpointPaths,
+    Components,
+    ConfigLike,
+    build_components,
+    check_paths,
+    model_type,
+    resolve_device,
+    typed_config,
+)
 from .causal_inference import CausalInferencePipeline
 from .inference_config import check_inference_config
 from .interactive_inference import InteractiveInferencePipeline
@@ -60,37 +70,34 @@ class RunResult:
     failed: list[str] = field(default_factory=list)  # one message per video not written
 
 
-def _get(cfg: DictConfig, key: str, default=None):
-    return OmegaConf.select(cfg, key, default=default)
+def is_interactive(cfg: ConfigLike) -> bool:
+    """`mode`, or when unset whether the config gives switch frames (eval reads any config)."""
+    get = cfg.get if isinstance(cfg, DictConfig) else lambda key: getattr(cfg, key)
+    if get("mode") is None:
+        return get("switch_frame_indices") is not None
+    return get("mode") == "interactive"
 
 
-def is_interactive(cfg: DictConfig) -> bool:
-    mode = _get(cfg, "mode")
-    if mode is None:
-        return _get(cfg, "switch_frame_indices") is not None
-    return mode == "interactive"
-
-
-def load_jobs(cfg: DictConfig, interactive: bool, settings: InferenceSettings) -> list[Job]:
+def load_jobs(c: InferenceConfig, interactive: bool, settings: InferenceSettings) -> list[Job]:
     """Read and validate the prompt file; an interactive job carries its switch chunks."""
-    data_path = _get(cfg, "data_path")
+    data_path = c.data_path
     if not data_path:
         raise InputError("config key `data_path` is not set")
     if not interactive:
         return [Job(i, line, [p]) for i, (line, p) in enumerate(load_prompt_lines(data_path))]
-    return [Job(i, story.line, story.prompts, story_switch_chunks(cfg, story, settings, data_path))
+    return [Job(i, story.line, story.prompts, story_switch_chunks(c, story, settings, data_path))
             for i, story in enumerate(load_interactive_stories(data_path))]
 
 
 def story_switch_chunks(
-    cfg: DictConfig, story: InteractiveStory, settings: InferenceSettings, data_path: str
+    c: InferenceConfig, story: InteractiveStory, settings: InferenceSettings, data_path: str
 ) -> tuple[int, ...]:
     """The chunks where a story's prompts switch: from its line's own `switch_frame_indices`
     (a saved live session) or the config's; the first chunk boundary at or after each frame,
     at most one switch per chunk (spec K4)."""
     fpb = settings.stream.num_frame_per_block
     own = story.switch_frame_indices is not None
-    value = story.switch_frame_indices if own else _get(cfg, "switch_frame_indices")
+    value = story.switch_frame_indices if own else c.switch_frame_indices
     try:
         frames = parse_switch_frame_indices(value, len(story.prompts), settings.num_frames, fpb)
     except InputError as err:
@@ -106,11 +113,22 @@ def noise_order(settings: InferenceSettings) -> NoiseOrder:
     return "upfront" if settings.compat else "per_chunk"
 
 
-def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths) -> None:
+def _is_set(cfg: ConfigLike, key: str) -> bool:
+    """Whether the user set `key`: present and non-empty in a loaded file; in typed settings,
+    non-empty and not the schema's default."""
+    if isinstance(cfg, DictConfig):
+        return bool(cfg.get(key))
+    value = getattr(cfg, key)
+    return bool(value) and value != getattr(InferenceConfig(), key)
+
+
+def warn_ignored_settings(cfg: ConfigLike, paths: CheckpointPaths) -> None:
     """Warn about settings that look meaningful but have no effect on this run."""
-    adapter, lora_ckpt = _get(cfg, "adapter"), _get(cfg, "lora_ckpt")
+    c = typed_config(cfg)
+    adapter, lora_ckpt = c.adapter, c.lora_ckpt
     if paths.wan_folder is None:
-        ignored = [k for k in ("wan_models_root", "text_encoder_config", "vae_config") if _get(cfg, k)]
+        ignored = [k for k in ("wan_models_root", "text_encoder_config", "vae_config")
+                   if _is_set(cfg, k)]
         if ignored:
             log.warning("preset: tiny builds random base models in memory and ignores %s (its "
                         "generator_ckpt and lora_ckpt are loaded)", ", ".join(f"`{k}`" for k in ignored))
@@ -121,24 +139,25 @@ def warn_ignored_settings(cfg: DictConfig, paths: CheckpointPaths) -> None:
         log.warning("`lora_ckpt` is set but `adapter` is null: %s is not loaded", lora_ckpt)
 
 
-def warn_unused_switches(cfg: DictConfig, interactive: bool) -> None:
+def warn_unused_switches(cfg: ConfigLike, interactive: bool) -> None:
     """Single-prompt mode has no prompt switches: name the switch keys it ignores."""
     if interactive:
         return
-    unused = [k for k in ("switch_frame_indices", "switch") if _get(cfg, k) not in (None, {}, "")]
+    c = typed_config(cfg)
+    unused = [k for k in ("switch_frame_indices", "switch") if getattr(c, k) not in (None, {}, "")]
     if unused:
         log.warning("mode: single ignores %s (prompt switches need mode: interactive and a .jsonl "
                     "file of {\"prompts\": [...]} lines)", ", ".join(f"`{k}`" for k in unused))
 
 
-def set_cpu_threads(cfg: DictConfig, device: torch.device) -> None:
+def set_cpu_threads(c: InferenceConfig, device: torch.device) -> None:
     """On the CPU, use `cpu_threads` threads per process (default: every core this process may
     run on), whatever the launcher set. torchrun sets OMP_NUM_THREADS=1 for several processes,
     and a different thread count changes the floating-point sums, hence the pixels; fixing the
     count keeps a video independent of the number of processes (README, "Seeds")."""
     if device.type != "cpu":
         return
-    threads = _get(cfg, "cpu_threads")
+    threads = c.cpu_threads
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(int(threads or 1))
@@ -157,47 +176,55 @@ def warn_long_prompts(encoder: TextEncoder, plan: list[PlannedVideo], data_path:
                             data_path, video.job.line, where, tokens, encoder.text_len)
 
 
-def run(cfg: DictConfig, dist: DistInfo) -> RunResult:
-    """Generate every prompt assigned to this rank; returns the files written and the videos that failed."""
-    check_inference_config(cfg)
-    interactive = is_interactive(cfg)
-    settings = parse_settings(cfg, interactive)
-    jobs = load_jobs(cfg, interactive, settings)
-    paths = check_paths(cfg)
-    warn_ignored_settings(cfg, paths)
-    warn_unused_switches(cfg, interactive)
-    out_dir = Path(_get(cfg, "output_folder", "videos"))
-    data_path = str(_get(cfg, "data_path"))
+def plan_run(c: InferenceConfig, dist: DistInfo, interactive: bool,
+             settings: InferenceSettings, paths: CheckpointPaths) -> list[PlannedVideo]:
+    """Every video's name and rank; existing files are checked (skip / overwrite / error) and
+    the output folder is made, before anything is loaded."""
+    jobs = load_jobs(c, interactive, settings)
+    out_dir = Path(c.output_folder)
     plan = plan_videos(
-        jobs, dist.world_size, out_dir, model_type(cfg),
-        save_with_index=_get(cfg, "save_with_index", True), rank_in_names=settings.compat,
-        limit=_get(cfg, "inference_iter", -1), data_path=data_path,
+        jobs, dist.world_size, out_dir, model_type(c),
+        save_with_index=c.save_with_index, rank_in_names=settings.compat,
+        limit=c.inference_iter, data_path=str(c.data_path),
     )
-    skip_existing = _get(cfg, "skip_existing", False)
-    if skip_existing and _get(cfg, "seed_mode", "per_prompt") != "per_prompt":
+    if c.skip_existing and c.seed_mode != "per_prompt":
         log.warning("skip_existing with seed_mode %s: skipped videos do not draw noise, so the "
                     "others differ from an uninterrupted run (per_prompt does not have this)",
-                    _get(cfg, "seed_mode"))
-    check_existing(plan, skip_existing=skip_existing, overwrite=_get(cfg, "overwrite", False))
+                    c.seed_mode)
+    check_existing(plan, skip_existing=c.skip_existing, overwrite=c.overwrite)
     if dist.is_main:
         prepare_output_folder(out_dir)
     barrier()
-    set_attention_backend(_get(cfg, "attn_backend", "auto"))
-    set_trust_checkpoints(_get(cfg, "trust_checkpoints", False))
+    return plan
 
-    seed = _get(cfg, "seed", 0)
-    seed_mode = _get(cfg, "seed_mode", "per_prompt")
-    device = resolve_device(cfg, dist.local_rank)
-    set_cpu_threads(cfg, device)
+
+def run(cfg: ConfigLike, dist: DistInfo) -> RunResult:
+    """Generate every prompt assigned to this rank; returns the files written and the videos that failed."""
+    if isinstance(cfg, DictConfig):
+        check_inference_config(cfg)
+    c = typed_config(cfg)
+    interactive = is_interactive(c)
+    settings = parse_settings(c, interactive)
+    paths = check_paths(c)
+    warn_ignored_settings(cfg, paths)
+    warn_unused_switches(c, interactive)
+    plan = plan_run(c, dist, interactive, settings, paths)
+    data_path, skip_existing = str(c.data_path), c.skip_existing
+    set_attention_backend(c.attn_backend)
+    set_trust_checkpoints(c.trust_checkpoints)
+
+    seed, seed_mode = c.seed, c.seed_mode
+    device = resolve_device(c, dist.local_rank)
+    set_cpu_threads(c, device)
     process_seed = rank_seed(seed, dist.rank if seed_mode != "per_rank" else dist.local_rank, seed_mode)
     torch.manual_seed(process_seed)
-    parts = build_components(cfg, device, settings.compat, paths)
+    parts = build_components(c, device, settings.compat, paths)
 
     pipe_cls = InteractiveInferencePipeline if interactive else CausalInferencePipeline
     pipe = pipe_cls(parts.generator, settings.stream, settings.sampling)
     mine = [video for video in plan if video.rank == dist.rank]
     warn_long_prompts(parts.text_encoder, mine, data_path)
-    fps = float(_get(cfg, "fps", 16))
+    fps = float(c.fps)
     noise = SeededNoise(process_seed, dtype=parts.generator.dtype, device=device,
                         order=noise_order(settings))
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from utils.errors import InputError
-from utils.settings_schema import InferenceConfig, ModelKwargs, settings_from_config
+from utils.settings_schema import InferenceConfig, ModelKwargs, SamplingKeys, settings_from_config
 
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x in time, 8x in space
 PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16
@@ -77,7 +77,7 @@ def stream_config(mk: ModelKwargs, fpb: int, memory: MemoryOptions) -> StreamCon
         raise InputError(f"config key `model_kwargs`: {err}") from None
 
 
-def sampling_config(c: InferenceConfig, mk: ModelKwargs) -> SamplingConfig:
+def sampling_config(c: SamplingKeys, mk: ModelKwargs) -> SamplingConfig:
     """The few-step sampler; warped steps must lie in (0, 1000]."""
     steps = [int(s) for s in c.denoising_step_list]
     warp = bool(c.warp_denoising_step)

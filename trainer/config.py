@@ -12,9 +12,12 @@
 5. ``config_name`` = the config file's stem ("train_init"; the reference takes the directory
    name, "configs", spec §10 item 17). It only names the wandb run.
 
-`TrainSettings.from_config` then validates everything the training loop reads and builds the
-shared typed objects (`StreamConfig`, `SamplingConfig`, `RolloutConfig`, `ScoreConfig`), so a
-bad value fails in one line naming its key, before any model is built.
+`TrainSettings.from_config` then validates everything the training loop reads, section by
+section, and builds the shared typed objects (`StreamConfig`, `SamplingConfig` by the same
+functions as inference, `RolloutConfig`, `ScoreConfig`), so a bad value fails in one line naming
+its key, before any model is built. Every key's type and default is the one schema of
+`utils.settings_schema` (`TrainConfig`, which shares its stream, sampling, model and runtime
+sections with inference); `TrainSettings.config` is the whole config as that typed object.
 """
 from __future__ import annotations
 
@@ -36,13 +39,14 @@ from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.lora import LoraSettings
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
-from pipeline.settings import PATCH, VAE_STRIDE, _options, parse_settings
+from pipeline.settings import PATCH, _options, sampling_config, stream_config
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
 from trainer.streaming import StreamingConfig, SwitchSchedule
 from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
 from utils.schema import check_section
+from utils.settings_schema import ModelKwargs, SamplingKeys, TrainConfig, settings_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
@@ -276,6 +280,8 @@ class TrainSettings:
     vis_video_lengths: tuple[int, ...]
     val_batch_size: int
     wandb: WandbSettings
+    # every key, typed, with the schema's defaults: a new key is read here as config.<key>
+    config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     @property
     def frames_per_block(self) -> int:
@@ -537,11 +543,11 @@ def _check_wan_folder(root: Path, cfg: DictConfig, key: str, codecs: bool) -> No
             raise InputError(f"config key `{where}`: {kind} not found: {path}")
 
 
-def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
+def _stage(cfg: DictConfig) -> tuple[bool, int]:
+    """(compat, stage) from `behaviour` and the loss; the unsupported reference switches fail."""
     if _get(cfg, "trainer") != "score_distillation":
         raise InputError(f"config key `trainer` must be score_distillation, got {_get(cfg, 'trainer')!r}")
-    behaviour = _choice(cfg, "behaviour", ("clean", "compat"), "clean")
-    compat = behaviour == "compat"
+    compat = _choice(cfg, "behaviour", ("clean", "compat"), "clean") == "compat"
     loss = _choice(cfg, "distribution_loss", ("dmd", "dmd_switch"))
     streaming = _bool(cfg, "streaming_training", False)
     if streaming != (loss == "dmd_switch"):
@@ -549,7 +555,6 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
             "config keys `distribution_loss` and `streaming_training` disagree: stage 1 is "
             "dmd without streaming_training, stage 2 dmd_switch with streaming_training: true"
         )
-    stage = 2 if streaming else 1
     for key in ("i2v", "independent_first_frame", "vis_ema"):
         if _bool(cfg, key, False):
             raise InputError(f"config key `{key}`: true is not supported (nor working in the reference)")
@@ -557,11 +562,11 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     fake_cfg = _get(cfg, "fake_guidance_scale")
     if fake_cfg not in (None, 0, 0.0):
         raise InputError(f"config key `fake_guidance_scale`: critic CFG is not supported, got {fake_cfg!r}")
-    device = _choice(cfg, "device", DEVICES, "auto")
-    attn_backend = _choice(cfg, "attn_backend", backend_names(), "auto")
+    return compat, 2 if streaming else 1
 
-    # ---- geometry and frames
-    fpb = _int(cfg, "num_frame_per_block", 3, minimum=1)
+
+def _latent_shape(cfg: DictConfig) -> tuple[int, tuple[int, int]]:
+    """(channels, (h, w)) of `image_or_video_shape` [B, F, C, h, w]."""
     shape = _get(cfg, "image_or_video_shape")
     if (not isinstance(shape, list) or len(shape) != 5
             or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in shape)):
@@ -573,6 +578,11 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         raise InputError(
             f"config key `image_or_video_shape`: latent size {h}x{w} must be even (patch {PATCH})"
         )
+    return channels, (h, w)
+
+
+def _rollout(cfg: DictConfig, stage: int, fpb: int) -> RolloutConfig:
+    """Stage-1 rollout lengths: whole chunks, min <= max, the kept frames hold a rollout."""
     num_frames = _int(cfg, "num_training_frames", minimum=1)
     min_frames = _int(cfg, "min_num_training_frames", num_frames, minimum=1)
     slice_last = _int(cfg, "slice_last_frames", num_frames, minimum=1)
@@ -591,7 +601,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
             f"config key `slice_last_frames` ({slice_last}) is smaller than num_training_frames "
             f"({num_frames}); re-encoding the first kept frame is not implemented"
         )
-    rollout = RolloutConfig(
+    return RolloutConfig(
         num_training_frames=num_frames,
         min_num_training_frames=min_frames,
         slice_last_frames=slice_last,
@@ -599,38 +609,36 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         last_step_only=_bool(cfg, "last_step_only", False),
     )
 
-    # ---- stream and sampler: the inference parser on the training geometry (shared checks)
+
+def _stream_and_sampling(cfg: DictConfig, compat: bool, stage: int,
+                         fpb: int) -> tuple[StreamConfig, SamplingConfig]:
+    """The library's stream and sampler settings, built by the same functions as inference's
+    from the shared schema sections (`model_kwargs:`, the step list, `memory:`)."""
     model_kwargs = _get(cfg, "model_kwargs", {}) or {}
     if not isinstance(model_kwargs, dict):
         raise InputError(f"config key `model_kwargs` must be a mapping, got {model_kwargs!r}")
+    check_section(model_kwargs, ModelKwargs, "model_kwargs.")
+    mk = settings_from_config(model_kwargs, ModelKwargs)
     steps = _get(cfg, "denoising_step_list")
     if (not isinstance(steps, list) or not steps
             or any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in steps)):
         raise InputError(f"config key `denoising_step_list` must be a non-empty list of timesteps, got {steps!r}")
-    view = OmegaConf.create({
-        "behaviour": behaviour,
-        "height": h * VAE_STRIDE[1], "width": w * VAE_STRIDE[2],
-        "model_kwargs": model_kwargs,
-        "num_frame_per_block": fpb,
-        "num_output_frames": num_frames,
-        "denoising_step_list": steps,
-        "warp_denoising_step": _bool(cfg, "warp_denoising_step", True),
-        "context_noise": _float(cfg, "context_noise", 0, low=0.0),
-        "global_sink": True, "num_samples": 1,
-    })
-    inference = parse_settings(view, interactive=False)
+    sampler = SamplingKeys(
+        denoising_step_list=steps,
+        warp_denoising_step=_bool(cfg, "warp_denoising_step", True),
+        context_noise=_float(cfg, "context_noise", 0, low=0.0),
+    )
     check_section(_get(cfg, "memory") or {}, MemoryOptions, "memory.")  # types and enums
     memory = _options(MemoryOptions, training_memory_options(compat, stage), _get(cfg, "memory"),
                       "memory")
-    stream = dataclasses.replace(inference.stream, memory=memory)
+    return stream_config(mk, fpb, memory), sampling_config(sampler, mk)
 
-    # ---- losses
+
+def _score(cfg: DictConfig, compat: bool) -> ScoreConfig:
+    """The DMD / critic losses; `real_guidance_scale` overrides `guidance_scale` when set."""
     num_train_timestep = _int(cfg, "num_train_timestep", 1000, minimum=1)
-    guidance = _get(cfg, "real_guidance_scale")
-    guidance_key = "real_guidance_scale"
-    if guidance is None:
-        guidance, guidance_key = _get(cfg, "guidance_scale", 3.0), "guidance_scale"
-    guidance = _float(cfg, guidance_key, low=0.0)
+    guidance_key = "guidance_scale" if _get(cfg, "real_guidance_scale") is None else "real_guidance_scale"
+    guidance = _float(cfg, guidance_key, 3.0, low=0.0)
     min_t = _int(cfg, "min_score_timestep", 0, minimum=0)
     if min_t >= num_train_timestep:
         raise InputError(
@@ -645,35 +653,55 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         ts_schedule=_bool(cfg, "ts_schedule", False),
         ts_schedule_max=_bool(cfg, "ts_schedule_max", False),
     )
-    score = ScoreConfig.compat(**score_kwargs) if compat else ScoreConfig.clean(**score_kwargs)
-    negative_prompt = _get(cfg, "negative_prompt", "")
-    if not isinstance(negative_prompt, str):
-        raise InputError(f"config key `negative_prompt` must be a string, got {negative_prompt!r}")
+    return ScoreConfig.compat(**score_kwargs) if compat else ScoreConfig.clean(**score_kwargs)
 
-    # ---- precision
-    mixed = _bool(cfg, "mixed_precision", True)
-    param_dtype = _dtype(cfg, "param_dtype", "float32")
-    compute = _dtype(cfg, "compute_dtype", "bfloat16")
-    vae_dtype = _dtype(cfg, "vae_dtype", "bfloat16")
 
-    # ---- optimisation
-    def optim(lr: str, beta1: str, beta2: str, grad_key: str) -> OptimSettings:
-        return OptimSettings(
-            lr=_float(cfg, lr, positive=True),
-            betas=(_float(cfg, beta1, 0.0, low=0.0, high_open=1.0),
-                   _float(cfg, beta2, 0.999, low=0.0, high_open=1.0)),
-            weight_decay=_float(cfg, "weight_decay", 0.01, low=0.0),
-            max_grad_norm=_float(cfg, grad_key, 10.0, positive=True),
-        )
+def _optim(cfg: DictConfig, lr: str, beta1: str, beta2: str, grad_key: str) -> OptimSettings:
+    return OptimSettings(
+        lr=_float(cfg, lr, positive=True),
+        betas=(_float(cfg, beta1, 0.0, low=0.0, high_open=1.0),
+               _float(cfg, beta2, 0.999, low=0.0, high_open=1.0)),
+        weight_decay=_float(cfg, "weight_decay", 0.01, low=0.0),
+        max_grad_norm=_float(cfg, grad_key, 10.0, positive=True),
+    )
 
-    lora = _adapter(cfg)
+
+def _optimisation(cfg: DictConfig, lora: LoraSettings | None) -> dict[str, Any]:
+    """The optimisers, the update ratio, the EMA (none with LoRA, spec §2.4) and the seed."""
     ema_weight = _get(cfg, "ema_weight")
     if ema_weight is not None:
         ema_weight = _float(cfg, "ema_weight", low=0.0, high_open=1.0)
-    if lora is not None:
-        ema_weight = None  # the reference disables the EMA with LoRA (spec §2.4)
+    return dict(
+        generator_optim=_optim(cfg, "lr", "beta1", "beta2", "max_grad_norm_generator"),
+        critic_optim=_optim(cfg, "lr_critic", "beta1_critic", "beta2_critic", "max_grad_norm_critic"),
+        dfake_gen_update_ratio=_int(cfg, "dfake_gen_update_ratio", 5, minimum=1),
+        gradient_accumulation_steps=_int(cfg, "gradient_accumulation_steps", 1, minimum=1),
+        batch_size=_int(cfg, "batch_size", 1, minimum=1),
+        max_iters=_int(cfg, "max_iters", minimum=0),
+        seed=_int(cfg, "seed", 0, minimum=0),
+        ema_weight=None if lora is not None else ema_weight,
+        ema_start_step=_int(cfg, "ema_start_step", 200, minimum=0),
+        gc_interval=_int(cfg, "gc_interval", 100, minimum=1),
+        sharding_strategy=_choice(cfg, "sharding_strategy", SHARDING_STRATEGIES, "hybrid_full"),
+        text_encoder_cpu_offload=_bool(cfg, "text_encoder_cpu_offload", False),
+    )
 
-    # ---- models
+
+def _precision(cfg: DictConfig) -> dict[str, Any]:
+    mixed = _bool(cfg, "mixed_precision", True)
+    param_dtype = _dtype(cfg, "param_dtype", "float32")
+    compute = _dtype(cfg, "compute_dtype", "bfloat16")
+    return dict(
+        mixed_precision=mixed,
+        param_dtype=param_dtype,
+        compute_dtype=compute if mixed else param_dtype,
+        vae_dtype=_dtype(cfg, "vae_dtype", "bfloat16"),
+        gradient_checkpointing=_bool(cfg, "gradient_checkpointing", True),
+    )
+
+
+def _models(cfg: DictConfig, check_files: bool, lora: LoraSettings | None) -> dict[str, Any]:
+    """Where the networks come from; unless tiny, the model folders and checkpoints exist."""
     preset = _get(cfg, "preset")
     if preset not in (None, "tiny"):
         raise InputError(f"config key `preset` must be tiny or null, got {preset!r}")
@@ -695,8 +723,12 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         _check_wan_folder(root, cfg, "generator_name", codecs=True)
         _check_wan_folder(root, cfg, "real_name", codecs=False)
         _check_wan_folder(root, cfg, "fake_name", codecs=False)
+    return dict(preset=preset, tiny=tiny, wan_models_root=root, **names,
+                generator_ckpt=generator_ckpt, lora_ckpt=lora_ckpt)
 
-    # ---- data and output
+
+def _data(cfg: DictConfig, stage: int, compat: bool, check_files: bool) -> dict[str, Any]:
+    """The prompt files (stage 2: line-aligned switch prompts) and their order."""
     data_path = _prompt_file(cfg, "data_path", required=True, check=check_files)
     val_data_path = _prompt_file(cfg, "val_data_path", required=False, check=check_files) or data_path
     switch_path = _prompt_file(cfg, "switch_prompt_path", required=stage == 2, check=check_files)
@@ -713,6 +745,13 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         shuffle = "fixed" if compat else "epoch"
     elif shuffle not in DATA_SHUFFLE:
         raise InputError(f"config key `data_shuffle` must be one of {', '.join(DATA_SHUFFLE)} or null; got {shuffle!r}")
+    return dict(data_path=data_path, val_data_path=val_data_path, switch_prompt_path=switch_path,
+                val_switch_prompt_path=val_switch_path,
+                data_seed=_int(cfg, "data_seed", 0, minimum=0), data_shuffle=shuffle)
+
+
+def _output(cfg: DictConfig, fpb: int) -> dict[str, Any]:
+    """Run folder, checkpoints, visualisation and wandb."""
     logdir = _get(cfg, "logdir", "")
     if logdir is not None and not isinstance(logdir, str):
         raise InputError(f"config key `logdir` must be a path, got {logdir!r}")
@@ -735,54 +774,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         save_dir=str(save_dir) if save_dir else None,
         run_name=str(_get(cfg, "config_name", "train")),
     )
-
-    return TrainSettings(
-        compat=compat,
-        stage=stage,
-        device=device,
-        attn_backend=attn_backend,
-        preset=preset,
-        tiny=tiny,
-        wan_models_root=root,
-        generator_name=names["generator_name"],
-        real_name=names["real_name"],
-        fake_name=names["fake_name"],
-        generator_ckpt=generator_ckpt,
-        stream=stream,
-        sampling=inference.sampling,
-        rollout=rollout,
-        streaming=_streaming(cfg, compat, fpb) if stage == 2 else None,
-        lora=lora,
-        lora_on_critic=lora is not None and _bool(cfg, "adapter.apply_to_critic", True),
-        lora_ckpt=lora_ckpt,
-        inherit_base_step=compat,
-        score=score,
-        latent_channels=channels,
-        latent_hw=(h, w),
-        negative_prompt=negative_prompt,
-        mixed_precision=mixed,
-        param_dtype=param_dtype,
-        compute_dtype=compute if mixed else param_dtype,
-        vae_dtype=vae_dtype,
-        gradient_checkpointing=_bool(cfg, "gradient_checkpointing", True),
-        generator_optim=optim("lr", "beta1", "beta2", "max_grad_norm_generator"),
-        critic_optim=optim("lr_critic", "beta1_critic", "beta2_critic", "max_grad_norm_critic"),
-        dfake_gen_update_ratio=_int(cfg, "dfake_gen_update_ratio", 5, minimum=1),
-        gradient_accumulation_steps=_int(cfg, "gradient_accumulation_steps", 1, minimum=1),
-        batch_size=_int(cfg, "batch_size", 1, minimum=1),
-        max_iters=_int(cfg, "max_iters", minimum=0),
-        seed=_int(cfg, "seed", 0, minimum=0),
-        ema_weight=ema_weight,
-        ema_start_step=_int(cfg, "ema_start_step", 200, minimum=0),
-        gc_interval=_int(cfg, "gc_interval", 100, minimum=1),
-        sharding_strategy=_choice(cfg, "sharding_strategy", SHARDING_STRATEGIES, "hybrid_full"),
-        text_encoder_cpu_offload=_bool(cfg, "text_encoder_cpu_offload", False),
-        data_path=data_path,
-        val_data_path=val_data_path,
-        switch_prompt_path=switch_path,
-        val_switch_prompt_path=val_switch_path,
-        data_seed=_int(cfg, "data_seed", 0, minimum=0),
-        data_shuffle=shuffle,
+    return dict(
         logdir=Path(logdir) if logdir else None,
         no_save=_bool(cfg, "no_save", False),
         auto_resume=_bool(cfg, "auto_resume", True),
@@ -792,4 +784,56 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         vis_video_lengths=tuple(vis_lengths),
         val_batch_size=_int(cfg, "val_batch_size", 1, minimum=1),
         wandb=wandb,
+    )
+
+
+def _typed(cfg: DictConfig) -> TrainConfig:
+    """The whole config checked against the schema (after the checks above, whose messages say
+    more) and as its typed object. `config_name` is set by the loader, not by a file."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "config_name"}
+    check_section(values, TrainConfig)
+    return settings_from_config(values, TrainConfig)
+
+
+def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
+    """`TrainSettings` from a loaded config, section by section (each checks its own keys)."""
+    compat, stage = _stage(cfg)
+    device = _choice(cfg, "device", DEVICES, "auto")
+    attn_backend = _choice(cfg, "attn_backend", backend_names(), "auto")
+    fpb = _int(cfg, "num_frame_per_block", 3, minimum=1)
+    channels, latent_hw = _latent_shape(cfg)
+    rollout = _rollout(cfg, stage, fpb)
+    stream, sampling = _stream_and_sampling(cfg, compat, stage, fpb)
+    score = _score(cfg, compat)
+    negative_prompt = _get(cfg, "negative_prompt", "")
+    if not isinstance(negative_prompt, str):
+        raise InputError(f"config key `negative_prompt` must be a string, got {negative_prompt!r}")
+    precision = _precision(cfg)
+    lora = _adapter(cfg)
+    optimisation = _optimisation(cfg, lora)
+    models = _models(cfg, check_files, lora)
+    data = _data(cfg, stage, compat, check_files)
+    typed = _typed(cfg)
+    return TrainSettings(
+        compat=compat,
+        stage=stage,
+        device=device,
+        attn_backend=attn_backend,
+        **models,
+        stream=stream,
+        sampling=sampling,
+        rollout=rollout,
+        streaming=_streaming(cfg, compat, fpb) if stage == 2 else None,
+        lora=lora,
+        lora_on_critic=lora is not None and _bool(cfg, "adapter.apply_to_critic", True),
+        inherit_base_step=compat,
+        score=score,
+        latent_channels=channels,
+        latent_hw=latent_hw,
+        negative_prompt=negative_prompt,
+        **precision,
+        **optimisation,
+        **data,
+        **_output(cfg, fpb),
+        config=typed,
     )

@@ -13,10 +13,13 @@ spells it when that is no Python name we want (the reference's ``model_kwargs.SM
 ``overrides``: the section is a mapping of per-option overrides of a behaviour preset
 (``memory:``, ``switch:``), kept as a mapping for the code that applies them.
 
-Adding a config key: add one field (with its type, default and bounds) to the section it belongs
-to, here, and read it from the typed settings where it is used. For a training key, list it in
-``configs/default_config.yaml`` with the same value too: that file is the commented reference
-of the defaults, and tests/test_config_schema.py fails until the two agree.
+Adding a config key: add one field (its type, default and bounds) to the section it belongs to,
+here; that is the only place. It is then checked on load, in files and ``key=value`` overrides,
+and read where it is used: inference from the typed `InferenceConfig` that `pipeline.runner` and
+`pipeline.build` receive, training from `TrainSettings.config` (a `TrainConfig`). A training key
+is also listed, with the same value, in ``configs/default_config.yaml``, the commented table of
+the training defaults that training configs are merged onto: tests/test_config_schema.py fails
+until the file and the field agree.
 """
 from __future__ import annotations
 
@@ -72,8 +75,8 @@ class Adapter:
     """`adapter:` (LoRA). dtype and verbose are the reference's and only printed there."""
 
     type: Literal["lora"] = "lora"
-    rank: int = field(default=256, metadata={"minimum": 1})
-    alpha: float | None = field(default=None, metadata=_POSITIVE)
+    rank: int = field(default=16, metadata={"minimum": 1})
+    alpha: float | None = field(default=None, metadata=_POSITIVE)  # null: rank
     dropout: float = field(default=0.0, metadata={"minimum": 0})
     dtype: str = "bfloat16"
     verbose: bool = False
@@ -421,6 +424,8 @@ def settings_from_config(values: Mapping[str, Any] | DictConfig, schema: type) -
         if key not in values:
             continue
         value, section = values[key], _section_type(hints[f.name])
+        if value == {} and f.default is None and not f.metadata.get("overrides"):
+            value = None  # `adapter: {}` is no adapter
         if (isinstance(value, dict) and section is not None and not f.metadata.get("overrides")
                 and section.__module__ == __name__ and section not in _SHAPES):
             value = settings_from_config(value, section)
