@@ -126,3 +126,20 @@ def test_every_typed_training_setting_is_read_outside_its_parser():
     unread = [f.name for f in dataclasses.fields(TrainSettings)
               if not re.search(rf"\.{f.name}\b", source) and f"self.{f.name}" not in own]
     assert unread == []
+
+
+def test_an_absent_training_key_takes_the_schema_default():
+    """Training reads its fallbacks from the schema: dropping every key whose value is the
+    default gives the same settings as the fully merged config."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import TrainSettings, load_train_config
+
+    tiny = ROOT / "configs" / "tiny_train_long.yaml"
+    full = load_train_config(tiny, [f"data_path={ROOT / 'prompts' / 'tiny_train_prompts.txt'}"])
+    defaults = schema_defaults(TrainConfig)
+    values = OmegaConf.to_container(full)
+    dropped = {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+    assert len(dropped) < len(values) - 20  # most keys are defaults
+    sparse = TrainSettings.from_config(OmegaConf.create(dropped), check_files=False)
+    assert sparse == TrainSettings.from_config(full, check_files=False)

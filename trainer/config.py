@@ -46,7 +46,14 @@ from trainer.streaming import StreamingConfig, SwitchSchedule
 from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
 from utils.schema import check_section
-from utils.settings_schema import ModelKwargs, SamplingKeys, TrainConfig, settings_from_config
+from utils.settings_schema import (
+    Adapter,
+    ModelKwargs,
+    SamplingKeys,
+    TrainConfig,
+    schema_defaults,
+    settings_from_config,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
@@ -303,8 +310,23 @@ class TrainSettings:
         return _parse(cfg, check_files)
 
 
+_MISSING = object()
+_DEFAULTS = schema_defaults(TrainConfig)
+
+
+def _schema_default(key: str) -> Any:
+    """The schema's default of dotted `key` (`TrainConfig`, the one home of the defaults)."""
+    node: Any = _DEFAULTS
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    value = OmegaConf.select(cfg, key, default=default)
+    """The value of `key`; absent, `default` when given, else the schema's default."""
+    value = OmegaConf.select(cfg, key, default=_MISSING)
+    if value is _MISSING:
+        value = _schema_default(key) if default is None else default
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
@@ -351,8 +373,8 @@ def _choice(cfg: DictConfig, key: str, choices: Sequence[Any], default: Any = No
     return value
 
 
-def _dtype(cfg: DictConfig, key: str, default: str) -> torch.dtype:
-    name = _get(cfg, key, default)
+def _dtype(cfg: DictConfig, key: str) -> torch.dtype:
+    name = _get(cfg, key)
     if name not in DTYPES:
         raise InputError(f"config key `{key}`: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
     return DTYPES[name]
@@ -382,7 +404,7 @@ def _prompt_file(cfg: DictConfig, key: str, *, required: bool, check: bool) -> P
 
 
 def _tiny(cfg: DictConfig) -> TinyModels:
-    section = _get(cfg, "tiny", {}) or {}
+    section = _get(cfg, "tiny") or {}
     if not isinstance(section, dict):
         raise InputError(f"config key `tiny` must be a mapping, got {section!r}")
     shape_keys = {f.name for f in dataclasses.fields(DiTConfig)} | {"seed"}
@@ -453,8 +475,8 @@ def _frames(cfg: DictConfig, key: str, fpb: int, default: Any = None, *, minimum
 
 def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
     """Stage-2 keys (TRAINING.md §1.2, §5): window schedule, sequence lengths, switch rule."""
-    window = _frames(cfg, "streaming_chunk_size", fpb, 21, minimum=fpb)
-    min_new = _frames(cfg, "streaming_min_new_frame", fpb, 18, minimum=fpb)
+    window = _frames(cfg, "streaming_chunk_size", fpb, minimum=fpb)
+    min_new = _frames(cfg, "streaming_min_new_frame", fpb, minimum=fpb)
     if min_new >= window:
         raise InputError(
             f"config key `streaming_min_new_frame` ({min_new}) must be smaller than "
@@ -475,7 +497,7 @@ def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
                 f"streaming_chunk_size ({window}), got {possible!r}"
             )
     lengths = tuple(possible) if possible else (max_length,)
-    mode = _choice(cfg, "switch_mode", ("random_choice", "fixed", "random"), "random_choice")
+    mode = _choice(cfg, "switch_mode", ("random_choice", "fixed", "random"))
     switch_key = {"random_choice": "switch_choices", "fixed": "fixed_switch_index",
                   "random": "min_switch_frame_index"}[mode]
     if mode == "random_choice":
@@ -510,7 +532,7 @@ def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
     if compat:
         switch = SwitchOptions.compat(global_sink=False)  # the reference ignores global_sink (§10.1)
     else:
-        global_sink = _bool(cfg, "global_sink", True)
+        global_sink = _bool(cfg, "global_sink")
         if not global_sink:
             raise InputError("config key `global_sink`: false (an all-zero sink after the switch) "
                              "exists only as the reference's bug, under behaviour: compat")
@@ -520,7 +542,7 @@ def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
         max_length=max_length,
         possible_max_lengths=tuple(possible) if possible else (),
         min_new_frames=min_new,
-        train_first_chunk=_bool(cfg, "train_first_chunk", True),
+        train_first_chunk=_bool(cfg, "train_first_chunk"),
         switch=schedule,
         switch_options=switch,
         recache_frames=window if compat else None,
@@ -547,9 +569,9 @@ def _stage(cfg: DictConfig) -> tuple[bool, int]:
     """(compat, stage) from `behaviour` and the loss; the unsupported reference switches fail."""
     if _get(cfg, "trainer") != "score_distillation":
         raise InputError(f"config key `trainer` must be score_distillation, got {_get(cfg, 'trainer')!r}")
-    compat = _choice(cfg, "behaviour", ("clean", "compat"), "clean") == "compat"
+    compat = _choice(cfg, "behaviour", ("clean", "compat")) == "compat"
     loss = _choice(cfg, "distribution_loss", ("dmd", "dmd_switch"))
-    streaming = _bool(cfg, "streaming_training", False)
+    streaming = _bool(cfg, "streaming_training")
     if streaming != (loss == "dmd_switch"):
         raise InputError(
             "config keys `distribution_loss` and `streaming_training` disagree: stage 1 is "
@@ -558,7 +580,7 @@ def _stage(cfg: DictConfig) -> tuple[bool, int]:
     for key in ("i2v", "independent_first_frame", "vis_ema"):
         if _bool(cfg, key, False):
             raise InputError(f"config key `{key}`: true is not supported (nor working in the reference)")
-    _choice(cfg, "denoising_loss_type", ("flow",), "flow")
+    _choice(cfg, "denoising_loss_type", ("flow",))
     fake_cfg = _get(cfg, "fake_guidance_scale")
     if fake_cfg not in (None, 0, 0.0):
         raise InputError(f"config key `fake_guidance_scale`: critic CFG is not supported, got {fake_cfg!r}")
@@ -605,8 +627,8 @@ def _rollout(cfg: DictConfig, stage: int, fpb: int) -> RolloutConfig:
         num_training_frames=num_frames,
         min_num_training_frames=min_frames,
         slice_last_frames=slice_last,
-        same_step_across_blocks=_bool(cfg, "same_step_across_blocks", True),
-        last_step_only=_bool(cfg, "last_step_only", False),
+        same_step_across_blocks=_bool(cfg, "same_step_across_blocks"),
+        last_step_only=_bool(cfg, "last_step_only"),
     )
 
 
@@ -614,7 +636,7 @@ def _stream_and_sampling(cfg: DictConfig, compat: bool, stage: int,
                          fpb: int) -> tuple[StreamConfig, SamplingConfig]:
     """The library's stream and sampler settings, built by the same functions as inference's
     from the shared schema sections (`model_kwargs:`, the step list, `memory:`)."""
-    model_kwargs = _get(cfg, "model_kwargs", {}) or {}
+    model_kwargs = _get(cfg, "model_kwargs") or {}
     if not isinstance(model_kwargs, dict):
         raise InputError(f"config key `model_kwargs` must be a mapping, got {model_kwargs!r}")
     check_section(model_kwargs, ModelKwargs, "model_kwargs.")
@@ -625,8 +647,8 @@ def _stream_and_sampling(cfg: DictConfig, compat: bool, stage: int,
         raise InputError(f"config key `denoising_step_list` must be a non-empty list of timesteps, got {steps!r}")
     sampler = SamplingKeys(
         denoising_step_list=steps,
-        warp_denoising_step=_bool(cfg, "warp_denoising_step", True),
-        context_noise=_float(cfg, "context_noise", 0, low=0.0),
+        warp_denoising_step=_bool(cfg, "warp_denoising_step"),
+        context_noise=_float(cfg, "context_noise", low=0.0),
     )
     check_section(_get(cfg, "memory") or {}, MemoryOptions, "memory.")  # types and enums
     memory = _options(MemoryOptions, training_memory_options(compat, stage), _get(cfg, "memory"),
@@ -636,10 +658,10 @@ def _stream_and_sampling(cfg: DictConfig, compat: bool, stage: int,
 
 def _score(cfg: DictConfig, compat: bool) -> ScoreConfig:
     """The DMD / critic losses; `real_guidance_scale` overrides `guidance_scale` when set."""
-    num_train_timestep = _int(cfg, "num_train_timestep", 1000, minimum=1)
+    num_train_timestep = _int(cfg, "num_train_timestep", minimum=1)
     guidance_key = "guidance_scale" if _get(cfg, "real_guidance_scale") is None else "real_guidance_scale"
-    guidance = _float(cfg, guidance_key, 3.0, low=0.0)
-    min_t = _int(cfg, "min_score_timestep", 0, minimum=0)
+    guidance = _float(cfg, guidance_key, low=0.0)
+    min_t = _int(cfg, "min_score_timestep", minimum=0)
     if min_t >= num_train_timestep:
         raise InputError(
             f"config key `min_score_timestep` ({min_t}) must be below num_train_timestep "
@@ -647,11 +669,11 @@ def _score(cfg: DictConfig, compat: bool) -> ScoreConfig:
         )
     score_kwargs = dict(
         num_train_timestep=num_train_timestep,
-        timestep_shift=_float(cfg, "timestep_shift", 5.0, positive=True),
+        timestep_shift=_float(cfg, "timestep_shift", positive=True),
         min_score_timestep=min_t,
         guidance_scale=guidance,
-        ts_schedule=_bool(cfg, "ts_schedule", False),
-        ts_schedule_max=_bool(cfg, "ts_schedule_max", False),
+        ts_schedule=_bool(cfg, "ts_schedule"),
+        ts_schedule_max=_bool(cfg, "ts_schedule_max"),
     )
     return ScoreConfig.compat(**score_kwargs) if compat else ScoreConfig.clean(**score_kwargs)
 
@@ -659,10 +681,10 @@ def _score(cfg: DictConfig, compat: bool) -> ScoreConfig:
 def _optim(cfg: DictConfig, lr: str, beta1: str, beta2: str, grad_key: str) -> OptimSettings:
     return OptimSettings(
         lr=_float(cfg, lr, positive=True),
-        betas=(_float(cfg, beta1, 0.0, low=0.0, high_open=1.0),
-               _float(cfg, beta2, 0.999, low=0.0, high_open=1.0)),
-        weight_decay=_float(cfg, "weight_decay", 0.01, low=0.0),
-        max_grad_norm=_float(cfg, grad_key, 10.0, positive=True),
+        betas=(_float(cfg, beta1, low=0.0, high_open=1.0),
+               _float(cfg, beta2, low=0.0, high_open=1.0)),
+        weight_decay=_float(cfg, "weight_decay", low=0.0),
+        max_grad_norm=_float(cfg, grad_key, positive=True),
     )
 
 
@@ -674,29 +696,29 @@ def _optimisation(cfg: DictConfig, lora: LoraSettings | None) -> dict[str, Any]:
     return dict(
         generator_optim=_optim(cfg, "lr", "beta1", "beta2", "max_grad_norm_generator"),
         critic_optim=_optim(cfg, "lr_critic", "beta1_critic", "beta2_critic", "max_grad_norm_critic"),
-        dfake_gen_update_ratio=_int(cfg, "dfake_gen_update_ratio", 5, minimum=1),
-        gradient_accumulation_steps=_int(cfg, "gradient_accumulation_steps", 1, minimum=1),
-        batch_size=_int(cfg, "batch_size", 1, minimum=1),
+        dfake_gen_update_ratio=_int(cfg, "dfake_gen_update_ratio", minimum=1),
+        gradient_accumulation_steps=_int(cfg, "gradient_accumulation_steps", minimum=1),
+        batch_size=_int(cfg, "batch_size", minimum=1),
         max_iters=_int(cfg, "max_iters", minimum=0),
-        seed=_int(cfg, "seed", 0, minimum=0),
+        seed=_int(cfg, "seed", minimum=0),
         ema_weight=None if lora is not None else ema_weight,
-        ema_start_step=_int(cfg, "ema_start_step", 200, minimum=0),
-        gc_interval=_int(cfg, "gc_interval", 100, minimum=1),
-        sharding_strategy=_choice(cfg, "sharding_strategy", SHARDING_STRATEGIES, "hybrid_full"),
-        text_encoder_cpu_offload=_bool(cfg, "text_encoder_cpu_offload", False),
+        ema_start_step=_int(cfg, "ema_start_step", minimum=0),
+        gc_interval=_int(cfg, "gc_interval", minimum=1),
+        sharding_strategy=_choice(cfg, "sharding_strategy", SHARDING_STRATEGIES),
+        text_encoder_cpu_offload=_bool(cfg, "text_encoder_cpu_offload"),
     )
 
 
 def _precision(cfg: DictConfig) -> dict[str, Any]:
-    mixed = _bool(cfg, "mixed_precision", True)
-    param_dtype = _dtype(cfg, "param_dtype", "float32")
-    compute = _dtype(cfg, "compute_dtype", "bfloat16")
+    mixed = _bool(cfg, "mixed_precision")
+    param_dtype = _dtype(cfg, "param_dtype")
+    compute = _dtype(cfg, "compute_dtype")
     return dict(
         mixed_precision=mixed,
         param_dtype=param_dtype,
         compute_dtype=compute if mixed else param_dtype,
-        vae_dtype=_dtype(cfg, "vae_dtype", "bfloat16"),
-        gradient_checkpointing=_bool(cfg, "gradient_checkpointing", True),
+        vae_dtype=_dtype(cfg, "vae_dtype"),
+        gradient_checkpointing=_bool(cfg, "gradient_checkpointing"),
     )
 
 
@@ -706,7 +728,7 @@ def _models(cfg: DictConfig, check_files: bool, lora: LoraSettings | None) -> di
     if preset not in (None, "tiny"):
         raise InputError(f"config key `preset` must be tiny or null, got {preset!r}")
     tiny = _tiny(cfg) if preset == "tiny" else None
-    root = Path(str(_get(cfg, "wan_models_root", "wan_models"))).expanduser()
+    root = Path(str(_get(cfg, "wan_models_root"))).expanduser()
     names = {}
     for key in ("generator_name", "real_name", "fake_name"):
         value = _get(cfg, key)
@@ -747,15 +769,15 @@ def _data(cfg: DictConfig, stage: int, compat: bool, check_files: bool) -> dict[
         raise InputError(f"config key `data_shuffle` must be one of {', '.join(DATA_SHUFFLE)} or null; got {shuffle!r}")
     return dict(data_path=data_path, val_data_path=val_data_path, switch_prompt_path=switch_path,
                 val_switch_prompt_path=val_switch_path,
-                data_seed=_int(cfg, "data_seed", 0, minimum=0), data_shuffle=shuffle)
+                data_seed=_int(cfg, "data_seed", minimum=0), data_shuffle=shuffle)
 
 
 def _output(cfg: DictConfig, fpb: int) -> dict[str, Any]:
     """Run folder, checkpoints, visualisation and wandb."""
-    logdir = _get(cfg, "logdir", "")
+    logdir = _get(cfg, "logdir")
     if logdir is not None and not isinstance(logdir, str):
         raise InputError(f"config key `logdir` must be a path, got {logdir!r}")
-    vis_lengths = _get(cfg, "vis_video_lengths", []) or []
+    vis_lengths = _get(cfg, "vis_video_lengths") or []
     if not isinstance(vis_lengths, list) or any(
         isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % fpb for v in vis_lengths
     ):
@@ -763,8 +785,8 @@ def _output(cfg: DictConfig, fpb: int) -> dict[str, Any]:
             f"config key `vis_video_lengths` must be a list of positive multiples of "
             f"num_frame_per_block ({fpb}), got {vis_lengths!r}"
         )
-    disable_wandb = _bool(cfg, "disable_wandb", False)
-    wandb_mode = _choice(cfg, "wandb_mode", WANDB_MODES, "offline")
+    disable_wandb = _bool(cfg, "disable_wandb")
+    wandb_mode = _choice(cfg, "wandb_mode", WANDB_MODES)
     save_dir = _get(cfg, "wandb_save_dir") or None
     wandb = WandbSettings(
         enabled=not disable_wandb and wandb_mode != "disabled",
@@ -776,13 +798,13 @@ def _output(cfg: DictConfig, fpb: int) -> dict[str, Any]:
     )
     return dict(
         logdir=Path(logdir) if logdir else None,
-        no_save=_bool(cfg, "no_save", False),
-        auto_resume=_bool(cfg, "auto_resume", True),
-        log_iters=_int(cfg, "log_iters", 100, minimum=1),
-        max_checkpoints=_int(cfg, "max_checkpoints", 5, minimum=0),
-        vis_interval=_int(cfg, "vis_interval", 0, minimum=0),
+        no_save=_bool(cfg, "no_save"),
+        auto_resume=_bool(cfg, "auto_resume"),
+        log_iters=_int(cfg, "log_iters", minimum=1),
+        max_checkpoints=_int(cfg, "max_checkpoints", minimum=0),
+        vis_interval=_int(cfg, "vis_interval", minimum=0),
         vis_video_lengths=tuple(vis_lengths),
-        val_batch_size=_int(cfg, "val_batch_size", 1, minimum=1),
+        val_batch_size=_int(cfg, "val_batch_size", minimum=1),
         wandb=wandb,
     )
 
@@ -798,14 +820,14 @@ def _typed(cfg: DictConfig) -> TrainConfig:
 def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     """`TrainSettings` from a loaded config, section by section (each checks its own keys)."""
     compat, stage = _stage(cfg)
-    device = _choice(cfg, "device", DEVICES, "auto")
-    attn_backend = _choice(cfg, "attn_backend", backend_names(), "auto")
-    fpb = _int(cfg, "num_frame_per_block", 3, minimum=1)
+    device = _choice(cfg, "device", DEVICES)
+    attn_backend = _choice(cfg, "attn_backend", backend_names())
+    fpb = _int(cfg, "num_frame_per_block", minimum=1)
     channels, latent_hw = _latent_shape(cfg)
     rollout = _rollout(cfg, stage, fpb)
     stream, sampling = _stream_and_sampling(cfg, compat, stage, fpb)
     score = _score(cfg, compat)
-    negative_prompt = _get(cfg, "negative_prompt", "")
+    negative_prompt = _get(cfg, "negative_prompt")
     if not isinstance(negative_prompt, str):
         raise InputError(f"config key `negative_prompt` must be a string, got {negative_prompt!r}")
     precision = _precision(cfg)
@@ -825,7 +847,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         rollout=rollout,
         streaming=_streaming(cfg, compat, fpb) if stage == 2 else None,
         lora=lora,
-        lora_on_critic=lora is not None and _bool(cfg, "adapter.apply_to_critic", True),
+        lora_on_critic=lora is not None and _bool(cfg, "adapter.apply_to_critic", Adapter().apply_to_critic),
         inherit_base_step=compat,
         score=score,
         latent_channels=channels,
