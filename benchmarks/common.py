@@ -35,7 +35,6 @@ from memflow.config import DiTConfig, MemoryOptions, StreamConfig  # noqa: E402
 # --------------------------------------------------------------------------------------------
 
 VAE_TIME_STRIDE = 4  # Wan VAE: one latent frame is 4 video frames (the very first one is 1)
-VAE_SPACE_STRIDE = 8
 H100_TFLOPS = 800.0  # the "realistic dense bf16" figure for one H100
 
 
@@ -48,10 +47,6 @@ class Preset:
     frames: int  # default latent frames of a bench_generation run
     e2e_frames: int  # default latent frames of its decode + MP4 videos
     note: str
-
-    @property
-    def pixel_hw(self) -> tuple[int, int]:
-        return self.latent_hw[0] * VAE_SPACE_STRIDE, self.latent_hw[1] * VAE_SPACE_STRIDE
 
 
 _REAL_FRAME_LEN = DiTConfig().tokens_per_frame(60, 104)  # tokens per frame at 832x480
@@ -389,10 +384,6 @@ def mib(n: float | None) -> str:
 
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:,.2f}"
-
-
-def tensor_bytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------

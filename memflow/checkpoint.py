@@ -528,20 +528,3 @@ def load_generator_checkpoint(
     step = data.get("step")
     step = step if isinstance(step, int) else None
     return LoadResult(path, entry, missing, unexpected, step)
-
-
-def save_generator_checkpoint(
-    model: nn.Module,
-    path: PathLike,
-    key: str = "generator",
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write `{key: {"model." + name: tensor}, **extra}`, the reference's `base.pt` layout
-    (`extra` carries e.g. `critic` or `step`)."""
-    if key not in GENERATOR_ENTRIES:
-        raise ValueError(f"key must be one of {GENERATOR_ENTRIES}, got {key!r}")
-    if extra and key in extra:
-        raise ValueError(f"extra must not contain the entry {key!r} itself")
-    state = {WRAPPER_PREFIX + k: v for k, v in _plain_state_dict(model).items()}
-    payload = {key: state, **(extra or {})}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))

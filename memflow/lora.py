@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -44,7 +43,6 @@ from .checkpoint import (
     PathLike,
     _listed,
     _require_file,
-    atomic_write,
     read_checkpoint,
 )
 
@@ -208,19 +206,6 @@ def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
         raise CheckpointError(f"{source}: peft did not place {_listed(result.unexpected_keys)}")
     step = data.get("step") if entry else None
     return LoadResult(path, entry, step=step if isinstance(step, int) else None)
-
-
-def save_lora_checkpoint(
-    model: nn.Module, path: PathLike, critic: nn.Module | None = None, step: int = 0
-) -> Path:
-    """Write the reference's `lora.pt`: {generator_lora, critic_lora (when a critic is given),
-    step}. Without a critic there is no `critic_lora`, so reference training will not resume
-    from the file (it requires both)."""
-    payload: dict[str, Any] = {"generator_lora": lora_state_dict(model)}
-    if critic is not None:
-        payload["critic_lora"] = lora_state_dict(critic)
-    payload["step"] = int(step)
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 @torch.no_grad()

@@ -18,6 +18,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden"
 
 TINY = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=16)
+# The shape of the reference's golden-output model (shared/golden/README): a 2-layer 64-wide DiT.
+GOLDEN_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=512)
+CPU = torch.device("cpu")
+
+# The tiny inference presets (configs/), as paths the CLIs take.
+TINY_YAML = str(REPO / "configs" / "tiny.yaml")
+TINY_INTERACTIVE_YAML = str(REPO / "configs" / "tiny_interactive.yaml")
 
 
 def tiny_dit(config: DiTConfig = TINY, seed: int = 0) -> WanDiT:
@@ -83,6 +90,47 @@ def train_settings(config: Path, logdir: Path | None = None, **overrides):
     items = [f"{k}={v}" for k, v in overrides.items()]
     cfg = load_train_config(config, items, CliFlags(logdir=str(logdir) if logdir else None))
     return TrainSettings.from_config(cfg)
+
+
+def make_trainer(settings):
+    """The in-process trainer of `settings`' stage (as train.py picks it), on the CPU, no bars."""
+    from trainer.long_tuning import Stage2Trainer
+    from trainer.loop import Stage1Trainer
+
+    trainer_class = Stage2Trainer if settings.stage == 2 else Stage1Trainer
+    return trainer_class(settings, CPU, progress=False)
+
+
+def named_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter by name (to compare before/after a step)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def named_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every gradient that exists, by parameter name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def write_prompts(tmp_path: Path, lines: list[str], name: str = "p.txt") -> str:
+    """A prompt file of `lines` (one prompt a line) under `tmp_path`; its path as the CLI takes it."""
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def run_inference(config: str, tmp_path: Path, *overrides: str) -> int:
+    """`inference.py --config_path CONFIG output_folder=<tmp>/out OVERRIDES`, in process."""
+    import inference
+
+    return inference.main(["--config_path", config, f"output_folder={tmp_path / 'out'}", *overrides])
+
+
+def one_error_line(capsys, code: int) -> str:
+    """The one `error:` line of a CLI run that must have stopped with status 2."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

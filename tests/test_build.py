@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from memflow.checkpoint import load_wan_config, save_generator_checkpoint
+from memflow.checkpoint import load_wan_config
 from memflow.lora import LoraSettings
 from memflow.model import WanDiT
 from memflow.tiny import build_tiny_dit
@@ -24,6 +24,7 @@ from pipeline.build import (
 from utils.config import load_config
 
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (wan_files is a fixture)
+from reference_files import save_generator_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -15,21 +15,15 @@ from memflow.checkpoint import (
     load_generator_checkpoint,
     load_wan_config,
     load_wan_weights,
-    save_generator_checkpoint,
     save_wan_weights,
 )
 from memflow.config import DiTConfig
 from memflow.model import WanDiT
 
-from conftest import fixed_forward
+from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
+from reference_files import save_generator_checkpoint
 
-TINY = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)
 NARROW = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)
-
-
-def make_dit(seed: int, config: DiTConfig = TINY) -> WanDiT:
-    torch.manual_seed(seed)
-    return WanDiT(config).eval()
 
 
 forward = fixed_forward
@@ -37,7 +31,7 @@ forward = fixed_forward
 
 @pytest.fixture(scope="module")
 def source() -> tuple[WanDiT, torch.Tensor]:
-    model = make_dit(0)
+    model = tiny_dit(GOLDEN_DIT, 0)
     return model, forward(model)
 
 
@@ -46,14 +40,14 @@ def assert_loaded(model: WanDiT, reference: torch.Tensor) -> None:
 
 
 def test_fresh_model_differs(source):
-    assert not torch.equal(forward(make_dit(1)), source[1])
+    assert not torch.equal(forward(tiny_dit(GOLDEN_DIT, 1)), source[1])
 
 
 @pytest.mark.parametrize("name", ["w.safetensors", "w.pth", "w.pt"])
 def test_wan_weights_single_file_round_trip(tmp_path, source, name):
     written = save_wan_weights(source[0], tmp_path / name)
     assert written == [tmp_path / name] and [p.name for p in tmp_path.iterdir()] == [name]
-    dst = make_dit(1)
+    dst = tiny_dit(GOLDEN_DIT, 1)
     load_wan_weights(dst, tmp_path / name)
     assert_loaded(dst, source[1])
 
@@ -65,16 +59,16 @@ def test_wan_weights_sharded_round_trip(tmp_path, source):
     assert written[-1] == index and len(shards) > 2 and set(written) == {*shards, index}
     assert set(json.loads(index.read_text())["weight_map"]) == set(source[0].state_dict())
     for target in (tmp_path, index):  # the folder, or the index file itself
-        dst = make_dit(1)
+        dst = tiny_dit(GOLDEN_DIT, 1)
         load_wan_weights(dst, target)
         assert_loaded(dst, source[1])
 
 
 def test_resave_replaces_the_other_layout(tmp_path, source):
-    save_wan_weights(make_dit(2), tmp_path, max_shard_size=64_000)
+    save_wan_weights(tiny_dit(GOLDEN_DIT, 2), tmp_path, max_shard_size=64_000)
     save_wan_weights(source[0], tmp_path)  # now a single file: the old shards must go
     assert [p.name for p in tmp_path.iterdir()] == ["diffusion_pytorch_model.safetensors"]
-    dst = make_dit(1)
+    dst = tiny_dit(GOLDEN_DIT, 1)
     load_wan_weights(dst, tmp_path)
     assert_loaded(dst, source[1])
 
@@ -84,15 +78,15 @@ def test_missing_shard_is_named(tmp_path, source):
     shard = sorted(tmp_path.glob("*-00002-of-*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard .*{shard.name} listed in .*index.json not found"):
-        load_wan_weights(make_dit(1), tmp_path)
+        load_wan_weights(tiny_dit(GOLDEN_DIT, 1), tmp_path)
 
 
 def test_wan_folder_config_and_weights(tmp_path, source):
     config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v",
-              **{k: v for k, v in TINY.to_dict().items() if k not in ("patch_size", "qk_norm")}}
+              **{k: v for k, v in GOLDEN_DIT.to_dict().items() if k not in ("patch_size", "qk_norm")}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_wan_weights(source[0], tmp_path)
-    assert load_wan_config(tmp_path) == TINY
+    assert load_wan_config(tmp_path) == GOLDEN_DIT
     dst = WanDiT(load_wan_config(tmp_path)).eval()
     load_wan_weights(dst, tmp_path)
     assert_loaded(dst, source[1])
@@ -131,7 +125,7 @@ def test_wan_config_missing(tmp_path):
     with pytest.raises(CheckpointError, match=f"model config not found: {tmp_path / 'config.json'}"):
         load_wan_config(tmp_path)
     with pytest.raises(CheckpointError, match=f"no DiT weights in {tmp_path}"):
-        load_wan_weights(make_dit(1), tmp_path)
+        load_wan_weights(tiny_dit(GOLDEN_DIT, 1), tmp_path)
 
 
 def _fsdp_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,7 +144,7 @@ def test_generator_checkpoint_round_trip(tmp_path, source, entry):
         raw[entry] = _fsdp_keys(raw[entry])
         assert any("_fsdp_wrapped_module." in k for k in raw[entry])
         torch.save(raw, path)
-    dst = make_dit(1)
+    dst = tiny_dit(GOLDEN_DIT, 1)
     result = load_generator_checkpoint(dst, path, use_ema=entry == "generator_ema")
     assert result.entry == entry and result.step == 3
     assert result.missing_keys == () and result.unexpected_keys == ()
@@ -162,7 +156,7 @@ def test_partial_ema_loads_non_strictly_and_reports(tmp_path, source, caplog):
     del state["model.head.head.weight"]
     state["model.ema_counter"] = torch.zeros(1)
     torch.save({"generator": state, "generator_ema": _fsdp_keys(state)}, tmp_path / "base.pt")
-    dst = make_dit(1)
+    dst = tiny_dit(GOLDEN_DIT, 1)
     kept = dst.head.head.weight.clone()
     with caplog.at_level(logging.WARNING, logger="memflow.checkpoint"):
         result = load_generator_checkpoint(dst, tmp_path / "base.pt", use_ema=True)
@@ -175,7 +169,7 @@ def test_partial_ema_loads_non_strictly_and_reports(tmp_path, source, caplog):
 def test_missing_file_names_the_path(tmp_path):
     for load in (load_generator_checkpoint, load_wan_weights):
         with pytest.raises(CheckpointError, match=f"not found: {tmp_path / 'nope.pt'}"):
-            load(make_dit(1), tmp_path / "nope.pt")
+            load(tiny_dit(GOLDEN_DIT, 1), tmp_path / "nope.pt")
 
 
 def test_missing_and_unexpected_keys(tmp_path, source):
@@ -184,7 +178,7 @@ def test_missing_and_unexpected_keys(tmp_path, source):
     state["model.blocks.9.extra.weight"] = torch.zeros(1)
     torch.save({"generator": state}, tmp_path / "base.pt")
     with pytest.raises(CheckpointError) as err:
-        load_generator_checkpoint(make_dit(1), tmp_path / "base.pt")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt")
     msg = str(err.value)
     assert f"{tmp_path / 'base.pt'} (entry 'generator') does not fit the model" in msg
     assert "1 missing key(s): blocks.1.ffn.2.weight" in msg
@@ -192,43 +186,43 @@ def test_missing_and_unexpected_keys(tmp_path, source):
 
 
 def test_wrong_architecture_names_shapes(tmp_path):
-    save_generator_checkpoint(make_dit(0, NARROW), tmp_path / "narrow.pt")
+    save_generator_checkpoint(tiny_dit(NARROW, 0), tmp_path / "narrow.pt")
     with pytest.raises(CheckpointError) as err:
-        load_generator_checkpoint(make_dit(1), tmp_path / "narrow.pt")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "narrow.pt")
     msg = str(err.value)
     assert "narrow.pt (entry 'generator')" in msg and "tensor(s) with the wrong shape" in msg
     assert "patch_embedding.weight: model expects [64, 16, 1, 2, 2], file has [32, 16, 1, 2, 2]" in msg
     assert ("wrong architecture: the file is dim 32, ffn_dim 64, text_dim 32, 2 blocks; "
             "the model is dim 64, ffn_dim 128, text_dim 32, 2 blocks") in msg
     # Shapes are checked even by the non-strict EMA load.
-    save_generator_checkpoint(make_dit(0, NARROW), tmp_path / "ema.pt", key="generator_ema")
+    save_generator_checkpoint(tiny_dit(NARROW, 0), tmp_path / "ema.pt", key="generator_ema")
     with pytest.raises(CheckpointError, match="model expects \\[64, 64\\], file has \\[32, 32\\]"):
-        load_generator_checkpoint(make_dit(1), tmp_path / "ema.pt", use_ema=True)
-    save_wan_weights(make_dit(0, NARROW), tmp_path / "narrow.safetensors")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "ema.pt", use_ema=True)
+    save_wan_weights(tiny_dit(NARROW, 0), tmp_path / "narrow.safetensors")
     expected = "narrow.safetensors does not fit the model:\n  wrong architecture"
     with pytest.raises(CheckpointError, match=expected):
-        load_wan_weights(make_dit(1), tmp_path / "narrow.safetensors")
+        load_wan_weights(tiny_dit(GOLDEN_DIT, 1), tmp_path / "narrow.safetensors")
 
 
 def test_wrong_entry(tmp_path, source):
     torch.save({"critic": {}, "step": 1}, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="c.pt has none of the entries generator, generator_ema, "
                                               "model \\(entries: critic, step\\)"):
-        load_generator_checkpoint(make_dit(1), tmp_path / "c.pt")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "c.pt")
     save_generator_checkpoint(source[0], tmp_path / "g.pt")
     with pytest.raises(CheckpointError, match="g.pt has no 'generator_ema' entry .*use_ema=False"):
-        load_generator_checkpoint(make_dit(1), tmp_path / "g.pt", use_ema=True)
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "g.pt", use_ema=True)
     with pytest.raises(CheckpointError, match="g.pt is not a flat state dict.*load_generator_checkpoint"):
-        load_wan_weights(make_dit(1), tmp_path / "g.pt")
+        load_wan_weights(tiny_dit(GOLDEN_DIT, 1), tmp_path / "g.pt")
 
 
 def test_unreadable_files(tmp_path):
     for name in ("bad.safetensors", "bad.pt"):
         (tmp_path / name).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.safetensors"):
-        load_wan_weights(make_dit(1), tmp_path / "bad.safetensors")
+        load_wan_weights(tiny_dit(GOLDEN_DIT, 1), tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.pt"):
-        load_generator_checkpoint(make_dit(1), tmp_path / "bad.pt")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "bad.pt")
 
 
 def test_pickled_objects_need_the_trust_opt_in(tmp_path, source, caplog, monkeypatch):
@@ -238,9 +232,9 @@ def test_pickled_objects_need_the_trust_opt_in(tmp_path, source, caplog, monkeyp
 
     save_generator_checkpoint(source[0], tmp_path / "base.pt", extra={"args": argparse.Namespace(lr=1)})
     with pytest.raises(CheckpointError, match=r"base\.pt holds pickled objects \(argparse\.Namespace\).*trust_checkpoints"):
-        load_generator_checkpoint(make_dit(1), tmp_path / "base.pt")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt")
     monkeypatch.setattr(ckpt, "_trust_checkpoints", True)
-    dst = make_dit(1)
+    dst = tiny_dit(GOLDEN_DIT, 1)
     with caplog.at_level(logging.WARNING, logger="memflow.checkpoint"):
         load_generator_checkpoint(dst, tmp_path / "base.pt")
     assert "trust_checkpoints" in caplog.text and "base.pt" in caplog.text
@@ -266,9 +260,9 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, source):
         torch.save({"generator": source[0].state_dict(), "generator_lora": {},
                     "x": _Payload(marker)}, tmp_path / name)
     with pytest.raises(CheckpointError, match=r"base\.pt holds pickled objects .*system.*trust_checkpoints"):
-        load_generator_checkpoint(make_dit(1), tmp_path / "base.pt")
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt")
     with pytest.raises(CheckpointError, match=r"lora\.pt holds pickled objects"):
-        load_lora_checkpoint(make_dit(1), tmp_path / "lora.pt")
+        load_lora_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "lora.pt")
     assert not marker.exists()
 
 
@@ -281,7 +275,7 @@ def test_failed_write_leaves_nothing(tmp_path, source, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="disk full"):
-        save_generator_checkpoint(make_dit(1), tmp_path / "base.pt", extra={"step": 2})
+        save_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt", extra={"step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["base.pt"]
     monkeypatch.undo()
-    assert load_generator_checkpoint(make_dit(1), tmp_path / "base.pt").step == 1
+    assert load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt").step == 1

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from memflow.checkpoint import load_generator_checkpoint
-from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
+from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
 from memflow.noise import InjectedNoise
 from memflow.streaming import StreamCall
 from pipeline.causal_inference import CausalInferencePipeline
 
-GOLDEN_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=512)
+from conftest import GOLDEN_DIT
+
 LATENT_HW = (60, 104)
 TOL = 1e-5
 

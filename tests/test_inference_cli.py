@@ -8,22 +8,12 @@ from pathlib import Path
 import pytest
 
 import inference
-from conftest import run_launcher, subprocess_env
+from conftest import (TINY_INTERACTIVE_YAML as TINY_INTERACTIVE, TINY_YAML as TINY,
+                      one_error_line as _error, run_inference as _run, run_launcher,
+                      subprocess_env, write_prompts as _prompts)
 from utils.video_writer import read_video_info
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-TINY_INTERACTIVE = str(ROOT / "configs" / "tiny_interactive.yaml")
-
-
-def _run(config: str, tmp_path: Path, *overrides: str) -> int:
-    return inference.main(["--config_path", config, f"output_folder={tmp_path / 'out'}", *overrides])
-
-
-def _prompts(tmp_path: Path, lines: list[str], name: str = "p.txt") -> str:
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_single_prompt_tiny_writes_mp4s(tmp_path, capsys):
@@ -55,13 +45,6 @@ def test_same_config_same_video_and_compat_differs(tmp_path):
         runs[name] = video.read_bytes()
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["compat"]  # every-chunk recording differs from every-interval
-
-
-def _error(capsys, code: int) -> str:
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
-    return err[0]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +128,8 @@ def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsy
     the opt-in; `trust_checkpoints=true` loads it."""
     import argparse
 
-    from memflow.checkpoint import save_generator_checkpoint, set_trust_checkpoints
+    from memflow.checkpoint import set_trust_checkpoints
+    from reference_files import save_generator_checkpoint
     from pipeline.build import build_tiny_generator
 
     ckpt = tmp_path / "base.pt"

@@ -8,6 +8,7 @@ import pytest
 
 import inference
 import pipeline.runner
+from conftest import one_error_line
 from pipeline.inference_config import InferenceConfig, load_inference_config
 from utils.schema import schema_keys
 
@@ -17,10 +18,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def _error(capsys, argv: list[str]) -> str:
     """Run the CLI, which must stop with status 2 and exactly one `error:` line."""
-    assert inference.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    return one_error_line(capsys, inference.main(argv))
 
 
 @pytest.fixture(autouse=True)

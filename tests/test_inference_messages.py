@@ -12,13 +12,12 @@ import pytest
 from omegaconf import OmegaConf
 
 import inference
-from conftest import run_launcher, subprocess_env
+from conftest import TINY_YAML as TINY, run_launcher, subprocess_env
 from pipeline.build import CheckpointPaths
 from pipeline.runner import warn_ignored_settings
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 @pytest.mark.parametrize("num_gpus", ["0", "abc", "-1", "1.5"])

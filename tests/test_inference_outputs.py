@@ -14,23 +14,15 @@ import pytest
 import torch
 
 import inference
-from conftest import start_launcher, subprocess_env
+from conftest import (TINY_YAML as TINY, run_inference, start_launcher, subprocess_env,
+                      write_prompts as _prompts)
 from pipeline.outputs import Job, plan_videos
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 TINY_SHAPE = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_len": 64, "seed": 0}
 
 
-def _prompts(tmp_path: Path, lines: list[str]) -> str:
-    path = tmp_path / "p.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def _run(tmp_path: Path, *overrides: str) -> int:
-    return inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
-                           "num_output_frames=3", *overrides])
+    return run_inference(TINY, tmp_path, "num_output_frames=3", *overrides)
 
 
 def test_prompts_that_sanitise_alike_get_distinct_files(tmp_path, caplog):
@@ -83,7 +75,7 @@ def test_existing_videos_are_kept_skipped_or_overwritten_only_when_asked(tmp_pat
 def test_nonfinite_latents_stop_the_video_not_the_run(tmp_path, capsys):
     """NaN weights: every prompt fails with its line and chunk named, none is written, the
     run goes on to the next prompt and exits with status 1."""
-    from memflow.checkpoint import save_generator_checkpoint
+    from reference_files import save_generator_checkpoint
     from pipeline.build import build_tiny_generator
 
     generator = build_tiny_generator(TINY_SHAPE)

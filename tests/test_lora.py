@@ -6,29 +6,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from memflow.checkpoint import CheckpointError, load_generator_checkpoint, save_generator_checkpoint
-from memflow.config import DiTConfig
+from memflow.checkpoint import CheckpointError, load_generator_checkpoint
 from memflow.lora import (
     LoraSettings,
     add_lora,
     load_lora_checkpoint,
     lora_state_dict,
     merge_lora,
-    save_lora_checkpoint,
 )
 from memflow.model import WanDiT
 
-from conftest import fixed_forward
+from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
+from reference_files import save_generator_checkpoint, save_lora_checkpoint
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
-TINY = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)  # the golden model
 SETTINGS = LoraSettings(rank=4, alpha=8)
 BLOCK_LINEARS = {f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"} | {"ffn.0", "ffn.2"}
-
-
-def make_dit(seed: int = 0) -> WanDiT:
-    torch.manual_seed(seed)
-    return WanDiT(TINY).eval()
 
 
 forward = fixed_forward
@@ -37,7 +30,7 @@ forward = fixed_forward
 @torch.no_grad()
 def random_lora(seed: int = 0, settings: LoraSettings = SETTINGS) -> WanDiT:
     """The base model of seed 0 with a non-zero random adapter (B = 0 would be a no-op)."""
-    model = add_lora(make_dit(), settings)
+    model = add_lora(tiny_dit(GOLDEN_DIT), settings)
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if ".lora_" in name:
@@ -46,8 +39,8 @@ def random_lora(seed: int = 0, settings: LoraSettings = SETTINGS) -> WanDiT:
 
 
 def test_targets_every_block_linear_in_place():
-    base_out = forward(make_dit())
-    model = add_lora(make_dit(), SETTINGS)
+    base_out = forward(tiny_dit(GOLDEN_DIT))
+    model = add_lora(tiny_dit(GOLDEN_DIT), SETTINGS)
     assert type(model) is WanDiT
     names = dict(model.named_parameters())
     assert "blocks.0.self_attn.q.base_layer.weight" in names
@@ -69,13 +62,13 @@ def test_settings_from_reference_config():
     with pytest.raises(ValueError, match="unknown adapter key\\(s\\) \\['aplha'\\]"):
         LoraSettings.from_config({"rank": 4, "aplha": 8})
     with pytest.raises(ValueError, match="'ffn.1'.* match no nn.Linear"):
-        add_lora(make_dit(), LoraSettings(rank=4, alpha=4, target_modules=("ffn.0", "ffn.1")))
+        add_lora(tiny_dit(GOLDEN_DIT), LoraSettings(rank=4, alpha=4, target_modules=("ffn.0", "ffn.1")))
 
 
 def test_save_load_identical_and_lora_matters(tmp_path):
     src = random_lora()
     out = forward(src)
-    assert (out - forward(make_dit())).abs().max() > 1e-2
+    assert (out - forward(tiny_dit(GOLDEN_DIT))).abs().max() > 1e-2
     path = save_lora_checkpoint(src, tmp_path / "lora.pt", critic=random_lora(seed=1), step=7)
     raw = torch.load(path, weights_only=True)
     assert list(raw) == ["generator_lora", "critic_lora", "step"] and raw["step"] == 7
@@ -83,7 +76,7 @@ def test_save_load_identical_and_lora_matters(tmp_path):
     assert "base_model.model.blocks.0.self_attn.q.lora_A.weight" in raw["generator_lora"]
     assert not torch.equal(raw["critic_lora"]["base_model.model.blocks.0.ffn.0.lora_B.weight"],
                            raw["generator_lora"]["base_model.model.blocks.0.ffn.0.lora_B.weight"])
-    dst = add_lora(make_dit(), SETTINGS)
+    dst = add_lora(tiny_dit(GOLDEN_DIT), SETTINGS)
     result = load_lora_checkpoint(dst, path)
     assert result.entry == "generator_lora" and result.step == 7
     assert torch.equal(forward(dst), out)
@@ -96,14 +89,14 @@ def test_key_forms_are_normalised(tmp_path):
               .replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
              for k, v in lora_state_dict(src).items()}
     torch.save(state, tmp_path / "bare.pt")
-    dst = add_lora(make_dit(), SETTINGS)
+    dst = add_lora(tiny_dit(GOLDEN_DIT), SETTINGS)
     assert load_lora_checkpoint(dst, tmp_path / "bare.pt").entry is None
     assert torch.equal(forward(dst), forward(src))
 
 
 def test_rank_mismatch_is_explained(tmp_path):
     save_lora_checkpoint(random_lora(), tmp_path / "lora.pt")
-    other = add_lora(make_dit(), LoraSettings(rank=8, alpha=8))
+    other = add_lora(tiny_dit(GOLDEN_DIT), LoraSettings(rank=8, alpha=8))
     with pytest.raises(CheckpointError) as err:
         load_lora_checkpoint(other, tmp_path / "lora.pt")
     msg = str(err.value)
@@ -118,26 +111,26 @@ def test_missing_and_unexpected_lora_keys(tmp_path):
     state["base_model.model.blocks.0.norm3.lora_A.weight"] = torch.zeros(4, 64)
     torch.save({"generator_lora": state, "step": 0}, tmp_path / "lora.pt")
     with pytest.raises(CheckpointError) as err:
-        load_lora_checkpoint(add_lora(make_dit(), SETTINGS), tmp_path / "lora.pt")
+        load_lora_checkpoint(add_lora(tiny_dit(GOLDEN_DIT), SETTINGS), tmp_path / "lora.pt")
     msg = str(err.value)
     assert "lora.pt (entry 'generator_lora')" in msg
     assert "1 missing key(s): blocks.1.ffn.2.lora_B.weight" in msg
     assert "1 unexpected key(s): blocks.0.norm3.lora_A.weight" in msg
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        load_lora_checkpoint(make_dit(), tmp_path / "lora.pt")
+        load_lora_checkpoint(tiny_dit(GOLDEN_DIT), tmp_path / "lora.pt")
 
 
 def test_merged_equals_unmerged_and_saves_as_base(tmp_path):
     model = random_lora()
     unmerged = forward(model)
-    assert (unmerged - forward(make_dit())).abs().max() > 1e-2
+    assert (unmerged - forward(tiny_dit(GOLDEN_DIT))).abs().max() > 1e-2
     merged = merge_lora(model)
     assert type(merged) is WanDiT and not hasattr(merged, "peft_config")
-    assert set(merged.state_dict()) == set(make_dit().state_dict())
+    assert set(merged.state_dict()) == set(tiny_dit(GOLDEN_DIT).state_dict())
     out = forward(merged)
     assert (out - unmerged).abs().max().item() <= 1e-5
     save_generator_checkpoint(merged, tmp_path / "base.pt")
-    plain = make_dit(seed=5)
+    plain = tiny_dit(GOLDEN_DIT, seed=5)
     load_generator_checkpoint(plain, tmp_path / "base.pt")
     assert torch.equal(forward(plain), out)
 
@@ -145,7 +138,7 @@ def test_merged_equals_unmerged_and_saves_as_base(tmp_path):
 def test_reference_lora_file_loads():
     if not GOLDEN.is_dir():
         pytest.skip(f"reference golden files not found at {GOLDEN} (../shared/golden is absent)")
-    model = WanDiT(TINY).eval()
+    model = WanDiT(GOLDEN_DIT).eval()
     load_generator_checkpoint(model, GOLDEN / "base.pt")
     model = add_lora(model, LoraSettings.from_config({"type": "lora", "rank": 4, "alpha": 8}))
     load_lora_checkpoint(model, GOLDEN / "lora.pt")

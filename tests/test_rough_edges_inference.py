@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 
 import inference
-from conftest import run_launcher, start_launcher
+from conftest import (TINY_INTERACTIVE_YAML as TINY_INTERACTIVE, TINY_YAML as TINY,
+                      one_error_line as _error, run_launcher, start_launcher)
 from utils.naming import video_filename
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-TINY_INTERACTIVE = str(ROOT / "configs" / "tiny_interactive.yaml")
 TINY_ADAPTER = "adapter={type: lora, rank: 4, alpha: 4}"  # configs/tiny_train_long.yaml's
-
-
-def _error(capsys, code: int) -> str:
-    """The one `error:` line of a run that exited with status 2."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def _newest_model_pt(logdir: Path) -> Path:

@@ -22,7 +22,6 @@ from trainer.checkpointing import (  # noqa: E402
     MODEL_FILE,
     RESUME_FILE,
     checkpoint_dir,
-    find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_checkpoint_file,
@@ -32,6 +31,7 @@ from trainer.checkpointing import (  # noqa: E402
 )
 from trainer.ema import EMA, ema_after_iteration, ema_after_resume, plain_name  # noqa: E402
 from utils.errors import InputError  # noqa: E402
+from reference_files import find_resume_checkpoint  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

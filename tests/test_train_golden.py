@@ -17,17 +17,17 @@ import torch
 
 from memflow.checkpoint import load_generator_checkpoint
 from memflow.chunk_loop import ChunkStepper
-from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
+from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
 from trainer.dmd import dmd_gradient, dmd_loss, shift_timestep, score_timestep
 from trainer.draws import InjectedDraws, SeededDraws
 from trainer.rollout import RolloutConfig, training_memory_options
-from trainer.score import ScoreConfig, load_wan_state
+from trainer.score import ScoreConfig
 from trainer.stage1 import Stage1Models, critic_loss, generator_loss
 
-from conftest import tiny_dit, tiny_prompt
+from conftest import GOLDEN_DIT, tiny_dit, tiny_prompt
+from reference_files import load_wan_state
 
-GOLDEN_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=512)
 LATENT_HW = (60, 104)
 
 

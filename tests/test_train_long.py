@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import fixed_forward, train_settings
+from conftest import CPU, fixed_forward, make_trainer, named_params, train_settings
 from memflow.lora import LoraSettings, add_lora
 from trainer.checkpointing import save_checkpoint
 from trainer.config import TrainSettings
@@ -17,7 +17,6 @@ from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_train_long.yaml"
-CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_settings(logdir: Path | None = None, **overrides: Any) -> TrainSettings:
     overrides.setdefault("vis_interval", 0)
     return train_settings(CONFIG, logdir, **overrides)
-
-
-def make_trainer(settings: TrainSettings):
-    from trainer.long_tuning import Stage2Trainer
-
-    return Stage2Trainer(settings, CPU, progress=False)
-
-
-def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _split(named: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -48,21 +37,21 @@ def _split(named: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------
 def test_only_lora_trains_and_base_weights_stay_bit_identical(tmp_path):
     trainer = make_trainer(make_settings(tmp_path / "run", max_iters=3, log_iters=100))
-    before = {name: params(m) for name, m in (("generator", trainer.generator),
-                                              ("critic", trainer.critic),
-                                              ("teacher", trainer.teacher))}
+    before = {name: named_params(m) for name, m in (("generator", trainer.generator),
+                                                    ("critic", trainer.critic),
+                                                    ("teacher", trainer.teacher))}
     trainer.run()
     assert trainer.step == 3
     for name, model in (("generator", trainer.generator), ("critic", trainer.critic)):
         lora_before, base_before = _split(before[name])
-        lora_after, base_after = _split(params(model))
+        lora_after, base_after = _split(named_params(model))
         assert len(lora_before) == 2 * 10 * 2  # 10 linears per block, 2 blocks, A and B
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == set(lora_before)
         assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), name
         changed = [k for k in lora_before if not torch.equal(lora_before[k], lora_after[k])]
         assert changed, f"no {name} LoRA weight moved"
-    assert all(torch.equal(v, params(trainer.teacher)[k]) for k, v in before["teacher"].items())
+    assert all(torch.equal(v, named_params(trainer.teacher)[k]) for k, v in before["teacher"].items())
 
 
 def test_fresh_lora_forward_equals_the_base_model():
@@ -108,7 +97,7 @@ def test_trained_lora_pt_has_the_reference_layout_and_changes_interactive_infere
     assert "base_model.model.blocks.0.self_attn.q.lora_A.weight" in keys
     assert "base_model.model.blocks.1.ffn.2.lora_B.weight" in keys
     assert data["generator_lora"]["base_model.model.blocks.0.ffn.0.lora_A.weight"].shape == (4, 32)
-    trained = {k: v for k, v in params(trainer.generator).items() if ".lora_" in k}
+    trained = {k: v for k, v in named_params(trainer.generator).items() if ".lora_" in k}
     for key, value in data["generator_lora"].items():
         own = key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
         assert torch.equal(trained[own], value)
@@ -171,8 +160,8 @@ def test_base_checkpoint_of_another_architecture_is_refused_naming_the_file(tmp_
 def _state(trainer) -> dict[str, Any]:
     return {
         "step": trainer.step,
-        "generator": params(trainer.generator),
-        "critic": params(trainer.critic),
+        "generator": named_params(trainer.generator),
+        "critic": named_params(trainer.critic),
         "gen_opt": trainer.generator_opt.state_dict()["state"],
         "crit_opt": trainer.critic_opt.state_dict()["state"],
         "data": trainer.loader.state_dict(),

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import train_settings
+from conftest import CPU, train_settings
 from memflow.noise import NoiseSource
 from trainer.draws import (InjectedDraws, InjectedRunDraws, InjectedSequence, SeededRunDraws,
                            SequenceDraws, TrainingDraws, stable_seed)
@@ -26,7 +26,6 @@ from trainer.streaming import window_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_train_long.yaml"
-CPU = torch.device("cpu")
 SWITCH = 12
 EXITS = [0, 3, 1, 2, 0]
 # (iteration, role) of the five windows: a generator iteration takes two, a critic-only one

@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, init_gloo, train_settings
+from conftest import CPU, free_port, init_gloo, make_trainer, named_grads, named_params, train_settings
 from trainer.config import CliFlags, TrainSettings, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_train_init.yaml"
-CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,20 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_settings(logdir: Path | None = None, **overrides: Any) -> TrainSettings:
     return train_settings(CONFIG, logdir, **overrides)
-
-
-def make_trainer(settings: TrainSettings):
-    from trainer.loop import Stage1Trainer
-
-    return Stage1Trainer(settings, CPU, progress=False)
-
-
-def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -89,7 +74,8 @@ class RecordingLoader:
 def test_generator_trains_every_ratio_steps_critic_every_step():
     trainer = make_trainer(make_settings())
     assert trainer.settings.dfake_gen_update_ratio == 5
-    gen0, crit0, teach0 = params(trainer.generator), params(trainer.critic), params(trainer.teacher)
+    gen0, crit0 = named_params(trainer.generator), named_params(trainer.critic)
+    teach0 = named_params(trainer.teacher)
 
     m0 = trainer.train_step()  # step 0: generator and critic
     assert trainer.step == 1
@@ -101,7 +87,7 @@ def test_generator_trains_every_ratio_steps_critic_every_step():
     assert len(changed(crit0, trainer.critic)) == n_crit
     assert not changed(teach0, trainer.teacher)
 
-    gen1, crit1 = params(trainer.generator), params(trainer.critic)
+    gen1, crit1 = named_params(trainer.generator), named_params(trainer.critic)
     m1 = trainer.train_step()  # step 1: 1 % 5 != 0, critic only
     assert trainer.step == 2
     assert m1.generator_loss is None and m1.generator_grad_norm is None
@@ -131,8 +117,8 @@ def _tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
 def _snapshot(trainer) -> dict[str, Any]:
     return {
         "step": trainer.step,
-        "generator": params(trainer.generator),
-        "critic": params(trainer.critic),
+        "generator": named_params(trainer.generator),
+        "critic": named_params(trainer.critic),
         "ema": None if trainer.ema is None else {k: v.clone() for k, v in trainer.ema.state_dict().items()},
         "generator_opt": _tensors(trainer.generator_opt.state_dict()),
         "critic_opt": _tensors(trainer.critic_opt.state_dict()),
@@ -214,10 +200,10 @@ def _one_iteration(**overrides: Any):
     return {
         "prompts": trainer.loader.prompts,
         "metrics": metrics,
-        "gen_grad": grads(trainer.generator),
-        "crit_grad": grads(trainer.critic),
-        "gen": params(trainer.generator),
-        "crit": params(trainer.critic),
+        "gen_grad": named_grads(trainer.generator),
+        "crit_grad": named_grads(trainer.critic),
+        "gen": named_params(trainer.generator),
+        "crit": named_params(trainer.critic),
     }
 
 
@@ -312,7 +298,7 @@ def test_two_processes_batch1_equal_one_process_batch2(tmp_path):
         assert ranks[0]["metrics"][key] == pytest.approx(getattr(metrics, key), rel=1e-5), key
     # the gradients (FSDP2's reduce-scatter averages over ranks; Adam would hide a factor)
     for role, model in (("generator_grad", single.generator), ("critic_grad", single.critic)):
-        g1 = grads(model)
+        g1 = named_grads(model)
         for r in ranks:
             rel = max_rel_diff(g1, r[role])
             grad_worst = max(grad_worst, rel)

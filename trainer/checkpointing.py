@@ -170,13 +170,6 @@ def list_checkpoints(logdir: PathLike) -> list[CheckpointDir]:
     return sorted(found, key=lambda c: (c.step, c.path.name))
 
 
-def find_resume_checkpoint(logdir: PathLike) -> Path | None:
-    """The highest-step complete checkpoint folder in `logdir`, or None (no check that it reads;
-    `load_checkpoint` does that and falls back)."""
-    found = list_checkpoints(logdir)
-    return found[-1].path if found else None
-
-
 def rotate_checkpoints(logdir: PathLike, max_checkpoints: int) -> list[Path]:
     """Keep the newest `max_checkpoints` complete folders, delete the older ones (rank 0 only;
     no-op when max_checkpoints <= 0). Returns the deleted folders. Each folder is first renamed to

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from memflow.checkpoint import WRAPPER_PREFIX, load_checked
 from memflow.model import WanDiT
 from memflow.scheduler import FlowMatchScheduler
 
@@ -79,12 +78,6 @@ def score_scheduler(config: ScoreConfig) -> FlowMatchScheduler:
     """The teacher's / critic's flow -> x0 table."""
     shift = config.timestep_shift if config.score_shift is None else config.score_shift
     return FlowMatchScheduler(shift=shift, num_train_timesteps=config.num_train_timestep)
-
-
-def load_wan_state(model: WanDiT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a `{"model.<Wan param>": tensor}` dict (the reference wrapper's keys) strictly."""
-    plain = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
-    load_checked(model, plain, source, strict=True)
 
 
 def cfg_x0(

@@ -127,19 +127,3 @@ class Visualiser:
 
     def _encode(self, prompt: str) -> torch.Tensor:
         return self.text_encoder.encode([prompt]).to(self.stepper.generator.device, self.stepper.dtype)
-
-
-def write_samples(
-    stepper: ChunkStepper,
-    text_encoder: TextEncoder,
-    vae: WanVAE,
-    prompts: list[str],
-    settings: TrainSettings,
-    step: int,
-    rank: int,
-    out_dir: Path,
-    switch_prompts: list[str] | None = None,
-) -> list[Path]:
-    """`Visualiser(...).write(step)`: the sample videos of one step; returns the files written."""
-    return Visualiser(stepper, text_encoder, vae, prompts, settings, rank, out_dir,
-                      switch_prompts).write(step)
