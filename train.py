@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from memflow.checkpoint import set_trust_checkpoints
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
-from utils.distributed import cleanup_distributed, init_distributed
+from utils.distributed import barrier, cleanup_distributed, init_distributed, is_distributed
 from utils.errors import InputError
 from utils.signals import Terminated, sigterm_raises
 
@@ -35,7 +35,7 @@ log = logging.getLogger("train")
 
 def _single_process_group(device: torch.device) -> None:
     """FSDP2 mixed precision needs a process group, also for one GPU without torchrun."""
-    if dist.is_initialized():
+    if is_distributed():
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,8 +49,8 @@ def _run_seed(seed: int, device: torch.device) -> int:
     """seed 0 means a random seed drawn on rank 0 and shared with every rank (TRAINING.md §7.3)."""
     if seed != 0:
         return seed
-    value = torch.randint(1, 10**7, (1,), device=device if dist.is_initialized() else "cpu")
-    if dist.is_initialized():
+    value = torch.randint(1, 10**7, (1,), device=device if is_distributed() else "cpu")
+    if is_distributed():
         dist.broadcast(value, src=0)
     return int(value.item())
 
@@ -105,8 +105,7 @@ def _train(args: argparse.Namespace) -> int:
                                 config_for_logging=OmegaConf.to_container(cfg, resolve=True))
         trainer.run()
     finally:
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         cleanup_distributed()
     return 0
 

@@ -51,7 +51,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -67,14 +67,15 @@ from torch.distributed.checkpoint.state_dict import (
 
 from memflow.checkpoint import WRAPPER_PREFIX, CheckpointError, Mismatch, read_checkpoint
 from memflow.lora import PEFT_PREFIX, normalize_lora_key
+from utils.distributed import (current_rank, current_world_size, is_distributed, is_main_rank,
+                               on_main)
 from utils.errors import InputError
 
-from .ema import EMA, is_main_rank, plain_name
+from .ema import EMA, plain_name
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-T = TypeVar("T")
 
 FOLDER_PREFIX = "checkpoint_model_"
 FOLDER_RE = re.compile(rf"{FOLDER_PREFIX}(\d+)")
@@ -95,46 +96,8 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # ------------------------------------------------------------------------------------------------
-# Rank-0 work shared with every rank
+# Errors (rank-0 work shared with every rank: utils.distributed.on_main)
 # ------------------------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's `value` on every rank (small picklable objects only)."""
-    if not _distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 and give every rank its (small) result, or make every rank raise.
-
-    Other ranks raise the same `InputError` type (the CLI's one-line error) or a RuntimeError
-    carrying rank 0's message; rank 0 re-raises its original exception."""
-    outcome: tuple[str, Any] = ("ok", None)
-    error: BaseException | None = None
-    if is_main_rank():
-        try:
-            outcome = ("ok", fn())
-        except Exception as err:  # shared below, then re-raised
-            error = err
-            kind = "input" if isinstance(err, InputError) else "other"
-            outcome = (kind, f"{type(err).__name__}: {err}" if kind == "other" else str(err))
-    outcome = _broadcast(outcome)
-    if error is not None:
-        raise error
-    kind, value = outcome
-    if kind == "input":
-        raise InputError(value)
-    if kind == "other":
-        raise RuntimeError(f"rank 0 failed: {value}")
-    return value
-
-
 def _first_line(err: BaseException) -> str:
     """The gist of an error on one line (torch's corrupt-zip message runs on for five sentences)."""
     text = str(err).strip().splitlines()
@@ -246,7 +209,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 def _gather_rng() -> list[dict[str, Any]] | None:
     """Every rank's RNG state, in rank order, on rank 0 (None elsewhere). Collective."""
     mine = capture_rng_state()
-    if not _distributed():
+    if not is_distributed():
         return [mine]
     states: list[Any] | None = [None] * dist.get_world_size() if is_main_rank() else None
     dist.gather_object(mine, states, dst=0)
@@ -407,10 +370,10 @@ def save_checkpoint(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     resume_state = dict(resume_state or {})
-    _on_main(lambda: _check_plain(resume_state, "resume_state"))  # only rank 0's is saved
+    on_main(lambda: _check_plain(resume_state, "resume_state"))  # only rank 0's is saved
     logdir = Path(logdir)
     final = checkpoint_dir(logdir, step)
-    tmp = Path(_on_main(lambda: _make_temp_dir(logdir, final)))
+    tmp = Path(on_main(lambda: _make_temp_dir(logdir, final)))
     try:
         # Stage 1: weights (gathered, written, freed before the optimiser states are gathered,
         # so rank 0 never holds both at once).
@@ -424,7 +387,7 @@ def save_checkpoint(
             )
             payload["generator_ema"] = _prefixed(ema_state)
         payload["step"] = int(step)
-        _on_main(lambda: _write_file(tmp / MODEL_FILE, payload, final / MODEL_FILE))
+        on_main(lambda: _write_file(tmp / MODEL_FILE, payload, final / MODEL_FILE))
         del payload
 
         # Stage 2: optimiser states, RNG states, the loop's state.
@@ -436,13 +399,13 @@ def save_checkpoint(
             if optimizer is not None:
                 resume[key] = get_optimizer_state_dict(model, optimizer, options=_GATHER)
         resume["rng"] = _gather_rng()
-        resume["world_size"] = dist.get_world_size() if _distributed() else 1
+        resume["world_size"] = current_world_size()
         resume["resume_state"] = resume_state
-        _on_main(lambda: _write_file(tmp / RESUME_FILE, resume, final / RESUME_FILE))
+        on_main(lambda: _write_file(tmp / RESUME_FILE, resume, final / RESUME_FILE))
         del resume
         if rank_state is not None:
             _write_rank_file(tmp, final, dict(rank_state))
-        _on_main(lambda: _publish(tmp, final))
+        on_main(lambda: _publish(tmp, final))
     except BaseException:
         if is_main_rank():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -453,7 +416,7 @@ def save_checkpoint(
 def _write_rank_file(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     """Every rank writes its own rank_{r}.pt into the unpublished folder; the outcome is agreed
     on by all ranks before rank 0 publishes, so a failed write on any rank fails every rank."""
-    rank = dist.get_rank() if _distributed() else 0
+    rank = current_rank()
     name = RANK_FILE.format(rank=rank)
     error = ""
     try:
@@ -469,7 +432,7 @@ def _write_rank_file(tmp: Path, final: Path, state: dict[str, Any]) -> None:
 def _first_error(error: str) -> str:
     """The first non-empty error message of any rank ("" when every rank succeeded). Collective."""
     errors = [error]
-    if _distributed():
+    if is_distributed():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
     return next((e for e in errors if e), "")
@@ -481,7 +444,7 @@ def read_rank_state(checkpoint: PathLike) -> dict[str, Any] | None:
     folder = Path(checkpoint)
     if folder.name == MODEL_FILE:
         folder = folder.parent
-    path = folder / RANK_FILE.format(rank=dist.get_rank() if _distributed() else 0)
+    path = folder / RANK_FILE.format(rank=current_rank())
     if not path.is_file():
         return None
     data = _read(path)
@@ -607,6 +570,87 @@ def _fix_betas(optimizer: torch.optim.Optimizer) -> None:
             group["betas"] = tuple(group["betas"])
 
 
+def _check_model_entries(data: Mapping[str, Any], path: Path, generator: nn.Module,
+                         critic: nn.Module | None, loaded: dict[str, Any]) -> None:
+    """Rank 0: pick the generator's (and the critic's, when saved) entry of `data` into `loaded`,
+    refusing a LoRA/plain mismatch with the config and weights that do not fit the models."""
+    if is_lora(generator):
+        if "generator_lora" not in data:
+            raise CheckpointError(f"{path} holds no 'generator_lora' entry: not a LoRA "
+                                  "checkpoint, but the config has an adapter")
+        loaded["generator"] = _lora_entry(data, "generator", generator, path)
+    else:
+        if "generator_lora" in data and not ({"generator", "model"} & set(data)):
+            raise CheckpointError(f"{path} is a LoRA checkpoint, but the config has no adapter")
+        entry = "generator" if "generator" in data else "model"
+        loaded["generator"] = _state_entry(data, entry, path)
+        _check_fits(generator, loaded["generator"], f"{path} (entry '{entry}')")
+    if critic is not None and is_lora(critic) and "critic_lora" in data:
+        loaded["critic"] = _lora_entry(data, "critic", critic, path)
+    elif critic is not None and not is_lora(critic) and "critic" in data:
+        loaded["critic"] = _state_entry(data, "critic", path)
+        _check_fits(critic, loaded["critic"], f"{path} (entry 'critic')")
+
+
+def _load_ema_entry(ema: EMA | None, data: Mapping[str, Any], path: Path) -> bool:
+    """Rank 0: load the saved EMA shadow (it lives on rank 0 only); whether there was one."""
+    if ema is None or "generator_ema" not in data:
+        return False
+    try:
+        ema.load_state_dict(_state_entry(data, "generator_ema", path), f"{path} (generator_ema)")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return True
+
+
+def _pick_optimizer_states(resume: Mapping[str, Any] | None, path: Path, loaded: dict[str, Any],
+                           optimizers: Mapping[str, torch.optim.Optimizer | None]) -> list[str]:
+    """Rank 0: put each saved optimiser state into `loaded` (the critic's only with the critic's
+    weights); the keys picked. An optimiser without a saved state starts fresh, with a warning."""
+    picked = []
+    for key, optimizer in optimizers.items():
+        if optimizer is None:
+            continue
+        if resume is not None and key in resume:
+            if key == "critic_optimizer" and "critic" not in loaded:
+                continue
+            loaded[key] = resume[key]
+            picked.append(key)
+        else:
+            log.warning("%s: no %s state; that optimiser starts fresh", path.parent, key)
+    return picked
+
+
+def _saved_step(data: Mapping[str, Any], path: Path) -> int:
+    """The step a checkpoint was saved at: its `step` entry, else the folder's number, else 0."""
+    step = data.get("step")
+    if isinstance(step, int):
+        return step
+    match = FOLDER_RE.fullmatch(path.parent.name)
+    return int(match.group(1)) if match else 0
+
+
+def _load_options(model: nn.Module, broadcast: bool) -> StateDictOptions:
+    """Full state dicts from rank 0; a LoRA entry holds the adapter only (the base weights stay
+    as they are), so a LoRA model loads non-strictly."""
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast,
+                            strict=not is_lora(model))
+
+
+def _restore_saved_rng(rng: list[Any] | None, path: str) -> bool:
+    """Restore this rank's saved RNG state; False (with a warning) when there is none or it was
+    saved with another number of ranks."""
+    if rng is None:
+        return False
+    world = current_world_size()
+    if len(rng) != world:
+        log.warning("%s: saved with %d rank(s), resuming with %d; RNG states not restored",
+                    path, len(rng), world)
+        return False
+    restore_rng_state(rng[current_rank()])
+    return True
+
+
 def _apply(
     files: _Files | None,
     *,
@@ -617,92 +661,38 @@ def _apply(
     ema: EMA | None,
     restore_rng: bool,
 ) -> Resumed:
-    """Load `files` (read on rank 0; None elsewhere) into the modules. Collective."""
+    """Load `files` (read on rank 0; None elsewhere) into the modules. Collective: rank 0 checks
+    everything before any rank starts a collective load, so a bad file fails on every rank."""
     loaded: dict[str, Any] = {}
+    optimizers = {"generator_optimizer": generator_optimizer, "critic_optimizer": critic_optimizer}
 
     def check() -> dict[str, Any]:
-        """Rank 0: validate everything against the models before any collective load, load the
-        EMA (it lives on rank 0 only) and return the small facts every rank needs."""
+        """Rank 0: validate against the models, load the EMA, return the facts every rank needs."""
         assert files is not None
         path, data, resume = files.model_path, files.model, files.resume
-        if is_lora(generator):
-            if "generator_lora" not in data:
-                raise CheckpointError(f"{path} holds no 'generator_lora' entry: not a LoRA "
-                                      "checkpoint, but the config has an adapter")
-            loaded["generator"] = _lora_entry(data, "generator", generator, path)
-        else:
-            if "generator_lora" in data and not ({"generator", "model"} & set(data)):
-                raise CheckpointError(f"{path} is a LoRA checkpoint, but the config has no adapter")
-            entry = "generator" if "generator" in data else "model"
-            loaded["generator"] = _state_entry(data, entry, path)
-            _check_fits(generator, loaded["generator"], f"{path} (entry '{entry}')")
-        if critic is not None and is_lora(critic) and "critic_lora" in data:
-            loaded["critic"] = _lora_entry(data, "critic", critic, path)
-        elif critic is not None and not is_lora(critic) and "critic" in data:
-            loaded["critic"] = _state_entry(data, "critic", path)
-            _check_fits(critic, loaded["critic"], f"{path} (entry 'critic')")
-        ema_loaded = False
-        if ema is not None and "generator_ema" in data:
-            try:
-                ema.load_state_dict(_state_entry(data, "generator_ema", path), f"{path} (generator_ema)")
-            except ValueError as err:
-                raise CheckpointError(str(err)) from None
-            ema_loaded = True
-        optimizers = []
-        for key, optimizer in (("generator_optimizer", generator_optimizer),
-                               ("critic_optimizer", critic_optimizer)):
-            if optimizer is None:
-                continue
-            if resume is not None and key in resume:
-                if key == "critic_optimizer" and "critic" not in loaded:
-                    continue
-                loaded[key] = resume[key]
-                optimizers.append(key)
-            else:
-                log.warning("%s: no %s state; that optimiser starts fresh", path.parent, key)
-        step = data.get("step")
-        if not isinstance(step, int):
-            match = FOLDER_RE.fullmatch(path.parent.name)
-            step = int(match.group(1)) if match else 0
+        _check_model_entries(data, path, generator, critic, loaded)
         return {
             "path": str(path),
-            "step": step,
+            "step": _saved_step(data, path),
             "critic": "critic" in loaded,
-            "ema": ema_loaded,
-            "optimizers": tuple(optimizers),
+            "ema": _load_ema_entry(ema, data, path),
+            "optimizers": tuple(_pick_optimizer_states(resume, path, loaded, optimizers)),
             "rng": resume.get("rng") if resume is not None and restore_rng else None,
             "resume_state": dict(resume.get("resume_state") or {}) if resume is not None else {},
         }
 
-    facts = _on_main(check)
-    bcast = _distributed()
-    for model, key in ((generator, "generator"), (critic, "critic")):
-        if key == "critic" and not facts["critic"]:
-            continue
-        # a LoRA entry holds the adapter only: the base weights stay as they are
-        load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast,
-                                strict=not is_lora(model))
-        set_model_state_dict(model, loaded.get(key, {}), options=load)
-    models = {"generator_optimizer": (generator, generator_optimizer),
-              "critic_optimizer": (critic, critic_optimizer)}
+    facts = on_main(check)
+    broadcast = is_distributed()
+    loaded_models = [generator, critic] if facts["critic"] else [generator]
+    for model, key in zip(loaded_models, ("generator", "critic")):
+        set_model_state_dict(model, loaded.get(key, {}), options=_load_options(model, broadcast))
+    # the optimisers load with the options of the last model loaded
+    options = _load_options(loaded_models[-1], broadcast)
+    owners = {"generator_optimizer": generator, "critic_optimizer": critic}
     for key in facts["optimizers"]:
-        model, optimizer = models[key]
-        set_optimizer_state_dict(model, optimizer, loaded.get(key, {}), options=load)
-        _fix_betas(optimizer)
+        set_optimizer_state_dict(owners[key], optimizers[key], loaded.get(key, {}), options=options)
+        _fix_betas(optimizers[key])
     loaded.clear()
-
-    rng_restored = False
-    rng = facts["rng"]
-    if rng is not None:
-        world = dist.get_world_size() if bcast else 1
-        if len(rng) == world:
-            restore_rng_state(rng[dist.get_rank() if bcast else 0])
-            rng_restored = True
-        else:
-            log.warning(
-                "%s: saved with %d rank(s), resuming with %d; RNG states not restored",
-                facts["path"], len(rng), world,
-            )
     return Resumed(
         path=Path(facts["path"]),
         step=facts["step"],
@@ -710,7 +700,7 @@ def _apply(
         critic_loaded=facts["critic"],
         ema_loaded=facts["ema"],
         optimizers_loaded=facts["optimizers"],
-        rng_restored=rng_restored,
+        rng_restored=_restore_saved_rng(facts["rng"], facts["path"]),
     )
 
 
@@ -735,7 +725,7 @@ def load_checkpoint(
     newest readable one does not fit the models.
     """
     logdir = Path(logdir)
-    found = _on_main(lambda: [str(c.path) for c in list_checkpoints(logdir)])
+    found = on_main(lambda: [str(c.path) for c in list_checkpoints(logdir)])
     box: dict[str, Any] = {}
     for i in range(len(found) - 1, -1, -1):
         error = _read_folder(Path(found[i]), box)
@@ -770,7 +760,7 @@ def _read_folder(folder: Path, box: dict[str, Any]) -> str:
             return str(err)
         return ""
 
-    error = _on_main(read_main)
+    error = on_main(read_main)
     if error:
         return error
     mine = ""
@@ -803,7 +793,7 @@ def load_checkpoint_file(
     def read() -> None:
         box["files"] = _read_files(path)
 
-    _on_main(read)
+    on_main(read)
     return _apply(box.get("files"), generator=generator, critic=critic,
                   generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
                   ema=ema, restore_rng=restore_rng)

@@ -22,9 +22,10 @@ from __future__ import annotations
 from typing import Iterator, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+
+from utils.distributed import is_distributed, is_main_rank
 
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 
@@ -34,11 +35,6 @@ def plain_name(name: str) -> str:
     for part in WRAPPER_PARTS:
         name = name.replace(part, "")
     return name
-
-
-def is_main_rank() -> bool:
-    """True on rank 0, and in a process without a process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -113,7 +109,7 @@ class EMA:
         Parameters the shadow lacks (there are none for a model it was built from) are kept."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_distributed()
         state = self.shadow if is_main_rank() else {}
         set_model_state_dict(
             model,

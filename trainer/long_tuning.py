@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from utils.distributed import is_distributed
+
 from .checkpointing import Resumed
 from .loop import Stage1Trainer, _Record
 from .stage2 import critic_window_loss, generator_window_loss
@@ -134,7 +136,7 @@ class Stage2Trainer(Stage1Trainer):
         state = loaded.rank_state  # read (and checked on every rank) by load_checkpoint
         # every rank must continue its sequence, or none does: ranks run windows in lockstep
         everyone = torch.tensor([0 if state is None else 1])
-        if dist.is_initialized():
+        if is_distributed():
             everyone = everyone.to(self.device)
             dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
         if not int(everyone.item()):

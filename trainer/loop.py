@@ -36,13 +36,14 @@ from torch.distributed.tensor import DTensor
 from memflow.attention import set_attention_backend
 from memflow.chunk_loop import ChunkStepper
 from memflow.fsdp import shard_model
+from utils.distributed import current_rank, current_world_size, is_distributed, on_main
 from utils.errors import InputError
 from utils.signals import check_terminated
 
 from memflow.lora import add_lora
 
-from .checkpointing import (Resumed, _on_main, load_checkpoint, load_checkpoint_file,
-                            remove_leftovers, rotate_checkpoints, save_checkpoint)
+from .checkpointing import (Resumed, load_checkpoint, load_checkpoint_file, remove_leftovers,
+                            rotate_checkpoints, save_checkpoint)
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
 from .draws import RunDraws, SeededRunDraws, TrainingDraws, stable_seed
@@ -99,11 +100,11 @@ def _prepare_logdir(logdir: Path) -> None:
             log.info("removed %s (left by a run killed while writing or deleting a checkpoint)",
                      leftover)
 
-    _on_main(make)
+    on_main(make)
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
+    if not is_distributed():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -161,8 +162,8 @@ class Stage1Trainer:
         with each iteration's `IterationReport` before clipping (default: none, nothing kept)."""
         self.settings = s = settings
         self.device = device
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = current_rank()
+        self.world = current_world_size()
         if s.logdir is not None:
             _prepare_logdir(Path(s.logdir))
         set_attention_backend(s.attn_backend)
@@ -175,7 +176,7 @@ class Stage1Trainer:
         for model in (m.generator, m.critic, m.teacher):
             model.gradient_checkpointing = s.gradient_checkpointing and model is not m.teacher
             model.to(device)
-            if dist.is_initialized():
+            if is_distributed():
                 shard_model(model, compute_dtype=s.compute_dtype if s.mixed_precision else None,
                             reshard_after_forward=s.reshard_after_forward)
         self.generator, self.critic, self.teacher = m.generator, m.critic, m.teacher
@@ -291,7 +292,7 @@ class Stage1Trainer:
         if self.vis is None or self.step == 0 or self.step % s.vis_interval:
             return
         missing = torch.tensor([0 if self.vis.complete(self.step) else 1])
-        if dist.is_initialized():
+        if is_distributed():
             missing = missing.to(self.device)
             dist.all_reduce(missing, op=dist.ReduceOp.MAX)
         if int(missing.item()):

@@ -1,11 +1,15 @@
-"""Data-parallel inference under torchrun: every rank holds a full pipeline and takes a share
-of the prompts (spec §8). There are no collectives beyond one barrier; each rank writes its own
-files. Without torchrun everything here is a no-op for a single process.
+"""The one home of process-group helpers, for inference, evaluation and training.
+
+Data-parallel inference under torchrun: every rank holds a full pipeline and takes a share of the
+prompts (spec §8: no collectives beyond one barrier; each rank writes its own files). Training
+asks the live process group who is rank 0 and lets rank 0 do the file work (`on_main`). Without
+torchrun everything here is a no-op for a single process.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -13,6 +17,7 @@ import torch.distributed as dist
 from utils.errors import InputError
 
 SEED_MODES = ("per_prompt", "per_rank", "shared")
+T = TypeVar("T")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -65,15 +70,70 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     return info
 
 
+def is_distributed() -> bool:
+    """Whether a process group is up (torchrun with more than one process, or a test's group)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def current_rank() -> int:
+    """This process's rank in the live process group; 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def current_world_size() -> int:
+    """The number of processes in the live process group; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_rank() -> bool:
+    """True on rank 0, and in a process without a process group."""
+    return current_rank() == 0
+
+
 def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has created the output folder); no-op alone."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (small picklable objects only); `value` itself alone."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 and give every rank its (small) result, or make every rank raise.
+
+    Other ranks raise the same `InputError` type (the CLI's one-line error) or a RuntimeError
+    carrying rank 0's message; rank 0 re-raises its original exception, so no rank is left
+    waiting in a collective that rank 0 never reaches."""
+    outcome: tuple[str, Any] = ("ok", None)
+    error: BaseException | None = None
+    if is_main_rank():
+        try:
+            outcome = ("ok", fn())
+        except Exception as err:  # shared below, then re-raised
+            error = err
+            kind = "input" if isinstance(err, InputError) else "other"
+            outcome = (kind, f"{type(err).__name__}: {err}" if kind == "other" else str(err))
+    outcome = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    kind, value = outcome
+    if kind == "input":
+        raise InputError(value)
+    if kind == "other":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 def cleanup_distributed() -> None:
     """Leave the process group if `init_distributed` joined one."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
