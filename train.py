@@ -98,9 +98,9 @@ def _train(args: argparse.Namespace) -> int:
         if info.is_main:
             log.info("seed %d", settings.seed)
         from trainer.long_tuning import Stage2Trainer
-        from trainer.loop import Stage1Trainer
+        from trainer.loop import DistillationTrainer
 
-        trainer_class = Stage2Trainer if settings.stage == 2 else Stage1Trainer
+        trainer_class = Stage2Trainer if settings.stage == 2 else DistillationTrainer
         trainer = trainer_class(settings, device,
                                 config_for_logging=OmegaConf.to_container(cfg, resolve=True))
         trainer.run()

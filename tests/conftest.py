@@ -95,9 +95,9 @@ def train_settings(config: Path, logdir: Path | None = None, **overrides):
 def make_trainer(settings):
     """The in-process trainer of `settings`' stage (as train.py picks it), on the CPU, no bars."""
     from trainer.long_tuning import Stage2Trainer
-    from trainer.loop import Stage1Trainer
+    from trainer.loop import DistillationTrainer
 
-    trainer_class = Stage2Trainer if settings.stage == 2 else Stage1Trainer
+    trainer_class = Stage2Trainer if settings.stage == 2 else DistillationTrainer
     return trainer_class(settings, CPU, progress=False)
 
 

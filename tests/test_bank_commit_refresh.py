@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from pipeline.settings import parse_settings
 from trainer.draws import SeededDraws
 from trainer.rollout import RolloutConfig, training_memory_options, training_rollout
-from trainer.streaming import LongSequence, StreamingConfig, SwitchSchedule
+from trainer.long_sequence import LongSequence, LongTuningConfig, SwitchSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny calls: threads only add overhead
 
@@ -61,7 +61,7 @@ class Run:
         stream = StreamConfig(local_attn_size=12, sink_size=3, bank_size=3, record_interval=3,
                               memory=memory)
         self.stepper = ChunkStepper(tiny_dit(TINY, seed), stream, SamplingConfig())
-        config = StreamingConfig(
+        config = LongTuningConfig(
             window_frames=21, max_length=75, min_new_frames=18,
             switch=SwitchSchedule("fixed", fixed_index=switch_frame),
             switch_options=SwitchOptions.compat(global_sink=False) if compat else SwitchOptions(),

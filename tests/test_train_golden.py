@@ -23,7 +23,7 @@ from trainer.dmd import dmd_gradient, dmd_loss, shift_timestep, score_timestep
 from trainer.draws import InjectedDraws, SeededDraws
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
-from trainer.stage1 import Stage1Models, critic_loss, generator_loss
+from trainer.losses_stage1 import DistillationModels, critic_loss, generator_loss
 
 from conftest import GOLDEN_DIT, tiny_dit, tiny_prompt
 from reference_files import load_wan_state
@@ -78,7 +78,7 @@ def golden_step():
                        timestep_shift=5.0, context_noise=0.0),
     )
     score_config = ScoreConfig.compat()
-    models = Stage1Models.build(stepper, teacher, critic, score_config)
+    models = DistillationModels.build(stepper, teacher, critic, score_config)
     rollout_config = RolloutConfig(
         num_training_frames=fixture["num_training_frames"],
         min_num_training_frames=fixture["min_num_training_frames"],
@@ -143,7 +143,7 @@ def test_score_sigma_table_matters(golden_step):
     x = ref["pred_image"].float()
     errs = {}
     for name, config in (("compat", ScoreConfig.compat()), ("clean", ScoreConfig.clean())):
-        m = Stage1Models.build(models.stepper, models.teacher.model, models.critic.model, config)
+        m = DistillationModels.build(models.stepper, models.teacher.model, models.critic.model, config)
         dmd = dmd_gradient(x, cond, uncond, m.teacher, m.critic, m.stepper.scheduler, config,
                            _golden_draws(fixture["draws"]))
         errs[name] = _max_abs(dmd.grad, ref["dmd_grad"])
@@ -181,7 +181,7 @@ def test_dmd_loss_value_and_gradient():
 HW = (4, 6)
 
 
-def _tiny_models(dtype: torch.dtype, config: ScoreConfig) -> Stage1Models:
+def _tiny_models(dtype: torch.dtype, config: ScoreConfig) -> DistillationModels:
     """Tiny generator / teacher / critic; a 6-frame window with a 2-slot bank recording every
     chunk, so a 4-block rollout fills the bank and compresses (text retrieval per sample)."""
     stream = StreamConfig(local_attn_size=6, sink_size=3, bank_size=2, record_interval=1,
@@ -190,7 +190,7 @@ def _tiny_models(dtype: torch.dtype, config: ScoreConfig) -> Stage1Models:
     gen.gradient_checkpointing = True
     teacher = tiny_dit(seed=1).to(dtype).requires_grad_(False)
     critic = tiny_dit(seed=2).to(dtype)
-    return Stage1Models.build(ChunkStepper(gen, stream, SamplingConfig()), teacher, critic, config)
+    return DistillationModels.build(ChunkStepper(gen, stream, SamplingConfig()), teacher, critic, config)
 
 
 # 4 blocks drawn from [3, 4]: the first block is masked out of the loss

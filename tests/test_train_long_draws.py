@@ -22,7 +22,7 @@ from trainer.draws import (InjectedDraws, InjectedRunDraws, InjectedSequence, Se
                            SequenceDraws, TrainingDraws, stable_seed)
 from trainer.models import build_train_models
 from trainer.report import IterationReport
-from trainer.streaming import window_schedule
+from trainer.long_sequence import window_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_train_long.yaml"
@@ -98,10 +98,10 @@ def snapshot(report: IterationReport) -> dict[str, Any]:
 def run(draws=None, iterations: int = 3, models=None, settings=None, stage: int = 2):
     """A tiny trainer driven by `draws` (None: its default) for `iterations` steps."""
     from trainer.long_tuning import Stage2Trainer
-    from trainer.loop import Stage1Trainer
+    from trainer.loop import DistillationTrainer
 
     reports: list[dict[str, Any]] = []
-    trainer = (Stage2Trainer if stage == 2 else Stage1Trainer)(
+    trainer = (Stage2Trainer if stage == 2 else DistillationTrainer)(
         settings or make_settings(), CPU, models=models, draws=draws,
         report_hook=lambda r: reports.append(snapshot(r)), progress=False)
     metrics = [trainer.train_step().__dict__ for _ in range(iterations)]

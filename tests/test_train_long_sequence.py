@@ -13,7 +13,7 @@ from conftest import TINY, tiny_dit, tiny_prompt
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from trainer.draws import SeededDraws
-from trainer.streaming import (LongSequence, StreamingConfig, SwitchSchedule, can_generate_more,
+from trainer.long_sequence import (LongSequence, LongTuningConfig, SwitchSchedule, can_generate_more,
                                new_frame_choices, window_schedule)
 
 HW = (4, 4)
@@ -23,7 +23,7 @@ HW = (4, 4)
 # The schedule (pure)
 # ------------------------------------------------------------------------------------------------
 def test_window_schedule_for_240_frames_matches_the_spec_table():
-    cfg = StreamingConfig()  # 21-frame windows, 18 new frames, T = 240
+    cfg = LongTuningConfig()  # 21-frame windows, 18 new frames, T = 240
     table = window_schedule(240, cfg, 3)
     assert table == [(0, 21)] + [(21 + 18 * k, 18) for k in range(12)]
     assert len(table) == 13 and sum(n for _, n in table) == 237
@@ -31,12 +31,12 @@ def test_window_schedule_for_240_frames_matches_the_spec_table():
     assert not can_generate_more(237, 240, 18)  # the next request starts a new sequence
     assert new_frame_choices(21, 240, cfg, 3) == [18]  # always 18 at T = 240
     # a shorter tail: only lengths that still fit are offered
-    assert new_frame_choices(9, 20, StreamingConfig(window_frames=12, min_new_frames=3), 3) == [3, 6, 9]
+    assert new_frame_choices(9, 20, LongTuningConfig(window_frames=12, min_new_frames=3), 3) == [3, 6, 9]
 
 
 def test_released_switch_choices_are_window_starts():
     schedule = SwitchSchedule("random_choice", choices=tuple(range(21, 202, 18)))
-    starts = {s for s, _ in window_schedule(240, StreamingConfig(), 3)}
+    starts = {s for s, _ in window_schedule(240, LongTuningConfig(), 3)}
     assert set(schedule.candidates(240, 3)) <= starts
     assert schedule.candidates(60, 3) == [21, 39, 57]
     assert SwitchSchedule("fixed", fixed_index=21).candidates(240, 3) == [21]
@@ -54,8 +54,8 @@ def _stepper(compat: bool, record_interval: int = 1, seed: int = 0) -> ChunkStep
     return ChunkStepper(tiny_dit(TINY, seed), stream, SamplingConfig())
 
 
-def _config(compat: bool, switch_frame: int, max_length: int = 18) -> StreamingConfig:
-    return StreamingConfig(
+def _config(compat: bool, switch_frame: int, max_length: int = 18) -> LongTuningConfig:
+    return LongTuningConfig(
         window_frames=6, max_length=max_length, min_new_frames=3,
         switch=SwitchSchedule("fixed", fixed_index=switch_frame),
         switch_options=SwitchOptions.compat(global_sink=False) if compat else SwitchOptions(),
@@ -253,7 +253,7 @@ def test_recache_longer_than_the_compacted_buffer_matches_the_window_recache():
     buffer still holds; the frames outside every later attention window are computed and not
     written, so the following windows agree with a recache of just the attention window."""
 
-    def config(switch_frame: int, recache: int | None) -> StreamingConfig:
+    def config(switch_frame: int, recache: int | None) -> LongTuningConfig:
         return dataclasses.replace(_config(True, switch_frame, max_length=36), window_frames=9,
                                    recache_frames=recache)
 

@@ -1,4 +1,4 @@
-"""Stage1Trainer end to end on the tiny config (configs/tiny_train_init.yaml), in process.
+"""DistillationTrainer end to end on the tiny config (configs/tiny_train_init.yaml), in process.
 
 * the generator/critic update ratio;
 * exact resume (after the last step and after a checkpoint that is not the last step);

@@ -42,7 +42,7 @@ from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHEC
 from pipeline.settings import PATCH, _options, sampling_config, stream_config
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
-from trainer.streaming import StreamingConfig, SwitchSchedule
+from trainer.long_sequence import LongTuningConfig, SwitchSchedule
 from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
 from utils.schema import check_section
@@ -242,7 +242,7 @@ class TrainSettings:
     stream: StreamConfig
     sampling: SamplingConfig
     rollout: RolloutConfig
-    streaming: StreamingConfig | None  # stage 2 only
+    streaming: LongTuningConfig | None  # stage 2 only
     lora: LoraSettings | None  # `adapter:` set: only LoRA weights train (TRAINING.md §6)
     lora_on_critic: bool  # adapter.apply_to_critic (else the whole critic trains)
     lora_ckpt: Path | None  # LoRA weights to start from when nothing is auto-resumed
@@ -473,7 +473,7 @@ def _frames(cfg: DictConfig, key: str, fpb: int, default: Any = None, *, minimum
     return value
 
 
-def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
+def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> LongTuningConfig:
     """Stage-2 keys (TRAINING.md §1.2, §5): window schedule, sequence lengths, switch rule."""
     window = _frames(cfg, "streaming_chunk_size", fpb, minimum=fpb)
     min_new = _frames(cfg, "streaming_min_new_frame", fpb, minimum=fpb)
@@ -537,7 +537,7 @@ def _streaming(cfg: DictConfig, compat: bool, fpb: int) -> StreamingConfig:
             raise InputError("config key `global_sink`: false (an all-zero sink after the switch) "
                              "exists only as the reference's bug, under behaviour: compat")
         switch = SwitchOptions()
-    return StreamingConfig(
+    return LongTuningConfig(
         window_frames=window,
         max_length=max_length,
         possible_max_lengths=tuple(possible) if possible else (),

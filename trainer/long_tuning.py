@@ -32,14 +32,14 @@ import torch.distributed as dist
 from utils.distributed import is_distributed
 
 from .checkpointing import Resumed
-from .loop import Stage1Trainer, _Record
-from .stage2 import critic_window_loss, generator_window_loss
-from .streaming import LongSequence, vae_first_frame_encoder
+from .loop import DistillationTrainer, _Record
+from .losses_stage2 import critic_window_loss, generator_window_loss
+from .long_sequence import LongSequence, vae_first_frame_encoder
 
 log = logging.getLogger(__name__)
 
 
-class Stage2Trainer(Stage1Trainer):
+class Stage2Trainer(DistillationTrainer):
     """Stage 1's trainer with streaming windows of long sequences as its samples."""
 
     sequence: LongSequence | None = None

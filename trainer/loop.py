@@ -51,7 +51,7 @@ from .ema import EMA, ema_after_iteration, ema_after_resume
 from .log import TrainLogger
 from .models import TrainModels, build_train_models
 from .report import IterationReport, ReportHook, gradients
-from .stage1 import Stage1Models, critic_loss, generator_loss
+from .losses_stage1 import DistillationModels, critic_loss, generator_loss
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,10 @@ class _Record:
             self.report.critic_losses.append(c)
 
 
-class Stage1Trainer:
-    """Builds everything from `TrainSettings`, resumes, and runs iterations until max_iters."""
+class DistillationTrainer:
+    """The Self-Forcing DMD trainer (generator, critic, frozen teacher): stage 1 as it is, and the
+    base of stage 2's `Stage2Trainer`, which replaces the rollouts with windows of long sequences.
+    Builds everything from `TrainSettings`, resumes, and runs iterations until max_iters."""
 
     def __init__(
         self,
@@ -181,7 +183,7 @@ class Stage1Trainer:
                             reshard_after_forward=s.reshard_after_forward)
         self.generator, self.critic, self.teacher = m.generator, m.critic, m.teacher
         stepper = ChunkStepper(self.generator, s.stream, s.sampling, dtype=s.compute_dtype)
-        self.models = Stage1Models.build(stepper, self.teacher, self.critic, s.score)
+        self.models = DistillationModels.build(stepper, self.teacher, self.critic, s.score)
         self.generator_opt = _adamw(self.generator.parameters(), s.generator_optim)
         self.critic_opt = _adamw(self.critic.parameters(), s.critic_optim)
         self.ema: EMA | None = EMA(self.generator, s.ema_weight) if s.ema_weight else None

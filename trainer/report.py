@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .streaming import Window
+from .long_sequence import Window
 
 
 @dataclass

@@ -311,7 +311,7 @@ class TrainOutputKeys:
 
 @dataclass
 class LongTuningKeys:
-    """Stage 2, streaming long tuning (`trainer.streaming.StreamingConfig`, TRAINING.md §5)."""
+    """Stage 2, streaming long tuning (`trainer.long_sequence.LongTuningConfig`, TRAINING.md §5)."""
 
     streaming_training: bool = False
     streaming_chunk_size: int = 21  # window the losses see, latent frames

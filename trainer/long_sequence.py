@@ -82,7 +82,7 @@ class SwitchSchedule:
 
 
 @dataclass(frozen=True)
-class StreamingConfig:
+class LongTuningConfig:
     """Stage-2 settings (TRAINING.md §1.2 "Stage-2 only"), in latent frames.
 
     `recache_frames`: frames re-encoded at the switch; None follows interactive inference
@@ -112,7 +112,7 @@ def can_generate_more(generated: int, max_length: int, min_new_frames: int) -> b
     return generated < max_length and generated + min_new_frames <= max_length
 
 
-def new_frame_choices(generated: int, max_length: int, config: StreamingConfig,
+def new_frame_choices(generated: int, max_length: int, config: LongTuningConfig,
                       frames_per_block: int) -> list[int]:
     """The possible numbers of new frames of the next window: the whole window first, then
     multiples of the chunk in [min_new_frames, min(max_length - generated + 1, window))."""
@@ -122,7 +122,7 @@ def new_frame_choices(generated: int, max_length: int, config: StreamingConfig,
     return list(range(config.min_new_frames, top, frames_per_block))
 
 
-def window_schedule(max_length: int, config: StreamingConfig, frames_per_block: int,
+def window_schedule(max_length: int, config: LongTuningConfig, frames_per_block: int,
                     choose: Callable[[list[int]], int] = lambda c: c[0]) -> list[tuple[int, int]]:
     """(start frame, new frames) of every window of one sequence (§5.2's table)."""
     out, generated = [], 0
@@ -180,7 +180,7 @@ class LongSequence:
     def __init__(
         self,
         stepper: ChunkStepper,
-        config: StreamingConfig,
+        config: LongTuningConfig,
         *,
         prompts: list[str],
         switch_prompts: list[str],

@@ -15,8 +15,8 @@ import torch
 from .dmd import critic_flow_loss, dmd_gradient, dmd_loss
 from .draws import TrainingDraws
 from .score import ScoreConfig
-from .stage1 import Stage1Models
-from .streaming import LongSequence, Window
+from .losses_stage1 import DistillationModels
+from .long_sequence import LongSequence, Window
 
 
 @dataclass
@@ -44,7 +44,7 @@ class WindowCriticLoss:
 
 
 def generator_window_loss(
-    models: Stage1Models,
+    models: DistillationModels,
     sequence: LongSequence,
     uncond: torch.Tensor,
     score_config: ScoreConfig,
@@ -60,7 +60,7 @@ def generator_window_loss(
 
 
 def critic_window_loss(
-    models: Stage1Models,
+    models: DistillationModels,
     sequence: LongSequence,
     score_config: ScoreConfig,
     draws: TrainingDraws,

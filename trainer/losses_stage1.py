@@ -1,6 +1,6 @@
 """One stage-1 generator loss and one critic loss (TRAINING.md §3.1): rollout, then DMD / flow.
 
-`Stage1Models` bundles the generator's chunk stepper and the teacher/critic x0 readers;
+`DistillationModels` bundles the generator's chunk stepper and the teacher/critic x0 readers;
 `generator_loss` is the reference's `DMD.generator_loss` (rollout with gradient, DMD loss),
 `critic_loss` its `DMD.critic_loss` (an independent no-grad rollout, critic flow loss). Each
 takes its own `TrainingDraws`, so the two rollouts of an iteration draw independently. The
@@ -21,7 +21,7 @@ from .score import ScoreConfig, ScoreModel, score_scheduler
 
 
 @dataclass
-class Stage1Models:
+class DistillationModels:
     """The generator (through its stepper), the frozen teacher and the critic."""
 
     stepper: ChunkStepper
@@ -29,7 +29,7 @@ class Stage1Models:
     critic: ScoreModel
 
     @classmethod
-    def build(cls, stepper: ChunkStepper, teacher, critic, config: ScoreConfig) -> "Stage1Models":
+    def build(cls, stepper: ChunkStepper, teacher, critic, config: ScoreConfig) -> "DistillationModels":
         """Wrap two bidirectional WanDiTs with the teacher/critic table of `config`."""
         table = score_scheduler(config)
         return cls(stepper, ScoreModel(teacher, table), ScoreModel(critic, table))
@@ -47,7 +47,7 @@ class GeneratorLoss:
 
 
 def generator_loss(
-    models: Stage1Models,
+    models: DistillationModels,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     latent_hw: tuple[int, int],
@@ -79,7 +79,7 @@ class CriticStepLoss:
 
 
 def critic_loss(
-    models: Stage1Models,
+    models: DistillationModels,
     cond: torch.Tensor,
     latent_hw: tuple[int, int],
     rollout_config: RolloutConfig,
