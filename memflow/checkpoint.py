@@ -128,6 +128,32 @@ def _why_unreadable(path: Path, err: BaseException) -> str:
     return "not a PyTorch checkpoint (its contents are neither a zip archive nor a pickle)"
 
 
+
+def check_state_fits(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    source: str | Path,
+    *,
+    model: str,
+    config: str,
+    shown_name: Callable[[str], str] = lambda key: key,
+) -> None:
+    """Raise one line naming `source` and the first key of `state` that is unexpected, missing or
+    of the wrong shape for `expected`, the shapes of the model built from the config (`model`:
+    "a 2-layer encoder", `config`: "text-encoder config"). `shown_name` maps a key back to the
+    file's own naming, so the message names what the user can find in the file."""
+    for key, value in state.items():
+        if key not in expected:
+            raise ValueError(f"{source}: unexpected key {shown_name(key)!r} for {model}")
+        if value.shape != expected[key]:
+            raise ValueError(
+                f"{source}: key {shown_name(key)!r} has shape {tuple(value.shape)} but the "
+                f"{config} expects {tuple(expected[key])}"
+            )
+    for key in expected:
+        if key not in state:
+            raise ValueError(f"{source}: missing key {shown_name(key)!r}")
+
 def load_torch_file(path: PathLike, what: str = "checkpoint", *, mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU; an unreadable file is a
     `CheckpointError` naming `what`, the file and what is wrong with it. Files holding pickled

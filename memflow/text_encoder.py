@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from .checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER  # noqa: F401 (re-exported)
-from .checkpoint import load_torch_file
+from .checkpoint import check_state_fits, load_torch_file
 
 TEXT_LEN = 512
 WAN_T5_ATTENTION = "memflow_wan_t5"
@@ -190,17 +190,10 @@ def _check_state_dict(state: Mapping[str, torch.Tensor], config: UMT5Config, sou
     """Raise one clear line (file + first offending key in Wan naming) if `state` does not fit `config`."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in new_umt5_encoder(config).state_dict().items()}
-    for key, value in state.items():
-        if key not in expected:
-            raise ValueError(f"{source}: unexpected key {hf_to_wan_t5_key(key)!r} for a {config.num_layers}-layer encoder")
-        if value.shape != expected[key]:
-            raise ValueError(
-                f"{source}: key {hf_to_wan_t5_key(key)!r} has shape {tuple(value.shape)} but the text-encoder "
-                f"config expects {tuple(expected[key])}"
-            )
-    for key in expected:
-        if key not in state:
-            raise ValueError(f"{source}: missing key {hf_to_wan_t5_key(key)!r}")
+    check_state_fits(
+        state, expected, source, model=f"a {config.num_layers}-layer encoder",
+        config="text-encoder config", shown_name=hf_to_wan_t5_key,
+    )
 
 
 def load_wan_t5_state_dict(path: str | Path, config: UMT5Config | None = None) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from .checkpoint import WAN_VAE_CHECKPOINT  # noqa: F401 (re-exported)
-from .checkpoint import load_torch_file
+from .checkpoint import check_state_fits, load_torch_file
 
 
 # §7.1: a latent normalised for the DiT satisfies z = (mu - mean) / std, per channel.
@@ -146,17 +146,9 @@ def load_wan_vae_state_dict(
         except ValueError:
             return key
 
-    for key, value in state.items():
-        if key not in expected:
-            raise ValueError(f"{path}: unexpected key {wan_name(key)!r} for this VAE config")
-        if value.shape != expected[key]:
-            raise ValueError(
-                f"{path}: key {wan_name(key)!r} has shape {tuple(value.shape)} but the VAE config "
-                f"expects {tuple(expected[key])}"
-            )
-    for key in expected:
-        if key not in state:
-            raise ValueError(f"{path}: missing key {wan_name(key)!r}")
+    check_state_fits(
+        state, expected, path, model="this VAE config", config="VAE config", shown_name=wan_name
+    )
     return state
 
 
