@@ -279,3 +279,23 @@ def test_failed_write_leaves_nothing(tmp_path, source, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["base.pt"]
     monkeypatch.undo()
     assert load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt").step == 1
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}, "f.pt: unexpected key 'C' for a tiny model"),
+        ({"a": torch.zeros(2), "b": torch.zeros(4)}, "f.pt: key 'B' has shape (4,) but the tiny config expects (3,)"),
+        ({"a": torch.zeros(2)}, "f.pt: missing key 'B'"),
+    ],
+)
+def test_state_fit_check_names_the_first_bad_key_in_the_files_naming(state, message):
+    from memflow.checkpoint import check_state_fits
+
+    expected = {"a": torch.Size([2]), "b": torch.Size([3])}
+    with pytest.raises(ValueError) as err:
+        check_state_fits(state, expected, "f.pt", model="a tiny model", config="tiny config",
+                         shown_name=str.upper)
+    assert str(err.value) == message
+    check_state_fits({"a": torch.zeros(2), "b": torch.zeros(3)}, expected, "f.pt",
+                     model="a tiny model", config="tiny config")
