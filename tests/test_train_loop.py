@@ -329,17 +329,23 @@ def test_bank_holds_frames_during_the_generator_rollout(monkeypatch):
 
     trainer = make_trainer(make_settings())
     assert trainer.settings.stream.bank_size == 2
-    rows: dict[int, list[dict[str, Any]]] = {}  # id(state) -> calls, in rollout order
+    # One entry per rollout, in order. The states are held here so that a finished rollout's state
+    # cannot be freed and its address reused by the next one (which would merge them under id()).
+    states: list[Any] = []
+    rows: list[list[dict[str, Any]]] = []
     original = ChunkStepper.dit
 
     def spy(self, state, x, t, context, call):
         out = original(self, state, x, t, context, call)
-        rows.setdefault(id(state), []).append(_bank_row(state, call))
+        if not any(s is state for s in states):
+            states.append(state)
+            rows.append([])
+        rows[next(i for i, s in enumerate(states) if s is state)].append(_bank_row(state, call))
         return out
 
     monkeypatch.setattr(ChunkStepper, "dit", spy)
     trainer.train_step()
-    generator_rollout, critic_rollout = list(rows.values())
+    generator_rollout, critic_rollout = rows
     for calls in (generator_rollout, critic_rollout):
         per_chunk = {}
         for row in calls:
