@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -53,9 +53,6 @@ BLOCK_LINEARS = (
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
     "ffn.0", "ffn.2",
 )
-# adapter: keys of the reference config that do not shape the adapter (dtype is ignored by the
-# reference as well; apply_to_critic is read by training).
-IGNORED_ADAPTER_KEYS = frozenset({"dtype", "verbose", "apply_to_critic"})
 _BLOCK_MODULE = re.compile(r"blocks\.\d+\.(.+)")
 
 
@@ -83,27 +80,6 @@ class LoraSettings:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-    @classmethod
-    def from_config(cls, adapter: Mapping[str, Any]) -> "LoraSettings":
-        """From the reference's `adapter:` section {type, rank, alpha, dropout, dtype, verbose}.
-
-        Same defaults as the reference: rank 16, alpha = rank when absent or null, dropout 0.
-        dtype, verbose and apply_to_critic are accepted and ignored; other keys are rejected, so
-        a misspelt `alpha` does not silently fall back to the default.
-        """
-        kind = adapter.get("type", "lora")
-        if kind != "lora":
-            raise ValueError(f"adapter type {kind!r} is not supported (only 'lora')")
-        unknown = sorted(set(adapter) - {"type", "rank", "alpha", "dropout"} - IGNORED_ADAPTER_KEYS)
-        if unknown:
-            raise ValueError(f"unknown adapter key(s) {unknown}")
-        rank = int(adapter.get("rank", 16))
-        return cls(
-            rank=rank,
-            alpha=float(adapter.get("alpha") or rank),
-            dropout=float(adapter.get("dropout", 0.0)),
-        )
 
 
 def _block_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:

@@ -19,7 +19,6 @@ only; a trainer does its own LoRA/FSDP wrapping instead of the last step.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +90,7 @@ def _lora_settings(c: InferenceConfig) -> LoraSettings | None:
     if not c.adapter:
         return None
     try:
-        return LoraSettings.from_config(dataclasses.asdict(c.adapter))
+        return c.adapter.lora_settings()
     except ValueError as err:
         raise InputError(f"config key `adapter`: {err}") from None
 

@@ -58,7 +58,9 @@ from utils.video_writer import Mp4Writer, to_uint8_frames
 from .build import Components, build_components, check_paths, resolve_device
 from .inference_config import SEED_RANGE, load_inference_config
 from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
-from .settings import VAE_STRIDE, InferenceSettings, parse_settings
+from utils.stream_settings import VAE_STRIDE
+
+from .settings import InferenceSettings, parse_settings
 
 log = logging.getLogger(__name__)
 

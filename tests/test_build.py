@@ -9,7 +9,6 @@ import torch
 from omegaconf import DictConfig
 
 from memflow.checkpoint import load_wan_config
-from memflow.lora import LoraSettings
 from memflow.model import WanDiT
 from memflow.tiny import build_tiny_dit
 from pipeline.build import (
@@ -22,6 +21,7 @@ from pipeline.build import (
     parse_dtype,
 )
 from utils.config import load_config
+from utils.settings_schema import Adapter, settings_from_config
 
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (wan_files is a fixture)
 from reference_files import save_generator_checkpoint
@@ -46,7 +46,7 @@ def load_then_finalize(cfg: DictConfig) -> WanDiT:
     generator = load_generator(cfg, paths)
     if cfg.adapter:
         lora_ckpt = paths.lora_ckpt if paths is not None else None
-        generator = apply_lora(generator, LoraSettings.from_config(cfg.adapter), lora_ckpt)
+        generator = apply_lora(generator, settings_from_config(cfg.adapter, Adapter).lora_settings(), lora_ckpt)
     return finalize_for_inference(
         generator, merge_lora=bool(cfg.lora_merge and cfg.adapter), device=CPU,
         dtype=parse_dtype(cfg, "dtype", "bfloat16"),

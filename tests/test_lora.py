@@ -15,6 +15,9 @@ from memflow.lora import (
     merge_lora,
 )
 from memflow.model import WanDiT
+from utils.errors import InputError
+from utils.schema import check_section
+from utils.settings_schema import Adapter, InferenceConfig, settings_from_config
 
 from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
 from reference_files import save_generator_checkpoint, save_lora_checkpoint
@@ -52,15 +55,24 @@ def test_targets_every_block_linear_in_place():
     assert torch.equal(forward(model), base_out)  # B starts at zero
 
 
+def _adapter(section: dict) -> LoraSettings:
+    """The LoRA settings of a reference `adapter:` section, checked as a config loads it."""
+    check_section({"adapter": section}, InferenceConfig)
+    return settings_from_config(section, Adapter).lora_settings()
+
+
 def test_settings_from_reference_config():
-    s = LoraSettings.from_config({"type": "lora", "rank": 256, "alpha": 256, "dropout": 0.0,
-                                  "dtype": "bfloat16", "verbose": True, "apply_to_critic": True})
+    s = _adapter({"type": "lora", "rank": 256, "alpha": 256, "dropout": 0.0,
+                  "dtype": "bfloat16", "verbose": True, "apply_to_critic": True})
     assert s == LoraSettings(rank=256, alpha=256.0) and s.scaling == 1.0
-    assert LoraSettings.from_config({"rank": 8, "alpha": None}).alpha == 8.0
-    with pytest.raises(ValueError, match="adapter type 'dora' is not supported"):
-        LoraSettings.from_config({"type": "dora", "rank": 4})
-    with pytest.raises(ValueError, match="unknown adapter key\\(s\\) \\['aplha'\\]"):
-        LoraSettings.from_config({"rank": 4, "aplha": 8})
+    assert _adapter({"rank": 8, "alpha": None}).alpha == 8.0
+    assert _adapter({}) == LoraSettings(rank=16, alpha=16.0)  # the reference's defaults
+    with pytest.raises(InputError, match="`adapter.type` must be lora; got 'dora'"):
+        _adapter({"type": "dora", "rank": 4})
+    with pytest.raises(InputError, match="unknown config key `adapter.aplha`; did you mean `adapter.alpha`"):
+        _adapter({"rank": 4, "aplha": 8})
+    with pytest.raises(InputError, match=r"`adapter.dropout` must be in \[0, 1\), got 1.0"):
+        _adapter({"dropout": 1.0})
     with pytest.raises(ValueError, match="'ffn.1'.* match no nn.Linear"):
         add_lora(tiny_dit(GOLDEN_DIT), LoraSettings(rank=4, alpha=4, target_modules=("ffn.0", "ffn.1")))
 
@@ -140,7 +152,7 @@ def test_reference_lora_file_loads():
         pytest.skip(f"reference golden files not found at {GOLDEN} (../shared/golden is absent)")
     model = WanDiT(GOLDEN_DIT).eval()
     load_generator_checkpoint(model, GOLDEN / "base.pt")
-    model = add_lora(model, LoraSettings.from_config({"type": "lora", "rank": 4, "alpha": 8}))
+    model = add_lora(model, LoraSettings(rank=4, alpha=8))
     load_lora_checkpoint(model, GOLDEN / "lora.pt")
     ref = torch.load(GOLDEN / "lora.pt", map_location="cpu", weights_only=True)["generator_lora"]
     ours = lora_state_dict(model)

@@ -39,13 +39,13 @@ from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.lora import LoraSettings
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
-from pipeline.settings import PATCH, _options, sampling_config, stream_config
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
 from trainer.long_sequence import LongTuningConfig, SwitchSchedule
 from utils.config import _OVERRIDE, DTYPES, _check_known, _load_yaml, require_path
 from utils.errors import InputError
 from utils.schema import check_section
+from utils.stream_settings import PATCH, sampling_config, stream_config, with_overrides
 from utils.settings_schema import (
     Adapter,
     ModelKwargs,
@@ -459,7 +459,7 @@ def _adapter(cfg: DictConfig) -> LoraSettings | None:
     if not isinstance(apply_to_critic, bool):
         raise InputError(f"config key `adapter.apply_to_critic` must be true or false, got {apply_to_critic!r}")
     try:
-        return LoraSettings.from_config(adapter)
+        return settings_from_config(adapter, Adapter).lora_settings()
     except ValueError as err:
         raise InputError(f"config key `adapter`: {err}") from None
 
@@ -651,8 +651,7 @@ def _stream_and_sampling(cfg: DictConfig, compat: bool, stage: int,
         context_noise=_float(cfg, "context_noise", low=0.0),
     )
     check_section(_get(cfg, "memory") or {}, MemoryOptions, "memory.")  # types and enums
-    memory = _options(MemoryOptions, training_memory_options(compat, stage), _get(cfg, "memory"),
-                      "memory")
+    memory = with_overrides(training_memory_options(compat, stage), _get(cfg, "memory"), "memory")
     return stream_config(mk, fpb, memory), sampling_config(sampler, mk)
 
 

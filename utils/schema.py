@@ -6,7 +6,8 @@ and metadata are read here; the schemas and their defaults live in `utils.settin
 Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
 unions of these, ``list[X]`` / ``tuple[X, ...]``, a nested dataclass, and ``Any`` (anything).
 Field metadata adds bounds:
-``minimum`` / ``maximum`` (ints and floats), ``positive`` (> 0) and ``nonempty`` (strings);
+``minimum`` / ``maximum`` (ints and floats), ``below`` (an exclusive maximum: a beta, an EMA
+weight), ``positive`` (> 0) and ``nonempty`` (strings);
 ``alias`` is the key's spelling in the YAML when it differs from the field name.
 
 A config assembled from a file and ``key=value`` overrides is checked in two passes: the file's
@@ -82,7 +83,8 @@ def _describe(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
+        choices = typing.get_args(annotation)
+        return str(choices[0]) if len(choices) == 1 else "one of " + ", ".join(map(str, choices))
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if origin in (list, tuple):
@@ -140,7 +142,9 @@ def _check_bounds(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise InputError(f"config key `{key}` must be > 0, got {value}")
     if not isinstance(value, (int, float)):
         return
-    minimum, maximum = meta.get("minimum"), meta.get("maximum")
+    minimum, maximum, below = meta.get("minimum"), meta.get("maximum"), meta.get("below")
+    if below is not None and (value >= below or minimum is not None and value < minimum):
+        raise InputError(f"config key `{key}` must be in [{minimum}, {below}), got {value}")
     if maximum is not None and (value > maximum or minimum is not None and value < minimum):
         low = f"between {minimum} and" if minimum is not None else "at most"
         raise InputError(f"config key `{key}` must be {low} {maximum}, got {value}")

@@ -33,9 +33,13 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from memflow.attention import backend_names
-from memflow.config import DiTConfig, MemoryOptions, SwitchOptions
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.lora import LoraSettings
 from memflow.text_encoder import umt5_encoder_config
 from memflow.vae import WAN21_VAE_CONFIG
+from trainer.long_sequence import LongTuningConfig
+from trainer.rollout import RolloutConfig
+from trainer.score import ScoreConfig
 from utils.config import DTYPES
 from utils.distributed import SEED_MODES
 from utils.errors import InputError
@@ -52,8 +56,14 @@ SEED_RANGE = {"minimum": 0, "maximum": 2**63 - 1}  # what a torch generator take
 _OVERRIDES = {"overrides": True}
 
 
-def _steps() -> list[int]:
-    return [1000, 750, 500, 250]
+def _library(cls: type, name: str, **metadata: Any) -> Any:
+    """A schema field whose default is the library object's own default of field `name` (the
+    one home of that value); `metadata` are its bounds."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -61,26 +71,32 @@ def _steps() -> list[int]:
 class ModelKwargs:
     """`model_kwargs:` (the reference's name for the streaming sizes, in latent frames)."""
 
-    local_attn_size: int = field(default=12, metadata={"minimum": -1})  # sink included; -1: all
-    timestep_shift: float = field(default=5.0, metadata=_POSITIVE)
-    sink_size: int = field(default=3, metadata={"minimum": 0})
-    bank_size: int = field(default=3, metadata={"minimum": 0})
-    record_interval: int = field(default=3, metadata={"minimum": 1})  # chunks per bank prototype
-    sma: bool = field(default=False, metadata={"alias": "SMA"})  # sparse memory activation
-    sma_top_k: int = field(default=3, metadata={"minimum": 1})
+    local_attn_size: int = _library(StreamConfig, "local_attn_size", minimum=-1)  # -1: all frames
+    timestep_shift: float = _library(SamplingConfig, "timestep_shift", positive=True)
+    sink_size: int = _library(StreamConfig, "sink_size", minimum=0)
+    bank_size: int = _library(StreamConfig, "bank_size", minimum=0)
+    record_interval: int = _library(StreamConfig, "record_interval", minimum=1)  # chunks/prototype
+    sma: bool = _library(StreamConfig, "sma", alias="SMA")  # sparse memory activation
+    sma_top_k: int = _library(StreamConfig, "sma_top_k", minimum=1)
 
 
 @dataclass
 class Adapter:
-    """`adapter:` (LoRA). dtype and verbose are the reference's and only printed there."""
+    """`adapter:` (LoRA, TRAINING.md §6.2: every linear of every block). dtype and verbose are
+    the reference's and only printed there; apply_to_critic is read by training."""
 
     type: Literal["lora"] = "lora"
     rank: int = field(default=16, metadata={"minimum": 1})
     alpha: float | None = field(default=None, metadata=_POSITIVE)  # null: rank
-    dropout: float = field(default=0.0, metadata={"minimum": 0})
+    dropout: float = field(default=0.0, metadata={"minimum": 0, "below": 1})
     dtype: str = "bfloat16"
     verbose: bool = False
     apply_to_critic: bool = True
+
+    def lora_settings(self) -> LoraSettings:
+        """The library's LoRA settings; alpha defaults to the rank, as in the reference."""
+        return LoraSettings(rank=int(self.rank), alpha=float(self.alpha or self.rank),
+                            dropout=float(self.dropout))
 
 
 def _shape_section(name: str, fields: dict[str, Any], doc: str,
@@ -113,7 +129,7 @@ class StreamKeys:
     """The streaming window, sink and memory bank (`memflow.config.StreamConfig`)."""
 
     behaviour: Literal["clean", "compat"] = "clean"  # compat: the reference's numerics
-    num_frame_per_block: int = field(default=3, metadata={"minimum": 1})
+    num_frame_per_block: int = _library(StreamConfig, "num_frame_per_block", minimum=1)
     model_kwargs: ModelKwargs | None = field(default_factory=ModelKwargs)
     memory: MemoryOptions | None = field(default_factory=dict, metadata=_OVERRIDES)
 
@@ -122,9 +138,10 @@ class StreamKeys:
 class SamplingKeys:
     """The few-step sampler (`memflow.config.SamplingConfig`)."""
 
-    denoising_step_list: list[int] = field(default_factory=_steps)
-    warp_denoising_step: bool = True  # map the list through the shifted timestep table
-    context_noise: float = field(default=0.0, metadata={"minimum": 0})
+    denoising_step_list: list[int] = _library(SamplingConfig, "denoising_step_list")
+    # map the list through the shifted timestep table
+    warp_denoising_step: bool = _library(SamplingConfig, "warp_denoising_step")
+    context_noise: float = _library(SamplingConfig, "context_noise", minimum=0)
 
 
 @dataclass
@@ -214,28 +231,28 @@ class TrainModelKeys:
 class ScoreKeys:
     """The DMD and critic losses (`trainer.score.ScoreConfig`)."""
 
-    num_train_timestep: int = field(default=1000, metadata={"minimum": 1})
-    timestep_shift: float = field(default=5.0, metadata=_POSITIVE)
-    guidance_scale: float = 3.0  # teacher CFG
+    num_train_timestep: int = _library(ScoreConfig, "num_train_timestep", minimum=1)
+    timestep_shift: float = _library(ScoreConfig, "timestep_shift", positive=True)
+    guidance_scale: float = _library(ScoreConfig, "guidance_scale", minimum=0)  # teacher CFG
     real_guidance_scale: float | None = None  # overrides guidance_scale when set
     fake_guidance_scale: float | None = None  # critic CFG: only 0 / null
     negative_prompt: str = NEGATIVE_PROMPT
     denoising_loss_type: Literal["flow"] = "flow"
-    ts_schedule: bool = False
-    ts_schedule_max: bool = False
-    min_score_timestep: int = field(default=0, metadata={"minimum": 0})
+    ts_schedule: bool = _library(ScoreConfig, "ts_schedule")
+    ts_schedule_max: bool = _library(ScoreConfig, "ts_schedule_max")
+    min_score_timestep: int = _library(ScoreConfig, "min_score_timestep", minimum=0)
 
 
 @dataclass
 class RolloutKeys:
     """Stage-1 rollouts (`trainer.rollout.RolloutConfig`) and the latent geometry."""
 
-    same_step_across_blocks: bool = True
-    last_step_only: bool = False
+    same_step_across_blocks: bool = _library(RolloutConfig, "same_step_across_blocks")
+    last_step_only: bool = _library(RolloutConfig, "last_step_only")
     independent_first_frame: bool = False  # unsupported (as in the reference)
-    num_training_frames: int = field(default=21, metadata={"minimum": 1})
-    min_num_training_frames: int = field(default=21, metadata={"minimum": 1})
-    slice_last_frames: int = field(default=21, metadata={"minimum": 1})
+    num_training_frames: int = _library(RolloutConfig, "num_training_frames", minimum=1)
+    min_num_training_frames: int = _library(RolloutConfig, "min_num_training_frames", minimum=1)
+    slice_last_frames: int = _library(RolloutConfig, "slice_last_frames", minimum=1)
     image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
     i2v: bool = False  # unsupported (as in the reference)
 
@@ -314,11 +331,12 @@ class LongTuningKeys:
     """Stage 2, streaming long tuning (`trainer.long_sequence.LongTuningConfig`, TRAINING.md §5)."""
 
     streaming_training: bool = False
-    streaming_chunk_size: int = 21  # window the losses see, latent frames
-    streaming_max_length: int | None = None  # null: 57, the reference's fallback
+    # the window the losses see, latent frames
+    streaming_chunk_size: int = _library(LongTuningConfig, "window_frames", minimum=1)
+    streaming_max_length: int | None = field(default=None, metadata={"minimum": 1})  # null: 57
     streaming_possible_max_length: list[int] | None = None
-    streaming_min_new_frame: int = 18
-    train_first_chunk: bool = True
+    streaming_min_new_frame: int = _library(LongTuningConfig, "min_new_frames", minimum=1)
+    train_first_chunk: bool = _library(LongTuningConfig, "train_first_chunk")
     switch_mode: Literal["random_choice", "fixed", "random"] = "random_choice"
     switch_choices: list[int] | None = None
     fixed_switch_index: int | None = None  # null: 21

@@ -1,0 +1,78 @@
+"""The model library's streaming and sampler settings built from the schema sections that
+inference and training share (`model_kwargs:`, the step list, `memory:` / `switch:` overrides),
+and the latent geometry. Both `pipeline.settings` and `trainer.config` build them here, so a
+shared key is turned into a library setting by one function and fails with one message.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
+from utils.errors import InputError
+from utils.settings_schema import ModelKwargs, SamplingKeys
+
+VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x in time, 8x in space
+PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16
+
+Options = TypeVar("Options")
+
+
+def with_overrides(base: Options, overrides: dict[str, Any] | None, section: str) -> Options:
+    """`base` (a behaviour preset: `MemoryOptions`, `SwitchOptions`) with the per-option
+    `overrides` of the config section `section`; a bad option is one line naming the section."""
+    if overrides in (None, {}):
+        return base
+    if not isinstance(overrides, dict):
+        raise InputError(f"config key `{section}` must be a mapping, got {overrides!r}")
+    try:
+        if hasattr(base, "with_overrides"):
+            return base.with_overrides(overrides)
+        return type(base)(**{**base.__dict__, **overrides})
+    except (TypeError, ValueError) as err:
+        raise InputError(f"config key `{section}`: {err}") from None
+
+
+def latent_size(height: int, width: int) -> tuple[int, int]:
+    """The latent (h, w) of a `height` x `width` video; both must be multiples of 16."""
+    unit = VAE_STRIDE[1] * PATCH
+    if height <= 0 or width <= 0 or height % unit or width % unit:
+        raise InputError(
+            f"resolution {height}x{width} must be positive multiples of {unit} "
+            "(config keys `height`, `width`)"
+        )
+    return height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+
+
+def stream_config(mk: ModelKwargs, fpb: int, memory: MemoryOptions) -> StreamConfig:
+    """The library's `StreamConfig` from the `model_kwargs:` section; the relations between its
+    sizes (sink inside the window, ...) are checked by `StreamConfig` and named here."""
+    try:
+        return StreamConfig(
+            num_frame_per_block=fpb,
+            local_attn_size=int(mk.local_attn_size),
+            sink_size=int(mk.sink_size),
+            bank_size=int(mk.bank_size),
+            record_interval=int(mk.record_interval),
+            sma=bool(mk.sma),
+            sma_top_k=int(mk.sma_top_k),
+            memory=memory,
+        )
+    except ValueError as err:
+        raise InputError(f"config key `model_kwargs`: {err}") from None
+
+
+def sampling_config(c: SamplingKeys, mk: ModelKwargs) -> SamplingConfig:
+    """The few-step sampler; warped steps must lie in (0, 1000]."""
+    steps = [int(s) for s in c.denoising_step_list]
+    warp = bool(c.warp_denoising_step)
+    if not steps or (warp and any(not 0 < s <= 1000 for s in steps)):
+        raise InputError(
+            f"denoising_step_list {steps} must be non-empty, and in (0, 1000] when "
+            "warp_denoising_step is true"
+        )
+    return SamplingConfig(
+        denoising_step_list=tuple(steps),
+        warp_denoising_step=warp,
+        timestep_shift=float(mk.timestep_shift),
+        context_noise=float(c.context_noise),
+    )
