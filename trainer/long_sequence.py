@@ -81,6 +81,10 @@ class SwitchSchedule:
         return draws.switch_frame(found)
 
 
+# the sequence length of the reference's streaming model when its config sets none
+REFERENCE_FALLBACK_MAX_LENGTH = 57
+
+
 @dataclass(frozen=True)
 class LongTuningConfig:
     """Stage-2 settings (TRAINING.md §1.2 "Stage-2 only"), in latent frames.
@@ -92,7 +96,7 @@ class LongTuningConfig:
     (the reference keeps the K/V of the sequence's first window until the switch)."""
 
     window_frames: int = 21
-    max_length: int = 240
+    max_length: int = REFERENCE_FALLBACK_MAX_LENGTH
     possible_max_lengths: tuple[int, ...] = ()
     min_new_frames: int = 18
     train_first_chunk: bool = True

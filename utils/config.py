@@ -99,8 +99,15 @@ def load_config(
     return cfg
 
 
-def require_path(cfg: DictConfig, key: str, kind: str = "file") -> Path:
-    """The existing file or directory that config key `key` (dotted for nested keys) names.
+def _attribute(settings: object, key: str) -> object:
+    for part in key.split("."):
+        settings = getattr(settings, part, None)
+    return settings
+
+
+def require_path(cfg: DictConfig | object, key: str, kind: str = "file") -> Path:
+    """The existing file or directory that config key `key` (dotted for nested keys) names, in a
+    loaded config or in typed settings (`utils.settings_schema`).
 
     Relative paths are taken from the working directory, as in the reference, and ``~`` is
     expanded. Checking up front turns a missing checkpoint into one line naming the key instead
@@ -108,7 +115,7 @@ def require_path(cfg: DictConfig, key: str, kind: str = "file") -> Path:
     """
     if kind not in ("file", "dir"):
         raise ValueError(f"require_path: kind must be 'file' or 'dir', got {kind!r}")
-    value = OmegaConf.select(cfg, key)
+    value = OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _attribute(cfg, key)
     if value is None or value == "":
         raise InputError(f"config key `{key}` is not set")
     if not isinstance(value, str):

@@ -15,11 +15,11 @@ spells it when that is no Python name we want (the reference's ``model_kwargs.SM
 
 Adding a config key: add one field (its type, default and bounds) to the section it belongs to,
 here; that is the only place. It is then checked on load, in files and ``key=value`` overrides,
-and read where it is used: inference from the typed `InferenceConfig` that `pipeline.runner` and
-`pipeline.build` receive, training from `TrainSettings.config` (a `TrainConfig`). A training key
-is also listed, with the same value, in ``configs/default_config.yaml``, the commented table of
-the training defaults that training configs are merged onto: tests/test_config_schema.py fails
-until the file and the field agree.
+takes its default when absent, and is read where it is used: inference from the typed
+`InferenceConfig` that `pipeline.runner` and `pipeline.build` receive, training from
+`TrainSettings.config` (a `TrainConfig`). ``configs/default_config.yaml`` may document it (a
+value written there must be the default; tests/test_config_schema.py checks). A key backed by a
+library object takes that object's default (`_library`), so the value itself has one home too.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ _NONEMPTY = {"nonempty": True}
 SEED_RANGE = {"minimum": 0, "maximum": 2**63 - 1}  # what a torch generator takes, with room for
 # the per-prompt (seed + line) and per-rank (seed + rank) offsets
 _OVERRIDES = {"overrides": True}
+_BETA = {"minimum": 0, "below": 1}  # Adam betas and the EMA decay
 
 
 def _library(cls: type, name: str, **metadata: Any) -> Any:
@@ -220,9 +221,9 @@ class TrainModelKeys:
 
     trainer: Literal["score_distillation"] = "score_distillation"
     distribution_loss: Literal["dmd", "dmd_switch"] = "dmd"  # dmd_switch: stage 2
-    real_name: str = "Wan2.1-T2V-14B"  # teacher folder under wan_models_root
-    fake_name: str = "Wan2.1-T2V-1.3B"  # critic folder
-    generator_name: str = "Wan2.1-T2V-1.3B"  # the generator's base folder
+    real_name: str = field(default="Wan2.1-T2V-14B", metadata=_NONEMPTY)  # teacher, in wan_models_root
+    fake_name: str = field(default="Wan2.1-T2V-1.3B", metadata=_NONEMPTY)  # critic folder
+    generator_name: str = field(default="Wan2.1-T2V-1.3B", metadata=_NONEMPTY)  # generator's base
     generator_ckpt: str | None = "checkpoints/ode_init.pt"
     tiny: Any = field(default_factory=dict)  # preset: tiny; also `teacher:` / `critic:` shapes
 
@@ -234,7 +235,8 @@ class ScoreKeys:
     num_train_timestep: int = _library(ScoreConfig, "num_train_timestep", minimum=1)
     timestep_shift: float = _library(ScoreConfig, "timestep_shift", positive=True)
     guidance_scale: float = _library(ScoreConfig, "guidance_scale", minimum=0)  # teacher CFG
-    real_guidance_scale: float | None = None  # overrides guidance_scale when set
+    real_guidance_scale: float | None = field(default=None, metadata={"minimum": 0})  # overrides
+    # guidance_scale when set
     fake_guidance_scale: float | None = None  # critic CFG: only 0 / null
     negative_prompt: str = NEGATIVE_PROMPT
     denoising_loss_type: Literal["flow"] = "flow"
@@ -271,15 +273,15 @@ class OptimKeys:
 
     lr: float = field(default=2.0e-6, metadata=_POSITIVE)
     lr_critic: float = field(default=4.0e-7, metadata=_POSITIVE)
-    beta1: float = 0.0
-    beta2: float = 0.999
-    beta1_critic: float = 0.0
-    beta2_critic: float = 0.999
+    beta1: float = field(default=0.0, metadata=_BETA)
+    beta2: float = field(default=0.999, metadata=_BETA)
+    beta1_critic: float = field(default=0.0, metadata=_BETA)
+    beta2_critic: float = field(default=0.999, metadata=_BETA)
     weight_decay: float = field(default=0.01, metadata={"minimum": 0})
     max_grad_norm_generator: float = field(default=10.0, metadata=_POSITIVE)
     max_grad_norm_critic: float = field(default=10.0, metadata=_POSITIVE)
     dfake_gen_update_ratio: int = field(default=5, metadata={"minimum": 1})
-    ema_weight: float | None = 0.99
+    ema_weight: float | None = field(default=0.99, metadata=_BETA)  # null: no EMA
     ema_start_step: int = field(default=200, metadata={"minimum": 0})
     batch_size: int = field(default=1, metadata={"minimum": 1})
     gradient_accumulation_steps: int = field(default=1, metadata={"minimum": 1})
@@ -290,15 +292,17 @@ class OptimKeys:
 
 @dataclass
 class DistributedKeys:
-    # full / hybrid_full reshard after each forward (ZeRO-3), hybrid_zero2 keeps the gathered
-    # weights until the backward (ZeRO-2)
+    """FSDP2 sharding. FSDP2 always shards over every rank (a hybrid strategy's inter-node
+    replication is not modelled, which on one node is the same): full / hybrid_full reshard after
+    each forward (ZeRO-3), hybrid_zero2 keeps the gathered weights until the backward (ZeRO-2)."""
+
     sharding_strategy: Literal["full", "hybrid_full", "hybrid_zero2"] = "hybrid_full"
     text_encoder_cpu_offload: bool = False
 
 
 @dataclass
 class DataKeys:
-    data_path: str = "prompts/vidprom_filtered_extended.txt"
+    data_path: str | None = "prompts/vidprom_filtered_extended.txt"  # required
     switch_prompt_path: str | None = None  # stage 2, line-aligned with data_path
     val_data_path: str | None = "prompts/vidprom_filtered_extended.txt"
     val_switch_prompt_path: str | None = None
@@ -447,11 +451,24 @@ def settings_from_config(values: Mapping[str, Any] | DictConfig, schema: type) -
         if (isinstance(value, dict) and section is not None and not f.metadata.get("overrides")
                 and section.__module__ == __name__ and section not in _SHAPES):
             value = settings_from_config(value, section)
-        kwargs[f.name] = value
+        kwargs[f.name] = _as_annotated(value, hints[f.name])
     unknown = [k for k in values if k not in known]
     if unknown:
         raise InputError(f"unknown config key `{unknown[0]}`")
     return schema(**kwargs)
+
+
+def _as_annotated(value: Any, annotation: Any) -> Any:
+    """A checked number as its field's type: YAML's ``3.0`` for an int key is 3 and ``1`` for a
+    float key is 1.0, so typed settings hold what their annotations say."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and int in kinds and float not in kinds and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and float in kinds and int not in kinds:
+        return float(value)
+    return value
 
 
 def schema_defaults(schema: type) -> dict[str, Any]:
