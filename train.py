@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 
 from memflow.checkpoint import set_trust_checkpoints
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
-from utils.distributed import barrier, cleanup_distributed, init_distributed, is_distributed
+from utils.distributed import (barrier, cleanup_distributed, init_distributed, is_distributed,
+                               pick_device)
 from utils.errors import InputError
 from utils.signals import Terminated, sigterm_raises
 
@@ -83,9 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     set_trust_checkpoints(trust)
     info = init_distributed()
     try:
-        from pipeline.build import resolve_device
-
-        device = resolve_device(settings, info.local_rank)
+        device = pick_device(settings.device, info.local_rank)
         if settings.mixed_precision:
             if device.type != "cuda":
                 raise InputError("config key `mixed_precision`: bf16 training needs a GPU; "

@@ -7,6 +7,9 @@
   whose keys carry the training wrapper's `model.` prefix (EMA keys may also contain
   `_fsdp_wrapped_module.`), INFERENCE.md §5.8 / TRAINING.md §6.4.
 
+`load_wan_generator` puts the two together (a Wan folder's DiT, then a MemFlow checkpoint over
+it); it takes no inference or training settings, so both load the generator the same way.
+
 Every mismatch raises `CheckpointError` naming the file, the entry, the first offending keys and
 the expected vs found shapes, so a wrong file reads as such and not as a torch traceback. Writers
 write to a temporary file beside the target and rename it, so nothing half-written is left.
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from utils.errors import InputError
 
 from .config import DiTConfig
+from .model import WanDiT
 
 log = logging.getLogger(__name__)
 
@@ -554,3 +558,28 @@ def load_generator_checkpoint(
     step = data.get("step")
     step = step if isinstance(step, int) else None
     return LoadResult(path, entry, missing, unexpected, step)
+
+
+# ------------------------------------------------------------------------------------------------
+# The generator: Wan weights, then a MemFlow checkpoint
+# ------------------------------------------------------------------------------------------------
+def load_wan_generator(
+    wan_folder: Path, generator_ckpt: Path | None = None, *, use_ema: bool = False
+) -> WanDiT:
+    """The DiT of a Wan2.1 folder with the Wan weights or a MemFlow `generator_ckpt`.
+
+    fp32 on the CPU, trainable and in train mode: the caller decides what to freeze and where it
+    runs. Takes no inference settings, so training loads the same way.
+    """
+    generator = WanDiT(load_wan_config(wan_folder))
+    if generator_ckpt is None or use_ema:  # EMA checkpoints may be partial: start from the Wan weights
+        load_wan_weights(generator, wan_folder)
+    return load_checkpoint_weights(generator, generator_ckpt, use_ema=use_ema)
+
+
+def load_checkpoint_weights(generator: WanDiT, generator_ckpt: Path | None, *, use_ema: bool) -> WanDiT:
+    """Load a MemFlow generator checkpoint (`base.pt`, a training model.pt) over the base
+    weights; with `use_ema` its `generator_ema` entry, which may leave keys at the base values."""
+    if generator_ckpt is not None:
+        load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema)
+    return generator

@@ -184,6 +184,15 @@ def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
     return LoadResult(path, entry, step=step if isinstance(step, int) else None)
 
 
+def apply_lora(model: nn.Module, settings: LoraSettings, lora_ckpt: PathLike | None = None) -> nn.Module:
+    """Add the adapter (peft freezes the base weights) and load `lora_ckpt` when given: how
+    inference and stage-2 training both put a trained LoRA on the generator."""
+    model = add_lora(model, settings)
+    if lora_ckpt is not None:
+        load_lora_checkpoint(model, lora_ckpt)
+    return model
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold W <- W + (alpha/r) * B @ A (computed in float32, rounded once to W's dtype) into each

@@ -2,7 +2,8 @@
 
 Tests and the no-download "tiny" preset use them: same code paths and module structure as the real
 models (umT5 encoder + sentencepiece tokenizer, Wan2.1 VAE), only narrow. Every builder takes a
-`seed` and leaves the global torch RNG as it found it.
+`seed` and leaves the global torch RNG as it found it. `build_tiny_generator` reads a config's
+`tiny:` section, so inference and training build the same tiny DiT from the same keys.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import sentencepiece as spm
 import torch
@@ -134,3 +135,13 @@ def build_tiny_dit(config: DiTConfig | None = None, *, seed: int = 0) -> WanDiT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return WanDiT(config).eval()
+
+
+def build_tiny_generator(tiny: Mapping[str, Any]) -> WanDiT:
+    """The random tiny DiT of a `tiny:` config section (DiT shape fields and `seed`), fp32 on
+    the CPU, trainable (eval mode, as `build_tiny_dit` leaves it). Its text_dim defaults to the
+    tiny T5's width, so no encoder is needed."""
+    shape = {k: v for k, v in tiny.items() if k != "seed"}
+    text_dim = tiny_t5_config(len(build_tiny_tokenizer())).d_model
+    dit_cfg = DiTConfig.from_dict({"text_dim": text_dim, **shape})
+    return build_tiny_dit(dit_cfg, seed=int(tiny.get("seed", 0)))

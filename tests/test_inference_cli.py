@@ -130,7 +130,7 @@ def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsy
 
     from memflow.checkpoint import set_trust_checkpoints
     from reference_files import save_generator_checkpoint
-    from pipeline.build import build_tiny_generator
+    from memflow.tiny import build_tiny_generator
 
     ckpt = tmp_path / "base.pt"
     generator = build_tiny_generator({"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2,

@@ -76,7 +76,7 @@ def test_nonfinite_latents_stop_the_video_not_the_run(tmp_path, capsys):
     """NaN weights: every prompt fails with its line and chunk named, none is written, the
     run goes on to the next prompt and exits with status 1."""
     from reference_files import save_generator_checkpoint
-    from pipeline.build import build_tiny_generator
+    from memflow.tiny import build_tiny_generator
 
     generator = build_tiny_generator(TINY_SHAPE)
     with torch.no_grad():

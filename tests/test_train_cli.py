@@ -134,7 +134,7 @@ def jobs(trained, tmp_path_factory):
 
     (root / "empty.txt").write_text("")
     (root / "a_file").write_text("not a folder\n")
-    from pipeline.build import build_tiny_generator
+    from memflow.tiny import build_tiny_generator
 
     other = build_tiny_generator(dict(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_len=64))
     torch.save({"generator": other.state_dict()}, root / "wider_dit.pt")

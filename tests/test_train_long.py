@@ -55,7 +55,7 @@ def test_only_lora_trains_and_base_weights_stay_bit_identical(tmp_path):
 
 
 def test_fresh_lora_forward_equals_the_base_model():
-    from pipeline.build import build_tiny_generator
+    from memflow.tiny import build_tiny_generator
 
     settings = make_settings()
     model = build_tiny_generator(settings.tiny.section("generator"))
@@ -71,9 +71,11 @@ def _interactive_latents(settings: TrainSettings, lora_ckpt: Path | None) -> tor
     """Latents of interactive inference (one switch) with the run's base generator, loading
     the run's lora.pt through inference's own loader when `lora_ckpt` is given."""
     from memflow.config import SwitchOptions
-    from pipeline.build import apply_lora, build_tiny_generator, finalize_for_inference
-    from pipeline.interactive_inference import InteractiveInferencePipeline
+    from memflow.lora import apply_lora
     from memflow.noise import SeededNoise
+    from memflow.tiny import build_tiny_generator
+    from pipeline.build import finalize_for_inference
+    from pipeline.interactive_inference import InteractiveInferencePipeline
 
     generator = build_tiny_generator(settings.tiny.section("generator"))
     if lora_ckpt is not None:
@@ -127,7 +129,7 @@ def test_reference_lora_pt_layout_resumes_as_lora_ckpt(tmp_path):
 # Base checkpoint: architecture check and the step rule (§10 item 14)
 # ------------------------------------------------------------------------------------------------
 def _write_base(tmp_path: Path, step: int, **tiny: Any) -> Path:
-    from pipeline.build import build_tiny_generator
+    from memflow.tiny import build_tiny_generator
 
     section = {**make_settings().tiny.section("generator"), **tiny}
     generator, critic = build_tiny_generator(section), build_tiny_generator(section)

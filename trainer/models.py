@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from memflow.checkpoint import load_wan_generator
 from memflow.model import WanDiT
 from memflow.text_encoder import TextEncoder
-from pipeline.build import build_tiny_generator, load_wan_generator
 from utils.errors import InputError
 
 from .config import TrainSettings
@@ -50,7 +50,7 @@ class TrainModels:
 def build_train_models(settings: TrainSettings, device: torch.device) -> TrainModels:
     """Load (or, for the tiny preset, build) the generator, critic, teacher and text encoder."""
     if settings.preset == "tiny":
-        from memflow.tiny import build_tiny_text_encoder
+        from memflow.tiny import build_tiny_generator, build_tiny_text_encoder
 
         tiny = settings.tiny
         models = [build_tiny_generator(tiny.section(role)) for role in ("generator", "critic", "teacher")]
