@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from pipeline.inference_config import load_inference_config
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.errors import InputError
+from utils.settings_schema import InferenceConfig
 
 from .evaluate import add_model_args, build_scorer, evaluate_folder, resolve_device
 from .inputs import generation_from_config
@@ -57,11 +56,11 @@ class _WriteTimes(logging.Handler):
             self.times.append(time.perf_counter())
 
 
-def generate(cfg: DictConfig, dist: DistInfo) -> tuple[int, float, bool]:
+def generate(c: InferenceConfig, dist: DistInfo) -> tuple[int, float, bool]:
     """Run the pipeline; returns (videos written on this rank, FPS, whether the FPS includes
     building the models). The mode's folder must hold no videos yet: every video is generated
     and timed, none is reused."""
-    folder = Path(str(OmegaConf.select(cfg, "output_folder")))
+    folder = Path(c.output_folder)
     if folder.is_dir() and any(folder.glob("*.mp4")):
         raise InputError(f"{folder} already holds videos; give compare a new --out folder")
     from pipeline.runner import run
@@ -73,11 +72,11 @@ def generate(cfg: DictConfig, dist: DistInfo) -> tuple[int, float, bool]:
     logger.setLevel(logging.INFO)
     start = time.perf_counter()
     try:
-        run(cfg, dist)
+        run(c, dist)
     finally:
         logger.removeHandler(times)
         logger.setLevel(level)
-    frames = pixel_frames(int(OmegaConf.select(cfg, "num_output_frames")))
+    frames = pixel_frames(int(c.num_output_frames))
     count = len(times.times)
     if count >= 2:
         return count, frames * (count - 1) / (times.times[-1] - times.times[0]), False
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--limit must be >= 1, got {args.limit}")
         out = Path(args.out)
         base = load_inference_config(args.config_path, args.overrides)
-        prompts = _limited_prompts(Path(str(OmegaConf.select(base, "data_path"))), args.limit, out)
+        prompts = _limited_prompts(Path(str(base.data_path)), args.limit, out)
         dist = init_distributed()
         try:
             scorer = build_scorer(args, resolve_device(args.device, dist.local_rank))

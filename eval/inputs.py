@@ -9,17 +9,18 @@ so videos generated on any number of GPUs evaluate the same.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
 
 from utils.distributed import prompt_seed
 from utils.errors import InputError
 from utils.naming import sanitize_filename
 from utils.prompts import load_interactive_prompts, load_prompts, parse_switch_frame_indices
+from utils.settings_schema import InferenceConfig, config_key
 
 _NAME = re.compile(r"(?:rank\d+-)?(?P<middle>.+)-\d+_(?:lora|ema|regular)\.mp4")
 
@@ -45,29 +46,28 @@ class Generation:
         return prompt_seed(self.seed, line, self.seed_mode)
 
 
-def generation_from_config(cfg: DictConfig, config_path: str | None) -> Generation:
-    """Read mode, switches, length and seeds as `pipeline.runner` does; the config's hash is taken
-    over its resolved YAML (file plus overrides), so two runs that differ in any key differ."""
+def generation_from_config(c: InferenceConfig, config_path: str | None) -> Generation:
+    """Read mode, switches, length and seeds as `pipeline.runner` does (the same typed settings,
+    so the same defaults). The config's hash is taken over every setting (file, overrides and
+    the schema's defaults), so two runs that differ in any setting differ, and spelling out a
+    default does not change it."""
     from pipeline.runner import is_interactive
-    from utils.settings_schema import InferenceConfig
 
-    defaults = InferenceConfig()  # the schema's defaults, as pipeline.runner reads them
-
-    interactive = is_interactive(cfg)
-    switches = OmegaConf.select(cfg, "switch_frame_indices", default=None) if interactive else None
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    interactive = is_interactive(c)
+    settings = json.dumps(dataclasses.asdict(c), sort_keys=True, default=str)
+    mk = c.model_kwargs
     return Generation(
         interactive=interactive,
-        switch_frames=tuple(_switch_list(switches)),
-        frames_per_block=int(OmegaConf.select(cfg, "num_frame_per_block", default=defaults.num_frame_per_block)),
-        num_latent_frames=int(OmegaConf.select(cfg, "num_output_frames", default=defaults.num_output_frames)),
-        seed=int(OmegaConf.select(cfg, "seed", default=defaults.seed)),
-        seed_mode=str(OmegaConf.select(cfg, "seed_mode", default=defaults.seed_mode)),
+        switch_frames=tuple(_switch_list(c.switch_frame_indices if interactive else None)),
+        frames_per_block=int(c.num_frame_per_block),
+        num_latent_frames=int(c.num_output_frames),
+        seed=int(c.seed),
+        seed_mode=str(c.seed_mode),
         config_path=config_path,
-        config_sha256=hashlib.sha256(text.encode()).hexdigest(),
-        model_kwargs=(OmegaConf.to_container(cfg.model_kwargs, resolve=True)
-                      if "model_kwargs" in cfg else {}),
-        behaviour=str(OmegaConf.select(cfg, "behaviour", default=defaults.behaviour)),
+        config_sha256=hashlib.sha256(settings.encode()).hexdigest(),
+        # as the YAML spells them (`SMA`), the memory mode of the run
+        model_kwargs={config_key(f): getattr(mk, f.name) for f in dataclasses.fields(mk)} if mk else {},
+        behaviour=str(c.behaviour),
     )
 
 

@@ -9,27 +9,26 @@ Either way the MemFlow `generator_ckpt` and `lora_ckpt` are then loaded by the s
 tiny training run's checkpoints can be tried on a CPU exactly as the released ones on a GPU.
 
 All paths are checked before anything heavy is loaded, and a missing one is reported with the
-config key that names it. Every function reads the typed `InferenceConfig` of
-`utils.settings_schema` (a loaded `DictConfig` is converted once, on entry, by `typed_config`),
-so the defaults of absent keys are the schema's.
+config key that names it. Every function takes the typed `InferenceConfig` of
+`utils.settings_schema` (what `pipeline.inference_config.load_inference_config` returns), so the
+defaults of absent keys are the schema's.
 
-The generator is made in steps so that training can reuse the loading: `load_generator` (fp32,
-CPU, trainable), `apply_lora`, then `finalize_for_inference` (merge, cast, freeze) for inference
-only; a trainer does its own LoRA/FSDP wrapping instead of the last step.
+The generator is made in steps: `load_generator` (fp32, CPU, trainable), `memflow.lora.apply_lora`,
+then `finalize_for_inference` (merge, cast, freeze), the only inference-specific one. The loaders
+of the first steps live in the model library (`memflow.checkpoint.load_wan_generator`,
+`memflow.tiny.build_tiny_generator`, `memflow.lora.apply_lora`), where training calls them too
+without importing this application package.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig
 
-from memflow.checkpoint import load_generator_checkpoint, load_wan_config, load_wan_weights
-from memflow.config import DiTConfig
-from memflow.lora import LoraSettings, add_lora, load_lora_checkpoint
+from memflow.checkpoint import load_checkpoint_weights, load_wan_config, load_wan_generator
+from memflow.lora import LoraSettings, apply_lora
 from memflow.lora import merge_lora as merge_adapter
 from memflow.model import WanDiT
 from memflow.text_encoder import (
@@ -40,12 +39,10 @@ from memflow.text_encoder import (
 )
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
 from utils.config import DTYPES
-from utils.distributed import pick_device
 from utils.errors import InputError
-from utils.settings_schema import InferenceConfig, settings_from_config
+from utils.settings_schema import InferenceConfig
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -56,31 +53,8 @@ class Components:
     model_type: str  # "lora", "ema" or "regular": part of the output file names
 
 
-ConfigLike = InferenceConfig | DictConfig
-
-
-def typed_config(cfg: ConfigLike) -> InferenceConfig:
-    """The typed settings of a (checked) inference config."""
-    return cfg if isinstance(cfg, InferenceConfig) else settings_from_config(cfg, InferenceConfig)
-
-
-def parse_dtype(cfg: ConfigLike, key: str, default: str = "bfloat16") -> torch.dtype:
-    """The torch dtype that the dtype key `key` (dtype, vae_dtype) names."""
-    name = str(getattr(typed_config(cfg), key, None) or default)
-    if name not in DTYPES:
-        raise InputError(f"config key `{key}`: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def resolve_device(cfg: Any, local_rank: int = 0) -> torch.device:
-    """The `device` (auto | cpu | cuda) of typed settings (inference's or training's, anything
-    with a `device`) or of a loaded inference config, for this rank."""
-    device = typed_config(cfg).device if isinstance(cfg, DictConfig) else cfg.device
-    return pick_device(str(device), local_rank)
-
-
-def model_type(cfg: ConfigLike) -> str:
-    c = typed_config(cfg)
+def model_type(c: InferenceConfig) -> str:
+    """The model part of the output file names: which weights made the video."""
     if c.adapter:
         return "lora"
     return "ema" if c.use_ema else "regular"
@@ -112,10 +86,9 @@ class CheckpointPaths:
     lora_ckpt: Path | None  # only when an `adapter` will load it
 
 
-def check_paths(cfg: ConfigLike) -> CheckpointPaths:
+def check_paths(c: InferenceConfig) -> CheckpointPaths:
     """Verify every file the components need exists: the Wan folder's (none for the tiny
     preset) and the MemFlow checkpoints (for both)."""
-    c = typed_config(cfg)
     folder = None
     if c.preset != "tiny":
         key = "wan_models_root/model_name"
@@ -132,10 +105,11 @@ def check_paths(cfg: ConfigLike) -> CheckpointPaths:
 
 
 def build_components(
-    cfg: ConfigLike, device: torch.device, compat: bool, paths: CheckpointPaths
+    c: InferenceConfig, device: torch.device, compat: bool, paths: CheckpointPaths
 ) -> Components:
-    c = typed_config(cfg)
-    dtype, vae_dtype = parse_dtype(c, "dtype"), parse_dtype(c, "vae_dtype")
+    """The generator, text encoder and VAE of a run, on `device` in the config's dtypes (the
+    schema allows only names of `DTYPES`), frozen; `paths` from `check_paths`."""
+    dtype, vae_dtype = DTYPES[c.dtype], DTYPES[c.vae_dtype]
     offload = bool(c.text_encoder_offload)
     lora = _lora_settings(c)
     merge = bool(c.lora_merge)
@@ -155,59 +129,17 @@ def build_components(
     return Components(generator, text_encoder, vae.to(device), model_type(c))
 
 
-def load_generator(cfg: ConfigLike, paths: CheckpointPaths) -> WanDiT:
+def load_generator(c: InferenceConfig, paths: CheckpointPaths) -> WanDiT:
     """The base DiT (Wan weights, or the tiny preset's random ones) with `generator_ckpt` loaded
     on top when set (paths from `check_paths`). The tiny preset goes through the same
     checkpoint loading as the real one, so a tiny training run's model.pt changes its videos."""
-    c = typed_config(cfg)
     use_ema = bool(c.use_ema)
     if paths.wan_folder is None:
+        from memflow.tiny import build_tiny_generator
+
         generator = build_tiny_generator(c.tiny or {})  # its random init plays the Wan weights
         return load_checkpoint_weights(generator, paths.generator_ckpt, use_ema=use_ema)
     return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema)
-
-
-def load_wan_generator(
-    wan_folder: Path, generator_ckpt: Path | None = None, *, use_ema: bool = False
-) -> WanDiT:
-    """The DiT of a Wan2.1 folder with the Wan weights or a MemFlow `generator_ckpt`.
-
-    fp32 on the CPU, trainable and in train mode: the caller decides what to freeze and where it
-    runs. Takes no inference settings, so training loads the same way.
-    """
-    generator = WanDiT(load_wan_config(wan_folder))
-    if generator_ckpt is None or use_ema:  # EMA checkpoints may be partial: start from the Wan weights
-        load_wan_weights(generator, wan_folder)
-    return load_checkpoint_weights(generator, generator_ckpt, use_ema=use_ema)
-
-
-def load_checkpoint_weights(generator: WanDiT, generator_ckpt: Path | None, *, use_ema: bool) -> WanDiT:
-    """Load a MemFlow generator checkpoint (`base.pt`, a training model.pt) over the base
-    weights; with `use_ema` its `generator_ema` entry, which may leave keys at the base values."""
-    if generator_ckpt is not None:
-        load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema)
-    return generator
-
-
-def build_tiny_generator(tiny: Mapping[str, Any]) -> WanDiT:
-    """The random tiny DiT of the `tiny:` config section (DiT shape fields and `seed`), fp32 on
-    the CPU, trainable (eval mode, as `build_tiny_dit` leaves it). Its text_dim defaults to the
-    tiny T5's width, so no encoder is needed."""
-    from memflow.tiny import build_tiny_dit, build_tiny_tokenizer, tiny_t5_config
-
-    shape = {k: v for k, v in tiny.items() if k != "seed"}
-    text_dim = tiny_t5_config(len(build_tiny_tokenizer())).d_model
-    dit_cfg = DiTConfig.from_dict({"text_dim": text_dim, **shape})
-    return build_tiny_dit(dit_cfg, seed=int(tiny.get("seed", 0)))
-
-
-def apply_lora(generator: WanDiT, settings: LoraSettings, lora_ckpt: Path | None = None) -> WanDiT:
-    """Add the LoRA adapter (peft freezes the base weights) and load `lora_ckpt` when given;
-    shared by inference and training."""
-    generator = add_lora(generator, settings)
-    if lora_ckpt is not None:
-        load_lora_checkpoint(generator, lora_ckpt)
-    return generator
 
 
 def finalize_for_inference(

@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.text_encoder import TextEncoder, clean_prompt
-from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
+from utils.distributed import DistInfo, barrier, pick_device, prompt_seed, rank_seed
 from utils.errors import InputError
 from utils.prompts import (
     InteractiveStory,
@@ -41,18 +40,8 @@ from utils.prompts import (
 from utils.settings_schema import InferenceConfig
 from utils.video_writer import Mp4Writer, prepare_output_folder
 
-from .build import (
-    CheckpointPaths,
-    Components,
-    ConfigLike,
-    build_components,
-    check_paths,
-    model_type,
-    resolve_device,
-    typed_config,
-)
+from .build import CheckpointPaths, Components, build_components, check_paths, model_type
 from .causal_inference import CausalInferencePipeline
-from .inference_config import check_inference_config
 from .interactive_inference import InteractiveInferencePipeline
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
 from .settings import InferenceSettings, parse_settings
@@ -70,12 +59,11 @@ class RunResult:
     failed: list[str] = field(default_factory=list)  # one message per video not written
 
 
-def is_interactive(cfg: ConfigLike) -> bool:
+def is_interactive(c: InferenceConfig) -> bool:
     """`mode`, or when unset whether the config gives switch frames (eval reads any config)."""
-    get = cfg.get if isinstance(cfg, DictConfig) else lambda key: getattr(cfg, key)
-    if get("mode") is None:
-        return get("switch_frame_indices") is not None
-    return get("mode") == "interactive"
+    if c.mode is None:
+        return c.switch_frame_indices is not None
+    return c.mode == "interactive"
 
 
 def load_jobs(c: InferenceConfig, interactive: bool, settings: InferenceSettings) -> list[Job]:
@@ -113,22 +101,19 @@ def noise_order(settings: InferenceSettings) -> NoiseOrder:
     return "upfront" if settings.compat else "per_chunk"
 
 
-def _is_set(cfg: ConfigLike, key: str) -> bool:
-    """Whether the user set `key`: present and non-empty in a loaded file; in typed settings,
-    non-empty and not the schema's default."""
-    if isinstance(cfg, DictConfig):
-        return bool(cfg.get(key))
-    value = getattr(cfg, key)
+def _is_set(c: InferenceConfig, key: str) -> bool:
+    """Whether the user set `key`: non-empty and not the schema's default (a key set to its
+    default changes nothing, so it is not worth a warning)."""
+    value = getattr(c, key)
     return bool(value) and value != getattr(InferenceConfig(), key)
 
 
-def warn_ignored_settings(cfg: ConfigLike, paths: CheckpointPaths) -> None:
+def warn_ignored_settings(c: InferenceConfig, paths: CheckpointPaths) -> None:
     """Warn about settings that look meaningful but have no effect on this run."""
-    c = typed_config(cfg)
     adapter, lora_ckpt = c.adapter, c.lora_ckpt
     if paths.wan_folder is None:
         ignored = [k for k in ("wan_models_root", "text_encoder_config", "vae_config")
-                   if _is_set(cfg, k)]
+                   if _is_set(c, k)]
         if ignored:
             log.warning("preset: tiny builds random base models in memory and ignores %s (its "
                         "generator_ckpt and lora_ckpt are loaded)", ", ".join(f"`{k}`" for k in ignored))
@@ -139,11 +124,10 @@ def warn_ignored_settings(cfg: ConfigLike, paths: CheckpointPaths) -> None:
         log.warning("`lora_ckpt` is set but `adapter` is null: %s is not loaded", lora_ckpt)
 
 
-def warn_unused_switches(cfg: ConfigLike, interactive: bool) -> None:
+def warn_unused_switches(c: InferenceConfig, interactive: bool) -> None:
     """Single-prompt mode has no prompt switches: name the switch keys it ignores."""
     if interactive:
         return
-    c = typed_config(cfg)
     unused = [k for k in ("switch_frame_indices", "switch") if getattr(c, k) not in (None, {}, "")]
     if unused:
         log.warning("mode: single ignores %s (prompt switches need mode: interactive and a .jsonl "
@@ -198,15 +182,12 @@ def plan_run(c: InferenceConfig, dist: DistInfo, interactive: bool,
     return plan
 
 
-def run(cfg: ConfigLike, dist: DistInfo) -> RunResult:
+def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
     """Generate every prompt assigned to this rank; returns the files written and the videos that failed."""
-    if isinstance(cfg, DictConfig):
-        check_inference_config(cfg)
-    c = typed_config(cfg)
     interactive = is_interactive(c)
     settings = parse_settings(c, interactive)
     paths = check_paths(c)
-    warn_ignored_settings(cfg, paths)
+    warn_ignored_settings(c, paths)
     warn_unused_switches(c, interactive)
     plan = plan_run(c, dist, interactive, settings, paths)
     data_path, skip_existing = str(c.data_path), c.skip_existing
@@ -214,7 +195,7 @@ def run(cfg: ConfigLike, dist: DistInfo) -> RunResult:
     set_trust_checkpoints(c.trust_checkpoints)
 
     seed, seed_mode = c.seed, c.seed_mode
-    device = resolve_device(c, dist.local_rank)
+    device = pick_device(c.device, dist.local_rank)
     set_cpu_threads(c, device)
     process_seed = rank_seed(seed, dist.rank if seed_mode != "per_rank" else dist.local_rank, seed_mode)
     torch.manual_seed(process_seed)

@@ -44,22 +44,21 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
 from memflow.chunk_loop import ChunkStepper
 from memflow.noise import SeededNoise
 from memflow.streaming import StreamState
-from utils.distributed import rank_seed
+from utils.distributed import pick_device, rank_seed
 from utils.errors import InputError
+from utils.settings_schema import InferenceConfig
+from utils.stream_settings import VAE_STRIDE
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
-from .build import Components, build_components, check_paths, resolve_device
+from .build import Components, build_components, check_paths
 from .inference_config import SEED_RANGE, load_inference_config
 from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
-from utils.stream_settings import VAE_STRIDE
-
 from .settings import InferenceSettings, parse_settings
 
 log = logging.getLogger(__name__)
@@ -237,21 +236,30 @@ class Session:
     @classmethod
     def from_config(cls, config_path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> "Session":
         """Build the models of an inference config (the same keys and checks as inference.py:
-        `preset: tiny` on a CPU or the Wan2.1 + MemFlow checkpoints on a GPU)."""
+        `preset: tiny` on a CPU or the Wan2.1 + MemFlow checkpoints on a GPU). The file and
+        overrides are kept for the replay command of `save_mp4`'s sidecar."""
         overrides = list(overrides)
-        cfg = load_inference_config(config_path, overrides)
-        settings = parse_settings(cfg, interactive=True)
-        paths = check_paths(cfg)
-        warn_ignored_settings(cfg, paths)
-        set_attention_backend(OmegaConf.select(cfg, "attn_backend", default="auto"))
-        set_trust_checkpoints(OmegaConf.select(cfg, "trust_checkpoints", default=False))
-        device = resolve_device(cfg)
-        set_cpu_threads(cfg, device)
-        seed = int(OmegaConf.select(cfg, "seed", default=0))
-        torch.manual_seed(rank_seed(seed, 0, OmegaConf.select(cfg, "seed_mode", default="per_prompt")))
-        parts = build_components(cfg, device, settings.compat, paths)
-        return cls(parts, settings, seed=seed, fps=float(OmegaConf.select(cfg, "fps", default=16)),
-                   config_path=str(config_path), overrides=overrides)
+        return cls.from_settings(load_inference_config(config_path, overrides),
+                                 config_path=str(config_path), overrides=overrides)
+
+    @classmethod
+    def from_settings(
+        cls, c: InferenceConfig, *, config_path: str | None = None, overrides: Sequence[str] = ()
+    ) -> "Session":
+        """Build the models of typed inference settings, as `pipeline.runner.run` does (same
+        checks, warnings, seeding); `config_path` and `overrides` only name where they came from."""
+        settings = parse_settings(c, interactive=True)
+        paths = check_paths(c)
+        warn_ignored_settings(c, paths)
+        set_attention_backend(c.attn_backend)
+        set_trust_checkpoints(c.trust_checkpoints)
+        device = pick_device(c.device)
+        set_cpu_threads(c, device)
+        seed = int(c.seed)
+        torch.manual_seed(rank_seed(seed, 0, c.seed_mode))
+        parts = build_components(c, device, settings.compat, paths)
+        return cls(parts, settings, seed=seed, fps=float(c.fps),
+                   config_path=config_path, overrides=overrides)
 
     # -- geometry and counters -------------------------------------------------------------------
     @property

@@ -9,11 +9,10 @@ config fails in one line and not deep inside torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from omegaconf import DictConfig
 
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from utils.errors import InputError
-from utils.settings_schema import InferenceConfig, ModelKwargs, settings_from_config
+from utils.settings_schema import InferenceConfig, ModelKwargs
 from utils.stream_settings import latent_size, sampling_config, stream_config, with_overrides
 
 
@@ -50,9 +49,8 @@ def switch_options(c: InferenceConfig, compat: bool) -> SwitchOptions:
     return with_overrides(base, c.switch, "switch")
 
 
-def parse_settings(cfg: DictConfig | InferenceConfig, interactive: bool) -> InferenceSettings:
+def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
     """Check the cross-key rules and build the stream, sampling and switch settings."""
-    c = cfg if isinstance(cfg, InferenceConfig) else settings_from_config(cfg, InferenceConfig)
     if c.behaviour not in ("clean", "compat"):
         raise InputError(f"config key `behaviour` must be clean or compat, got {c.behaviour!r}")
     compat = c.behaviour == "compat"

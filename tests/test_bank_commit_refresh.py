@@ -21,11 +21,11 @@ from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.memory_bank import MemoryBank
 from memflow.streaming import StreamDebug
-from omegaconf import OmegaConf
 from pipeline.settings import parse_settings
 from trainer.draws import SeededDraws
 from trainer.rollout import RolloutConfig, training_memory_options, training_rollout
 from trainer.long_sequence import LongSequence, LongTuningConfig, SwitchSchedule
+from utils.settings_schema import InferenceConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny calls: threads only add overhead
 
@@ -288,10 +288,9 @@ def test_stage1_released_sizes_never_compress_so_the_leak_is_invisible(monkeypat
 def test_inference_compat_leaks_only_in_the_interactive_script(interactive):
     """The interactive script's re-run passes the loop's q_bank on (visible with a one-step
     schedule); the single-prompt script's passes the default, False (INFERENCE.md §3.4)."""
-    cfg = OmegaConf.create({"behaviour": "compat", "num_output_frames": 21})
-    settings = parse_settings(cfg, interactive=interactive)
-    assert settings.stream.memory.commit_refreshes_after_step0_exit == interactive
-    clean = parse_settings(OmegaConf.create({"num_output_frames": 21}), interactive=interactive)
+    compat = parse_settings(InferenceConfig(behaviour="compat", num_output_frames=21), interactive)
+    assert compat.stream.memory.commit_refreshes_after_step0_exit == interactive
+    clean = parse_settings(InferenceConfig(num_output_frames=21), interactive=interactive)
     assert not clean.stream.memory.commit_refreshes_after_step0_exit
 
 

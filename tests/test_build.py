@@ -1,27 +1,21 @@
-"""Generator loading vs finalising: `load_generator` gives a trainable fp32 model that training can
-reuse; `apply_lora` + `finalize_for_inference` on it is exactly what `build_components` returns."""
+"""Generator loading vs finalising: `load_generator` gives a trainable fp32 model (the library's
+`memflow.checkpoint.load_wan_generator` is what training calls); `memflow.lora.apply_lora` +
+`finalize_for_inference` on it is exactly what `build_components` returns."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
 
-from memflow.checkpoint import load_wan_config
+from memflow.checkpoint import load_wan_config, load_wan_generator
+from memflow.lora import apply_lora
 from memflow.model import WanDiT
 from memflow.tiny import build_tiny_dit
-from pipeline.build import (
-    apply_lora,
-    build_components,
-    check_paths,
-    finalize_for_inference,
-    load_generator,
-    load_wan_generator,
-    parse_dtype,
-)
-from utils.config import load_config
-from utils.settings_schema import Adapter, settings_from_config
+from pipeline.build import build_components, check_paths, finalize_for_inference, load_generator
+from pipeline.inference_config import load_inference_config
+from utils.config import DTYPES
+from utils.settings_schema import InferenceConfig
 
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (wan_files is a fixture)
 from reference_files import save_generator_checkpoint
@@ -40,25 +34,24 @@ def assert_same_parameters(a: WanDiT, b: WanDiT) -> None:
         assert torch.equal(p, pb[name]), name
 
 
-def load_then_finalize(cfg: DictConfig) -> WanDiT:
+def load_then_finalize(cfg: InferenceConfig) -> WanDiT:
     """The steps `build_components` is made of, called one by one."""
     paths = check_paths(cfg)
     generator = load_generator(cfg, paths)
     if cfg.adapter:
-        lora_ckpt = paths.lora_ckpt if paths is not None else None
-        generator = apply_lora(generator, settings_from_config(cfg.adapter, Adapter).lora_settings(), lora_ckpt)
+        generator = apply_lora(generator, cfg.adapter.lora_settings(), paths.lora_ckpt)
     return finalize_for_inference(
         generator, merge_lora=bool(cfg.lora_merge and cfg.adapter), device=CPU,
-        dtype=parse_dtype(cfg, "dtype", "bfloat16"),
+        dtype=DTYPES[cfg.dtype],
     )
 
 
-def built_generator(cfg: DictConfig) -> WanDiT:
+def built_generator(cfg: InferenceConfig) -> WanDiT:
     return build_components(cfg, CPU, compat=False, paths=check_paths(cfg)).generator
 
 
 def test_loaded_tiny_generator_is_trainable_built_one_is_frozen():
-    cfg = load_config(TINY)
+    cfg = load_inference_config(TINY)
     generator = load_generator(cfg, check_paths(cfg))
     params = list(generator.parameters())
     assert all(p.requires_grad and p.dtype == torch.float32 and p.device == CPU for p in params)
@@ -81,7 +74,7 @@ def test_loaded_tiny_generator_is_trainable_built_one_is_frozen():
     ids=["plain", "bf16", "lora", "lora-merged", "merge-without-adapter"],
 )
 def test_tiny_load_then_finalize_equals_build_components(overrides):
-    cfg = load_config(TINY, overrides)
+    cfg = load_inference_config(TINY, overrides)
     torch.manual_seed(0)  # peft draws the LoRA A init from the global generator
     stepwise = load_then_finalize(cfg)
     torch.manual_seed(0)
@@ -103,7 +96,7 @@ def test_real_format_load_equals_build_components(wan_files, tmp_path, variant):
         ema = save_generator_checkpoint(build_tiny_dit(load_wan_config(folder), seed=3),
                                         tmp_path / "ema.pt", key="generator_ema")
         overrides += [f"generator_ckpt={ema}", "use_ema=true"]
-    cfg = load_config(ROOT / "configs" / "inference.yaml", overrides)
+    cfg = load_inference_config(ROOT / "configs" / "inference.yaml", overrides)
     built = built_generator(cfg)
     assert_same_parameters(load_then_finalize(cfg), built)
     if variant != "lora":  # the cfg-free loader a trainer calls gives the same weights

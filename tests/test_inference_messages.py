@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 import inference
 from conftest import TINY_YAML as TINY, run_launcher, subprocess_env
 from pipeline.build import CheckpointPaths
 from pipeline.runner import warn_ignored_settings
+from utils.settings_schema import Adapter, InferenceConfig
 from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,16 +126,12 @@ def test_over_long_prompt_warning_names_file_and_line(tmp_path, caplog, recwarn)
     assert not [w for w in recwarn if "truncated" in str(w.message)]  # no "prompt 0" warning
 
 
-def _cfg(**values) -> OmegaConf:
-    return OmegaConf.create(values)
-
-
 TINY_PATHS = CheckpointPaths(wan_folder=None, generator_ckpt=None, lora_ckpt=None)
 
 
 def test_adapter_without_lora_ckpt_warns(caplog):
     with caplog.at_level(logging.WARNING):
-        warn_ignored_settings(_cfg(adapter={"type": "lora", "rank": 4}, lora_ckpt=None), TINY_PATHS)
+        warn_ignored_settings(InferenceConfig(adapter=Adapter(rank=4), lora_ckpt=None), TINY_PATHS)
     assert caplog.messages == [
         "`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial weights (no effect "
         "on the video), yet the files are named _lora"]
@@ -143,8 +139,10 @@ def test_adapter_without_lora_ckpt_warns(caplog):
 
 def test_tiny_preset_warns_about_the_paths_it_ignores(caplog):
     with caplog.at_level(logging.WARNING):
-        warn_ignored_settings(_cfg(adapter={"rank": 4}, lora_ckpt="checkpoints/lora.pt",
-                                   wan_models_root="wan_models", generator_ckpt=None), TINY_PATHS)
+        warn_ignored_settings(InferenceConfig(adapter=Adapter(rank=4), lora_ckpt="checkpoints/lora.pt",
+                                              wan_models_root="/data/wan", generator_ckpt=None),
+                              TINY_PATHS)
     assert caplog.messages == [
         "preset: tiny builds random base models in memory and ignores `wan_models_root` (its "
         "generator_ckpt and lora_ckpt are loaded)"]
+

@@ -168,13 +168,12 @@ def test_switches_in_single_prompt_mode_are_a_warning_naming_the_key(tmp_path, c
 
 
 def test_no_switch_warning_for_a_plain_single_prompt_config(caplog):
-    from omegaconf import OmegaConf
-
     from pipeline.runner import warn_unused_switches
+    from utils.settings_schema import InferenceConfig
 
     with caplog.at_level(logging.WARNING):
-        warn_unused_switches(OmegaConf.create({"mode": "single", "switch": {}}), interactive=False)
-        warn_unused_switches(OmegaConf.create({"switch_frame_indices": "3"}), interactive=True)
+        warn_unused_switches(InferenceConfig(mode="single", switch={}), interactive=False)
+        warn_unused_switches(InferenceConfig(switch_frame_indices="3"), interactive=True)
     assert caplog.messages == []
 
 
@@ -187,7 +186,7 @@ def test_a_bad_value_in_the_file_that_an_override_replaces_is_no_error(tmp_path,
     config.write_text(Path(TINY).read_text().replace("seed: 0\nnum_samples", "seed: abc\nnum_samples")
                       .replace("  dim: 32", "  dim: 33"))
     cfg = load_inference_config(config, ["seed=3", "tiny.dim=32"])
-    assert cfg.seed == 3 and cfg.tiny.dim == 32
+    assert cfg.seed == 3 and cfg.tiny["dim"] == 32
     code = inference.main(["--config_path", str(config), "tiny.dim=32"])
     assert _error(capsys, code) == "error: config key `seed` must be an integer; got 'abc'"
     config.write_text(Path(TINY).read_text() + "num_output_frame: 3\n")
@@ -261,13 +260,14 @@ def test_readme_tiny_commands_run_in_order():
         assert cfg.output_folder not in folders or cfg.overwrite or cfg.skip_existing, command
         folders.append(cfg.output_folder)
         for key in ("generator_ckpt", "lora_ckpt"):
-            if cfg[key] is None:
+            path = getattr(cfg, key)
+            if path is None:
                 continue
-            logdir = str(Path(cfg[key]).parents[1])
-            assert logdir in trained, (key, cfg[key], list(trained))
+            logdir = str(Path(path).parents[1])
+            assert logdir in trained, (key, path, list(trained))
             loaded.add(key)
             last = trained[logdir].max_iters  # behaviour: clean saves the last step
-            assert cfg[key] == f"{logdir}/checkpoint_model_{last:06d}/model.pt", command
+            assert path == f"{logdir}/checkpoint_model_{last:06d}/model.pt", command
             if key == "lora_ckpt":
                 run = trained[logdir].adapter
                 assert (cfg.adapter.rank, cfg.adapter.alpha) == (run.rank, run.alpha)
