@@ -183,19 +183,21 @@ def plan_run(c: InferenceConfig, dist: DistInfo, interactive: bool,
 
 
 def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
-    """Generate every prompt assigned to this rank; returns the files written and the videos that failed."""
+    """Generate every prompt assigned to this rank; returns the files written and the videos
+    that failed. All the input is checked (settings, paths, attention backend, device) before
+    `plan_run` makes the output folder, so bad input leaves nothing on disk."""
     interactive = is_interactive(c)
     settings = parse_settings(c, interactive)
     paths = check_paths(c)
     warn_ignored_settings(c, paths)
     warn_unused_switches(c, interactive)
+    set_attention_backend(c.attn_backend)  # an uninstalled kernel is bad input
+    set_trust_checkpoints(c.trust_checkpoints)
+    device = pick_device(c.device, dist.local_rank)
     plan = plan_run(c, dist, interactive, settings, paths)
     data_path, skip_existing = str(c.data_path), c.skip_existing
-    set_attention_backend(c.attn_backend)
-    set_trust_checkpoints(c.trust_checkpoints)
 
     seed, seed_mode = c.seed, c.seed_mode
-    device = pick_device(c.device, dist.local_rank)
     set_cpu_threads(c, device)
     process_seed = rank_seed(seed, dist.rank if seed_mode != "per_rank" else dist.local_rank, seed_mode)
     torch.manual_seed(process_seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import inference
-from conftest import TINY_YAML as TINY, run_launcher, subprocess_env
+from conftest import TINY_YAML as TINY, one_error_line, run_launcher, subprocess_env
 from pipeline.build import CheckpointPaths
 from pipeline.runner import warn_ignored_settings
 from utils.settings_schema import Adapter, InferenceConfig
@@ -146,3 +146,18 @@ def test_tiny_preset_warns_about_the_paths_it_ignores(caplog):
         "preset: tiny builds random base models in memory and ignores `wan_models_root` (its "
         "generator_ckpt and lora_ckpt are loaded)"]
 
+
+def test_an_unavailable_attention_backend_leaves_no_output_folder(tmp_path, capsys, monkeypatch):
+    """`attn_backend: flash3` without its package is bad input like any other: one `error:`
+    line, status 2, and it is found before the output folder is made (none is left behind)."""
+    from memflow import attention
+
+    monkeypatch.setattr(attention, "_importable", lambda module: False)  # no flash-attn here
+    monkeypatch.setattr(attention, "_selected", attention._selected)
+    monkeypatch.setattr(attention, "_active", attention._active)
+    out = tmp_path / "out"
+    code = inference.main(["--config_path", TINY, f"output_folder={out}", "num_output_frames=3",
+                           "attn_backend=flash3"])
+    assert one_error_line(capsys, code).startswith(
+        "error: attention backend 'flash3' needs the flash_attn_interface package")
+    assert not out.exists()
