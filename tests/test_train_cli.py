@@ -28,6 +28,24 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_train_init.yaml"
 
 
+def test_training_never_imports_the_inference_package():
+    """Training builds its models with the model library (memflow/), not with the inference
+    application (pipeline/): no import of `pipeline` in train.py or trainer/, lazy ones included."""
+    import ast
+
+    found = []
+    for path in [REPO / "train.py", *sorted((REPO / "trainer").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {m}" for m in modules if m.split(".")[0] == "pipeline"]
+    assert found == []
+
+
 def _env() -> dict[str, str]:
     return subprocess_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 
