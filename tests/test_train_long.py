@@ -228,7 +228,7 @@ def test_stage2_visualisation_writes_a_switch_video(tmp_path):
     ({"switch_choices": "[4]"}, r"switch frame 4 must be a positive multiple"),
     ({"streaming_min_new_frame": 6}, r"`streaming_min_new_frame` \(6\) must be smaller"),
     ({"global_sink": False}, r"`global_sink`: false .* compat"),
-    ({"adapter.rank": 0}, r"`adapter`: LoRA rank must be >= 1"),
+    ({"adapter.rank": 0}, r"`adapter.rank` must be >= 1, got 0"),
 ])
 def test_bad_stage2_config_is_one_line(overrides, message):
     with pytest.raises(InputError, match=message):
