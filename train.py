@@ -84,8 +84,8 @@ def _train(args: argparse.Namespace) -> int:
     set_trust_checkpoints(trust)
     info = init_distributed()
     try:
-        device = pick_device(settings.device, info.local_rank)
-        if settings.mixed_precision:
+        device = pick_device(settings.config.device, info.local_rank)
+        if settings.config.mixed_precision:
             if device.type != "cuda":
                 raise InputError("config key `mixed_precision`: bf16 training needs a GPU; "
                                  "set mixed_precision=false on a CPU")

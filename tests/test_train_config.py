@@ -62,24 +62,24 @@ def test_train_init_has_the_reference_stage1_values():
     assert s.score.guidance_scale == 3.0 and s.score.score_shift is None
     assert not s.score.ts_schedule and not s.score.ts_schedule_max
     assert s.latent_hw == (60, 104) and s.latent_channels == 16
-    assert s.mixed_precision and s.compute_dtype == torch.bfloat16 and s.param_dtype == torch.float32
+    assert s.config.mixed_precision and s.compute_dtype == torch.bfloat16 and s.param_dtype == torch.float32
     assert s.generator_optim.betas == (0.0, 0.999) and s.generator_optim.max_grad_norm == 10.0
     assert s.critic_optim.lr == pytest.approx(4e-7)
-    assert s.ema_weight == pytest.approx(0.99) and s.ema_start_step == 200
+    assert s.ema_weight == pytest.approx(0.99) and s.config.ema_start_step == 200
     assert s.data_shuffle == "epoch" and s.seed == 0
     assert s.train_generator(0) and not s.train_generator(4) and s.train_generator(5)
     assert s.wandb.enabled and s.wandb.mode == "offline" and s.wandb.run_name == "train_init"
-    assert s.negative_prompt.startswith("色调艳丽")
+    assert s.config.negative_prompt.startswith("色调艳丽")
 
 
 def test_tiny_config_validates_with_files():
     s = tiny_settings()
-    assert s.preset == "tiny" and s.device == "cpu"
+    assert s.config.preset == "tiny" and s.config.device == "cpu"
     assert s.latent_hw == (12, 16)
     assert s.rollout.block_range(s.frames_per_block) == (2, 2)
-    assert not s.mixed_precision and s.compute_dtype == torch.float32
-    assert s.max_iters == 6 and s.log_iters == 3 and s.max_checkpoints == 2
-    assert s.dfake_gen_update_ratio == 5 and s.gradient_checkpointing and s.vis_interval == 0
+    assert not s.config.mixed_precision and s.compute_dtype == torch.float32
+    assert s.config.max_iters == 6 and s.config.log_iters == 3 and s.config.max_checkpoints == 2
+    assert s.config.dfake_gen_update_ratio == 5 and s.config.gradient_checkpointing and s.config.vis_interval == 0
     assert not s.wandb.enabled
     assert s.tiny.generator["dim"] == 32 and s.tiny.teacher["dim"] == 48
     assert s.tiny.critic == s.tiny.generator  # the critic starts as the generator's base
@@ -123,7 +123,7 @@ def test_overrides_and_cli_flags(tmp_path):
     assert cfg.logdir == str(tmp_path / "run")  # the flag wins over an override
     assert cfg.no_save is True and cfg.disable_wandb is True and cfg.auto_resume is False
     s = TrainSettings.from_config(cfg, check_files=False)
-    assert s.logdir == tmp_path / "run" and s.no_save and not s.auto_resume and not s.wandb.enabled
+    assert s.logdir == tmp_path / "run" and s.config.no_save and not s.config.auto_resume and not s.wandb.enabled
 
     cfg = load_train_config(INIT, (), CliFlags())  # flags not given: YAML values stay
     assert cfg.logdir == "" and cfg.no_save is False and cfg.auto_resume is True
@@ -265,7 +265,7 @@ def test_model_paths_are_checked_unless_tiny(tmp_path):
     with pytest.raises(InputError, match=r"`wan_models_root/fake_name`: directory not found"):
         settings(f"generator_ckpt={ckpt}", "fake_name=Wan-critic")
     # the tiny preset needs no model files at all
-    assert tiny_settings(f"wan_models_root={tmp_path / 'none'}").preset == "tiny"
+    assert tiny_settings(f"wan_models_root={tmp_path / 'none'}").config.preset == "tiny"
 
 
 def test_guidance_ema_and_lora():

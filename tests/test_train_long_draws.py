@@ -45,18 +45,18 @@ def recorded_windows(settings, exits: list[int], seed: int = 0) -> list[dict[str
     """Random draws for each window of the sequence, by role, in `InjectedDraws`' layout."""
     g = torch.Generator().manual_seed(seed)
     fpb, window = settings.frames_per_block, settings.streaming.window_frames
-    block = (settings.batch_size * fpb, 16, *settings.latent_hw)
+    block = (settings.config.batch_size * fpb, 16, *settings.latent_hw)
     schedule = window_schedule(settings.streaming.max_length, settings.streaming, fpb)
     out = []
     for (_, n_new), k in zip(schedule, exits):
         blocks = n_new // fpb
         out.append(dict(
             blocks=blocks, exit=k,
-            initial=torch.randn(settings.batch_size, n_new, *block[1:], generator=g),
+            initial=torch.randn(settings.config.batch_size, n_new, *block[1:], generator=g),
             step=torch.randn(blocks, k, *block, generator=g),  # exit step 0: no step noise
             context=torch.randn(blocks, *block, generator=g),
-            t=torch.randint(100, 900, (settings.batch_size, 1), generator=g),
-            score=torch.randn(settings.batch_size, window, *block[1:], generator=g),
+            t=torch.randint(100, 900, (settings.config.batch_size, 1), generator=g),
+            score=torch.randn(settings.config.batch_size, window, *block[1:], generator=g),
         ))
     return out
 
@@ -458,7 +458,7 @@ def test_text_encoder_and_vae_come_from_the_given_models_and_grads_are_pre_clipp
     seq = trainer.sequence
     assert torch.equal(seq.cond, text.encode(seq.prompts))
     assert torch.equal(seq.switch_cond, text.encode(seq.switch_prompts))
-    assert torch.equal(trainer.negative, text.encode([settings.negative_prompt]))
+    assert torch.equal(trainer.negative, text.encode([settings.config.negative_prompt]))
     generator_window, critic_window = out["reports"][0]["windows"]
     # the critic window [6, 9) re-encodes its first frame through the given VAE (§5.2)
     assert len(vae.decoded) == 1

@@ -73,7 +73,7 @@ class RecordingLoader:
 # ------------------------------------------------------------------------------------------------
 def test_generator_trains_every_ratio_steps_critic_every_step():
     trainer = make_trainer(make_settings())
-    assert trainer.settings.dfake_gen_update_ratio == 5
+    assert trainer.settings.config.dfake_gen_update_ratio == 5
     gen0, crit0 = named_params(trainer.generator), named_params(trainer.critic)
     teach0 = named_params(trainer.teacher)
 
@@ -456,7 +456,7 @@ def test_released_optimiser_settings_and_weight_decay_no_op():
                 opt.step()
             results.append(p.detach())
         assert torch.equal(*results) and not torch.equal(results[0], weights)
-    assert settings.dfake_gen_update_ratio == 5 and settings.ema_weight == 0.99
+    assert settings.config.dfake_gen_update_ratio == 5 and settings.ema_weight == 0.99
 
 
 def test_ema_starts_from_a_loaded_generator_ckpt(tmp_path):

@@ -175,19 +175,17 @@ class WandbSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Everything the training loop reads, typed and validated (TRAINING.md §1.2)."""
+    """A run's settings (TRAINING.md §1.2): the typed config itself (`config`: every key as the
+    schema defines it; a key that needs no conversion is read there, ``settings.config.max_iters``)
+    and what is derived from it, each in one field: the library's objects, resolved paths and
+    dtypes, and the values whose meaning depends on other keys."""
 
+    config: TrainConfig
     compat: bool
     stage: int  # 1: Self-Forcing rollouts (dmd); 2: streaming long tuning (dmd_switch)
-    device: str  # auto | cpu | cuda (resolved at start-up by utils.distributed.pick_device)
-    attn_backend: str
     # models
-    preset: str | None
-    tiny: TinyModels | None
+    tiny: TinyModels | None  # preset: tiny
     wan_models_root: Path
-    generator_name: str
-    real_name: str
-    fake_name: str
     generator_ckpt: Path | None
     # rollout, schedule and losses
     stream: StreamConfig
@@ -201,45 +199,24 @@ class TrainSettings:
     score: ScoreConfig
     latent_channels: int
     latent_hw: tuple[int, int]
-    negative_prompt: str
     # precision
-    mixed_precision: bool
     param_dtype: torch.dtype
     compute_dtype: torch.dtype  # bf16 (compute_dtype) with mixed_precision, else param_dtype
     vae_dtype: torch.dtype
-    gradient_checkpointing: bool
     # optimisation
     generator_optim: OptimSettings
     critic_optim: OptimSettings
-    dfake_gen_update_ratio: int
-    gradient_accumulation_steps: int
-    batch_size: int
-    max_iters: int
-    seed: int  # 0: draw a random seed on rank 0 and broadcast (spec §7.3)
+    seed: int  # 0: draw a random seed on rank 0 and broadcast (spec §7.3); train.py resolves it
     ema_weight: float | None  # None: no EMA (LoRA mode, or ema_weight null)
-    ema_start_step: int
-    gc_interval: int
-    sharding_strategy: str
-    text_encoder_cpu_offload: bool
     # data
     data_path: Path
     val_data_path: Path
     switch_prompt_path: Path | None
     val_switch_prompt_path: Path | None
-    data_seed: int
-    data_shuffle: str  # epoch | fixed | none
+    data_shuffle: str  # epoch | fixed | none (null in the config: by behaviour)
     # output
     logdir: Path | None
-    no_save: bool
-    auto_resume: bool
-    log_iters: int  # checkpoint period
-    max_checkpoints: int
-    vis_interval: int
-    vis_video_lengths: tuple[int, ...]
-    val_batch_size: int
     wandb: WandbSettings
-    # every key, typed, with the schema's defaults: a new key is read here as config.<key>
-    config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     @property
     def frames_per_block(self) -> int:
@@ -248,11 +225,11 @@ class TrainSettings:
     @property
     def reshard_after_forward(self) -> bool:
         """FSDP2's reading of `sharding_strategy`: free gathered weights after each forward."""
-        return not self.sharding_strategy.endswith("zero2")
+        return not self.config.sharding_strategy.endswith("zero2")
 
     def train_generator(self, step: int) -> bool:
         """Whether iteration `step` (read before its increment) updates the generator."""
-        return step % self.dfake_gen_update_ratio == 0
+        return step % self.config.dfake_gen_update_ratio == 0
 
     @classmethod
     def from_config(cls, cfg: DictConfig, *, check_files: bool = True) -> TrainSettings:
@@ -371,27 +348,17 @@ def _optimisation(c: TrainConfig, lora: LoraSettings | None) -> dict[str, Any]:
                                       c.max_grad_norm_generator),
         critic_optim=OptimSettings(c.lr_critic, (c.beta1_critic, c.beta2_critic), c.weight_decay,
                                    c.max_grad_norm_critic),
-        dfake_gen_update_ratio=c.dfake_gen_update_ratio,
-        gradient_accumulation_steps=c.gradient_accumulation_steps,
-        batch_size=c.batch_size,
-        max_iters=c.max_iters,
         seed=c.seed,
         ema_weight=None if lora is not None else c.ema_weight,
-        ema_start_step=c.ema_start_step,
-        gc_interval=c.gc_interval,
-        sharding_strategy=c.sharding_strategy,
-        text_encoder_cpu_offload=c.text_encoder_cpu_offload,
     )
 
 
 def _precision(c: TrainConfig) -> dict[str, Any]:
     param_dtype = DTYPES[c.param_dtype]
     return dict(
-        mixed_precision=c.mixed_precision,
         param_dtype=param_dtype,
         compute_dtype=DTYPES[c.compute_dtype] if c.mixed_precision else param_dtype,
         vae_dtype=DTYPES[c.vae_dtype],
-        gradient_checkpointing=c.gradient_checkpointing,
     )
 
 
@@ -480,9 +447,7 @@ def _models(c: TrainConfig, check_files: bool, lora: LoraSettings | None) -> dic
         _check_wan_folder(root, c, "generator_name", codecs=True)
         _check_wan_folder(root, c, "real_name", codecs=False)
         _check_wan_folder(root, c, "fake_name", codecs=False)
-    return dict(preset=c.preset, tiny=tiny, wan_models_root=root, generator_name=c.generator_name,
-                real_name=c.real_name, fake_name=c.fake_name,
-                generator_ckpt=generator_ckpt, lora_ckpt=lora_ckpt)
+    return dict(tiny=tiny, wan_models_root=root, generator_ckpt=generator_ckpt, lora_ckpt=lora_ckpt)
 
 
 def _data(c: TrainConfig, stage: int, compat: bool, check_files: bool) -> dict[str, Any]:
@@ -500,7 +465,7 @@ def _data(c: TrainConfig, stage: int, compat: bool, check_files: bool) -> dict[s
             read_switch_prompts(val_data_path, val_switch_path)
     shuffle = c.data_shuffle or ("fixed" if compat else "epoch")
     return dict(data_path=data_path, val_data_path=val_data_path, switch_prompt_path=switch_path,
-                val_switch_prompt_path=val_switch_path, data_seed=c.data_seed, data_shuffle=shuffle)
+                val_switch_prompt_path=val_switch_path, data_shuffle=shuffle)
 
 
 def _output(c: TrainConfig, run_name: str, fpb: int) -> dict[str, Any]:
@@ -518,17 +483,7 @@ def _output(c: TrainConfig, run_name: str, fpb: int) -> dict[str, Any]:
         save_dir=c.wandb_save_dir or None,
         run_name=run_name,
     )
-    return dict(
-        logdir=Path(c.logdir) if c.logdir else None,
-        no_save=c.no_save,
-        auto_resume=c.auto_resume,
-        log_iters=c.log_iters,
-        max_checkpoints=c.max_checkpoints,
-        vis_interval=c.vis_interval,
-        vis_video_lengths=tuple(c.vis_video_lengths),
-        val_batch_size=c.val_batch_size,
-        wandb=wandb,
-    )
+    return dict(logdir=Path(c.logdir) if c.logdir else None, wandb=wandb)
 
 
 def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
@@ -540,10 +495,9 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     stream, sampling = _stream_and_sampling(c, compat, stage)
     lora = _adapter(c)
     return TrainSettings(
+        config=c,
         compat=compat,
         stage=stage,
-        device=c.device,
-        attn_backend=c.attn_backend,
         **_models(c, check_files, lora),
         stream=stream,
         sampling=sampling,
@@ -555,12 +509,10 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         score=_score(c, compat),
         latent_channels=channels,
         latent_hw=latent_hw,
-        negative_prompt=c.negative_prompt,
         **_precision(c),
         **_optimisation(c, lora),
         **_data(c, stage, compat, check_files),
         **_output(c, str(cfg.get("config_name", "train")), fpb),
-        config=c,
     )
 
 

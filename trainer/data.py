@@ -229,8 +229,8 @@ class PromptLoader:
 def build_prompt_loader(settings: Any, rank: int = 0, world_size: int = 1) -> PromptLoader:
     """The training loader of a `trainer.config.TrainSettings` (stage 2 adds the switch file)."""
     dataset = PromptDataset.from_file(settings.data_path, settings.switch_prompt_path)
-    return PromptLoader(dataset, settings.batch_size, rank, world_size,
-                        seed=settings.data_seed, shuffle=settings.data_shuffle)
+    return PromptLoader(dataset, settings.config.batch_size, rank, world_size,
+                        seed=settings.config.data_seed, shuffle=settings.data_shuffle)
 
 
 def validation_batch(dataset: PromptDataset, batch_size: int, rank: int = 0,

@@ -93,7 +93,7 @@ class Stage2Trainer(DistillationTrainer):
     # -- one micro-step -------------------------------------------------------------------------
     def _micro_step(self, micro: int, train_gen: bool, record: _Record) -> None:
         s = self.settings
-        accum = s.gradient_accumulation_steps
+        accum = s.config.gradient_accumulation_steps
         last_only = s.rollout.last_step_only
         if train_gen:
             seq = self._sequence()
@@ -118,7 +118,7 @@ class Stage2Trainer(DistillationTrainer):
         record.critic(c)
 
     def _ids(self, micro: int) -> list[int]:
-        return self._sample_ids(micro, self.settings.batch_size)
+        return self._sample_ids(micro, self.settings.config.batch_size)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _resume_state(self) -> dict[str, Any]:

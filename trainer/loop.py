@@ -168,7 +168,7 @@ class DistillationTrainer:
         self.world = current_world_size()
         if s.logdir is not None:
             _prepare_logdir(Path(s.logdir))
-        set_attention_backend(s.attn_backend)
+        set_attention_backend(s.config.attn_backend)
         m = models or build_train_models(s, device)
         self.text_encoder = m.text_encoder
         self._vae = m.vae
@@ -176,10 +176,10 @@ class DistillationTrainer:
         self.report_hook = report_hook
         self.base_step = self._prepare_models(m)
         for model in (m.generator, m.critic, m.teacher):
-            model.gradient_checkpointing = s.gradient_checkpointing and model is not m.teacher
+            model.gradient_checkpointing = s.config.gradient_checkpointing and model is not m.teacher
             model.to(device)
             if is_distributed():
-                shard_model(model, compute_dtype=s.compute_dtype if s.mixed_precision else None,
+                shard_model(model, compute_dtype=s.compute_dtype if s.config.mixed_precision else None,
                             reshard_after_forward=s.reshard_after_forward)
         self.generator, self.critic, self.teacher = m.generator, m.critic, m.teacher
         stepper = ChunkStepper(self.generator, s.stream, s.sampling, dtype=s.compute_dtype)
@@ -192,9 +192,9 @@ class DistillationTrainer:
         self.step = 0
         self._resume()
         with torch.no_grad():
-            self.negative = self.text_encoder.encode([s.negative_prompt]).to(device, s.compute_dtype)
+            self.negative = self.text_encoder.encode([s.config.negative_prompt]).to(device, s.compute_dtype)
         self.logger = TrainLogger(
-            None if s.no_save and s.logdir is None else s.logdir, rank=self.rank,
+            None if s.config.no_save and s.logdir is None else s.logdir, rank=self.rank,
             final_step=self.final_step, start_step=self.step, wandb=s.wandb,
             config=config_for_logging, progress=progress, device=device,
         )
@@ -232,7 +232,7 @@ class DistillationTrainer:
                       ema=self.ema)
         resumed = None
         self.step = self.base_step
-        if s.auto_resume and s.logdir is not None:
+        if s.config.auto_resume and s.logdir is not None:
             resumed = load_checkpoint(s.logdir, **kwargs)
         self._check_resumed_vis = resumed is not None
         if resumed is None:
@@ -249,7 +249,7 @@ class DistillationTrainer:
         else:
             self.step = resumed.step
             self._after_load(resumed, exact=True)
-        self.ema = ema_after_resume(self.ema, self.step, s.ema_start_step)
+        self.ema = ema_after_resume(self.ema, self.step, s.config.ema_start_step)
 
     def _after_load(self, loaded: Resumed, exact: bool) -> None:
         """Restore what came with the weights (EMA start, data position); `exact`: an
@@ -276,13 +276,13 @@ class DistillationTrainer:
         """Sample videos every `vis_interval` steps into <logdir>/../vis (§8.3): a
         `trainer.visualize.Visualiser`, or None."""
         s = self.settings
-        if not s.vis_interval or not s.vis_video_lengths or s.logdir is None:
+        if not s.config.vis_interval or not s.config.vis_video_lengths or s.logdir is None:
             return None
         from .visualize import Visualiser
 
         switch_path = s.val_switch_prompt_path if s.stage == 2 else None
         dataset = PromptDataset.from_file(s.val_data_path, switch_path)
-        batch = validation_batch(dataset, s.val_batch_size, self.rank, self.world)
+        batch = validation_batch(dataset, s.config.val_batch_size, self.rank, self.world)
         out_dir = Path(s.logdir).resolve().parent / "vis"
         return Visualiser(stepper, self.text_encoder, self.vae(), batch.prompts, s, self.rank,
                           out_dir, batch.switch_prompts)
@@ -291,7 +291,7 @@ class DistillationTrainer:
         """A run killed while writing the videos of the step it resumes from never passes that
         step again: write them now, on every rank when any rank's are incomplete."""
         s = self.settings
-        if self.vis is None or self.step == 0 or self.step % s.vis_interval:
+        if self.vis is None or self.step == 0 or self.step % s.config.vis_interval:
             return
         missing = torch.tensor([0 if self.vis.complete(self.step) else 1])
         if is_distributed():
@@ -304,7 +304,7 @@ class DistillationTrainer:
 
     # -- one iteration ----------------------------------------------------------------------
     def _sample_ids(self, micro: int, batch: int) -> list[int]:
-        first = (micro * self.world + self.rank) * self.settings.batch_size
+        first = (micro * self.world + self.rank) * self.settings.config.batch_size
         return list(range(first, first + batch))
 
     def _draws(self, role: str, ids: list[int]) -> TrainingDraws:
@@ -314,7 +314,7 @@ class DistillationTrainer:
         """One micro-step (§3.1): a generator rollout + DMD loss (when the generator trains) and an
         independent no-grad rollout + critic loss, each back-propagated / accumulation steps."""
         s = self.settings
-        accum = s.gradient_accumulation_steps
+        accum = s.config.gradient_accumulation_steps
         batch = next(self.loader)
         with torch.no_grad():
             cond = self.text_encoder.encode(batch.prompts).to(self.device, s.compute_dtype)
@@ -340,7 +340,7 @@ class DistillationTrainer:
         record = _Record()
         if self.report_hook is not None:
             record.report = IterationReport(self.step, train_gen)
-        for micro in range(s.gradient_accumulation_steps):
+        for micro in range(s.config.gradient_accumulation_steps):
             self._micro_step(micro, train_gen, record)
         if record.report is not None:
             record.report.critic_grads = gradients(self.critic)
@@ -356,7 +356,7 @@ class DistillationTrainer:
         critic_norm = _clip(self.critic, s.critic_optim.max_grad_norm)
         self.critic_opt.step()
         self.step += 1
-        self.ema = ema_after_iteration(self.ema, self.generator, self.step, s.ema_start_step,
+        self.ema = ema_after_iteration(self.ema, self.generator, self.step, s.config.ema_start_step,
                                        s.ema_weight or 0.0, enabled=s.ema_weight is not None)
         return StepMetrics(
             generator_loss=_mean(record.gen_losses), generator_grad_norm=gen_norm,
@@ -375,8 +375,8 @@ class DistillationTrainer:
             generator_ema=self.ema, resume_state=self._resume_state(),
             rank_state=self._rank_state(),
         )
-        if self.rank == 0 and s.max_checkpoints > 0:
-            rotate_checkpoints(s.logdir, s.max_checkpoints)
+        if self.rank == 0 and s.config.max_checkpoints > 0:
+            rotate_checkpoints(s.logdir, s.config.max_checkpoints)
 
     def _resume_state(self) -> dict[str, Any]:
         """The loop's own state for resume.pt (rank 0's)."""
@@ -390,7 +390,7 @@ class DistillationTrainer:
     def final_step(self) -> int:
         """The step the run ends at: max_iters iterations from step 0 in clean; max_iters + 1 in
         compat, whose loop runs while s <= max_iters (TRAINING.md §10 item 25)."""
-        return self.settings.max_iters + (1 if self.settings.compat else 0)
+        return self.settings.config.max_iters + (1 if self.settings.compat else 0)
 
     def run(self, stop_after: int | None = None, on_step: Callable[[int], None] | None = None) -> None:
         """Iterate until `final_step` (or `stop_after` more iterations). The final step is
@@ -405,16 +405,16 @@ class DistillationTrainer:
                 check_terminated()
                 metrics = self.train_step()
                 check_terminated()  # never save after an interrupted step
-                due = self.step % s.log_iters == 0 or self.step == self.final_step
-                if not s.no_save and s.logdir is not None and due:
+                due = self.step % s.config.log_iters == 0 or self.step == self.final_step
+                if not s.config.no_save and s.logdir is not None and due:
                     self.save()
                 self.logger.log_step(
                     self.step, **metrics.__dict__,
                     lr=s.generator_optim.lr, lr_critic=s.critic_optim.lr,
                 )
-                if self.vis is not None and self.step % s.vis_interval == 0:
+                if self.vis is not None and self.step % s.config.vis_interval == 0:
                     self.vis.write(self.step)
-                if s.gc_interval and self.step % s.gc_interval == 0:
+                if s.config.gc_interval and self.step % s.config.gc_interval == 0:
                     gc.collect()
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -49,7 +49,7 @@ class TrainModels:
 
 def build_train_models(settings: TrainSettings, device: torch.device) -> TrainModels:
     """Load (or, for the tiny preset, build) the generator, critic, teacher and text encoder."""
-    if settings.preset == "tiny":
+    if settings.config.preset == "tiny":
         from memflow.tiny import build_tiny_generator, build_tiny_text_encoder
 
         tiny = settings.tiny
@@ -59,13 +59,13 @@ def build_train_models(settings: TrainSettings, device: torch.device) -> TrainMo
     else:
         root = settings.wan_models_root
         models = [
-            load_wan_generator(root / settings.generator_name),
-            load_wan_generator(root / settings.fake_name),
-            load_wan_generator(root / settings.real_name),
+            load_wan_generator(root / settings.config.generator_name),
+            load_wan_generator(root / settings.config.fake_name),
+            load_wan_generator(root / settings.config.real_name),
         ]
         text_encoder = TextEncoder.from_wan_folder(
-            root / settings.generator_name, text_len=models[0].config.text_len,
-            dtype=settings.compute_dtype, device=device, offload=settings.text_encoder_cpu_offload,
+            root / settings.config.generator_name, text_len=models[0].config.text_len,
+            dtype=settings.compute_dtype, device=device, offload=settings.config.text_encoder_cpu_offload,
         )
     generator, critic, teacher = models
     if generator.config.in_dim != settings.latent_channels:

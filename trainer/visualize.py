@@ -41,7 +41,7 @@ def build_vae(settings: TrainSettings, device: torch.device) -> WanVAE:
 
         vae = build_tiny_vae(seed=settings.tiny.seed, dtype=settings.vae_dtype)
     else:
-        folder = settings.wan_models_root / settings.generator_name
+        folder = settings.wan_models_root / settings.config.generator_name
         vae = WanVAE.from_wan_checkpoint(folder / WAN_VAE_CHECKPOINT, dtype=settings.vae_dtype)
     return vae.to(device)
 
@@ -78,7 +78,7 @@ class Visualiser:
         lora = "_lora" if s.lora is not None else ""
         out = []
         for i in range(len(self.prompts)):
-            for frames in s.vis_video_lengths:
+            for frames in s.config.vis_video_lengths:
                 switch_frame = None
                 if self.switch_prompts is not None:
                     found = s.streaming.switch.candidates(frames, self.stepper.frames_per_block)
