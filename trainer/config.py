@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from memflow.config import DiTConfig, SamplingConfig, StreamConfig, SwitchOptions
-from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
+from memflow.config import SamplingConfig, StreamConfig
 from memflow.lora import LoraSettings
-from trainer.long_sequence import REFERENCE_FALLBACK_MAX_LENGTH, LongTuningConfig, SwitchSchedule
+from trainer.long_sequence import LongTuningConfig
+from trainer.models import TinyModels, check_wan_folder
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
 from utils.config import DTYPES, _load_yaml, load_config, require_path
@@ -49,7 +48,6 @@ from utils.stream_settings import PATCH, sampling_config, stream_config, with_ov
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
 
-TINY_ROLES = ("teacher", "critic")
 ADAM_EPS = 1e-8  # torch default, as in the reference (spec §10 "hard-coded constants")
 
 
@@ -140,25 +138,6 @@ class OptimSettings:
     weight_decay: float
     max_grad_norm: float
     eps: float = ADAM_EPS
-
-
-@dataclass(frozen=True)
-class TinyModels:
-    """`preset: tiny` shapes. Each role's mapping is what `memflow.tiny.build_tiny_generator`
-    takes (DiTConfig fields + ``seed``); the critic defaults to the generator's shape and seed
-    (the reference's critic starts from the generator's base model, Wan 1.3B)."""
-
-    generator: Mapping[str, Any]
-    teacher: Mapping[str, Any]
-    critic: Mapping[str, Any]
-    text_len: int
-    seed: int
-
-    def section(self, role: str) -> dict[str, Any]:
-        """The `build_tiny_generator` mapping of "generator", "teacher" or "critic"."""
-        if role not in ("generator", *TINY_ROLES):
-            raise ValueError(f"unknown tiny model role {role!r}")
-        return dict(getattr(self, role))
 
 
 @dataclass(frozen=True)
@@ -283,62 +262,12 @@ def _latent_shape(c: TrainConfig) -> tuple[int, tuple[int, int]]:
     return channels, (h, w)
 
 
-def _whole_chunks(key: str, value: int, fpb: int) -> int:
-    if value % fpb:
-        raise InputError(
-            f"config key `{key}` ({value}) must be a multiple of num_frame_per_block ({fpb})"
-        )
-    return value
-
-
-def _rollout(c: TrainConfig, stage: int, fpb: int) -> RolloutConfig:
-    """Stage-1 rollout lengths: whole chunks, min <= max, the kept frames hold a rollout."""
-    num_frames = _whole_chunks("num_training_frames", c.num_training_frames, fpb)
-    min_frames = _whole_chunks("min_num_training_frames", c.min_num_training_frames, fpb)
-    if min_frames > num_frames:
-        raise InputError(
-            f"config key `min_num_training_frames` ({min_frames}) must not exceed "
-            f"num_training_frames ({num_frames})"
-        )
-    if stage == 1 and num_frames > c.slice_last_frames:
-        raise InputError(
-            f"config key `slice_last_frames` ({c.slice_last_frames}) is smaller than "
-            f"num_training_frames ({num_frames}); re-encoding the first kept frame is not implemented"
-        )
-    return RolloutConfig(
-        num_training_frames=num_frames,
-        min_num_training_frames=min_frames,
-        slice_last_frames=c.slice_last_frames,
-        same_step_across_blocks=c.same_step_across_blocks,
-        last_step_only=c.last_step_only,
-    )
-
-
 def _stream_and_sampling(c: TrainConfig, compat: bool, stage: int) -> tuple[StreamConfig, SamplingConfig]:
     """The library's stream and sampler settings, built by the same functions as inference's
     from the shared schema sections (`model_kwargs:`, the step list, `memory:`)."""
     memory = with_overrides(training_memory_options(compat, stage), c.memory, "memory")
     return (stream_config(c.model_kwargs, c.num_frame_per_block, memory),
             sampling_config(c, c.model_kwargs))
-
-
-def _score(c: TrainConfig, compat: bool) -> ScoreConfig:
-    """The DMD / critic losses; `real_guidance_scale` overrides `guidance_scale` when set."""
-    if c.min_score_timestep >= c.num_train_timestep:
-        raise InputError(
-            f"config key `min_score_timestep` ({c.min_score_timestep}) must be below "
-            f"num_train_timestep ({c.num_train_timestep})"
-        )
-    guidance = c.guidance_scale if c.real_guidance_scale is None else c.real_guidance_scale
-    score_kwargs = dict(
-        num_train_timestep=c.num_train_timestep,
-        timestep_shift=c.timestep_shift,
-        min_score_timestep=c.min_score_timestep,
-        guidance_scale=guidance,
-        ts_schedule=c.ts_schedule,
-        ts_schedule_max=c.ts_schedule_max,
-    )
-    return ScoreConfig.compat(**score_kwargs) if compat else ScoreConfig.clean(**score_kwargs)
 
 
 def _optimisation(c: TrainConfig, lora: LoraSettings | None) -> dict[str, Any]:
@@ -380,62 +309,9 @@ def _prompt_file(c: TrainConfig, key: str, *, required: bool, check: bool) -> Pa
     return path
 
 
-def _tiny_role(mapping: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    """One `tiny:` mapping (the generator's, or a role's override) with known keys only."""
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, dict):
-        raise InputError(f"config key `{where}` must be a mapping, got {mapping!r}")
-    for k in mapping:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
-            raise InputError(f"unknown config key `{where}.{k}`{hint}")
-    return dict(mapping)
-
-
-def _tiny(c: TrainConfig) -> TinyModels:
-    """The `tiny:` shapes: the generator's keys, and a `teacher:` / `critic:` override each."""
-    shape_keys = {f.name for f in dataclasses.fields(DiTConfig)} | {"seed"}
-    section = _tiny_role(c.tiny, "tiny", shape_keys | set(TINY_ROLES))
-    generator = {k: v for k, v in section.items() if k not in TINY_ROLES}
-    generator.setdefault("seed", 0)
-    text_len = generator.get("text_len", 64)
-    roles = {}
-    for role in TINY_ROLES:
-        own = _tiny_role(section.get(role), f"tiny.{role}", shape_keys)
-        if "text_len" in own and own["text_len"] != text_len:
-            raise InputError(
-                f"config key `tiny.{role}.text_len` ({own['text_len']}) must equal "
-                f"`tiny.text_len` ({text_len}): all models read the same text embedding"
-            )
-        roles[role] = {**generator, **own}
-    for role, shape in (("tiny", generator), *((f"tiny.{r}", s) for r, s in roles.items())):
-        try:
-            DiTConfig.from_dict({k: v for k, v in shape.items() if k != "seed"})
-        except (TypeError, ValueError) as err:
-            raise InputError(f"config key `{role}`: {err}") from None
-    return TinyModels(generator, roles["teacher"], roles["critic"], int(text_len),
-                      int(generator["seed"]))
-
-
-def _check_wan_folder(root: Path, c: TrainConfig, key: str, codecs: bool) -> None:
-    folder = root / getattr(c, key)
-    where = f"wan_models_root/{key}"
-    if not folder.is_dir():
-        raise InputError(f"config key `{where}`: directory not found: {folder}")
-    needed = [(folder / "config.json", "file")]
-    if codecs:  # T5 and VAE come from the generator's folder
-        needed += [(folder / WAN_T5_CHECKPOINT, "file"), (folder / WAN_T5_TOKENIZER, "dir"),
-                   (folder / WAN_VAE_CHECKPOINT, "file")]
-    for path, kind in needed:
-        if not (path.is_file() if kind == "file" else path.is_dir()):
-            raise InputError(f"config key `{where}`: {kind} not found: {path}")
-
-
 def _models(c: TrainConfig, check_files: bool, lora: LoraSettings | None) -> dict[str, Any]:
     """Where the networks come from; unless tiny, the model folders and checkpoints exist."""
-    tiny = _tiny(c) if c.preset == "tiny" else None
+    tiny = TinyModels.from_section(c.tiny) if c.preset == "tiny" else None
     root = Path(c.wan_models_root).expanduser()
     real_files = check_files and tiny is None
     generator_ckpt = _path(c, "generator_ckpt", required=False, check=real_files)
@@ -444,9 +320,9 @@ def _models(c: TrainConfig, check_files: bool, lora: LoraSettings | None) -> dic
         raise InputError("config key `lora_ckpt` is set but `adapter` is null: LoRA weights need "
                          "an adapter section (type, rank, alpha)")
     if real_files:
-        _check_wan_folder(root, c, "generator_name", codecs=True)
-        _check_wan_folder(root, c, "real_name", codecs=False)
-        _check_wan_folder(root, c, "fake_name", codecs=False)
+        check_wan_folder(root, "generator_name", c.generator_name, codecs=True)
+        check_wan_folder(root, "real_name", c.real_name, codecs=False)
+        check_wan_folder(root, "fake_name", c.fake_name, codecs=False)
     return dict(tiny=tiny, wan_models_root=root, generator_ckpt=generator_ckpt, lora_ckpt=lora_ckpt)
 
 
@@ -501,12 +377,12 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         **_models(c, check_files, lora),
         stream=stream,
         sampling=sampling,
-        rollout=_rollout(c, stage, fpb),
-        streaming=_streaming(c, compat, fpb) if stage == 2 else None,
+        rollout=RolloutConfig.from_config(c, stage),
+        streaming=LongTuningConfig.from_config(c, compat) if stage == 2 else None,
         lora=lora,
         lora_on_critic=lora is not None and c.adapter.apply_to_critic,
         inherit_base_step=compat,
-        score=_score(c, compat),
+        score=ScoreConfig.from_config(c, compat),
         latent_channels=channels,
         latent_hw=latent_hw,
         **_precision(c),
@@ -524,85 +400,3 @@ def _adapter(c: TrainConfig) -> LoraSettings | None:
         return c.adapter.lora_settings()
     except ValueError as err:
         raise InputError(f"config key `adapter`: {err}") from None
-
-
-def _switch_schedule(c: TrainConfig, fpb: int) -> tuple[SwitchSchedule, str, list[int]]:
-    """The stage-2 switch rule, the key that sets it and its candidate switch frames."""
-    if c.switch_mode == "random_choice":
-        if not c.switch_choices:
-            raise InputError(f"config key `switch_choices` must be a list of latent frames, "
-                             f"got {c.switch_choices!r}")
-        return (SwitchSchedule("random_choice", choices=tuple(c.switch_choices)), "switch_choices",
-                list(c.switch_choices))
-    if c.switch_mode == "fixed":
-        fixed = SwitchSchedule("fixed").fixed_index if c.fixed_switch_index is None else c.fixed_switch_index
-        return SwitchSchedule("fixed", fixed_index=fixed), "fixed_switch_index", [fixed]
-    lo, hi = c.min_switch_frame_index, c.max_switch_frame_index
-    for key, value in (("min_switch_frame_index", lo), ("max_switch_frame_index", hi)):
-        if value is None:
-            raise InputError(f"config key `{key}` must be set with switch_mode: random")
-    if hi < lo:
-        raise InputError(f"config key `max_switch_frame_index` must be >= {lo}, got {hi}")
-    schedule = SwitchSchedule("random", min_index=lo, max_index=hi)
-    return schedule, "min_switch_frame_index", schedule.candidates(10**9, fpb)
-
-
-def _sequence_lengths(c: TrainConfig, window: int) -> tuple[int, tuple[int, ...]]:
-    """(max_length, the lengths a sequence may draw); absent, the reference's fallback."""
-    max_length = REFERENCE_FALLBACK_MAX_LENGTH if c.streaming_max_length is None else c.streaming_max_length
-    if max_length < window:
-        raise InputError(f"config key `streaming_max_length` ({max_length}) must be at least "
-                         f"streaming_chunk_size ({window})")
-    possible = c.streaming_possible_max_length
-    if possible is not None and (not possible or any(v < window for v in possible)):
-        raise InputError(
-            f"config key `streaming_possible_max_length` must be a list of lengths >= "
-            f"streaming_chunk_size ({window}), got {possible!r}"
-        )
-    return max_length, tuple(possible or ())
-
-
-def _streaming(c: TrainConfig, compat: bool, fpb: int) -> LongTuningConfig:
-    """Stage-2 keys (TRAINING.md §1.2, §5): window schedule, sequence lengths, switch rule."""
-    window = _whole_chunks("streaming_chunk_size", c.streaming_chunk_size, fpb)
-    min_new = _whole_chunks("streaming_min_new_frame", c.streaming_min_new_frame, fpb)
-    if window < fpb or min_new < fpb:
-        raise InputError(f"config keys `streaming_chunk_size` and `streaming_min_new_frame` must "
-                         f"hold at least one chunk ({fpb} frames)")
-    if min_new >= window:
-        raise InputError(
-            f"config key `streaming_min_new_frame` ({min_new}) must be smaller than "
-            f"streaming_chunk_size ({window}): later windows overlap the previous one"
-        )
-    max_length, possible = _sequence_lengths(c, window)
-    schedule, switch_key, frames = _switch_schedule(c, fpb)
-    for p in frames:
-        if p <= 0 or p % fpb:
-            raise InputError(
-                f"config key `{switch_key}`: switch frame {p} must be a positive multiple of "
-                f"num_frame_per_block ({fpb})"
-            )
-    for length in possible or (max_length,):
-        if not schedule.candidates(length, fpb):
-            raise InputError(
-                f"config key `{switch_key}`: no switch frame below streaming_max_length "
-                f"({length}); every sequence needs one"
-            )
-    if compat:
-        switch = SwitchOptions.compat(global_sink=False)  # the reference ignores global_sink (§10.1)
-    elif not c.global_sink:
-        raise InputError("config key `global_sink`: false (an all-zero sink after the switch) "
-                         "exists only as the reference's bug, under behaviour: compat")
-    else:
-        switch = SwitchOptions()
-    return LongTuningConfig(
-        window_frames=window,
-        max_length=max_length,
-        possible_max_lengths=possible,
-        min_new_frames=min_new,
-        train_first_chunk=c.train_first_chunk,
-        switch=schedule,
-        switch_options=switch,
-        recache_frames=window if compat else None,
-        refresh_text_per_window=not compat,
-    )

@@ -28,7 +28,7 @@ recomputation is exact, §10 item 6).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
@@ -37,8 +37,14 @@ from memflow.config import SwitchOptions
 from memflow.noise import NoiseSource
 from memflow.streaming import StreamState
 
+from utils.errors import InputError
+from utils.stream_settings import whole_chunks
+
 from .draws import SequenceDraws, TrainingDraws
 from .rollout import exit_interval
+
+if TYPE_CHECKING:  # the schema reads this module's defaults
+    from utils.settings_schema import TrainConfig
 
 SwitchMode = Literal["random_choice", "fixed", "random"]
 FirstFrameEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -81,6 +87,42 @@ class SwitchSchedule:
         return draws.switch_frame(found)
 
 
+def _switch_schedule(c: TrainConfig, fpb: int) -> tuple[SwitchSchedule, str, list[int]]:
+    """The stage-2 switch rule, the key that sets it and its candidate switch frames."""
+    if c.switch_mode == "random_choice":
+        if not c.switch_choices:
+            raise InputError(f"config key `switch_choices` must be a list of latent frames, "
+                             f"got {c.switch_choices!r}")
+        return (SwitchSchedule("random_choice", choices=tuple(c.switch_choices)), "switch_choices",
+                list(c.switch_choices))
+    if c.switch_mode == "fixed":
+        fixed = SwitchSchedule("fixed").fixed_index if c.fixed_switch_index is None else c.fixed_switch_index
+        return SwitchSchedule("fixed", fixed_index=fixed), "fixed_switch_index", [fixed]
+    lo, hi = c.min_switch_frame_index, c.max_switch_frame_index
+    for key, value in (("min_switch_frame_index", lo), ("max_switch_frame_index", hi)):
+        if value is None:
+            raise InputError(f"config key `{key}` must be set with switch_mode: random")
+    if hi < lo:
+        raise InputError(f"config key `max_switch_frame_index` must be >= {lo}, got {hi}")
+    schedule = SwitchSchedule("random", min_index=lo, max_index=hi)
+    return schedule, "min_switch_frame_index", schedule.candidates(10**9, fpb)
+
+
+def _sequence_lengths(c: TrainConfig, window: int) -> tuple[int, tuple[int, ...]]:
+    """(max_length, the lengths a sequence may draw); absent, the reference's fallback."""
+    max_length = REFERENCE_FALLBACK_MAX_LENGTH if c.streaming_max_length is None else c.streaming_max_length
+    if max_length < window:
+        raise InputError(f"config key `streaming_max_length` ({max_length}) must be at least "
+                         f"streaming_chunk_size ({window})")
+    possible = c.streaming_possible_max_length
+    if possible is not None and (not possible or any(v < window for v in possible)):
+        raise InputError(
+            f"config key `streaming_possible_max_length` must be a list of lengths >= "
+            f"streaming_chunk_size ({window}), got {possible!r}"
+        )
+    return max_length, tuple(possible or ())
+
+
 # the sequence length of the reference's streaming model when its config sets none
 REFERENCE_FALLBACK_MAX_LENGTH = 57
 
@@ -104,6 +146,54 @@ class LongTuningConfig:
     switch_options: SwitchOptions = SwitchOptions()
     recache_frames: int | None = None
     refresh_text_per_window: bool = True
+
+    @classmethod
+    def from_config(cls, c: TrainConfig, compat: bool) -> LongTuningConfig:
+        """From a typed training config's stage-2 keys (TRAINING.md §1.2, §5): the window schedule,
+        the sequence lengths and the switch rule, each checked against the others."""
+        fpb = c.num_frame_per_block
+        window = whole_chunks("streaming_chunk_size", c.streaming_chunk_size, fpb)
+        min_new = whole_chunks("streaming_min_new_frame", c.streaming_min_new_frame, fpb)
+        if window < fpb or min_new < fpb:
+            raise InputError(f"config keys `streaming_chunk_size` and `streaming_min_new_frame` must "
+                             f"hold at least one chunk ({fpb} frames)")
+        if min_new >= window:
+            raise InputError(
+                f"config key `streaming_min_new_frame` ({min_new}) must be smaller than "
+                f"streaming_chunk_size ({window}): later windows overlap the previous one"
+            )
+        max_length, possible = _sequence_lengths(c, window)
+        schedule, switch_key, frames = _switch_schedule(c, fpb)
+        for p in frames:
+            if p <= 0 or p % fpb:
+                raise InputError(
+                    f"config key `{switch_key}`: switch frame {p} must be a positive multiple of "
+                    f"num_frame_per_block ({fpb})"
+                )
+        for length in possible or (max_length,):
+            if not schedule.candidates(length, fpb):
+                raise InputError(
+                    f"config key `{switch_key}`: no switch frame below streaming_max_length "
+                    f"({length}); every sequence needs one"
+                )
+        if compat:
+            switch = SwitchOptions.compat(global_sink=False)  # the reference ignores global_sink (§10.1)
+        elif not c.global_sink:
+            raise InputError("config key `global_sink`: false (an all-zero sink after the switch) "
+                             "exists only as the reference's bug, under behaviour: compat")
+        else:
+            switch = SwitchOptions()
+        return cls(
+            window_frames=window,
+            max_length=max_length,
+            possible_max_lengths=possible,
+            min_new_frames=min_new,
+            train_first_chunk=c.train_first_chunk,
+            switch=schedule,
+            switch_options=switch,
+            recache_frames=window if compat else None,
+            refresh_text_per_window=not compat,
+        )
 
     def cache_frames(self, local_attn_size: int) -> int | None:
         """KV buffer of a sequence: the attention span plus a whole window (§5.3), so that the

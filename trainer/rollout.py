@@ -25,13 +25,20 @@ from frame 30) is compressed once more per block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions
 
+from utils.errors import InputError
+from utils.stream_settings import whole_chunks
+
 from .draws import TrainingDraws
+
+if TYPE_CHECKING:  # the schema reads this module's defaults
+    from utils.settings_schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,31 @@ class RolloutConfig:
     slice_last_frames: int = 21
     same_step_across_blocks: bool = True
     last_step_only: bool = False
+
+    @classmethod
+    def from_config(cls, c: TrainConfig, stage: int) -> RolloutConfig:
+        """From a typed training config: whole chunks, min <= max, and (stage 1) the kept frames
+        hold a rollout."""
+        fpb = c.num_frame_per_block
+        num_frames = whole_chunks("num_training_frames", c.num_training_frames, fpb)
+        min_frames = whole_chunks("min_num_training_frames", c.min_num_training_frames, fpb)
+        if min_frames > num_frames:
+            raise InputError(
+                f"config key `min_num_training_frames` ({min_frames}) must not exceed "
+                f"num_training_frames ({num_frames})"
+            )
+        if stage == 1 and num_frames > c.slice_last_frames:
+            raise InputError(
+                f"config key `slice_last_frames` ({c.slice_last_frames}) is smaller than "
+                f"num_training_frames ({num_frames}); re-encoding the first kept frame is not implemented"
+            )
+        return cls(
+            num_training_frames=num_frames,
+            min_num_training_frames=min_frames,
+            slice_last_frames=c.slice_last_frames,
+            same_step_across_blocks=c.same_step_across_blocks,
+            last_step_only=c.last_step_only,
+        )
 
     def block_range(self, frames_per_block: int) -> tuple[int, int]:
         """Inclusive range of the number of blocks a rollout draws from."""

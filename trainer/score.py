@@ -12,11 +12,16 @@ bidirectional call on the real frames only is the same computation (§10 item 23
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from memflow.model import WanDiT
 from memflow.scheduler import FlowMatchScheduler
+from utils.errors import InputError
+
+if TYPE_CHECKING:  # the schema reads this module's defaults
+    from utils.settings_schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,26 @@ class ScoreConfig:
     ts_schedule: bool = False
     ts_schedule_max: bool = False
     score_shift: float | None = None
+
+    @classmethod
+    def from_config(cls, c: TrainConfig, compat: bool) -> ScoreConfig:
+        """From a typed training config, on the compat or the clean timestep table;
+        `real_guidance_scale` overrides `guidance_scale` when set."""
+        if c.min_score_timestep >= c.num_train_timestep:
+            raise InputError(
+                f"config key `min_score_timestep` ({c.min_score_timestep}) must be below "
+                f"num_train_timestep ({c.num_train_timestep})"
+            )
+        guidance = c.guidance_scale if c.real_guidance_scale is None else c.real_guidance_scale
+        score_kwargs = dict(
+            num_train_timestep=c.num_train_timestep,
+            timestep_shift=c.timestep_shift,
+            min_score_timestep=c.min_score_timestep,
+            guidance_scale=guidance,
+            ts_schedule=c.ts_schedule,
+            ts_schedule_max=c.ts_schedule_max,
+        )
+        return cls.compat(**score_kwargs) if compat else cls.clean(**score_kwargs)
 
     @classmethod
     def compat(cls, **overrides) -> "ScoreConfig":

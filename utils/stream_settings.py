@@ -5,11 +5,13 @@ shared key is turned into a library setting by one function and fails with one m
 """
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from utils.errors import InputError
-from utils.settings_schema import ModelKwargs, SamplingKeys
+
+if TYPE_CHECKING:  # the schema reads the trainer's defaults, which use `whole_chunks`
+    from utils.settings_schema import ModelKwargs, SamplingKeys
 
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x in time, 8x in space
 PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16
@@ -30,6 +32,15 @@ def with_overrides(base: Options, overrides: dict[str, Any] | None, section: str
         return type(base)(**{**base.__dict__, **overrides})
     except (TypeError, ValueError) as err:
         raise InputError(f"config key `{section}`: {err}") from None
+
+
+def whole_chunks(key: str, value: int, fpb: int) -> int:
+    """`value` (config key `key`, latent frames) if it is a whole number of chunks."""
+    if value % fpb:
+        raise InputError(
+            f"config key `{key}` ({value}) must be a multiple of num_frame_per_block ({fpb})"
+        )
+    return value
 
 
 def latent_size(height: int, width: int) -> tuple[int, int]:
