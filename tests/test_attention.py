@@ -154,7 +154,7 @@ def test_schema_and_train_config_accept_each_registry_name_and_reject_others():
     for name in attn.backend_names():
         assert load_inference_config(TINY, [f"attn_backend={name}"]).attn_backend == name
         cfg = load_train_config(TINY_TRAIN, [f"attn_backend={name}"])
-        assert TrainSettings.from_config(cfg, check_files=False).attn_backend == name
+        assert TrainSettings.from_config(cfg, check_files=False).config.attn_backend == name
     allowed = ", ".join(attn.backend_names())
     with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash4'"):
         load_inference_config(TINY, ["attn_backend=flash4"])
