@@ -163,6 +163,17 @@ def test_schema_and_train_config_accept_each_registry_name_and_reject_others():
                                   check_files=False)
 
 
+def test_a_registered_backend_is_selectable_from_a_config(registry):
+    """The config's allowed names are the registry's when the config is checked: registering a
+    kernel is the one step that makes `attn_backend: <name>` valid."""
+    with pytest.raises(InputError, match="`attn_backend` must be one of .*; got 'fake'"):
+        load_inference_config(TINY, ["attn_backend=fake"])
+    attn.register_backend(_fake([]))
+    assert load_inference_config(TINY, ["attn_backend=fake"]).attn_backend == "fake"
+    cfg = load_train_config(TINY_TRAIN, ["attn_backend=fake"])
+    assert TrainSettings.from_config(cfg, check_files=False).config.attn_backend == "fake"
+
+
 def test_config_comments_list_the_registry_names():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         for line in path.read_text().splitlines():

@@ -7,7 +7,8 @@ Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, 
 unions of these, ``list[X]`` / ``tuple[X, ...]``, a nested dataclass, and ``Any`` (anything).
 Field metadata adds bounds:
 ``minimum`` / ``maximum`` (ints and floats), ``below`` (an exclusive maximum: a beta, an EMA
-weight), ``positive`` (> 0) and ``nonempty`` (strings);
+weight), ``positive`` (> 0), ``nonempty`` (strings) and ``choices`` (a function giving the allowed
+values at check time, such as a registry's names);
 ``alias`` is the key's spelling in the YAML when it differs from the field name.
 
 A config assembled from a file and ``key=value`` overrides is checked in two passes: the file's
@@ -136,6 +137,9 @@ def _section_of(annotation: Any) -> type | None:
 def _check_bounds(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     if value is None:
         return
+    if "choices" in meta and value not in (allowed := tuple(meta["choices"]())):
+        raise InputError(f"config key `{key}` must be one of {', '.join(map(str, allowed))}; "
+                         f"got {_show(value)}")
     if meta.get("nonempty") and isinstance(value, str) and not value.strip():
         raise InputError(f"config key `{key}` must not be empty")
     if meta.get("positive") and isinstance(value, (int, float)) and value <= 0:

@@ -8,7 +8,8 @@ has one definition and one default. `settings_from_config` builds the typed obje
 from a loaded YAML (+ ``key=value`` overrides): absent keys take the defaults written here.
 
 Field metadata (read by `utils.schema`, which checks a config against a schema before anything
-loads): ``minimum`` / ``maximum``, ``positive``, ``nonempty``; ``alias`` is the key as the YAML
+loads): ``minimum`` / ``maximum`` / ``below``, ``positive``, ``nonempty``, ``choices`` (a
+function giving the allowed values when a config is checked: a registry's names); ``alias`` is the key as the YAML
 spells it when that is no Python name we want (the reference's ``model_kwargs.SMA``);
 ``overrides``: the section is a mapping of per-option overrides of a behaviour preset
 (``memory:``, ``switch:``), kept as a mapping for the code that applies them.
@@ -46,7 +47,6 @@ from utils.errors import InputError
 
 DtypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
 SeedMode = Literal[SEED_MODES]  # type: ignore[valid-type]
-AttnBackend = Literal[backend_names()]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
 
 _POSITIVE = {"positive": True}
@@ -169,7 +169,8 @@ class RuntimeKeys:
 
     device: Device = "auto"
     vae_dtype: DtypeName = "bfloat16"  # type: ignore[valid-type]
-    attn_backend: AttnBackend = "auto"  # type: ignore[valid-type]
+    # the registry's names when checked, so a backend added by `register_backend` is selectable
+    attn_backend: str = field(default="auto", metadata={"choices": backend_names})
 
 
 # ---- inference --------------------------------------------------------------------------------
