@@ -148,21 +148,45 @@ class FrameSpool:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames [start, stop) as uint8 [T, H, W, 3]."""
-        if not 0 <= start <= stop <= self.count:
-            raise ValueError(f"frames {start}..{stop} outside the {self.count} stored")
-        out = np.empty((stop - start, *self.shape), dtype=np.uint8)
-        read = os.preadv(self._file.fileno(), [memoryview(out).cast("B")], start * self.frame_bytes)
-        if read != out.nbytes:
-            raise OSError(f"short read from the frame spool ({read} of {out.nbytes} bytes)")
-        return out
+        return _read_frames(self._file.fileno(), self.shape, self.count, start, stop)
 
-    def blocks(self, stop: int, block: int = 64) -> Iterator[np.ndarray]:
-        """Frames [0, stop) in blocks, for writing a video without loading it whole."""
-        for start in range(0, stop, block):
-            yield self.read(start, min(stop, start + block))
+    def snapshot(self) -> SpoolSnapshot:
+        """The frames stored now, on a handle of their own: a save encodes them while the
+        stream appends more, and a reset that closes the spool leaves the snapshot readable
+        (the anonymous file lives while any handle is open)."""
+        return SpoolSnapshot(os.dup(self._file.fileno()), self.shape, self.count)
 
     def close(self) -> None:
         self._file.close()
+
+
+def _read_frames(fd: int, shape: tuple[int, int, int], count: int, start: int, stop: int) -> np.ndarray:
+    if not 0 <= start <= stop <= count:
+        raise ValueError(f"frames {start}..{stop} outside the {count} stored")
+    out = np.empty((stop - start, *shape), dtype=np.uint8)
+    read = os.preadv(fd, [memoryview(out).cast("B")], start * math.prod(shape))
+    if read != out.nbytes:
+        raise OSError(f"short read from the frame spool ({read} of {out.nbytes} bytes)")
+    return out
+
+
+class SpoolSnapshot:
+    """The first `count` frames of a `FrameSpool`, read through a duplicated file handle;
+    a context manager that closes the handle."""
+
+    def __init__(self, fd: int, shape: tuple[int, int, int], count: int):
+        self._fd, self.shape, self.count = fd, shape, count
+
+    def blocks(self, block: int = 64) -> Iterator[np.ndarray]:
+        """All its frames in blocks, for writing a video without loading it whole."""
+        for start in range(0, self.count, block):
+            yield _read_frames(self._fd, self.shape, self.count, start, min(self.count, start + block))
+
+    def __enter__(self) -> SpoolSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 class _Stream:
@@ -193,8 +217,9 @@ class _Stream:
 class Session:
     """One device's live generation: models, one stream, the prompt in effect.
 
-    Threads: `next_chunk`, `start`, `reset` and `save_mp4` run one at a time (one lock);
-    `set_prompt` only records the wish under a second lock, so it never waits for a chunk, and
+    Threads: `next_chunk`, `start` and `reset` run one at a time (one lock); `save_mp4` takes
+    that lock only to snapshot the frames and the timeline, then encodes while generation goes
+    on; `set_prompt` only records the wish under a second lock, so it never waits for a chunk, and
     `timeline`, `memory`, `thumbnail` and the counters read a snapshot taken at the last chunk
     boundary.
     """
@@ -223,7 +248,8 @@ class Session:
         self._fps = float(fps)
         self.config_path, self.overrides = config_path, list(overrides)
         self._recent_frames = window
-        self._run_lock = threading.Lock()  # generation: one chunk / start / reset / save at a time
+        self._run_lock = threading.Lock()  # generation: one chunk / start / reset at a time
+        self._save_lock = threading.Lock()  # one save_mp4 at a time (it encodes outside _run_lock)
         self._prompt_lock = threading.Lock()  # the pending prompt
         self._view_lock = threading.Lock()  # the snapshot other threads read
         self._pending: str | None = None
@@ -481,15 +507,17 @@ class Session:
         if path.suffix.lower() != ".mp4":
             raise ValueError(f"save_mp4 writes an .mp4 file, got {path}")
         json_path = path.with_suffix(".json")
-        with self._run_lock:
-            stream = self._stream
-            if stream is None or stream.chunk == 0:
-                raise ValueError("nothing generated yet: start the session and generate a chunk first")
-            sidecar = self._sidecar(stream, path.name)
+        with self._save_lock:  # saves one at a time (their temporary names), not with chunks
+            with self._run_lock:  # the video and its sidecar as of this chunk boundary
+                stream = self._stream
+                if stream is None or stream.chunk == 0:
+                    raise ValueError("nothing generated yet: start the session and generate a chunk first")
+                sidecar = self._sidecar(stream, path.name)
+                frames = stream.spool.snapshot()
             partial = json_path.parent / f".{json_path.stem}.partial.json"
             try:
-                with Mp4Writer(path, fps=self.fps) as writer:  # creates the folder
-                    for block in stream.spool.blocks(stream.spool.count):
+                with frames, Mp4Writer(path, fps=self.fps) as writer:  # creates the folder
+                    for block in frames.blocks():
                         writer.write(block)
                     partial.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
                 os.replace(partial, json_path)

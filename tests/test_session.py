@@ -296,3 +296,38 @@ def test_each_noise_order_has_only_its_own_initial_draw() -> None:
     assert torch.equal(torch.cat([injected.chunk_initial(n, shape) for n in range(2)], 1), recorded)
     with pytest.raises(ValueError, match="no frames 6..8"):
         injected.chunk_initial(2, shape)
+
+
+def test_saving_does_not_hold_up_generation(session: Session, tmp_path: Path, monkeypatch) -> None:
+    """`save_mp4` encodes outside the generation lock: while a save is stuck in the encoder the
+    next chunk is generated and a reset goes through, and the saved video and sidecar hold the
+    frames of the chunk boundary at which the save was asked."""
+    from utils.video_writer import Mp4Writer
+
+    session.start(PROMPTS[0], seed=SEED)
+    first = session.next_chunk()
+    in_encoder, release = threading.Event(), threading.Event()
+    write = Mp4Writer.write
+
+    def stuck(self, frames):
+        in_encoder.set()
+        release.wait()
+        return write(self, frames)
+
+    monkeypatch.setattr(Mp4Writer, "write", stuck)
+    saved: list = []
+    saver = threading.Thread(target=lambda: saved.append(session.save_mp4(tmp_path / "early.mp4")))
+    saver.start()
+    assert in_encoder.wait(timeout=600)
+    generated = threading.Event()
+    worker = threading.Thread(target=lambda: (session.next_chunk(), session.reset(), generated.set()))
+    worker.start()
+    # a save that held the lock would block the chunk until the encoder is let go
+    unblocked = generated.wait(timeout=300)
+    release.set()
+    saver.join()
+    worker.join()
+    assert unblocked, "next_chunk and reset waited for the save"
+    mp4, sidecar = saved[0]
+    assert len(video_frames(mp4)) == len(first.frames)
+    assert json.loads(sidecar.read_text())["video_frames"] == len(first.frames)
