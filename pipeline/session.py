@@ -189,6 +189,32 @@ class SpoolSnapshot:
         os.close(self._fd)
 
 
+class PendingSave:
+    """A video and its sidecar taken at a chunk boundary, to be encoded by `write` (once)."""
+
+    def __init__(self, path: Path, sidecar: dict, frames: SpoolSnapshot, fps: float,
+                 lock: threading.Lock):
+        self.path, self.sidecar, self.fps = path, sidecar, fps
+        self._frames, self._lock = frames, lock
+        self.video_frames = frames.count
+
+    def write(self) -> tuple[Path, Path]:
+        """Encode the MP4 and write the JSON (temporary names, then rename); saves of one
+        session run one at a time."""
+        json_path = self.path.with_suffix(".json")
+        partial = json_path.parent / f".{json_path.stem}.partial.json"
+        with self._lock:
+            try:
+                with self._frames, Mp4Writer(self.path, fps=self.fps) as writer:  # makes the folder
+                    for block in self._frames.blocks():
+                        writer.write(block)
+                    partial.write_text(json.dumps(self.sidecar, indent=2, ensure_ascii=False) + "\n")
+                os.replace(partial, json_path)
+            finally:
+                partial.unlink(missing_ok=True)
+        return self.path, json_path
+
+
 class _Stream:
     """Everything one video carries between chunks; `reset` drops it whole."""
 
@@ -218,8 +244,8 @@ class Session:
     """One device's live generation: models, one stream, the prompt in effect.
 
     Threads: `next_chunk`, `start` and `reset` run one at a time (one lock); `save_mp4` takes
-    that lock only to snapshot the frames and the timeline, then encodes while generation goes
-    on; `set_prompt` only records the wish under a second lock, so it never waits for a chunk, and
+    that lock only to snapshot the frames and the timeline (`prepare_save`), then encodes while
+    generation goes on; `set_prompt` only records the wish under a second lock, so it never waits for a chunk, and
     `timeline`, `memory`, `thumbnail` and the counters read a snapshot taken at the last chunk
     boundary.
     """
@@ -249,7 +275,7 @@ class Session:
         self.config_path, self.overrides = config_path, list(overrides)
         self._recent_frames = window
         self._run_lock = threading.Lock()  # generation: one chunk / start / reset at a time
-        self._save_lock = threading.Lock()  # one save_mp4 at a time (it encodes outside _run_lock)
+        self._save_lock = threading.Lock()  # one save at a time (it encodes outside _run_lock)
         self._prompt_lock = threading.Lock()  # the pending prompt
         self._view_lock = threading.Lock()  # the snapshot other threads read
         self._pending: str | None = None
@@ -502,28 +528,23 @@ class Session:
 
         Both appear only complete (temporary names, then rename). The JSON holds the prompt
         timeline and the `interactive_jsonl` line (prompts + switch_frame_indices) with the
-        overrides under which `interactive_inference.sh` regenerates the same latents."""
+        overrides under which `interactive_inference.sh` regenerates the same latents.
+        `prepare_save(path).write()`, in two steps for a caller that encodes on another thread."""
+        return self.prepare_save(path).write()
+
+    def prepare_save(self, path: str | os.PathLike[str]) -> PendingSave:
+        """Take the video and its sidecar as of this chunk boundary (quick: the frames are a
+        snapshot of the spool, not a copy); the returned `PendingSave.write()` encodes them,
+        from any thread, while generation goes on."""
         path = Path(path)
         if path.suffix.lower() != ".mp4":
             raise ValueError(f"save_mp4 writes an .mp4 file, got {path}")
-        json_path = path.with_suffix(".json")
-        with self._save_lock:  # saves one at a time (their temporary names), not with chunks
-            with self._run_lock:  # the video and its sidecar as of this chunk boundary
-                stream = self._stream
-                if stream is None or stream.chunk == 0:
-                    raise ValueError("nothing generated yet: start the session and generate a chunk first")
-                sidecar = self._sidecar(stream, path.name)
-                frames = stream.spool.snapshot()
-            partial = json_path.parent / f".{json_path.stem}.partial.json"
-            try:
-                with frames, Mp4Writer(path, fps=self.fps) as writer:  # creates the folder
-                    for block in frames.blocks():
-                        writer.write(block)
-                    partial.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
-                os.replace(partial, json_path)
-            finally:
-                partial.unlink(missing_ok=True)
-        return path, json_path
+        with self._run_lock:
+            stream = self._stream
+            if stream is None or stream.chunk == 0:
+                raise ValueError("nothing generated yet: start the session and generate a chunk first")
+            sidecar = self._sidecar(stream, path.name)
+            return PendingSave(path, sidecar, stream.spool.snapshot(), self.fps, self._save_lock)
 
     def _sidecar(self, stream: _Stream, video_name: str) -> dict:
         """The JSON written next to a saved video: timeline, replay line and settings."""

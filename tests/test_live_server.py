@@ -16,6 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,12 +107,16 @@ class FakeSession:
     def thumbnail(self, latent_frame, max_side=None):
         return np.zeros((16, 24, 3), dtype=np.uint8)
 
-    def save_mp4(self, path):
-        path = Path(path)
-        path.write_bytes(b"fake mp4")
-        sidecar = path.with_suffix(".json")
-        sidecar.write_text(json.dumps([e.__dict__ for e in self.timeline]))
-        return path, sidecar
+    def prepare_save(self, path):
+        path, timeline = Path(path), [e.__dict__ for e in self.timeline]
+
+        def write():
+            path.write_bytes(b"fake mp4")
+            sidecar = path.with_suffix(".json")
+            sidecar.write_text(json.dumps(timeline))
+            return path, sidecar
+
+        return SimpleNamespace(write=write, video_frames=4 * self.index)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -319,6 +324,50 @@ def test_session_limit_reported(fake_app):
         assert "session limit" in status["message"] and status["chunks"] == 2
         ws.send_json({"type": "resume"})
         assert receive_until(ws, of_type("error"))["code"] == "at_limit"
+
+
+class SlowSaveSession(FakeSession):
+    """A session whose save is stuck in the encoder until `release` is set."""
+
+    def __init__(self):
+        super().__init__(delay_s=0.01)
+        self.writing, self.release = threading.Event(), threading.Event()
+        self.chunks_at_write = None
+
+    def prepare_save(self, path):
+        pending = super().prepare_save(path)
+
+        def write():
+            self.chunks_at_write = self.chunks_made
+            self.writing.set()
+            self.release.wait()
+            return pending.write()
+
+        return SimpleNamespace(write=write, video_frames=pending.video_frames)
+
+
+def test_a_slow_save_does_not_stop_generation(fake_app):
+    """The worker hands the encoding to a thread of its own: chunks keep coming while a save is
+    being written, and `saved` then reports the frames of the boundary it was asked at."""
+    session = SlowSaveSession()
+    app, _ = fake_app(session=session)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        ws.send_json({"type": "start", "prompt": "a cat"})
+        receive_until(ws, of_type("chunk"), frames=[])
+        ws.send_json({"type": "stop"})
+        stopped = receive_until(ws, of_type("status", state="stopped"), frames=[])
+        try:
+            ws.send_json({"type": "save"})
+            ws.send_json({"type": "resume"})
+            wait_until(session.writing.is_set)
+            # a save on the generation thread would hold every chunk back until it is released
+            wait_until(lambda: session.chunks_made >= session.chunks_at_write + 3, timeout_s=300)
+        finally:
+            session.release.set()
+        saved = receive_until(ws, of_type("saved"), frames=[])
+        assert saved["frames"] == 4 * stopped["chunks"]
+        assert client.get(saved["mp4"]).content == b"fake mp4"
 
 
 def test_download_takes_an_id_never_a_path(fake_app, tmp_path):

@@ -1,6 +1,6 @@
 """Files the live server lets clients download: only what a session saved, named by random ids.
 
-`save_mp4` writes into a folder this server created (a fresh temporary directory); a client asks
+A session's save writes into a folder this server created (a fresh temporary directory); a client asks
 for ``/download/<id>.mp4`` or ``/download/<id>.json`` and the id is looked up in this store, so
 no client-supplied text ever becomes part of a path. At most `max_saved` saves are kept; the
 oldest is deleted when a new one arrives, and the folder is removed when the server stops.
@@ -25,18 +25,20 @@ class DownloadStore:
         self._saved: OrderedDict[str, dict[str, Path]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def save(self, session) -> str:
-        """Write the session's video and timeline under a new id (called between chunks)."""
+    def reserve(self) -> tuple[str, Path]:
+        """A new id and the .mp4 path a save writes to (in a folder of its own)."""
         file_id = secrets.token_hex(16)
         folder = self.root / file_id
         folder.mkdir()
-        mp4, timeline = session.save_mp4(folder / "memflow_live.mp4")
+        return file_id, folder / "memflow_live.mp4"
+
+    def keep(self, file_id: str, mp4: Path, timeline: Path) -> None:
+        """Offer a finished save for download; the oldest beyond `max_saved` is deleted."""
         with self._lock:
             self._saved[file_id] = {"mp4": Path(mp4), "json": Path(timeline)}
             while len(self._saved) > self.max_saved:
                 old, _ = self._saved.popitem(last=False)
                 shutil.rmtree(self.root / old, ignore_errors=True)
-        return file_id
 
     def lookup(self, name: str) -> Path | None:
         """The file for ``<id>.mp4`` / ``<id>.json``, or None for anything else."""

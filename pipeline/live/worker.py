@@ -157,8 +157,22 @@ class GenerationWorker(threading.Thread):
         if self.pixels == 0:
             self.outbox.put_message(error_frame("nothing_to_save", "no frames generated yet"))
             return
-        file_id = self.downloads.save(self.session)
-        self.outbox.put_message({"type": "saved", "id": file_id, "frames": self.pixels,
+        file_id, path = self.downloads.reserve()
+        pending = self.session.prepare_save(path)  # this chunk boundary's frames and timeline
+        threading.Thread(target=self._finish_save, args=(file_id, pending),
+                         name="memflow-live-save", daemon=True).start()
+
+    def _finish_save(self, file_id: str, pending: Any) -> None:
+        """Encode on a thread of its own, so that generation goes on while a long video is
+        written; the client hears when its files are ready."""
+        try:
+            mp4, timeline = pending.write()
+        except Exception as e:
+            log.exception("saving the live video failed")
+            self.outbox.put_message(error_frame("save_failed", f"saving the video failed: {e}"))
+            return
+        self.downloads.keep(file_id, mp4, timeline)
+        self.outbox.put_message({"type": "saved", "id": file_id, "frames": pending.video_frames,
                                  "mp4": f"/download/{file_id}.mp4",
                                  "timeline": f"/download/{file_id}.json"})
 
