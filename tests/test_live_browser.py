@@ -38,6 +38,7 @@ if MISSING:
 
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -103,8 +104,27 @@ def text(driver, element_id: str) -> str:
 
 
 def until(driver, condition, what: str):
-    return WebDriverWait(driver, PATIENCE_S, poll_frequency=0.1).until(
+    """Wait for `condition(driver)` to be truthy. The page re-renders its lists as messages
+    arrive, so an element found a moment ago may be gone: that is a retry, not a failure."""
+    return WebDriverWait(driver, PATIENCE_S, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: condition(d), message=what)
+
+
+# read in one script, so a re-render between finding the elements and reading them cannot
+# interleave
+SWITCH_ENTRY = """
+const li = [...document.querySelectorAll('#switch-list li')]
+  .find(li => li.textContent.includes(arguments[0]));
+return li ? [Number(li.dataset.latent), Number(li.dataset.frame)] : null;
+"""
+TIMELINE_MARKERS = """
+return [...document.querySelectorAll('#timeline .tl-switch')].map(m => Number(m.dataset.frame));
+"""
+DOWNLOAD_LINK = """
+const a = document.querySelector('#downloads a');
+return a ? a.href : null;
+"""
 
 
 CANVAS_STATS = """
@@ -143,23 +163,19 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     box.clear()
     box.send_keys("a blue whale under the sea")
     browser.find_element(By.ID, "switch").click()
-    entry = until(browser, lambda d: next((li for li in d.find_elements(By.CSS_SELECTOR, "#switch-list li")
-                                           if "blue whale" in li.text), False),
-                  "the switch never appeared on the timeline")
-    latent, frame = int(entry.get_attribute("data-latent")), int(entry.get_attribute("data-frame"))
+    latent, frame = until(browser, lambda d: d.execute_script(SWITCH_ENTRY, "blue whale"),
+                          "the switch never appeared on the timeline")
     assert latent > 0 and latent % FRAMES_PER_CHUNK == 0  # at a chunk boundary, after chunk 0
     assert frame == pixel_frame_of(latent)  # the first video frame of that latent frame
-    markers = [int(m.get_attribute("data-frame")) for m in
-               browser.find_elements(By.CSS_SELECTOR, "#timeline .tl-switch")]
+    markers = browser.execute_script(TIMELINE_MARKERS)
     assert markers == [0, frame]
     until(browser, lambda d: text(d, "switch-latency").endswith("ms"), "the new prompt was never shown")
 
     browser.find_element(By.ID, "stop").click()
     until(browser, lambda d: text(d, "state") == "stopped", "stop was not acknowledged")
     browser.find_element(By.ID, "save").click()
-    link = until(browser, lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#downloads a")), False),
-                 "no download link")
-    with urllib.request.urlopen(link.get_attribute("href"), timeout=60) as response:
+    href = until(browser, lambda d: d.execute_script(DOWNLOAD_LINK), "no download link")
+    with urllib.request.urlopen(href, timeout=60) as response:
         assert response.read(12)[4:8] == b"ftyp"  # an MP4
     browser.save_screenshot(str(tmp_path / "live.png"))
     print(f"\nbrowser saw: frame counter {first} -> {later} -> {text(browser, 'frames-received')}, "
