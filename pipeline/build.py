@@ -31,14 +31,9 @@ from memflow.checkpoint import load_checkpoint_weights, load_wan_config, load_wa
 from memflow.lora import LoraSettings, apply_lora
 from memflow.lora import merge_lora as merge_adapter
 from memflow.model import WanDiT
-from memflow.text_encoder import (
-    WAN_T5_CHECKPOINT,
-    WAN_T5_TOKENIZER,
-    TextEncoder,
-    umt5_encoder_config,
-)
+from memflow.text_encoder import TextEncoder, umt5_encoder_config
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
-from utils.config import DTYPES
+from utils.config import DTYPES, existing_path, require_wan_folder
 from utils.errors import InputError
 from utils.settings_schema import InferenceConfig
 
@@ -69,14 +64,9 @@ def _lora_settings(c: InferenceConfig) -> LoraSettings | None:
         raise InputError(f"config key `adapter`: {err}") from None
 
 
-def _existing(key: str, path: Path, kind: str = "file") -> Path:
-    ok = path.is_file() if kind == "file" else path.is_dir()
-    if not ok:
-        if kind == "file" and path.is_dir():
-            raise InputError(f"config key `{key}`: {path} is a directory; give the checkpoint file "
-                             "inside it (e.g. .../checkpoint_model_<step>/model.pt)")
-        raise InputError(f"config key `{key}`: {kind} not found: {path}")
-    return path
+# a checkpoint key naming a folder: training writes checkpoint_model_<step>/ folders
+CHECKPOINT_FOLDER_HINT = ("give the checkpoint file inside it "
+                          "(e.g. .../checkpoint_model_<step>/model.pt)")
 
 
 @dataclass(frozen=True)
@@ -91,16 +81,14 @@ def check_paths(c: InferenceConfig) -> CheckpointPaths:
     preset) and the MemFlow checkpoints (for both)."""
     folder = None
     if c.preset != "tiny":
-        key = "wan_models_root/model_name"
-        folder = _existing(key, Path(str(c.wan_models_root)) / str(c.model_name), "dir")
-        _existing(key, folder / "config.json")
-        _existing(key, folder / WAN_T5_CHECKPOINT)
-        _existing(key, folder / WAN_T5_TOKENIZER, "dir")
-        _existing(key, folder / WAN_VAE_CHECKPOINT)
-    gen_path = _existing("generator_ckpt", Path(str(c.generator_ckpt))) if c.generator_ckpt else None
-    lora_path = None
+        folder = require_wan_folder(Path(c.wan_models_root) / c.model_name,
+                                    "wan_models_root/model_name", codecs=True)
+    gen_path = lora_path = None
+    if c.generator_ckpt:
+        gen_path = existing_path("generator_ckpt", Path(c.generator_ckpt),
+                                 directory_hint=CHECKPOINT_FOLDER_HINT)
     if c.lora_ckpt and c.adapter:
-        lora_path = _existing("lora_ckpt", Path(str(c.lora_ckpt)))
+        lora_path = existing_path("lora_ckpt", Path(c.lora_ckpt), directory_hint=CHECKPOINT_FOLDER_HINT)
     return CheckpointPaths(folder, gen_path, lora_path)
 
 

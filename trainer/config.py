@@ -36,10 +36,10 @@ from omegaconf import DictConfig, OmegaConf
 from memflow.config import SamplingConfig, StreamConfig
 from memflow.lora import LoraSettings
 from trainer.long_sequence import LongTuningConfig
-from trainer.models import TinyModels, check_wan_folder
+from trainer.models import TinyModels
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
-from utils.config import DTYPES, _load_yaml, load_config, require_path
+from utils.config import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
 from utils.errors import InputError
 from utils.schema import check_known_keys, check_section
 from utils.settings_schema import TrainConfig, settings_from_config
@@ -320,9 +320,8 @@ def _models(c: TrainConfig, check_files: bool, lora: LoraSettings | None) -> dic
         raise InputError("config key `lora_ckpt` is set but `adapter` is null: LoRA weights need "
                          "an adapter section (type, rank, alpha)")
     if real_files:
-        check_wan_folder(root, "generator_name", c.generator_name, codecs=True)
-        check_wan_folder(root, "real_name", c.real_name, codecs=False)
-        check_wan_folder(root, "fake_name", c.fake_name, codecs=False)
+        for key, codecs in (("generator_name", True), ("real_name", False), ("fake_name", False)):
+            require_wan_folder(root / getattr(c, key), f"wan_models_root/{key}", codecs=codecs)
     return dict(tiny=tiny, wan_models_root=root, generator_ckpt=generator_ckpt, lora_ckpt=lora_ckpt)
 
 

@@ -17,7 +17,7 @@ encoder is replicated on every rank in the compute dtype (bf16 with mixed precis
 reference's FSDP computes it), or kept on the CPU with `text_encoder_cpu_offload`.
 
 The settings check what these need before anything is built, with this module's `TinyModels`
-(the tiny preset's shape per role) and `check_wan_folder`.
+(the tiny preset's shape per role).
 
 A trainer takes a `TrainModels` in place of building one, so a test or a parity check can give
 it other networks, a text encoder that replays recorded prompt embeddings, or its own VAE.
@@ -28,12 +28,11 @@ import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT, load_wan_generator
+from memflow.checkpoint import load_wan_generator
 from memflow.config import DiTConfig
 from memflow.model import WanDiT
 from memflow.text_encoder import TextEncoder
@@ -103,22 +102,6 @@ def _tiny_role(mapping: Any, where: str, allowed: set[str]) -> dict[str, Any]:
             hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
             raise InputError(f"unknown config key `{where}.{k}`{hint}")
     return dict(mapping)
-
-
-def check_wan_folder(root: Path, key: str, name: str, codecs: bool) -> None:
-    """The Wan2.1 folder `root/name` (config key `key`) holds a config.json and, for the
-    generator's folder (`codecs`), the umT5 and VAE files."""
-    folder = root / name
-    where = f"wan_models_root/{key}"
-    if not folder.is_dir():
-        raise InputError(f"config key `{where}`: directory not found: {folder}")
-    needed = [(folder / "config.json", "file")]
-    if codecs:  # T5 and VAE come from the generator's folder
-        needed += [(folder / WAN_T5_CHECKPOINT, "file"), (folder / WAN_T5_TOKENIZER, "dir"),
-                   (folder / WAN_VAE_CHECKPOINT, "file")]
-    for path, kind in needed:
-        if not (path.is_file() if kind == "file" else path.is_dir()):
-            raise InputError(f"config key `{where}`: {kind} not found: {path}")
 
 
 @dataclass

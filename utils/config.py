@@ -20,6 +20,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
 from utils.errors import InputError
 from utils.schema import check_known_keys, check_override, check_section
 
@@ -113,17 +114,37 @@ def require_path(cfg: DictConfig | object, key: str, kind: str = "file") -> Path
     expanded. Checking up front turns a missing checkpoint into one line naming the key instead
     of an error deep inside torch.load.
     """
-    if kind not in ("file", "dir"):
-        raise ValueError(f"require_path: kind must be 'file' or 'dir', got {kind!r}")
     value = OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _attribute(cfg, key)
     if value is None or value == "":
         raise InputError(f"config key `{key}` is not set")
     if not isinstance(value, str):
         raise InputError(f"config key `{key}`: expected a path, got {value!r}")
-    path = Path(value).expanduser()
+    return existing_path(key, Path(value).expanduser(), kind)
+
+
+def existing_path(key: str, path: Path, kind: str = "file", *, directory_hint: str | None = None) -> Path:
+    """`path`, named by config key `key`, if it exists as a `kind` ("file" or "dir"); else one
+    line naming the key. `directory_hint` says what to give instead of a directory where a file
+    is expected (a checkpoint folder: the file inside it)."""
+    if kind not in ("file", "dir"):
+        raise ValueError(f"existing_path: kind must be 'file' or 'dir', got {kind!r}")
     noun = "file" if kind == "file" else "directory"
     if not path.exists():
         raise InputError(f"config key `{key}`: {noun} not found: {path}")
     if (kind == "file") != path.is_file():
+        if kind == "file" and directory_hint:
+            raise InputError(f"config key `{key}`: {path} is a directory; {directory_hint}")
         raise InputError(f"config key `{key}`: expected a {noun}: {path}")
     return path
+
+
+def require_wan_folder(folder: Path, key: str, *, codecs: bool) -> Path:
+    """A Wan2.1 model folder (named by config key `key`) with its config.json and, with `codecs`
+    (the folder whose umT5 and VAE are loaded too), the T5 weights, tokenizer and VAE."""
+    existing_path(key, folder, "dir")
+    existing_path(key, folder / "config.json")
+    if codecs:
+        existing_path(key, folder / WAN_T5_CHECKPOINT)
+        existing_path(key, folder / WAN_T5_TOKENIZER, "dir")
+        existing_path(key, folder / WAN_VAE_CHECKPOINT)
+    return folder
