@@ -20,7 +20,8 @@ from utils.distributed import prompt_seed
 from utils.errors import InputError
 from utils.naming import sanitize_filename
 from utils.prompts import load_interactive_prompts, load_prompts, parse_switch_frame_indices
-from utils.settings_schema import InferenceConfig, config_key
+from utils.schema import config_key
+from utils.settings_schema import InferenceConfig
 
 _NAME = re.compile(r"(?:rank\d+-)?(?P<middle>.+)-\d+_(?:lora|ema|regular)\.mp4")
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
-from utils.schema import schema_keys
+from utils.schema import config_key, schema_keys
 from utils.settings_schema import (
     IGNORED_KEYS,
     InferenceConfig,
@@ -20,7 +20,6 @@ from utils.settings_schema import (
     SamplingKeys,
     StreamKeys,
     TrainConfig,
-    config_key,
     schema_defaults,
     settings_from_config,
 )

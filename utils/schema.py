@@ -43,17 +43,18 @@ def _show(value: Any) -> str:
 def _fields(schema: type) -> dict[str, tuple[Any, Mapping[str, Any]]]:
     """name -> (resolved annotation, metadata) of a schema dataclass."""
     hints = typing.get_type_hints(schema, include_extras=False)
-    return {_key(f): (hints[f.name], f.metadata) for f in dataclasses.fields(schema)}
+    return {config_key(f): (hints[f.name], f.metadata) for f in dataclasses.fields(schema)}
 
 
-def _key(f: dataclasses.Field) -> str:
+def config_key(f: dataclasses.Field) -> str:
+    """The YAML spelling of a schema field: its ``alias``, else its name."""
     return f.metadata.get("alias", f.name)
 
 
 def schema_keys(schema: type) -> list[str]:
     """The keys a schema section allows, in declaration order (a field's ``alias`` metadata
     is its spelling in the YAML)."""
-    return [_key(f) for f in dataclasses.fields(schema)]
+    return [config_key(f) for f in dataclasses.fields(schema)]
 
 
 def unknown_key_error(key: str, known: list[str], where: str = "") -> InputError:
@@ -64,7 +65,8 @@ def unknown_key_error(key: str, known: list[str], where: str = "") -> InputError
     return InputError(f"{prefix}unknown config key `{key}`{hint}")
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """A loaded config node (OmegaConf) as plain Python; anything else as it is."""
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
@@ -123,7 +125,7 @@ def _matches(value: Any, annotation: Any) -> bool:
     raise TypeError(f"utils.schema: unsupported annotation {annotation!r}")
 
 
-def _section_of(annotation: Any) -> type | None:
+def section_of(annotation: Any) -> type | None:
     """The dataclass of a section annotation (``Section`` or ``Section | None``), else None."""
     if dataclasses.is_dataclass(annotation):
         return annotation
@@ -179,16 +181,16 @@ def check_known_keys(values: Mapping[str, Any], schema: type, prefix: str = "", 
         full = f"{prefix}{key}"
         if key not in fields:
             raise unknown_key_error(full, [f"{prefix}{k}" for k in fields], where)
-        section, value = _section_of(fields[key][0]), _plain(raw)
+        section, value = section_of(fields[key][0]), plain_value(raw)
         if section is not None and isinstance(value, dict):
             check_known_keys(value, section, f"{full}.", where)
 
 
 def _check_value(key: str, raw: Any, annotation: Any, meta: Mapping[str, Any], where: str) -> None:
-    value = _plain(raw)
+    value = plain_value(raw)
     if not _matches(value, annotation):
         raise InputError(f"config key `{key}` must be {_describe(annotation)}; got {_show(value)}")
-    section = _section_of(annotation)
+    section = section_of(annotation)
     if section is not None and isinstance(value, dict):
         check_section(value, section, f"{key}.", where)
     _check_bounds(key, value, meta)
@@ -207,7 +209,7 @@ def check_override(key: str, value: Any, schema: type) -> None:
         if depth == len(parts) - 1:
             _check_value(key, value, annotation, meta, "")
             return
-        inner = _section_of(annotation)
+        inner = section_of(annotation)
         if inner is None:
             if annotation is Any:
                 return  # an open value: its reader checks it

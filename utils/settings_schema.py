@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
@@ -44,6 +44,7 @@ from trainer.score import ScoreConfig
 from utils.config import DTYPES
 from utils.distributed import SEED_MODES
 from utils.errors import InputError
+from utils.schema import config_key, plain_value, section_of
 
 DtypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
 SeedMode = Literal[SEED_MODES]  # type: ignore[valid-type]
@@ -411,26 +412,6 @@ class TrainConfig(ReferenceOnlyKeys, LongTuningKeys, TrainOutputKeys, DataKeys, 
 
 
 # ---- building typed settings ------------------------------------------------------------------
-def config_key(f: dataclasses.Field) -> str:
-    """The YAML spelling of a schema field (its alias, else its name)."""
-    return f.metadata.get("alias", f.name)
-
-
-def _section_type(annotation: Any) -> type | None:
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def settings_from_config(values: Mapping[str, Any] | DictConfig, schema: type) -> Any:
     """The `schema` dataclass holding `values` (a checked config), defaults for absent keys.
 
@@ -438,7 +419,7 @@ def settings_from_config(values: Mapping[str, Any] | DictConfig, schema: type) -
     except the override sections (``memory:``, ``switch:``) and the shape sections whose
     fields have no defaults of their own (``tiny:``), which stay plain mappings.
     """
-    values = _plain(values) or {}
+    values = plain_value(values) or {}
     hints = typing.get_type_hints(schema)
     kwargs, known = {}, set()
     for f in dataclasses.fields(schema):
@@ -446,7 +427,7 @@ def settings_from_config(values: Mapping[str, Any] | DictConfig, schema: type) -
         known.add(key)
         if key not in values:
             continue
-        value, section = values[key], _section_type(hints[f.name])
+        value, section = values[key], section_of(hints[f.name])
         if value == {} and f.default is None and not f.metadata.get("overrides"):
             value = None  # `adapter: {}` is no adapter
         if (isinstance(value, dict) and section is not None and not f.metadata.get("overrides")
