@@ -14,8 +14,10 @@ MEMFLOW_LIVE_TOKEN environment variable, which keeps it out of the process list)
 `--allow-no-token`. `--port 0` picks a free port.
 
 Exit status: 2 bad input (config, token, port), as one `error:` line before serving; 130 after
-Ctrl-C and 143 after SIGTERM, once uvicorn has shut down cleanly (clients get close code 1012,
-the generation thread finishes its chunk, saved files are removed); 1 an unexpected error.
+Ctrl-C and 143 after SIGTERM, once uvicorn has shut down (clients get close code 1012, the
+generation thread finishes its chunk, saved files are removed; connections still open after
+`shutdown_timeout_s`, 10 s, are cancelled, so a stuck client never holds the server up); 1 an
+unexpected error.
 """
 from __future__ import annotations
 
@@ -28,11 +30,23 @@ import sys
 from utils.errors import InputError
 
 
+def port_number(text: str) -> int:
+    """argparse type of --port: 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0: any free port); got {port}")
+    return port
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_path", required=True, help="YAML inference config (see configs/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="port (default 8000; 0: any free one)")
     parser.add_argument("--token", default=os.environ.get("MEMFLOW_LIVE_TOKEN") or None,
                         help="access token clients must give (default: $MEMFLOW_LIVE_TOKEN)")
     parser.add_argument("--allow-no-token", action="store_true",
@@ -45,11 +59,11 @@ def parse_args(argv: list[str] | None):
 
 def server_settings(args):
     from pipeline.live import ServerSettings
-    from pipeline.live.settings import is_loopback
+    from pipeline.live.settings import is_loopback, loopback_host_names
 
-    # A loopback server accepts only loopback Host headers: a page of another site whose name
-    # is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach it.
-    hosts = ("127.0.0.1", "localhost", args.host) if is_loopback(args.host) and ":" not in args.host else None
+    # A loopback server accepts only loopback Host headers (IPv4 and IPv6 alike): a page of
+    # another site whose name is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach it.
+    hosts = loopback_host_names(args.host) if is_loopback(args.host) else None
     settings = ServerSettings(host=args.host, port=args.port, token=args.token,
                               allow_no_token=args.allow_no_token, allowed_hosts=hosts,
                               max_prompt_chars=args.max_prompt_chars,
@@ -100,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.host in ("0.0.0.0", "::"):
         print("(listening on every interface: use this machine's address in place of "
               f"{settings.host})", flush=True)
+    # a shutdown waits at most shutdown_timeout_s for open connections, then cancels them
     config = uvicorn.Config(app, log_level="warning", ws_max_size=settings.max_message_bytes,
-                            lifespan="on")
+                            lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

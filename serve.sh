@@ -16,9 +16,10 @@ if [[ "${NUM_GPUS:-1}" != 1 ]]; then
 fi
 config=configs/interactive_inference.yaml
 args=()
+usage="bash serve.sh [--config_path FILE.yaml] [serve.py options] [key=value ...]"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --config_path) config="$2"; shift 2 ;;
+    --config_path) memflow_need_value "$usage" "$@"; config="$2"; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done

@@ -17,24 +17,24 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .downloads import DownloadStore
 from .hub import Client, DeviceHub
 from .outbox import Close, Frame, Outbox
-from .protocol import (CLOSE_FORBIDDEN_ORIGIN, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED,
-                       FRAME_HEADER, PROTOCOL_VERSION, Ack, Hello, Ping, ProtocolError, RateLimit,
-                       decode_text, error_frame, parse_message)
-from .settings import ServerSettings
+from .protocol import (CLOSE_FORBIDDEN_ORIGIN, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER,
+                       CLOSE_UNAUTHORIZED, FRAME_HEADER, PROTOCOL_VERSION, Ack, Command, Hello,
+                       Ping, ProtocolError, RateLimit, decode_text, error_frame, parse_message, type_of)
+from .settings import ServerSettings, host_of
 
 log = logging.getLogger(__name__)
 
 WEB = Path(__file__).resolve().parents[1] / "web"
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                               "connect-src 'self'; frame-ancestors 'none'",
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'none'; object-src 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the token may be in the page's URL
     "Cache-Control": "no-store",
@@ -59,7 +59,7 @@ def create_app(session_factory: Callable[[], Any], settings: ServerSettings | No
                   openapi_url=None)
     app.state.hub, app.state.downloads, app.state.settings = hub, downloads, settings
     if settings.allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+        app.add_middleware(AllowedHosts, allowed=settings.allowed_hosts)
 
     @app.middleware("http")
     async def security_headers(request, call_next):
@@ -85,6 +85,26 @@ def create_app(session_factory: Callable[[], Any], settings: ServerSettings | No
         await serve_client(ws, hub, settings)
 
     return app
+
+
+class AllowedHosts:
+    """Serve only requests whose Host header names one of `allowed` (the DNS-rebinding guard:
+    a site whose name is made to resolve to 127.0.0.1 sends its own name). Unlike Starlette's
+    TrustedHostMiddleware it reads IPv6 hosts (`[::1]:8000`) correctly."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_of(host).lower() not in self.allowed:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": CLOSE_POLICY})
+                    return
+                await PlainTextResponse("invalid host header", status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def token_ok(settings: ServerSettings, given: str | None) -> bool:
@@ -113,18 +133,37 @@ async def serve_client(ws: WebSocket, hub: DeviceHub, settings: ServerSettings) 
         if not origin_ok(ws):
             refuse(outbox, "forbidden_origin", "pages of another origin may not connect",
                    CLOSE_FORBIDDEN_ORIGIN)
-        elif await authenticate(ws, settings, outbox):
-            outbox.put_message(hello_message(hub, settings))
-            await hub.join(client)
-            joined = True
-            await receive_loop(ws, client, hub, settings)
+        elif await authenticate(ws, hub, settings, outbox):
+            joined = await enter(ws, client, hub, settings)
+            if joined:
+                await receive_loop(ws, client, hub, settings)
     finally:
-        outbox.close()
         if joined:
-            # Leaving stops and joins the worker, then hands the device on; that must finish
+            # Leaving stops (or reserves) the worker and hands the device on; that must finish
             # even if this handler is cancelled (server shutdown, a test client closing).
             await asyncio.shield(asyncio.ensure_future(hub.leave(client)))
+        if not outbox.closed:
+            outbox.abandon()  # the client went away: nothing queued is worth sending
         await sender
+
+
+async def enter(ws: WebSocket, client: Client, hub: DeviceHub, settings: ServerSettings) -> bool:
+    """Greet the client, then give it the device (or its kept stream back) or a place in the
+    queue; False when the queue is full (the connection is closed)."""
+    outbox = client.outbox
+    resume = ws.query_params.get("resume")
+    outbox.put_message(hello_message(hub, settings, client))
+    result = await hub.join(client, resume)
+    if result == "full":
+        refuse(outbox, "queue_full", f"{settings.max_waiting} clients are already waiting for "
+               "this device; try again later", CLOSE_TRY_LATER)
+        return False
+    if resume and result != "resumed":
+        outbox.put_message(error_frame("resume_expired", "the stream of that resume token is "
+                                       "gone (it waited its grace period, or ended); start anew"))
+    outbox.put_message({"type": "session", "resume_token": client.resume_token,
+                        "resumed": result == "resumed"})
+    return True
 
 
 def refuse(outbox: Outbox, code: str, message: str, close_code: int) -> None:
@@ -132,36 +171,39 @@ def refuse(outbox: Outbox, code: str, message: str, close_code: int) -> None:
     outbox.close(close_code, message[:120])
 
 
-def hello_message(hub: DeviceHub, settings: ServerSettings) -> dict[str, Any]:
+def hello_message(hub: DeviceHub, settings: ServerSettings, client: Client) -> dict[str, Any]:
     return {"type": "hello", "protocol": PROTOCOL_VERSION, "fps": hub.fps,
-            "frame_header_bytes": FRAME_HEADER.size,
+            "frame_header_bytes": FRAME_HEADER.size, "resume_grace_s": settings.resume_grace_s,
             "limits": {"max_prompt_chars": settings.max_prompt_chars,
                        "max_prompt_bytes": settings.max_prompt_bytes,
                        "max_message_bytes": settings.max_message_bytes,
                        "messages_per_second": settings.messages_per_second,
                        "message_burst": settings.message_burst,
                        "queue_frames": settings.queue_frames, "ack_window": settings.ack_window,
-                       "max_plan_entries": settings.max_plan_entries}}
+                       "max_plan_entries": settings.max_plan_entries,
+                       "max_saved": settings.max_saved, "max_hold_s": settings.max_hold_s,
+                       "max_idle_s": settings.max_idle_s, "max_waiting": settings.max_waiting}}
 
 
-async def authenticate(ws: WebSocket, settings: ServerSettings, outbox: Outbox) -> bool:
-    """With a token set, the client gives it as `?token=` or in a first `hello` message."""
+async def authenticate(ws: WebSocket, hub: DeviceHub, settings: ServerSettings,
+                       outbox: Outbox) -> bool:
+    """With a token set, the client gives it as `?token=` or in a first `hello` message; at most
+    `max_unauthenticated` connections may be waiting to give it."""
     if settings.token is None:
         return True
     given = ws.query_params.get("token")
     if given is None:
-        try:
-            message = await asyncio.wait_for(ws.receive(), settings.auth_timeout_s)
-        except TimeoutError:
-            message = {}
-        if message.get("type") == "websocket.disconnect":
+        if hub.unauthenticated >= settings.max_unauthenticated:
+            refuse(outbox, "too_many_connections", "too many connections are waiting to give "
+                   "their token; try again later", CLOSE_TRY_LATER)
             return False
+        hub.unauthenticated += 1
         try:
-            hello = parse_message(decode_text(message.get("text") or message.get("bytes") or ""),
-                                  settings, 16.0)
-        except ProtocolError:
-            hello = None
-        given = hello.token if isinstance(hello, Hello) else None
+            given = await first_hello_token(ws, settings)
+        finally:
+            hub.unauthenticated -= 1
+        if given is None and outbox.closed:
+            return False
     if token_ok(settings, given):
         return True
     refuse(outbox, "unauthorized", "this server needs its access token: connect with "
@@ -169,8 +211,28 @@ async def authenticate(ws: WebSocket, settings: ServerSettings, outbox: Outbox) 
     return False
 
 
+async def first_hello_token(ws: WebSocket, settings: ServerSettings) -> str | None:
+    """The token of the connection's first message, if it is a `hello` with one."""
+    try:
+        message = await asyncio.wait_for(ws.receive(), settings.auth_timeout_s)
+    except TimeoutError:
+        return None
+    if message.get("type") == "websocket.disconnect":
+        return None
+    try:
+        hello = parse_message(decode_text(message.get("text") or message.get("bytes") or ""),
+                              settings, 16.0)
+    except ProtocolError:
+        return None
+    return hello.token if isinstance(hello, Hello) else None
+
+
 async def receive_loop(ws: WebSocket, client: Client, hub: DeviceHub,
                        settings: ServerSettings) -> None:
+    """Read and apply the client's messages. Every message counts against the rate limit except
+    an `ack` of new frames (there can be no more of those than frames sent); a message the limit
+    refuses is answered with a `rate_limited` error naming it, and a client that goes on past
+    `message_burst` refusals in a row is closed (1008)."""
     limit = RateLimit(settings.messages_per_second, settings.message_burst)
     while True:
         message = await ws.receive()
@@ -183,26 +245,48 @@ async def receive_loop(ws: WebSocket, client: Client, hub: DeviceHub,
             refuse(client.outbox, "message_too_big", f"a message of {size} bytes; at most "
                    f"{settings.max_message_bytes} are accepted", CLOSE_TOO_BIG)
             return
+        try:
+            command = parse_message(decode_text(data), settings, hub.fps)
+        except ProtocolError as e:
+            command = e
+        if isinstance(command, Ack) and new_frames_acked(command, client.outbox):
+            continue
         if not limit.allow():
             if limit.refused >= settings.message_burst:
                 refuse(client.outbox, "flood", "too many messages: closing", CLOSE_POLICY)
                 return
-            if limit.refused == 1:
-                client.outbox.put_message(error_frame(
-                    "rate_limited", f"more than {settings.messages_per_second:g} messages per "
-                    "second: messages are being ignored; slow down or the connection closes"))
+            client.outbox.put_message(rate_limited(command, settings))
             continue
         try:
-            handle(parse_message(decode_text(data), settings, hub.fps), client, hub)
+            if isinstance(command, ProtocolError):
+                raise command
+            handle(command, client, hub)
         except ProtocolError as e:
             client.outbox.put_message(e.frame())
 
 
-def handle(command, client: Client, hub: DeviceHub) -> None:
+def new_frames_acked(ack: Ack, outbox: Outbox) -> bool:
+    """Apply an ack that acknowledges new frames (True); a repeat or a bad one is a message like
+    any other (False)."""
+    try:
+        return outbox.ack(ack.frames) > 0
+    except ValueError:
+        return False
+
+
+def rate_limited(command: Command | ProtocolError, settings: ServerSettings) -> dict[str, Any]:
+    kind = "invalid" if isinstance(command, ProtocolError) else type_of(command)
+    return error_frame("rate_limited", f"more than {settings.messages_per_second:g} messages per "
+                       f"second: this `{kind}` message was not applied; slow down or the "
+                       "connection closes")
+
+
+def handle(command: Command, client: Client, hub: DeviceHub) -> None:
     if isinstance(command, Ack):
-        if not client.outbox.ack(command.frames):
-            raise ProtocolError("bad_field", f"ack of {command.frames} frames; only "
-                                f"{client.outbox.sent} were sent")
+        try:
+            client.outbox.ack(command.frames)
+        except ValueError as e:
+            raise ProtocolError("bad_field", str(e)) from None
     elif isinstance(command, Ping):
         client.outbox.put_message({"type": "pong", "t": command.t, "server_time": time.time()})
     elif not isinstance(command, Hello):  # a later hello changes nothing
@@ -226,4 +310,4 @@ async def send_loop(ws: WebSocket, client: Client, hub: DeviceHub) -> None:
                 await ws.send_text(json.dumps(item))
     except Exception as e:  # the client went away mid-send
         log.debug("client %d: send ended: %r", client.id, e)
-        outbox.close()
+        outbox.abandon()

@@ -9,6 +9,11 @@ they never pile up either; other messages are capped at `max_messages` (oldest d
 
 Frames leave only while the client has acknowledged all but `window` of the frames sent to it
 (`ack`), which bounds what sits in socket buffers (and so the latency) as well.
+
+An outbox ends in one of two ways, and either way its sender finishes at once: `close` (the
+server ends the connection: queued frames are dropped, queued messages and the close frame are
+sent) or `abandon` (the client is gone: everything queued is dropped). Frames held back by the
+ack window must never keep a sender waiting for a client that will not acknowledge them.
 """
 from __future__ import annotations
 
@@ -96,23 +101,36 @@ class Outbox:
         self._wake()
 
     def close(self, code: int | None = None, reason: str = "") -> None:
-        """No more items; the sender sends what is queued, then closes with `code` if given."""
+        """No more items: queued frames are dropped, queued messages are still sent, then the
+        connection closes with `code` if given."""
         with self._lock:
             if self.closed:
                 return
+            self._drop_all(Frame)
             if code is not None:
                 self._items.append(Close(code, reason))
             self.closed = True
         self._wake()
 
-    # -- consumer (the event loop) ----------------------------------------------------------
-    def ack(self, frames: int) -> bool:
-        """Record a cumulative acknowledgement; False if it claims frames never sent."""
-        if frames > self.sent:
-            return False
-        self.acked = max(self.acked, frames)
+    def abandon(self) -> None:
+        """The client is gone: drop everything queued; the sender ends at its next `get`."""
+        with self._lock:
+            self._items.clear()
+            self.frames_waiting = self.messages_waiting = 0
+            self.closed = True
         self._wake()
-        return True
+
+    # -- consumer (the event loop) ----------------------------------------------------------
+    def ack(self, frames: int) -> int:
+        """Record a cumulative acknowledgement; the number of frames it newly acknowledges (0 for
+        a repeat). ValueError if it claims frames never sent."""
+        if frames > self.sent:
+            raise ValueError(f"ack of {frames} frames; only {self.sent} were sent")
+        new = max(0, frames - self.acked)
+        if new:
+            self.acked = frames
+            self._wake()
+        return new
 
     async def get(self) -> Frame | dict | Close | None:
         """The next item to send (frames only while the ack window has room); None at the end."""
@@ -132,6 +150,12 @@ class Outbox:
             self._drop_oldest(dict)
         self._items.append(msg)
         self.messages_waiting += 1
+
+    def _drop_all(self, kind: type) -> None:
+        kept = deque(item for item in self._items if not isinstance(item, kind))
+        self._items = kept
+        if kind is Frame:
+            self.frames_waiting = 0
 
     def _drop_oldest(self, kind: type) -> None:
         for i, item in enumerate(self._items):

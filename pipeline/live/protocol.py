@@ -23,8 +23,10 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008      # message flood
 CLOSE_TOO_BIG = 1009     # a message over max_message_bytes
+CLOSE_TRY_LATER = 1013   # the queue or the unauthenticated connections are full
 CLOSE_UNAUTHORIZED = 4401  # missing or wrong access token
 CLOSE_FORBIDDEN_ORIGIN = 4403  # a page of another origin tried to connect
+CLOSE_HOLD_EXPIRED = 4408  # the holder's time with the device ended while others waited
 
 # A binary message to the client: this header, then one JPEG image.
 FRAME_HEADER = struct.Struct(">II")  # pixel frame index, chunk index (big-endian uint32)
@@ -96,6 +98,14 @@ SIMPLE_TYPES = ("stop", "resume", "reset", "save")
 CLIENT_TYPES = ("hello", "start", "prompt", "plan", "ack", "ping") + SIMPLE_TYPES
 
 
+def type_of(command: Command) -> str:
+    """The wire `type` of a parsed command."""
+    if isinstance(command, Simple):
+        return command.type
+    return {Hello: "hello", Start: "start", SetPrompt: "prompt", Plan: "plan", Ack: "ack",
+            Ping: "ping"}[type(command)]
+
+
 def decode_text(data: bytes | str) -> str:
     """The text of a client message; binary messages are refused (clients send JSON text)."""
     if isinstance(data, str):
@@ -113,8 +123,8 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
     """Parse one client text message into a command, or raise ProtocolError."""
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ProtocolError("bad_json", f"invalid JSON: {getattr(e, 'msg', e)}") from None
+    except (ValueError, RecursionError) as e:  # ValueError: also an integer of 4300+ digits
+        raise ProtocolError("bad_json", f"invalid JSON: {getattr(e, 'msg', e)!s:.200}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "a message must be a JSON object with a `type`")
     kind = obj.get("type")

@@ -26,13 +26,15 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 
 _QUIT = object()
+_DETACH = object()
+_ATTACHED = object()
 
 
 @dataclass
 class PendingSwitch:
     prompt: str
     requested_at: float  # time.monotonic() when the server received it
-    chunk: int           # chunks generated when it was requested
+    chunks_done: int     # chunks finished when the server received it (one may be in progress)
     planned: bool        # from the plan (applied right before its chunk), not "switch now"
 
 
@@ -40,16 +42,19 @@ class GenerationWorker(threading.Thread):
     """Runs one client's generation: start/stop/reset/prompt/plan/save, chunk after chunk."""
 
     def __init__(self, get_session: Callable[[], Any], outbox: Outbox, settings: ServerSettings,
-                 downloads: DownloadStore):
+                 downloads: DownloadStore, owner_key: str):
         super().__init__(name="memflow-live-generation", daemon=True)
         self._get_session = get_session
         self.outbox = outbox
         self.settings = settings
         self.downloads = downloads
+        self.owner_key = owner_key  # whose downloads its saves are
         self._commands: queue.Queue = queue.Queue()
         self.session = None
         self.state = "loading"
         self.note = ""
+        self._granted_at = self._idle_since = time.monotonic()
+        self._saving = threading.Event()  # one save in flight at a time
         self._clear_video()
 
     def _clear_video(self) -> None:
@@ -64,10 +69,34 @@ class GenerationWorker(threading.Thread):
 
     # -- called from the event loop -------------------------------------------------------------
     def submit(self, command: Command) -> None:
-        self._commands.put((command, time.monotonic()))
+        # the chunks finished as the request arrives: a chunk in progress then still finishes
+        # under the old prompt, and `switch_chunks` counts it
+        self._commands.put((command, time.monotonic(), self.chunks))
 
     def stop(self) -> None:
-        self._commands.put((_QUIT, time.monotonic()))
+        self._commands.put((_QUIT, time.monotonic(), self.chunks))
+
+    def detach(self, grace_s: float) -> None:
+        """The client left: pause the stream and keep it for `grace_s` (for `attach`)."""
+        self._commands.put((_DETACH, grace_s, self.chunks))
+
+    def attach(self, outbox: Outbox) -> None:
+        """A reconnected client takes the stream back: everything goes to its outbox, starting
+        with the current status, timeline and memory."""
+        self.outbox = outbox
+        self._commands.put((_ATTACHED, time.monotonic(), self.chunks))
+
+    @property
+    def has_video(self) -> bool:
+        """A video worth keeping for a reconnecting client has begun."""
+        return self.pixels > 0 or self.state in ("running", "stopped")
+
+    def held_s(self) -> float:
+        return time.monotonic() - self._granted_at
+
+    def idle_s(self) -> float:
+        """Seconds since this holder last generated (0 while generating)."""
+        return 0.0 if self.state == "running" else time.monotonic() - self._idle_since
 
     # -- the thread --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -83,14 +112,14 @@ class GenerationWorker(threading.Thread):
         while True:
             block = self.state != "running"
             try:
-                command, received = self._commands.get(block=block)
+                command, received, chunks_done = self._commands.get(block=block)
             except queue.Empty:
                 self._step_safely()
                 continue
             if command is _QUIT:
                 return
             try:
-                self._handle(command, received)
+                self._handle(command, received, chunks_done)
             except Exception as e:
                 log.exception("live command %r failed", command)
                 self._fail(f"{type(command).__name__.lower()} failed: {e}")
@@ -99,11 +128,17 @@ class GenerationWorker(threading.Thread):
         self.outbox.put_message(error_frame("generation_failed", message))
         self._set_state("error", message + "; press reset or start to try again")
 
-    def _handle(self, command: Command, received: float) -> None:
-        if isinstance(command, Start):
+    def _handle(self, command: Command, received: float, chunks_done: int) -> None:
+        if command is _DETACH:
+            self._stop(f"stopped: the client left; its stream is kept {received:g} s for it")
+        elif command is _ATTACHED:
+            self._post_status()
+            self._post_timeline()
+            self._post_memory()
+        elif isinstance(command, Start):
             self._start(command)
         elif isinstance(command, SetPrompt):
-            self._set_prompt(command.prompt, received)
+            self._set_prompt(command.prompt, received, chunks_done)
         elif isinstance(command, Plan):
             self.plan = list(command.switches)
             self._post_timeline()
@@ -124,19 +159,20 @@ class GenerationWorker(threading.Thread):
         self._post_timeline()
         self._set_state("running", "generating")
 
-    def _set_prompt(self, prompt: str, received: float, planned: bool = False) -> None:
+    def _set_prompt(self, prompt: str, received: float, chunks_done: int,
+                    planned: bool = False) -> None:
         if self.state in ("idle", "loading", "error"):
             self.outbox.put_message(error_frame("not_started", "start a video first; the "
                                                 "prompt of `start` is its first prompt"))
             return
         self.session.set_prompt(prompt)
         same = prompt == self.session.prompt  # asking for the prompt in effect cancels a switch
-        self.pending = None if same else PendingSwitch(prompt, received, self.chunks, planned)
+        self.pending = None if same else PendingSwitch(prompt, received, chunks_done, planned)
         self._post_status()
 
-    def _stop(self) -> None:
+    def _stop(self, note: str = "stopped: resume to continue this video") -> None:
         if self.state == "running":
-            self._set_state("stopped", "stopped: resume to continue this video")
+            self._set_state("stopped", note)
 
     def _resume(self) -> None:
         if self.state == "stopped":
@@ -157,8 +193,17 @@ class GenerationWorker(threading.Thread):
         if self.pixels == 0:
             self.outbox.put_message(error_frame("nothing_to_save", "no frames generated yet"))
             return
-        file_id, path = self.downloads.reserve()
-        pending = self.session.prepare_save(path)  # this chunk boundary's frames and timeline
+        if self._saving.is_set():
+            self.outbox.put_message(error_frame("save_in_progress", "a save is being written; "
+                                                "ask again when it is done (`saved`)"))
+            return
+        file_id, path = self.downloads.reserve(self.owner_key)
+        try:
+            pending = self.session.prepare_save(path)  # this chunk boundary's frames and timeline
+        except Exception:
+            self.downloads.discard(file_id)
+            raise
+        self._saving.set()
         threading.Thread(target=self._finish_save, args=(file_id, pending),
                          name="memflow-live-save", daemon=True).start()
 
@@ -167,14 +212,16 @@ class GenerationWorker(threading.Thread):
         written; the client hears when its files are ready."""
         try:
             mp4, timeline = pending.write()
+            self.downloads.keep(self.owner_key, file_id, mp4, timeline)
+            self.outbox.put_message({"type": "saved", "id": file_id, "frames": pending.video_frames,
+                                     "mp4": f"/download/{file_id}.mp4",
+                                     "timeline": f"/download/{file_id}.json"})
         except Exception as e:
             log.exception("saving the live video failed")
+            self.downloads.discard(file_id)
             self.outbox.put_message(error_frame("save_failed", f"saving the video failed: {e}"))
-            return
-        self.downloads.keep(file_id, mp4, timeline)
-        self.outbox.put_message({"type": "saved", "id": file_id, "frames": pending.video_frames,
-                                 "mp4": f"/download/{file_id}.mp4",
-                                 "timeline": f"/download/{file_id}.json"})
+        finally:
+            self._saving.clear()
 
     # -- one chunk -----------------------------------------------------------------------------
     def _step_safely(self) -> None:
@@ -194,7 +241,7 @@ class GenerationWorker(threading.Thread):
         if not due:
             return
         self.plan = [s for s in self.plan if s.frame > self.pixels]
-        self._set_prompt(due[-1].prompt, time.monotonic(), planned=True)
+        self._set_prompt(due[-1].prompt, time.monotonic(), self.chunks, planned=True)
 
     def _step(self) -> None:
         self._apply_due_plan()
@@ -222,7 +269,9 @@ class GenerationWorker(threading.Thread):
                "gen_fps": n / busy if busy > 0 else None}
         if self.pending is not None and result.prompt == self.pending.prompt:
             msg["switch_latency_ms"] = (time.monotonic() - self.pending.requested_at) * 1000
-            msg["switch_chunks"] = self.chunks - self.pending.chunk  # chunks finished in between
+            # chunks finished under the old prompt after the request arrived (the one in
+            # progress then included): 0 or 1 unless the stream was stopped in between
+            msg["switch_chunks"] = result.index - self.pending.chunks_done
             msg["planned"] = self.pending.planned
             self.pending = None
         self.last_chunk = msg
@@ -230,6 +279,8 @@ class GenerationWorker(threading.Thread):
 
     # -- state messages ------------------------------------------------------------------------
     def _set_state(self, state: str, note: str) -> None:
+        if self.state == "running" and state != "running":
+            self._idle_since = time.monotonic()
         self.state, self.note = state, note
         self._post_status()
 
