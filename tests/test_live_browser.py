@@ -24,6 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 SIZE = (48, 64)  # height, width of the test video
 FRAMES_PER_CHUNK = 3  # num_frame_per_block of configs/tiny_interactive.yaml
+FRAMES_PER_CHUNK_PIXELS = 4 * FRAMES_PER_CHUNK  # video frames of a chunk after the first
 
 MISSING = ("no headless browser: install chromium and chromium-driver (README, Setup)"
            if CHROMIUM is None or DRIVER is None else None)
@@ -82,7 +83,12 @@ def server():
         yield url
     finally:
         proc.terminate()
-        proc.wait()
+        try:
+            proc.wait(timeout=PATIENCE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=PATIENCE_S)
+            raise AssertionError(f"serve.py ignored SIGTERM: {''.join(lines)[-2000:]}") from None
 
 
 @pytest.fixture
@@ -148,7 +154,13 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     seed = browser.find_element(By.ID, "seed")
     seed.clear()
     seed.send_keys("3")
+    browser.find_element(By.ID, "plan-add").click()  # a switch planned far ahead: never reached
+    browser.find_element(By.CSS_SELECTOR, ".plan-at").send_keys("600")
+    browser.find_element(By.CSS_SELECTOR, ".plan-prompt").send_keys("a planned prompt")
     browser.find_element(By.ID, "start").click()
+    until(browser, lambda d: text(d, "plan-note") == "1 planned", "the plan was not sent with Start")
+    until(browser, lambda d: text(d, "state") == "running", "the video did not start")
+    assert not browser.find_element(By.ID, "start").is_enabled()  # no second Start mid-video
 
     until(browser, lambda d: int(text(d, "frames-received")) > 0 and text(d, "frame-shown") != "-",
           "no frame arrived")
@@ -171,12 +183,35 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     assert markers == [0, frame]
     until(browser, lambda d: text(d, "switch-latency").endswith("ms"), "the new prompt was never shown")
 
+    # playback is paced to the generation rate: no stall across three more chunk boundaries
+    shown = int(text(browser, "frame-shown"))
+    until(browser, lambda d: int(text(d, "frame-shown")) >= shown + 3 * FRAMES_PER_CHUNK_PIXELS,
+          "playback did not cross three more chunk boundaries")
+    stalls = browser.find_element(By.ID, "stalls")
+    assert stalls.text == "0", f"{stalls.text} stalls, longest gap {stalls.get_attribute('data-longest')} ms"
+
     browser.find_element(By.ID, "stop").click()
     until(browser, lambda d: text(d, "state") == "stopped", "stop was not acknowledged")
     browser.find_element(By.ID, "save").click()
     href = until(browser, lambda d: d.execute_script(DOWNLOAD_LINK), "no download link")
     with urllib.request.urlopen(href, timeout=60) as response:
         assert response.read(12)[4:8] == b"ftyp"  # an MP4
+
+    # a reload takes the stream back (the page reconnects with its resume token)
+    generated = browser.execute_script("return live.framesGenerated")
+    browser.refresh()
+    until(browser, lambda d: text(d, "state") == "stopped", "the reloaded page did not get its video back")
+    until(browser, lambda d: d.execute_script("return live.framesGenerated") == generated,
+          "the reloaded page does not know the video's frames")
+
+    # Reset leaves nothing of the old video on the page
+    browser.find_element(By.ID, "reset").click()
+    until(browser, lambda d: text(d, "state") == "idle", "reset was not acknowledged")
+    cleared = browser.execute_script(CANVAS_STATS)
+    assert cleared["nonblack"] == 0, cleared
+    assert text(browser, "frame-shown") == "-" and text(browser, "recv-fps") == "-"
+    assert browser.execute_script(TIMELINE_MARKERS) == [] and text(browser, "switch-list") == ""
+    assert text(browser, "plan-note") != "1 planned"  # the server dropped the plan
     browser.save_screenshot(str(tmp_path / "live.png"))
     print(f"\nbrowser saw: frame counter {first} -> {later} -> {text(browser, 'frames-received')}, "
           f"canvas {canvas}, switch at latent {latent} = frame {frame}, "

@@ -4,6 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
+// A reload or a dropped connection takes the stream back within the server's grace period.
+const RESUME_KEY = "memflow-live-resume";
 
 const live = {
   ws: null,
@@ -15,10 +17,16 @@ const live = {
   queue: [],            // decoded frames waiting to be shown: {frame, chunk, bitmap}
   lastShown: -1,
   nextShowAt: 0,
+  playing: false,       // false while (re)buffering one chunk of lead
+  chunkFrames: 0,       // frames of the largest chunk seen: the lead kept before playing
+  chunkTimes: [],       // [ms, frames, bytes] of the last chunks, for the received rates
+  chunkBytes: 0,        // bytes of frames received since the last chunk message
+  lastDrawAt: null,
+  stalls: 0,            // gaps in playback longer than a stall (see play)
+  longestGap: 0,
+  reconnects: 0,
   skipped: 0,           // frames the page skipped to catch up
   serverDropped: 0,
-  arrivals: [],         // receive times (ms) of the last frames, for the received FPS
-  firstArrival: null,
   chunkPrompt: new Map(),  // chunk index -> prompt
   switchAsked: null,    // {prompt, t} of the last "switch now", until its first frame is shown
   state: "connecting",
@@ -31,15 +39,28 @@ const live = {
 // -- connection --------------------------------------------------------------------------------
 function connect() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  const params = new URLSearchParams();
+  if (token) params.set("token", token);
+  const resume = sessionStorage.getItem(RESUME_KEY);
+  if (resume) params.set("resume", resume);
+  const query = params.toString() ? `?${params}` : "";
   const ws = new WebSocket(`${proto}//${location.host}/ws${query}`);
   ws.binaryType = "arraybuffer";
   live.ws = ws;
+  live.received = 0; live.acked = 0;  // counted per connection by the server
   ws.onopen = () => setConn("connected", "ok");
   ws.onclose = (e) => {
     setConn(`closed (${e.code}${e.reason ? ": " + e.reason : ""})`, "bad");
     setState("disconnected");
-    logLine(`connection closed, code ${e.code} ${e.reason || ""}; reload the page to reconnect`);
+    // the server said why and meant it (a bad token, a full queue, a flood): do not retry
+    const final = [1008, 1009, 1013, 4401, 4403, 4408].includes(e.code);
+    if (final || live.reconnects >= 20) {
+      logLine(`connection closed, code ${e.code} ${e.reason || ""}; reload the page to reconnect`);
+      return;
+    }
+    live.reconnects += 1;
+    logLine(`connection lost (code ${e.code}); reconnecting`);
+    setTimeout(connect, Math.min(10000, 500 * live.reconnects));
   };
   ws.onmessage = (e) => (typeof e.data === "string" ? onJson(JSON.parse(e.data)) : onFrame(e.data));
 }
@@ -67,11 +88,9 @@ function onFrame(buffer) {
   const view = new DataView(buffer);
   const frame = view.getUint32(0), chunk = view.getUint32(4);
   live.received += 1;
-  const now = performance.now();
-  if (live.firstArrival === null) live.firstArrival = now;
-  live.arrivals.push(now);
-  while (live.arrivals.length && now - live.arrivals[0] > 5000) live.arrivals.shift();
-  $("frames-received").textContent = live.received;
+  live.chunkBytes += buffer.byteLength;
+  live.framesTotal = (live.framesTotal || 0) + 1;
+  $("frames-received").textContent = live.framesTotal;
   scheduleAck();
   const blob = new Blob([new Uint8Array(buffer, live.headerBytes)], { type: "image/jpeg" });
   createImageBitmap(blob).then((bitmap) => {
@@ -83,6 +102,7 @@ function onFrame(buffer) {
 function onJson(msg) {
   const handlers = {
     hello: (m) => { live.fps = m.fps || 16; live.headerBytes = m.frame_header_bytes || 8; },
+    session: onSession,
     status: onStatus,
     chunk: onChunk,
     timeline: (m) => { live.switches = m.switches; live.plan = m.plan; live.framesGenerated = m.frames_generated; drawTimeline(); },
@@ -94,8 +114,15 @@ function onJson(msg) {
   (handlers[msg.type] || (() => logLine(`unknown message ${msg.type}`)))(msg);
 }
 
+function onSession(m) {
+  sessionStorage.setItem(RESUME_KEY, m.resume_token);
+  live.reconnects = 0;
+  if (m.resumed) logLine("reconnected: this page has its video back (press Resume to go on)");
+}
+
 function onStatus(m) {
   setState(m.state);
+  if (m.state !== "running") { live.lastDrawAt = null; live.chunkTimes = []; }  // a pause is no stall
   $("message").textContent = m.message || "";
   if (m.frames_dropped !== undefined) live.serverDropped = m.frames_dropped;
   updateDropped();
@@ -106,8 +133,23 @@ function onStatus(m) {
   drawTimeline();
 }
 
+// Received rates over the last chunks: frames and bytes per second between the first and the
+// last chunk message in the window (a chunk arrives as a burst, so one chunk alone says nothing).
 function onChunk(m) {
   live.chunkPrompt.set(m.index, m.prompt);
+  live.chunkFrames = Math.max(live.chunkFrames, m.frames);
+  const times = live.chunkTimes;
+  if (times.length) times[times.length - 1][2] = live.chunkBytes;
+  live.chunkBytes = 0;
+  times.push([performance.now(), m.frames, 0]);
+  while (times.length > 8) times.shift();
+  if (times.length >= 3) {
+    // a chunk's frames follow its message: those of all but the last arrived inside the span
+    const span = (times[times.length - 1][0] - times[0][0]) / 1000, done = times.slice(0, -1);
+    const frames = done.reduce((n, t) => n + t[1], 0), bytes = done.reduce((n, t) => n + t[2], 0);
+    $("recv-fps").textContent = (frames / span).toFixed(1);
+    $("bitrate").textContent = `${(8 * bytes / span / 1000).toFixed(0)} kbit/s`;
+  }
   if (m.gen_fps) $("gen-fps").textContent = m.gen_fps.toFixed(1);
   $("chunk-ms").textContent = `${((m.generate_s + m.decode_s) * 1000).toFixed(0)} ms`;
   if (m.switch_latency_ms !== undefined) {
@@ -127,11 +169,26 @@ function onSaved(m) {
   logLine(`saved ${m.frames} frames`);
 }
 
-// -- playback: frames shown at the video's fps, skipping ahead when more than 2 s are queued ---
+// -- playback ----------------------------------------------------------------------------------
+// Frames arrive a chunk at a time. Played at the video's fps they would come in bursts with a
+// freeze at every chunk boundary whenever generation is slower than real time, so playback is
+// paced to the generation rate: one chunk of lead is buffered before playing, each frame is
+// shown for (time between chunks) / (frames per chunk), a little slower when the lead runs low
+// and faster when it grows. A page more than 2 s (or 3 chunks) behind skips ahead.
+function frameInterval() {
+  const t = live.chunkTimes, base = 1000 / live.fps;
+  if (t.length < 2) return base;
+  const period = (t[t.length - 1][0] - t[0][0]) / (t.length - 1);
+  return Math.max(base, period / (live.chunkFrames || 12));
+}
+
 function play(now) {
   const canvas = $("video"), ctx = canvas.getContext("2d");
-  while (live.queue.length > 2 * live.fps) { live.queue.shift().bitmap.close(); live.skipped += 1; updateDropped(); }
-  if (live.queue.length && now >= live.nextShowAt) {
+  const lead = live.chunkFrames || 12;
+  while (live.queue.length > Math.max(2 * live.fps, 3 * lead)) { live.queue.shift().bitmap.close(); live.skipped += 1; updateDropped(); }
+  if (!live.playing && live.queue.length >= lead) { live.playing = true; live.nextShowAt = now; }
+  if (live.playing && !live.queue.length) live.playing = false;  // ran dry: buffer a chunk again
+  if (live.playing && now >= live.nextShowAt) {
     const { frame, chunk, bitmap } = live.queue.shift();
     if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
       canvas.width = bitmap.width; canvas.height = bitmap.height;
@@ -139,8 +196,11 @@ function play(now) {
     }
     ctx.drawImage(bitmap, 0, 0);
     bitmap.close();
+    const interval = frameInterval();
+    noteGap(now, interval);
     live.lastShown = frame;
-    live.nextShowAt = Math.max(live.nextShowAt + 1000 / live.fps, now - 1000 / live.fps);
+    const ahead = live.queue.length, pace = ahead < lead / 2 ? 1.15 : ahead > 2 * lead ? 0.85 : 1;
+    live.nextShowAt = Math.max(live.nextShowAt + interval * pace, now - interval);
     $("overlay").textContent = "";
     $("frame-shown").textContent = frame;
     const asked = live.switchAsked;
@@ -150,10 +210,20 @@ function play(now) {
     }
     drawPlayhead();
   }
-  // frames received over the last 5 s (chunks arrive in bursts, so a short span would overstate it)
-  const n = live.arrivals.length, since = live.firstArrival === null ? 0 : Math.min(5000, now - live.firstArrival);
-  $("recv-fps").textContent = n > 1 && since > 500 ? (n / (since / 1000)).toFixed(1) : "-";
   requestAnimationFrame(play);
+}
+
+// A stall: two consecutive frames shown more than max(200 ms, 4 frame intervals) apart.
+function noteGap(now, interval) {
+  if (live.lastDrawAt !== null) {
+    const gap = now - live.lastDrawAt;
+    live.longestGap = Math.max(live.longestGap, gap);
+    if (gap > Math.max(200, 4 * interval)) live.stalls += 1;
+    $("stalls").textContent = live.stalls;
+    $("stalls").title = `longest gap between two frames: ${live.longestGap.toFixed(0)} ms`;
+    $("stalls").dataset.longest = live.longestGap.toFixed(0);
+  }
+  live.lastDrawAt = now;
 }
 
 function updateDropped() {
@@ -172,15 +242,23 @@ function drawTimeline() {
   const box = $("timeline"), span = timelineSpan();
   box.querySelectorAll(".tl-switch, .tl-plan").forEach((e) => e.remove());
   $("tl-generated").style.width = `${(100 * live.framesGenerated) / span}%`;
+  // a label is shown only where it does not run into the previous one (the title keeps the text)
+  const width = box.clientWidth || 600, labelPx = 90;
+  let labelEnd = -Infinity;
   const marker = (cls, frame, text) => {
     const el = document.createElement("div");
     el.className = cls; el.style.left = `${(100 * frame) / span}%`;
     el.dataset.frame = frame; el.title = `frame ${frame} (${(frame / live.fps).toFixed(2)} s): ${text}`;
-    const label = document.createElement("span"); label.textContent = text; el.append(label);
+    const x = (width * frame) / span;
+    if (x >= labelEnd) {
+      const label = document.createElement("span"); label.textContent = text; el.append(label);
+      labelEnd = x + labelPx;
+    }
     box.append(el);
   };
-  live.switches.forEach((s) => marker("tl-switch", s.pixel_frame, s.prompt));
-  live.plan.forEach((p) => marker("tl-plan", p.frame, p.prompt));
+  const markers = [...live.switches.map((s) => ["tl-switch", s.pixel_frame, s.prompt]),
+                   ...live.plan.map((p) => ["tl-plan", p.frame, p.prompt])].sort((a, b) => a[1] - b[1]);
+  markers.forEach(([cls, frame, text]) => marker(cls, frame, text));
   const ticks = $("tl-ticks"); ticks.innerHTML = "";
   const step = Math.max(1, Math.ceil(span / live.fps / 8));
   for (let s = 0; s * live.fps < span; s += step) {
@@ -263,13 +341,32 @@ function setState(state) {
   live.state = state;
   const e = $("state"); e.textContent = state; e.className = `badge state-${state}`;
   const has = (...s) => s.includes(state);
-  $("start").disabled = !has("idle", "running", "stopped", "limit", "error");
+  $("start").disabled = !has("idle", "stopped", "limit", "error");  // not while a video runs
   $("switch").disabled = !has("running", "stopped");
   $("stop").disabled = !has("running", "stopped");
   $("stop").textContent = state === "stopped" ? "Resume" : "Stop";
   $("reset").disabled = !has("running", "stopped", "limit", "error");
   $("save").disabled = !has("running", "stopped", "limit");
   $("plan-send").disabled = !has("idle", "running", "stopped");
+}
+
+// What a new or reset video starts without: the last picture, the readouts, the timeline, the
+// memory, and the plan as applied (the server drops it; the rows stay as a draft).
+function clearVideo() {
+  live.queue.forEach((f) => f.bitmap.close());
+  Object.assign(live, { queue: [], lastShown: -1, chunkPrompt: new Map(), switchAsked: null,
+    playing: false, chunkTimes: [], chunkBytes: 0, lastDrawAt: null, stalls: 0, longestGap: 0,
+    framesTotal: 0, skipped: 0, serverDropped: 0, framesGenerated: 0, switches: [], plan: [] });
+  const canvas = $("video");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  for (const id of ["frame-shown", "gen-fps", "recv-fps", "chunk-ms", "switch-latency", "bitrate"]) $(id).textContent = "-";
+  $("frames-received").textContent = "0"; $("stalls").textContent = "0";
+  $("overlay").textContent = "press start";
+  $("plan-note").textContent = planRows().length ? "not applied (sent with Start)" : "";
+  $("downloads").innerHTML = "";
+  updateDropped();
+  drawMemory({ sink: [], bank: [], window: [], thumbs: {} });
+  drawTimeline();
 }
 
 function promptText() {
@@ -281,8 +378,8 @@ function promptText() {
 function bind() {
   $("start").onclick = () => {
     const prompt = promptText(); if (!prompt) return;
-    live.queue.forEach((f) => f.bitmap.close());
-    Object.assign(live, { queue: [], lastShown: -1, chunkPrompt: new Map(), switchAsked: null });
+    if (live.framesGenerated > 0 && !confirm("Start a new video? The current one is dropped (save it first to keep it).")) return;
+    clearVideo();
     sendPlan();
     const seed = parseInt($("seed").value, 10);
     send({ type: "start", prompt, seed: Number.isFinite(seed) && seed >= 0 ? seed : 0 });
@@ -296,7 +393,7 @@ function bind() {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); (live.state === "running" || live.state === "stopped" ? $("switch") : $("start")).click(); }
   };
   $("stop").onclick = () => send({ type: live.state === "stopped" ? "resume" : "stop" });
-  $("reset").onclick = () => send({ type: "reset" });
+  $("reset").onclick = () => { send({ type: "reset" }); clearVideo(); };
   $("save").onclick = () => send({ type: "save" });
   $("plan-add").onclick = () => { addPlanRow(); drawTimeline(); };
   $("plan-send").onclick = sendPlan;
