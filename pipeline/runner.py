@@ -156,8 +156,10 @@ def warn_long_prompts(encoder: TextEncoder, plan: list[PlannedVideo], data_path:
                                            verbose=False)["input_ids"][0])
             if tokens > encoder.text_len:
                 where = f" (segment {segment})" if len(video.job.prompts) > 1 else ""
-                log.warning("%s:%d%s: the prompt has %d tokens; truncated to text_len=%d",
-                            data_path, video.job.line, where, tokens, encoder.text_len)
+                log.warning("%s:%d%s: the prompt has %d tokens; the text encoder keeps %d "
+                            "(text_len), so its last %d tokens are cut", data_path,
+                            video.job.line, where, tokens, encoder.text_len,
+                            tokens - encoder.text_len)
 
 
 def plan_run(c: InferenceConfig, dist: DistInfo, interactive: bool,

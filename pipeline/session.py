@@ -52,6 +52,7 @@ from memflow.noise import SeededNoise
 from memflow.streaming import StreamState
 from utils.distributed import pick_device, rank_seed
 from utils.errors import InputError
+from utils.prompts import prompt_problem
 from utils.settings_schema import InferenceConfig
 from utils.stream_settings import VAE_STRIDE
 from utils.video_writer import Mp4Writer, to_uint8_frames
@@ -120,6 +121,9 @@ def check_prompt(text: object) -> str:
         raise ValueError(f"prompt must be a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("prompt is empty")
+    problem = prompt_problem(text)
+    if problem is not None:
+        raise ValueError(f"the prompt {problem}")
     return text
 
 

@@ -120,9 +120,10 @@ def test_over_long_prompt_warning_names_file_and_line(tmp_path, caplog, recwarn)
     with caplog.at_level(logging.WARNING):
         assert inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
                                f"data_path={data}", "num_output_frames=3"]) == 0
-    long = [r.getMessage() for r in caplog.records if "tokens; truncated" in r.getMessage()]
+    long = [r.getMessage() for r in caplog.records if "tokens are cut" in r.getMessage()]
     assert len(long) == 1 and long[0].startswith(f"{data}:3: the prompt has ")
-    assert long[0].endswith("tokens; truncated to text_len=64")
+    tokens = int(long[0].split(" has ")[1].split(" ")[0])
+    assert long[0].endswith(f"keeps 64 (text_len), so its last {tokens - 64} tokens are cut")
     assert not [w for w in recwarn if "truncated" in str(w.message)]  # no "prompt 0" warning
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,32 @@ def test_switch_chunks_match_the_reference_loop() -> None:
         else:  # the reference silently skips the switches that never fire; we refuse them
             with pytest.raises(InputError, match=f"switch {len(fired) + 1} "):
                 effective_switch_chunks(indices, fpb, num_chunks)
+
+
+@pytest.mark.parametrize("line, field", [('{"prompt": "a cat", "image": "cat.png"}', "image"),
+                                         ('{"prompts": ["a cat"], "promts": ["a dog"]}', "promts")])
+def test_an_unknown_field_of_a_prompt_line_is_an_error_naming_it(tmp_path, line, field) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(InputError, match=f'{path}:2: unknown field "{field}"'):
+        load_prompts(path)
+    if "prompts" in line:
+        path.write_text('{"prompts": ["fine"]}\n' + line + "\n")
+        with pytest.raises(InputError, match=f'{path}:2: unknown field "{field}" \\(did you mean "prompts"'):
+            load_interactive_prompts(path)
+
+
+@pytest.mark.parametrize("text, shown", [("a cat\x00 on a mat", "U+0000"), ("a \x1b[31mred cat", "U+001B")])
+def test_control_characters_are_refused_offline_as_live(tmp_path, text, shown) -> None:
+    from pipeline.live.protocol import ProtocolError, parse_message
+    from pipeline.live.settings import ServerSettings
+
+    txt, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+    txt.write_text("fine\n" + text + "\n")
+    jsonl.write_text(json.dumps({"prompts": ["fine", text]}) + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{txt}:2: the prompt holds the control character {shown}")):
+        load_prompts(txt)
+    with pytest.raises(InputError, match=re.escape(f'{jsonl}:1: "prompts"[1] holds the control character {shown}')):
+        load_interactive_prompts(jsonl)
+    with pytest.raises(ProtocolError, match=re.escape(f"holds the control character {shown}")):
+        parse_message(json.dumps({"type": "start", "prompt": text}), ServerSettings(), 16.0)

@@ -8,6 +8,7 @@ which would shift the reported line numbers.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -19,6 +20,21 @@ from typing import Any
 from utils.errors import InputError
 
 _INT = re.compile(r"-?\d+")
+# Fields a line of a .jsonl prompt file may carry; any other is an error naming it (a field this
+# project does not read would otherwise be dropped without a word).
+SINGLE_FIELDS = ("prompt", "prompts", "switch_frame_indices")
+INTERACTIVE_FIELDS = ("prompts", "switch_frame_indices")
+
+
+def prompt_problem(text: str) -> str | None:
+    """What makes `text` unusable as a prompt, or None: control characters (tab and newline
+    aside) and lone surrogates. The one rule for prompt files and the live server."""
+    for i, c in enumerate(text):
+        if (ord(c) < 32 and c not in "\t\n") or ord(c) == 127:
+            return f"holds the control character U+{ord(c):04X} at character {i}"
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            return f"holds a lone surrogate U+{ord(c):04X} at character {i}"
+    return None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -75,7 +91,20 @@ def _check_text(value: Any, path: Path, lineno: int, where: str) -> str:
         raise InputError(f"{path}:{lineno}: {where} must be a string, got {_json_type(value)}")
     if not value.strip():
         raise InputError(f"{path}:{lineno}: {where} is empty")
+    problem = prompt_problem(value)
+    if problem is not None:
+        raise InputError(f"{path}:{lineno}: {where} {problem}")
     return value
+
+
+def _check_fields(obj: dict[str, Any], known: tuple[str, ...], path: Path, lineno: int) -> None:
+    unknown = [key for key in obj if key not in known]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise InputError(
+            f'{path}:{lineno}: unknown field "{unknown[0]}"'
+            + (f' (did you mean "{hint[0]}"?)' if hint else "")
+            + f"; a line may carry {', '.join(known)}")
 
 
 def _prompt_list(obj: dict[str, Any], path: Path, lineno: int) -> list[Any]:
@@ -103,8 +132,8 @@ def load_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
     _require_suffix(path, (".txt", ".jsonl"))
     prompts: list[tuple[int, str]] = []
     if path.suffix.lower() == ".txt":
-        prompts = [(n, line.rstrip()) for n, line in enumerate(_read_lines(path), start=1)
-                   if line.strip()]
+        prompts = [(n, _check_text(line.rstrip(), path, n, "the prompt"))
+                   for n, line in enumerate(_read_lines(path), start=1) if line.strip()]
     else:
         for lineno, obj in _json_objects(path):
             if "prompt" in obj:
@@ -116,6 +145,7 @@ def load_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
                     f'{path}:{lineno}: expected a "prompt" string or a "prompts" array, '
                     f"found keys {sorted(obj)}"
                 )
+            _check_fields(obj, SINGLE_FIELDS, path, lineno)
             prompts.append((lineno, _check_text(value, path, lineno, where)))
     if not prompts:
         raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
@@ -157,6 +187,7 @@ def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveSt
     for lineno, obj in _json_objects(path):
         if "prompts" not in obj:
             raise InputError(f'{path}:{lineno}: missing key "prompts" (found keys {sorted(obj)})')
+        _check_fields(obj, INTERACTIVE_FIELDS, path, lineno)
         segments = [
             _check_text(s, path, lineno, f'"prompts"[{j}]')
             for j, s in enumerate(_prompt_list(obj, path, lineno))

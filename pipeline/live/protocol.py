@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from utils.prompts import prompt_problem
+
 from .settings import ServerSettings
 
 PROTOCOL_VERSION = 1
@@ -160,8 +162,9 @@ def _prompt(obj: dict, settings: ServerSettings, key: str = "prompt") -> str:
     if size > settings.max_prompt_bytes:
         raise ProtocolError("prompt_too_long", f"the prompt is {size} bytes of UTF-8; at most "
                             f"{settings.max_prompt_bytes} are accepted")
-    if any(ord(c) < 32 and c not in "\t\n" for c in text) or any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-        raise ProtocolError("bad_field", "the prompt holds control characters or lone surrogates")
+    problem = prompt_problem(text)
+    if problem is not None:
+        raise ProtocolError("bad_field", f"the prompt {problem}")
     return text.strip()
 
 
