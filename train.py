@@ -26,8 +26,9 @@ from omegaconf import OmegaConf
 
 from memflow.checkpoint import set_trust_checkpoints
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
+from trainer.checkpointing import saved_run_seed
 from utils.distributed import (barrier, cleanup_distributed, init_distributed, is_distributed,
-                               pick_device)
+                               is_main_rank, pick_device)
 from utils.errors import InputError
 from utils.signals import Terminated, sigterm_raises
 
@@ -46,12 +47,20 @@ def _single_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def _run_seed(seed: int, device: torch.device) -> int:
-    """seed 0 means a random seed drawn on rank 0 and shared with every rank (TRAINING.md §7.3)."""
-    if seed != 0:
-        return seed
-    value = torch.randint(1, 10**7, (1,), device=device if is_distributed() else "cpu")
+def _run_seed(settings: TrainSettings, device: torch.device) -> int:
+    """seed 0 means a random seed drawn on rank 0 and shared with every rank (TRAINING.md §7.3:
+    the reference draws one per run); a run that resumes takes the seed its checkpoint was
+    trained with, so that it goes on exactly as an uninterrupted run would."""
+    if settings.seed != 0:
+        return settings.seed
+    saved = None
+    if settings.config.auto_resume and settings.logdir is not None and is_main_rank():
+        saved = saved_run_seed(settings.logdir)
+    value = torch.tensor([saved if saved is not None else 0], dtype=torch.int64)
+    if saved is None and is_main_rank():
+        value = torch.randint(1, 10**7, (1,), dtype=torch.int64)
     if is_distributed():
+        value = value.to(device)
         dist.broadcast(value, src=0)
     return int(value.item())
 
@@ -93,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        settings = dataclasses.replace(settings, seed=_run_seed(settings.seed, device))
+        settings = dataclasses.replace(settings, seed=_run_seed(settings, device))
         if info.is_main:
             log.info("seed %d", settings.seed)
         from trainer.long_tuning import Stage2Trainer

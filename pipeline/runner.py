@@ -120,8 +120,6 @@ def warn_ignored_settings(c: InferenceConfig, paths: CheckpointPaths) -> None:
     if adapter and not lora_ckpt:
         log.warning("`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial "
                     "weights (no effect on the video), yet the files are named _lora")
-    if lora_ckpt and not adapter:
-        log.warning("`lora_ckpt` is set but `adapter` is null: %s is not loaded", lora_ckpt)
 
 
 def warn_unused_switches(c: InferenceConfig, interactive: bool) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from utils.errors import InputError
 from utils.settings_schema import InferenceConfig, ModelKwargs
-from utils.stream_settings import latent_size, sampling_config, stream_config, with_overrides
+from utils.stream_settings import (VAE_STRIDE, latent_size, sampling_config, stream_config,
+                                   with_overrides)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ def switch_options(c: InferenceConfig, compat: bool) -> SwitchOptions:
     return with_overrides(base, c.switch, "switch")
 
 
+def check_rope_table(num_frames: int) -> None:
+    """A video must fit the model's RoPE position table (`DiTConfig.rope_max_frames` latent
+    frames): past it no position exists, so a longer run would die at the table after minutes
+    of generation. Checked before anything is loaded."""
+    limit = DiTConfig.rope_max_frames
+    if num_frames > limit:
+        raise InputError(
+            f"num_output_frames ({num_frames}) is past the RoPE position table: at most {limit} "
+            f"latent frames ({1 + VAE_STRIDE[0] * (limit - 1)} video frames) can be generated")
+
+
 def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
     """Check the cross-key rules and build the stream, sampling and switch settings."""
     if c.behaviour not in ("clean", "compat"):
@@ -61,6 +73,11 @@ def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
             f"num_output_frames ({num_frames}) must be a positive whole number of chunks of "
             f"num_frame_per_block ({fpb}) latent frames"
         )
+    check_rope_table(num_frames)
+    if c.lora_ckpt and not c.adapter:
+        raise InputError(f"`lora_ckpt` is set ({c.lora_ckpt}) but `adapter` is null, so the LoRA "
+                         "would not be loaded: set `adapter` as the LoRA was trained (e.g. "
+                         "\"adapter={type: lora, rank: 256, alpha: 256}\") or drop lora_ckpt")
     mk = c.model_kwargs or ModelKwargs()
     memory = with_overrides(inference_memory(compat, interactive), c.memory, "memory")
     stream = stream_config(mk, fpb, memory)

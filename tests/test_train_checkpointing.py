@@ -609,7 +609,7 @@ def test_videos_of_the_resumed_step_are_written_again_after_a_kill(tmp_path):
 
     settings = make_settings(tmp_path / "run", max_iters=2, log_iters=2, vis_interval=2)
     make_trainer(settings).run()
-    (video,) = sorted((tmp_path / "vis").rglob("*.mp4"))
+    (video,) = sorted((tmp_path / "run" / "vis").rglob("*.mp4"))
     assert video.name == "step_0000002_rank_0_sample_0_len_6.mp4"
     original = video.read_bytes()
     partial = video.with_name(f".{video.stem}.partial.mp4")

@@ -269,3 +269,23 @@ def test_train_long_sh_runs_the_tiny_stage2_config_and_names_bad_input(tmp_path)
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "error: config key `switch_choices`: no switch frame below streaming_max_length (18)")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_with_seed_0_resumes_with_the_seed_it_drew(tmp_path):
+    """seed: 0 (the released configs) draws a seed; a run killed after a checkpoint and started
+    again must go on with that seed, ending on the very weights of an uninterrupted run."""
+    import train
+    from trainer.checkpointing import saved_run_seed
+
+    logdir = tmp_path / "run"
+    args = ["--config_path", CONFIG, "--logdir", str(logdir), "seed=0", "max_iters=4",
+            "log_iters=2", "max_checkpoints=5", "vis_interval=0"]
+    assert train.main(args) == 0
+    final = logdir / "checkpoint_model_000004" / "model.pt"
+    uninterrupted = final.read_bytes()
+    drawn = saved_run_seed(logdir)
+    assert isinstance(drawn, int) and drawn > 0
+    shutil.rmtree(final.parent)  # killed (kill -9) before step 4 was written
+    assert saved_run_seed(logdir) == drawn  # step 2's checkpoint carries it too
+    assert train.main(args) == 0
+    assert final.read_bytes() == uninterrupted

@@ -215,7 +215,7 @@ def test_stage2_visualisation_writes_a_switch_video(tmp_path):
     trainer = make_trainer(make_settings(tmp_path / "runs" / "run", max_iters=1, vis_interval=1,
                                          vis_video_lengths="[12]", log_iters=100))
     trainer.run()
-    videos = sorted((tmp_path / "runs" / "vis").rglob("*.mp4"))
+    videos = sorted((tmp_path / "runs" / "run" / "vis").rglob("*.mp4"))
     assert [v.name for v in videos] == [
         "step_0000001_rank_0_sample_0_len_12_lora_switch_frame_6.mp4"] or (
         len(videos) == 1 and "_lora_switch_frame_" in videos[0].name)

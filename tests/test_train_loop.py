@@ -396,11 +396,12 @@ def test_rollout_reads_the_bank():
 
 def test_visualisation_writes_videos_next_to_the_run(tmp_path):
     """vis_interval: every rank samples its validation prompts with the live generator through
-    the inference stepper and writes MP4s into the run folder's sibling vis/ (TRAINING.md §8.3)."""
+    the inference stepper and writes MP4s into the run folder's vis/ (the reference's sibling vis/, TRAINING.md §8.3,
+    would be shared by every run of one parent folder)."""
     trainer = make_trainer(make_settings(tmp_path / "run", max_iters=2, vis_interval=2,
                                          no_save=True))
     trainer.run()
-    videos = sorted((tmp_path / "vis").rglob("*.mp4"))
+    videos = sorted((tmp_path / "run" / "vis").rglob("*.mp4"))
     assert [v.name for v in videos] == ["step_0000002_rank_0_sample_0_len_6.mp4"]
     assert videos[0].stat().st_size > 0
 

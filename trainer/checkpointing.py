@@ -119,6 +119,22 @@ def checkpoint_dir(logdir: PathLike, step: int) -> Path:
     return Path(logdir) / f"{FOLDER_PREFIX}{step:06d}"
 
 
+def saved_run_seed(logdir: PathLike) -> int | None:
+    """The seed the newest readable checkpoint of `logdir` was trained with (a run started with
+    `seed: 0` draws one, and a resumed run must go on with it), or None. resume.pt is mapped, not
+    read whole: only its `resume_state` is looked at."""
+    for checkpoint in reversed(list_checkpoints(logdir)):
+        try:
+            data = torch.load(checkpoint.path / RESUME_FILE, map_location="cpu", mmap=True,
+                              weights_only=True)
+        except Exception:  # unreadable: load_checkpoint skips it too, with its warning
+            continue
+        seed = (data.get("resume_state") or {}).get("seed") if isinstance(data, dict) else None
+        if isinstance(seed, int):
+            return seed
+    return None
+
+
 def list_checkpoints(logdir: PathLike) -> list[CheckpointDir]:
     """Complete checkpoint folders, oldest first: sub-folders named checkpoint_model_<int> that
     hold model.pt (the reference's rule), sorted by the integer. Nothing else counts."""

@@ -273,7 +273,8 @@ class DistillationTrainer:
         return self._vae
 
     def _visualiser(self, stepper: ChunkStepper):
-        """Sample videos every `vis_interval` steps into <logdir>/../vis (§8.3): a
+        """Sample videos every `vis_interval` steps into <logdir>/vis (the reference writes
+        <logdir>/../vis, §8.3, which every run under one folder would share and overwrite): a
         `trainer.visualize.Visualiser`, or None."""
         s = self.settings
         if not s.config.vis_interval or not s.config.vis_video_lengths or s.logdir is None:
@@ -283,7 +284,7 @@ class DistillationTrainer:
         switch_path = s.val_switch_prompt_path if s.stage == 2 else None
         dataset = PromptDataset.from_file(s.val_data_path, switch_path)
         batch = validation_batch(dataset, s.config.val_batch_size, self.rank, self.world)
-        out_dir = Path(s.logdir).resolve().parent / "vis"
+        out_dir = Path(s.logdir).resolve() / "vis"
         return Visualiser(stepper, self.text_encoder, self.vae(), batch.prompts, s, self.rank,
                           out_dir, batch.switch_prompts)
 
@@ -380,7 +381,7 @@ class DistillationTrainer:
 
     def _resume_state(self) -> dict[str, Any]:
         """The loop's own state for resume.pt (rank 0's)."""
-        return {"data": self.loader.state_dict()}
+        return {"data": self.loader.state_dict(), "seed": self.settings.seed}
 
     def _rank_state(self) -> dict[str, Any] | None:
         """Each rank's own state for rank_{r}.pt (None: nothing per rank)."""

@@ -3,7 +3,7 @@
 Every rank generates its fixed visualisation prompts with the live generator through the same
 chunk stepper as inference (all ranks take part: the generator may be FSDP-sharded), decodes
 them chunk by chunk with the streaming VAE decoder and writes
-`<logdir>/../vis/step_{s:07d}/step_{s:07d}_rank_{r}_sample_{i}_len_{frames}[_lora][_switch_frame_{p}].mp4`
+`<logdir>/vis/step_{s:07d}/step_{s:07d}_rank_{r}_sample_{i}_len_{frames}[_lora][_switch_frame_{p}].mp4`
 (the reference's layout: the vis folder is a sibling of the run folder). Nothing here carries
 gradients; the noise is seeded by step and rank, so a resumed run draws the same videos.
 
@@ -58,7 +58,7 @@ class _Sample:
 
 @dataclass
 class Visualiser:
-    """Writes each rank's sample videos of a step into `out_dir` (<logdir>/../vis)."""
+    """Writes each rank's sample videos of a step into `out_dir` (<logdir>/vis)."""
 
     stepper: ChunkStepper
     text_encoder: TextEncoder

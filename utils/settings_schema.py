@@ -288,7 +288,7 @@ class OptimKeys:
     batch_size: int = field(default=1, metadata={"minimum": 1})
     gradient_accumulation_steps: int = field(default=1, metadata={"minimum": 1})
     max_iters: int = field(default=700, metadata={"minimum": 0})
-    seed: int = field(default=0, metadata={"minimum": 0})  # 0: a random seed from rank 0
+    seed: int = field(default=0, metadata=SEED_RANGE)  # 0: a random seed, kept in checkpoints
     gc_interval: int = field(default=100, metadata={"minimum": 1})
 
 
