@@ -99,12 +99,26 @@ def test_tiny_preset_lora_of_another_rank_is_an_error(trained, tmp_path, capsys)
     assert err.startswith(f"error: {trained['stage2']}") and "set adapter.rank to match the file" in err
 
 
-def test_tiny_preset_lora_ckpt_without_adapter_warns(tmp_path, caplog, trained):
-    with caplog.at_level(logging.WARNING):
-        assert inference.main(["--config_path", TINY, f"output_folder={tmp_path / 'out'}",
-                               "num_output_frames=3", "inference_iter=0",
-                               f"lora_ckpt={trained['stage2']}"]) == 0
-    assert f"`lora_ckpt` is set but `adapter` is null: {trained['stage2']} is not loaded" in caplog.messages
+def test_lora_ckpt_without_adapter_is_an_error_naming_adapter(tmp_path, capsys, trained):
+    """It used to run without the LoRA (exit 0, videos named _regular): now refused before
+    anything is loaded or written."""
+    out = tmp_path / "out"
+    code = inference.main(["--config_path", TINY, f"output_folder={out}", "num_output_frames=3",
+                           f"lora_ckpt={trained['stage2']}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "`adapter` is null" in err
+    assert not out.exists()
+
+
+def test_a_video_past_the_rope_table_is_refused_before_loading(tmp_path, capsys):
+    out = tmp_path / "out"
+    for frames in (1026, 99999999):
+        code = inference.main(["--config_path", TINY, f"output_folder={out}",
+                               f"num_output_frames={frames}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"num_output_frames ({frames}) is past the RoPE position table: at most 1024" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -209,7 +209,8 @@ def test_missing_and_invalid_files(tmp_path):
     (["memory.bogus=1"], r"unknown config key `memory.bogus`"),
     (["memory.bank_score=foo"], r"`memory.bank_score` must be one of mean_qk, softmax_masked"),
     (["trainer=other"], r"`trainer` must be score_distillation"),
-    (["seed=-1"], r"`seed` must be >= 0"),
+    (["seed=-1"], r"`seed` must be between 0 and 9223372036854775807"),
+    (["seed=99999999999999999999"], r"`seed` must be between 0 and 9223372036854775807"),  # as inference
     (["vis_video_lengths=[4]"], r"`vis_video_lengths`"),
     (["device=tpu"], r"`device` must be one of"),
     (["preset=small"], r"`preset` must be tiny or null; got 'small'"),
