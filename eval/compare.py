@@ -29,6 +29,7 @@ from pipeline.inference_config import load_inference_config
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.errors import InputError
 from utils.settings_schema import InferenceConfig
+from utils.video_writer import check_folder_path
 
 from .evaluate import add_model_args, build_scorer, evaluate_folder, resolve_device
 from .inputs import generation_from_config
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--modes: unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
         if args.limit is not None and args.limit < 1:
             raise InputError(f"--limit must be >= 1, got {args.limit}")
-        out = Path(args.out)
+        out = check_folder_path(args.out)  # a file there is one error line, not a traceback
         base = load_inference_config(args.config_path, args.overrides)
         prompts = _limited_prompts(Path(str(base.data_path)), args.limit, out)
         dist = init_distributed()

@@ -28,6 +28,7 @@ from pipeline.inference_config import load_inference_config
 from utils.distributed import (DistInfo, barrier, cleanup_distributed, init_distributed,
                                pick_device, shard_indices)
 from utils.errors import InputError
+from utils.video_writer import check_folder_path
 
 from .inputs import Generation, check_switches, generation_from_config, load_stories, match_videos
 from .models import ClipScorer, DinoEncoder
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device, dist.local_rank)
             scorer = build_scorer(args, device)
             videos = Path(args.videos)
-            out = Path(args.out) if args.out else videos / "eval"
+            out = check_folder_path(args.out if args.out else videos / "eval")
             report = evaluate_folder(scorer, videos, Path(args.prompts), generation, out,
                                      args.limit, dist, vbench_device=str(device) if args.vbench else None)
         finally:

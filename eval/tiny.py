@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import InputError
+from utils.video_writer import prepare_output_folder
+
 _START, _END = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -65,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="writes <folder>/clip and <folder>/dino")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    root = Path(args.folder)
+    try:
+        root = prepare_output_folder(args.folder)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(save_tiny_clip(root / "clip", args.seed), save_tiny_dino(root / "dino", args.seed))
     return 0
 

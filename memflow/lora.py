@@ -156,6 +156,9 @@ def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
     data = read_checkpoint(path)
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path} does not hold a LoRA state dict ({type(data).__name__})")
+    if "generator_lora" not in data and "generator" in data:
+        raise CheckpointError(f"{path} is a base checkpoint (it has 'generator', not "
+                              "'generator_lora'): give it as generator_ckpt, not lora_ckpt")
     entry = "generator_lora" if "generator_lora" in data else None
     source = f"{path} (entry '{entry}')" if entry else str(path)
     state = data[entry] if entry else data

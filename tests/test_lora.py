@@ -132,6 +132,14 @@ def test_missing_and_unexpected_lora_keys(tmp_path):
         load_lora_checkpoint(tiny_dit(GOLDEN_DIT), tmp_path / "lora.pt")
 
 
+def test_a_base_checkpoint_given_as_a_lora_is_named_as_such(tmp_path):
+    model = tiny_dit(GOLDEN_DIT)
+    torch.save({"generator": {f"model.{k}": v for k, v in model.state_dict().items()}, "step": 3},
+               tmp_path / "base.pt")
+    with pytest.raises(CheckpointError, match="is a base checkpoint .*give it as generator_ckpt"):
+        load_lora_checkpoint(add_lora(model, SETTINGS), tmp_path / "base.pt")
+
+
 def test_merged_equals_unmerged_and_saves_as_base(tmp_path):
     model = random_lora()
     unmerged = forward(model)

@@ -141,7 +141,7 @@ def test_unwritable_folder_is_an_input_error(tmp_path: Path) -> None:
 def test_folder_below_a_file_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     folder = tmp_path / "file" / "out"
-    with pytest.raises(InputError, match=f"output folder {folder} is not writable"):
+    with pytest.raises(InputError, match=f"output folder {folder}: {tmp_path / 'file'} is a file"):
         prepare_output_folder(folder)
 
 
@@ -224,3 +224,25 @@ def test_sanitize_filename_limits_bytes_and_can_be_created(tmp_path: Path) -> No
     name = video_filename(0, 0, 0, "lora", prompt=weird, save_with_index=False)
     (tmp_path / name).write_bytes(b"")
     assert len(os.listdir(tmp_path)) == 1
+
+
+def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path):
+    from utils.video_writer import prepare_output_folder
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    for folder in (blocker, blocker / "below"):
+        with pytest.raises(InputError, match=f"{blocker} is a file, not a folder"):
+            prepare_output_folder(folder)
+
+
+def test_eval_clis_name_an_output_path_that_is_a_file(tmp_path, capsys):
+    from eval import compare, tiny
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    assert tiny.main([str(blocker)]) == 2
+    assert compare.main(["--config_path", "configs/tiny_interactive.yaml", "--out",
+                         str(blocker / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{blocker} is a file, not a folder") == 2 and "Traceback" not in err

@@ -43,13 +43,23 @@ def _os_reason(log: str) -> str | None:
     return min(found)[1] if found else None
 
 
+def check_folder_path(folder: str | os.PathLike[str]) -> Path:
+    """Refuse (InputError) a folder path of which some part is an existing file; creates nothing,
+    so a run that fails later leaves no empty folder behind."""
+    folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"output folder {folder}: {blocking} is a file, not a folder")
+    return folder
+
+
 def prepare_output_folder(folder: str | os.PathLike[str]) -> Path:
     """Create `folder` if needed and prove that files can be created in it.
 
     The probe creates and removes a real file, because permission bits say nothing for root
     or for read-only mounts.
     """
-    folder = Path(folder)
+    folder = check_folder_path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
