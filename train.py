@@ -31,6 +31,7 @@ from utils.distributed import (barrier, cleanup_distributed, init_distributed, i
                                is_main_rank, pick_device)
 from utils.errors import InputError
 from utils.signals import Terminated, sigterm_raises
+from utils.video_writer import removed_if_left_empty
 
 log = logging.getLogger("train")
 
@@ -109,9 +110,11 @@ def _train(args: argparse.Namespace) -> int:
         from trainer.loop import DistillationTrainer
 
         trainer_class = Stage2Trainer if settings.stage == 2 else DistillationTrainer
-        trainer = trainer_class(settings, device,
-                                config_for_logging=OmegaConf.to_container(cfg, resolve=True))
-        trainer.run()
+        # a run refused after making its logdir (a checkpoint that does not fit) leaves none
+        with removed_if_left_empty(settings.logdir if info.is_main else None):
+            trainer = trainer_class(settings, device,
+                                    config_for_logging=OmegaConf.to_container(cfg, resolve=True))
+            trainer.run()
     finally:
         barrier()
         cleanup_distributed()

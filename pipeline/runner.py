@@ -38,7 +38,7 @@ from utils.prompts import (
     parse_switch_frame_indices,
 )
 from utils.settings_schema import InferenceConfig
-from utils.video_writer import Mp4Writer, prepare_output_folder
+from utils.video_writer import Mp4Writer, prepare_output_folder, removed_if_left_empty
 
 from .build import CheckpointPaths, Components, build_components, check_paths, model_type
 from .causal_inference import CausalInferencePipeline
@@ -194,6 +194,14 @@ def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
     set_attention_backend(c.attn_backend)  # an uninstalled kernel is bad input
     set_trust_checkpoints(c.trust_checkpoints)
     device = pick_device(c.device, dist.local_rank)
+    with removed_if_left_empty(c.output_folder if dist.is_main else None):
+        return _run_planned(c, dist, interactive, settings, paths, device)
+
+
+def _run_planned(c: InferenceConfig, dist: DistInfo, interactive: bool,
+                 settings: InferenceSettings, paths: CheckpointPaths,
+                 device: torch.device) -> RunResult:
+    """`run` from making the output folder on: load the models, generate every video."""
     plan = plan_run(c, dist, interactive, settings, paths)
     data_path, skip_existing = str(c.data_path), c.skip_existing
 

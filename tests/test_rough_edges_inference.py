@@ -97,6 +97,7 @@ def test_tiny_preset_lora_of_another_rank_is_an_error(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith(f"error: {trained['stage2']}") and "set adapter.rank to match the file" in err
+    assert not (tmp_path / "out").exists()  # found when loading, after the folder was planned
 
 
 def test_lora_ckpt_without_adapter_is_an_error_naming_adapter(tmp_path, capsys, trained):
@@ -229,7 +230,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_no_partial_file(tmp_path, c
     first = out / video_filename(None, 0, 0, "regular")
     assert [line for line in err.splitlines() if "error" in line.lower()] == [
         f"error: cannot write video {first}: No space left on device"]
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder this run made held nothing: it is gone too
 
 
 # ------------------------------------------------------------------------------------------------

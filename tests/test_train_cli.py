@@ -202,8 +202,7 @@ def test_bad_input_is_one_error_line(jobs, case):
     # the rest of stderr is log lines, not a second message
     others = [line for line in res.stderr.splitlines() if not line.startswith("error:")]
     assert all(line.startswith(("INFO ", "WARNING ")) for line in others), others
-    assert _checkpoints(logdir) == []
-    assert not logdir.is_dir() or not [p for p in logdir.iterdir() if p.name.startswith(".")]
+    assert not logdir.exists()  # a refused run leaves no (empty) logdir
 
 
 def test_truncated_latest_checkpoint_falls_back_with_one_warning(jobs):

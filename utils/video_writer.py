@@ -14,6 +14,7 @@ ffmpeg's log, and leaves no partial file.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -21,6 +22,7 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Iterator
 
 import imageio_ffmpeg
 import numpy as np
@@ -41,6 +43,27 @@ def _os_reason(log: str) -> str | None:
     found = [(log.find(text), text) for text in {os.strerror(code) for code in errno.errorcode}
              if text in log]
     return min(found)[1] if found else None
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | os.PathLike[str] | None) -> Iterator[None]:
+    """On an exception inside, remove `folder` and the parents that did not exist on entry, if
+    they are still empty: a run refused after making its output folder (a checkpoint that does
+    not fit is found only when loaded) leaves nothing behind."""
+    if folder is None:
+        yield
+        return
+    folder = Path(folder).absolute()
+    new = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in new:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty (or gone): keep what is there
+                break
+        raise
 
 
 def check_folder_path(folder: str | os.PathLike[str]) -> Path:

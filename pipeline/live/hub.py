@@ -204,15 +204,19 @@ class DeviceHub:
             self._watchdog = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
-        """While others wait, end a holder's turn past `max_hold_s` or `max_idle_s`."""
+        """While others wait, end a holder's turn past `max_hold_s` or `max_idle_s`. (It holds
+        no client between checks: a client that left must not outlive its connection.)"""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            owner = self.owner
-            if owner is None or not self.waiting or owner.worker is None:
-                continue
-            why = self._overstay(owner.worker)
-            if why is not None:
-                await self._expel(owner, why)
+            await self._check_turn()
+
+    async def _check_turn(self) -> None:
+        owner = self.owner
+        if owner is None or not self.waiting or owner.worker is None:
+            return
+        why = self._overstay(owner.worker)
+        if why is not None:
+            await self._expel(owner, why)
 
     def _overstay(self, worker: GenerationWorker) -> str | None:
         s = self.settings
