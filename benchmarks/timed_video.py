@@ -146,7 +146,7 @@ class BlockTimer:
         return ChunkHooks(before_chunk=self.before_chunk, on_chunk=self.on_chunk,
                           after_commit=self.after_commit)
 
-    def before_chunk(self, n: int, state: Any, generated: list[torch.Tensor]) -> None:
+    def before_chunk(self, n: int, stream: Any) -> None:
         """Start block n (the prompt stays); the first one also closes the setup time (state +
         initial noise, which the rollout draws before its first chunk)."""
         if n == 0:

@@ -14,12 +14,13 @@ on a `StreamState`, through `ChunkStepper.step`:
      refreshes the bank like that step did, when `commit_refreshes_after_step0_exit` is on
      (compat: the reference's re-run inherits the last step's q_bank flag).
 
-`rollout` loops over consecutive chunks of one stream: from chunk 0 of a fresh state (a video,
-a stage-1 rollout) or from any chunk of a state that holds the earlier ones (a stage-2 window).
-Each chunk gets its own exit step and gradient flag (a value or a rule of the chunk index), and
-a `before_chunk` hook runs before it: prompt switches happen there (`switch_prompt`, the recache
-of interactive inference and stage-2 training), and the hook hands the loop the prompt that
-holds from that chunk on.
+A video under generation is a `memflow.stream.Stream` (its state, noise, prompt, pending switch
+and recent latents); `Stream.next_chunk` runs `step` once. `rollout` is a loop over a stream's
+chunks: from chunk 0 of a fresh state (a video, a stage-1 rollout) or from any chunk of a state
+that holds the earlier ones (a stage-2 window). Each chunk gets its own exit step and gradient
+flag (a value or a rule of the chunk index), and a `before_chunk(n, stream)` hook runs before
+it: prompt switches are asked for there (`stream.set_prompt`), and the stream applies them with
+`switch_prompt`, the recache of interactive inference and stage-2 training.
 
 The stepper owns the stream policy around each DiT call (bank refresh before it, text cache,
 commit after it); the model only computes.
@@ -36,10 +37,11 @@ from .config import SamplingConfig, StreamConfig, SwitchOptions
 from .model import WanDiT, text_mask
 from .noise import NoiseSource
 from .scheduler import FlowMatchScheduler
+from .stream import Stream
 from .streaming import StreamCall, StreamState
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
-BeforeChunk = Callable[[int, StreamState, list[torch.Tensor]], torch.Tensor | None]
+BeforeChunk = Callable[[int, Stream], None]
 ExitStep = int | Callable[[int], int | None] | None
 GradRule = bool | Callable[[int], bool]
 
@@ -48,12 +50,10 @@ GradRule = bool | Callable[[int], bool]
 class ChunkHooks:
     """Optional callbacks around each chunk of a rollout.
 
-    `before_chunk(n, state, generated)` runs before chunk n draws its noise (`generated`: the x0
-    of this rollout's chunks so far). It may switch prompts on the state and returns the prompt
-    embedding that holds from chunk n on, or None to keep the current one; a new prompt goes
-    with `switch_prompt` (or at least a text-cache reset), since no-grad calls read the text
-    K/V from the state's cache. `on_chunk(n, x0)`: chunk n's x0 is final, before its commit
-    (streaming decode). `after_commit(n)`: chunk n is in the cache (timing)."""
+    `before_chunk(n, stream)` runs before chunk n (before any pending prompt is applied and the
+    chunk's noise drawn): it may ask for a prompt from chunk n on (`stream.set_prompt`).
+    `on_chunk(n, x0)`: chunk n's x0 is final, before its commit (streaming decode).
+    `after_commit(n)`: chunk n is in the cache (timing)."""
 
     before_chunk: BeforeChunk | None = None
     on_chunk: ChunkCallback | None = None
@@ -282,20 +282,21 @@ class ChunkStepper:
         shape = (batch_size, self.frames_per_block, self.generator.config.in_dim, *latent_hw)
         return noise.chunk_initial(chunk, shape).to(self.generator.device, self.dtype)
 
-    def prompt_switches(
-        self, contexts: Mapping[int, torch.Tensor], switch: SwitchOptions
-    ) -> BeforeChunk:
-        """A `before_chunk` hook that switches to `contexts[n]` before chunk n, as interactive
-        inference does (`switch_prompt` re-encodes the attention window from this rollout's
-        chunks so far, so the rollout starts at chunk 0); other chunks keep their prompt."""
+    def prompt_switches(self, contexts: Mapping[int, torch.Tensor]) -> BeforeChunk:
+        """A `before_chunk` hook that asks for `contexts[n]` from chunk n on, as interactive
+        inference does (the stream switches with recache); other chunks keep their prompt."""
 
-        def before_chunk(n: int, state: StreamState, generated: list[torch.Tensor]):
-            context = contexts.get(n)
-            if context is not None:
-                self.switch_prompt(state, n, torch.cat(generated, dim=1), context, switch)
-            return context
+        def before_chunk(n: int, stream: Stream) -> None:
+            if n in contexts:
+                stream.set_prompt(contexts[n])
 
         return before_chunk
+
+    def recent_frames(self, recache_frames: int | None = None) -> int | None:
+        """Latents a stream keeps for a switch's recache: the attention window, or
+        `recache_frames` if more (None: all of them, under global attention)."""
+        window = self.stream_config.local_attn_size
+        return None if window == -1 else max(window, recache_frames or 0)
 
     def rollout(
         self,
@@ -310,18 +311,24 @@ class ChunkStepper:
         hooks: ChunkHooks | None = None,
         progress: bool = False,
         state: StreamState | None = None,
+        switch: SwitchOptions | None = None,
+        recache_frames: int | None = None,
+        recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate `num_frames` latent frames [B, num_frames, C, h, w] for the prompt embedding
-        `context` [B, T, text_dim], chunk by chunk from chunk `first_chunk`.
+        `context` [B, T, text_dim], chunk by chunk from chunk `first_chunk`: a loop over a
+        `Stream`'s `next_chunk`.
 
         A rollout from chunk 0 makes a fresh state unless given one; a later first chunk
-        continues `state`, which holds the chunks before it (a stage-2 window). `exit_step`:
-        the last denoising step, one for every chunk or a rule of the (absolute) chunk index
-        (None: all steps); `grad`: whether a chunk's exit call records a graph, likewise a value
-        or a rule. `hooks.before_chunk` may switch prompts before any chunk (see `ChunkHooks`).
-        The initial noise is drawn in the source's `order`: for all of the rollout's frames
-        before its first chunk (``upfront``, the reference's) or each chunk's as it starts
-        (``per_chunk``, then addressed by absolute chunk index).
+        continues `state`, which holds the chunks before it (a stage-2 window; `recent`: its
+        latents before `first_chunk`, for a switch's recache). `exit_step`: the last denoising
+        step, one for every chunk or a rule of the (absolute) chunk index (None: all steps);
+        `grad`: whether a chunk's exit call records a graph, likewise a value or a rule.
+        `hooks.before_chunk` may ask for prompts before any chunk (see `ChunkHooks`); `switch`
+        and `recache_frames` say how the stream switches (see `switch_prompt`). The initial
+        noise is drawn in the source's `order`: for all of the rollout's frames before its first
+        chunk (``upfront``, the reference's) or each chunk's as it starts (``per_chunk``, then
+        addressed by absolute chunk index).
         """
         hooks = hooks or ChunkHooks()
         batch_size = context.shape[0]
@@ -333,20 +340,18 @@ class ChunkStepper:
         if noise.order == "upfront":
             shape = (batch_size, num_frames, self.generator.config.in_dim, *latent_hw)
             upfront = noise.initial(shape).to(self.generator.device, self.dtype)
-        if state is None:
-            state = self.new_state(batch_size, latent_hw, num_frames)
+        stream = Stream(self, context, noise, latent_hw=latent_hw, num_frames=num_frames,
+                        state=state, first_chunk=first_chunk, switch=switch,
+                        recent_frames=self.recent_frames(recache_frames),
+                        recache_frames=recache_frames, recent=recent)
         fpb = self.frames_per_block
         chunks: list[torch.Tensor] = []
         for j in tqdm(range(chunks_here), desc="chunks", disable=not progress, leave=False):
-            n = first_chunk + j
+            n = stream.chunk
             if hooks.before_chunk is not None:
-                switched = hooks.before_chunk(n, state, chunks)
-                context = context if switched is None else switched
+                hooks.before_chunk(n, stream)
             k = exit_step(n) if callable(exit_step) else exit_step
             g = grad(n) if callable(grad) else grad
-            if upfront is None:
-                x = self.chunk_noise(noise, n, batch_size, latent_hw)
-            else:
-                x = upfront[:, j * fpb : (j + 1) * fpb]
-            chunks.append(self.step(state, n, x, context, noise, k, g, hooks))
+            x = None if upfront is None else upfront[:, j * fpb : (j + 1) * fpb]
+            chunks.append(stream.next_chunk(x, exit_step=k, grad=g, hooks=hooks))
         return torch.cat(chunks, dim=1)

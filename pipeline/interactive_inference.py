@@ -57,9 +57,9 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
             )
         device, dtype = self.generator.device, self.generator.dtype
         contexts = [e.to(device, dtype) for e in segment_embeds]
-        switches = self.stepper.prompt_switches(dict(zip(switch_chunks, contexts[1:])), switch)
+        switches = self.stepper.prompt_switches(dict(zip(switch_chunks, contexts[1:])))
         return self.stepper.rollout(
             contexts[0], num_frames, latent_hw, noise,
             hooks=ChunkHooks(before_chunk=switches, on_chunk=on_chunk), progress=progress,
-            state=state,
+            state=state, switch=switch,
         )

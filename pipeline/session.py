@@ -49,6 +49,7 @@ from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
 from memflow.chunk_loop import ChunkStepper
 from memflow.noise import SeededNoise
+from memflow.stream import Stream
 from memflow.streaming import StreamState
 from utils.distributed import pick_device, rank_seed
 from utils.errors import InputError
@@ -219,33 +220,41 @@ class PendingSave:
         return self.path, json_path
 
 
-class _Stream:
-    """Everything one video carries between chunks; `reset` drops it whole."""
+class _Video:
+    """Everything one session video carries between chunks besides the stream itself (its
+    decoder, frames on disk, seed, memory readout); `reset` drops it whole."""
 
     def __init__(self, session: "Session", prompt: str, context: torch.Tensor, seed: int):
         s = session
         self.seed = seed
-        self.state = s.stepper.new_state(1, s.settings.latent_hw, s.max_latent_frames,
-                                         track_bank_frames=True)
+        state = s.stepper.new_state(1, s.settings.latent_hw, s.max_latent_frames,
+                                    track_bank_frames=True)
         gen = s.stepper.generator
-        self.noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
+        noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
+        self.stream = Stream(s.stepper, context, noise, latent_hw=s.settings.latent_hw,
+                             state=state, label=prompt, switch=s.settings.switch,
+                             recent_frames=s.stepper.recent_frames())
         self.decoder = s.components.vae.stream()
         self.spool = FrameSpool(s.height, s.width)
-        self.recent: torch.Tensor | None = None  # the last committed latents a switch re-encodes
-        self.chunk = 0
-        self.prompt, self.context = prompt, context
-        self.timeline = [TimelineEntry(0, 0, prompt)]
         self.memory = MemoryView([], [], [], [])
         self.broken: str | None = None  # why no further chunk can be generated
 
-    def keep_recent(self, x0: torch.Tensor, frames: int) -> None:
-        """Keep the last `frames` committed latents: all a switch re-encodes (the window)."""
-        joined = x0 if self.recent is None else torch.cat([self.recent, x0], dim=1)
-        self.recent = joined[:, -frames:]
+    @property
+    def chunk(self) -> int:
+        return self.stream.chunk
+
+    @property
+    def prompt(self) -> str:
+        return self.stream.label
+
+    @property
+    def timeline(self) -> list[TimelineEntry]:
+        return [TimelineEntry(c.latent_frame, pixel_frame_of(c.latent_frame), c.label)
+                for c in self.stream.timeline]
 
 
 class Session:
-    """One device's live generation: models, one stream, the prompt in effect.
+    """One device's live generation: models, one video, the prompt in effect.
 
     Threads: `next_chunk`, `start` and `reset` run one at a time (one lock); `save_mp4` takes
     that lock only to snapshot the frames and the timeline (`prepare_save`), then encodes while
@@ -277,13 +286,10 @@ class Session:
         self.default_seed = int(seed)
         self._fps = float(fps)
         self.config_path, self.overrides = config_path, list(overrides)
-        self._recent_frames = window
         self._run_lock = threading.Lock()  # generation: one chunk / start / reset at a time
         self._save_lock = threading.Lock()  # one save at a time (it encodes outside _run_lock)
-        self._prompt_lock = threading.Lock()  # the pending prompt
         self._view_lock = threading.Lock()  # the snapshot other threads read
-        self._pending: str | None = None
-        self._stream: _Stream | None = None
+        self._video: _Video | None = None
         if settings.compat:
             log.warning("behaviour: compat draws a video's initial noise up front; a session draws "
                         "it per chunk, so interactive_inference.sh replays its timeline with other "
@@ -342,40 +348,40 @@ class Session:
 
     @property
     def started(self) -> bool:
-        return self._stream is not None
+        return self._video is not None
 
     @property
     def latent_frames(self) -> int:
-        """Latent frames generated so far in this stream."""
-        stream = self._stream
-        return 0 if stream is None else stream.chunk * self.frames_per_chunk
+        """Latent frames generated so far in this video."""
+        video = self._video
+        return 0 if video is None else video.chunk * self.frames_per_chunk
 
     @property
     def frames_generated(self) -> int:
-        """Video (pixel) frames generated so far in this stream."""
-        stream = self._stream
-        return 0 if stream is None else stream.spool.count
+        """Video (pixel) frames generated so far in this video."""
+        video = self._video
+        return 0 if video is None else video.spool.count
 
     @property
     def prompt(self) -> str | None:
         """The prompt of the last chunk (or the starting prompt before the first chunk)."""
-        stream = self._stream
-        return None if stream is None else stream.prompt
+        video = self._video
+        return None if video is None else video.prompt
 
     @property
     def pending_prompt(self) -> str | None:
         """A prompt set with `set_prompt` that takes effect at the next chunk."""
-        with self._prompt_lock:
-            return self._pending
+        video = self._video
+        return None if video is None else video.stream.pending_label
 
     @property
     def seed(self) -> int | None:
-        stream = self._stream
-        return None if stream is None else stream.seed
+        video = self._video
+        return None if video is None else video.seed
 
     # -- control ----------------------------------------------------------------------------------
     def start(self, prompt: str, seed: int | None = None) -> None:
-        """Begin a fresh stream under `prompt` (the previous one is dropped); `seed` defaults to
+        """Begin a fresh video under `prompt` (the previous one is dropped); `seed` defaults to
         the config's `seed`. The first chunk comes from `next_chunk`."""
         prompt = check_prompt(prompt)
         if seed is None:
@@ -387,32 +393,31 @@ class Session:
             raise ValueError(f"seed must be in [{low}, {high}] (what a torch generator takes), got {seed}")
         with self._run_lock:
             self._drop_stream()
-            stream = _Stream(self, prompt, self._encode(prompt), seed)
+            video = _Video(self, prompt, self._encode(prompt), seed)
             with self._view_lock:
-                self._stream = stream
+                self._video = video
 
     def set_prompt(self, text: str) -> None:
         """Ask for `text` from the next chunk boundary on (any thread, never blocks on a chunk).
         Several calls before a boundary: the last one wins (one switch per chunk). Asking for
         the prompt already in effect cancels a pending switch."""
         text = check_prompt(text)
-        if self._stream is None:
+        video = self._video
+        if video is None:
             raise RuntimeError("the session is not started; call start(prompt) first")
-        with self._prompt_lock:
-            self._pending = text
+        # encoded at the boundary, on the generation thread
+        video.stream.set_prompt(lambda: self._encode(text), text)
 
     def reset(self) -> None:
-        """Drop the stream (cache, bank, frames, timeline); the models stay. `start` again."""
+        """Drop the video (cache, bank, frames, timeline); the models stay. `start` again."""
         with self._run_lock:
             self._drop_stream()
 
     def _drop_stream(self) -> None:
-        with self._prompt_lock:
-            self._pending = None
         with self._view_lock:
-            stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.spool.close()
+            video, self._video = self._video, None
+        if video is not None:
+            video.spool.close()
 
     def _encode(self, prompt: str) -> torch.Tensor:
         gen = self.stepper.generator
@@ -425,34 +430,30 @@ class Session:
         pending). The chunk is the chunk loop's `ChunkStepper.step`, the function an offline
         rollout runs for each chunk. Raises `SessionLimitReached` at the RoPE position limit."""
         with self._run_lock:
-            stream = self._require_stream()
-            n = stream.chunk
+            video = self._require_video()
+            n = video.chunk
             start = n * self.frames_per_chunk
             self._check_limit(start)
             began = time.perf_counter()
-            switched = self._apply_pending(stream, n)
-            x = self.stepper.chunk_noise(stream.noise, n, 1, self.settings.latent_hw)
-            x0 = self.stepper.step(stream.state, n, x, stream.context, stream.noise)
+            x0 = video.stream.next_chunk()  # a pending prompt switches first
             self._sync()
             decoded = time.perf_counter()
-            frames = self._decode(stream, n, x0)
+            frames = self._decode(video, n, x0)
             done = time.perf_counter()
-            stream.keep_recent(x0, self._recent_frames)
-            pixel_start = stream.spool.count
+            pixel_start = video.spool.count
             with self._view_lock:
-                stream.spool.append(frames)
-                stream.chunk = n + 1
-                stream.memory = memory_view(stream.state)
-            return ChunkResult(n, start, pixel_start, frames, stream.prompt, switched,
+                video.spool.append(frames)
+                video.memory = memory_view(video.stream.state)
+            return ChunkResult(n, start, pixel_start, frames, video.prompt, video.stream.switched,
                                decoded - began, done - decoded, x0.detach().cpu())
 
-    def _require_stream(self) -> _Stream:
-        stream = self._stream
-        if stream is None:
+    def _require_video(self) -> _Video:
+        video = self._video
+        if video is None:
             raise RuntimeError("the session is not started; call start(prompt) first")
-        if stream.broken is not None:
-            raise RuntimeError(f"{stream.broken}; reset or start the session again")
-        return stream
+        if video.broken is not None:
+            raise RuntimeError(f"{video.broken}; reset or start the session again")
+        return video
 
     def _check_limit(self, start: int) -> None:
         end = start + self.frames_per_chunk
@@ -464,32 +465,14 @@ class Session:
                 f"frames ({self.frames_generated} video frames). Save it and start a new one"
             )
 
-    def _apply_pending(self, stream: _Stream, chunk: int) -> bool:
-        """Take the pending prompt, if any, at this chunk boundary: before the first chunk it
-        replaces the starting prompt, later it switches (recache) exactly as offline."""
-        with self._prompt_lock:
-            text, self._pending = self._pending, None
-        if text is None or text == stream.prompt:
-            return False
-        context = self._encode(text)
-        latent = chunk * self.frames_per_chunk
-        if chunk > 0:
-            self.stepper.switch_prompt(stream.state, chunk, stream.recent, context,
-                                       self.settings.switch)
-        stream.prompt, stream.context = text, context
-        entry = TimelineEntry(latent, pixel_frame_of(latent), text)
-        with self._view_lock:
-            stream.timeline = stream.timeline[:-1] + [entry] if chunk == 0 else [*stream.timeline, entry]
-        return chunk > 0
-
-    def _decode(self, stream: _Stream, chunk: int, x0: torch.Tensor) -> np.ndarray:
+    def _decode(self, video: _Video, chunk: int, x0: torch.Tensor) -> np.ndarray:
         """Streaming VAE decode of one chunk to uint8 [T, H, W, 3], as the offline runner
-        decodes (and writes) each chunk; a NaN/inf chunk ends the stream."""
-        frames = stream.decoder.decode(x0[:1])[0]
+        decodes (and writes) each chunk; a NaN/inf chunk ends the video."""
+        frames = video.decoder.decode(x0[:1])[0]
         finite = bool(torch.isfinite(x0).all() & torch.isfinite(frames).all())
         if not finite:
-            stream.broken = f"chunk {chunk} (latent frames from {chunk * self.frames_per_chunk}) came out NaN/inf"
-            raise NonFiniteVideo(stream.broken)
+            video.broken = f"chunk {chunk} (latent frames from {chunk * self.frames_per_chunk}) came out NaN/inf"
+            raise NonFiniteVideo(video.broken)
         return to_uint8_frames(frames).cpu().contiguous().numpy()
 
     def _sync(self) -> None:
@@ -503,12 +486,12 @@ class Session:
     def timeline(self) -> list[TimelineEntry]:
         """The prompts in effect from each latent frame on (the start, then each switch)."""
         with self._view_lock:
-            return [] if self._stream is None else list(self._stream.timeline)
+            return [] if self._video is None else list(self._video.timeline)
 
     def memory(self) -> MemoryView:
         """Sink, window and bank frames after the last chunk (empty before the first)."""
         with self._view_lock:
-            return MemoryView([], [], [], []) if self._stream is None else self._stream.memory
+            return MemoryView([], [], [], []) if self._video is None else self._video.memory
 
     def thumbnail(self, latent_frame: int, max_side: int | None = None) -> np.ndarray:
         """The first video frame decoded from `latent_frame`, uint8 [H, W, 3]; with `max_side`
@@ -516,11 +499,12 @@ class Session:
         if isinstance(latent_frame, bool) or not isinstance(latent_frame, int):
             raise ValueError(f"latent_frame must be an integer, got {type(latent_frame).__name__}")
         with self._view_lock:
-            stream = self._stream
-            generated = 0 if stream is None else stream.chunk * self.frames_per_chunk
-            if not 0 <= latent_frame < generated:
+            video = self._video
+            stored = 0 if video is None else video.spool.count  # the frames decoded so far
+            if not (0 <= latent_frame and pixel_frame_of(latent_frame) < stored):
+                generated = 0 if stored == 0 else 1 + (stored - 1) // VAE_STRIDE[0]
                 raise ValueError(f"latent frame {latent_frame} is not generated (0..{generated - 1})")
-            frame = stream.spool.read(pixel_frame_of(latent_frame), pixel_frame_of(latent_frame) + 1)[0]
+            frame = video.spool.read(pixel_frame_of(latent_frame), pixel_frame_of(latent_frame) + 1)[0]
         if max_side is not None:
             stride = max(1, math.ceil(max(frame.shape[:2]) / max_side))
             frame = np.ascontiguousarray(frame[::stride, ::stride])
@@ -544,28 +528,28 @@ class Session:
         if path.suffix.lower() != ".mp4":
             raise ValueError(f"save_mp4 writes an .mp4 file, got {path}")
         with self._run_lock:
-            stream = self._stream
-            if stream is None or stream.chunk == 0:
+            video = self._video
+            if video is None or video.chunk == 0:
                 raise ValueError("nothing generated yet: start the session and generate a chunk first")
-            sidecar = self._sidecar(stream, path.name)
-            return PendingSave(path, sidecar, stream.spool.snapshot(), self.fps, self._save_lock)
+            sidecar = self._sidecar(video, path.name)
+            return PendingSave(path, sidecar, video.spool.snapshot(), self.fps, self._save_lock)
 
-    def _sidecar(self, stream: _Stream, video_name: str) -> dict:
+    def _sidecar(self, video: _Video, video_name: str) -> dict:
         """The JSON written next to a saved video: timeline, replay line and settings."""
-        latents = stream.chunk * self.frames_per_chunk
-        timeline = [{**asdict(e), "time_s": e.pixel_frame / self.fps} for e in stream.timeline]
-        line = {"prompts": [e.prompt for e in stream.timeline],
-                "switch_frame_indices": [e.latent_frame for e in stream.timeline[1:]]}
+        latents = video.chunk * self.frames_per_chunk
+        timeline = [{**asdict(e), "time_s": e.pixel_frame / self.fps} for e in video.timeline]
+        line = {"prompts": [e.prompt for e in video.timeline],
+                "switch_frame_indices": [e.latent_frame for e in video.timeline[1:]]}
         data_path = Path(video_name).with_suffix(".jsonl").name
         replay = [*self.overrides, "mode=interactive", f"data_path={data_path}",
-                  f"num_output_frames={latents}", f"seed={stream.seed}"]
+                  f"num_output_frames={latents}", f"seed={video.seed}"]
         command = ["bash", "interactive_inference.sh"]
         if self.config_path is not None:
             command += ["--config_path", self.config_path]
         return {
             "format": SIDECAR_FORMAT, "video": video_name, "fps": self.fps,
             "height": self.height, "width": self.width, "latent_frames": latents,
-            "video_frames": stream.spool.count, "seed": stream.seed,
+            "video_frames": video.spool.count, "seed": video.seed,
             "behaviour": "compat" if self.settings.compat else "clean",
             "config_path": self.config_path, "overrides": self.overrides,
             "timeline": timeline, "interactive_jsonl": line,
@@ -575,7 +559,7 @@ class Session:
 
 
 def memory_view(state: StreamState) -> MemoryView:
-    """Which latent frames a stream state's sink, window and bank hold (bank frames need
+    """Which latent frames a video state's sink, window and bank hold (bank frames need
     `track_bank_frames`). The KV buffer holds the sink, then the newest window frames."""
     frame_len = state.frame_len
     kv = state.kv

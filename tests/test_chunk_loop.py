@@ -7,6 +7,7 @@ import torch
 from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
 from memflow.noise import SeededNoise
+from memflow.stream import Stream
 
 from conftest import tiny_dit, tiny_prompt
 
@@ -48,20 +49,20 @@ def test_exit_step_and_gradient_follow_their_per_chunk_rules():
 
 
 @torch.no_grad()
-def test_before_chunk_returns_the_prompt_of_the_following_chunks():
-    """A prompt that `before_chunk` returns holds from its chunk on (None keeps the prompt):
-    the rollout equals chunk-by-chunk `step` calls with A, the switch to B, then B."""
+def test_a_prompt_asked_for_before_a_chunk_holds_from_it_on():
+    """A prompt that `before_chunk` asks for holds from its chunk on: the rollout equals
+    chunk-by-chunk `step` calls with A, the switch to B, then B."""
     stepper, a, b = _stepper(), tiny_prompt(seed=1), tiny_prompt(seed=2)
-    switch = stepper.prompt_switches({2: b}, SwitchOptions())
-    returned = []
+    switch = stepper.prompt_switches({2: b})
+    seen = []
 
-    def before_chunk(n, state, generated):
-        returned.append(switch(n, state, generated))
-        return returned[-1]
+    def before_chunk(n, stream):
+        switch(n, stream)
+        seen.append((n, stream.chunk, stream.pending_label is not None or n == 2))
 
     out = stepper.rollout(a, 12, HW, SeededNoise(3, dtype=torch.float32),
                           hooks=ChunkHooks(before_chunk=before_chunk))
-    assert [r is b for r in returned] == [False, False, True, False] and returned[0] is None
+    assert [s[:2] for s in seen] == [(n, n) for n in range(4)]
     noise = SeededNoise(3, dtype=torch.float32)
     x = noise.initial((1, 12, 16, *HW))
     state = stepper.new_state(1, HW, 12)
@@ -71,3 +72,40 @@ def test_before_chunk_returns_the_prompt_of_the_following_chunks():
             stepper.switch_prompt(state, n, torch.cat(chunks, dim=1), b, SwitchOptions())
         chunks.append(stepper.step(state, n, x[:, 3 * n : 3 * n + 3], a if n < 2 else b, noise))
     assert torch.equal(out, torch.cat(chunks, dim=1))
+
+
+@torch.no_grad()
+def test_a_stream_applies_the_last_wish_at_the_next_boundary():
+    """`set_prompt` is a wish: several before one boundary, the last wins (one switch); asking
+    for the prompt in effect cancels a pending one; before chunk 0 it replaces the first prompt.
+    The stream equals the same chunks run by hand, and its timeline says where each prompt
+    took effect."""
+    stepper, a, b, c = _stepper(), *(tiny_prompt(seed=s) for s in (1, 2, 3))
+    stream = Stream(stepper, a, SeededNoise(4, dtype=torch.float32, order="per_chunk"),
+                    latent_hw=HW, num_frames=15, label="a")
+    stream.set_prompt(c, "c")  # before chunk 0: replaces "a"
+    out = [stream.next_chunk()]
+    assert stream.label == "c" and not stream.switched
+    stream.set_prompt(a, "a")
+    stream.set_prompt(b, "b")  # the last wish before the boundary wins
+    out.append(stream.next_chunk())
+    assert stream.switched and stream.label == "b"
+    stream.set_prompt(a, "a")
+    stream.set_prompt(b, "b")  # the prompt in effect: nothing pending
+    assert stream.pending_label is None
+    out.append(stream.next_chunk())
+    assert not stream.switched
+    stream.set_prompt(lambda: a, "a")  # a prompt made when the switch happens
+    out += [stream.next_chunk(), stream.next_chunk()]
+    assert [(e.chunk, e.latent_frame, e.label) for e in stream.timeline] == [
+        (0, 0, "c"), (1, 3, "b"), (3, 9, "a")]
+
+    noise = SeededNoise(4, dtype=torch.float32, order="per_chunk")
+    state = stepper.new_state(1, HW, 15)
+    chunks = []
+    for n, prompt in enumerate((c, b, b, a, a)):
+        if n in (1, 3):
+            stepper.switch_prompt(state, n, torch.cat(chunks, dim=1), prompt, SwitchOptions())
+        x = stepper.chunk_noise(noise, n, 1, HW)
+        chunks.append(stepper.step(state, n, x, prompt, noise))
+    assert torch.equal(torch.cat(out, dim=1), torch.cat(chunks, dim=1))

@@ -145,7 +145,7 @@ def test_timeline_memory_and_thumbnails(session: Session) -> None:
     generated = set(range(session.latent_frames))
     assert set(view.sink) <= generated and set(view.bank) <= generated and set(view.window) <= generated
     assert view.window == list(range(session.latent_frames - len(view.window), session.latent_frames))
-    state = session._stream.state
+    state = session._video.stream.state
     assert view.bank_layers == [[f for f in fr if f is not None] for fr in state.bank.slot_frames]
     frames = np.concatenate([first.frames, second.frames])
     for latent in range(session.latent_frames):

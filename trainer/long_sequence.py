@@ -35,7 +35,7 @@ import torch
 from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import SwitchOptions
 from memflow.noise import NoiseSource
-from memflow.streaming import StreamState
+from memflow.stream import Stream
 
 from utils.errors import InputError
 from utils.stream_settings import whole_chunks
@@ -339,11 +339,14 @@ class LongSequence:
             """In the switch window, chunks before the switch are constants of the graph."""
             return not switches_here or (chunk - first) * fpb >= switch_at
 
-        def switch(chunk: int, state: StreamState, generated: list[torch.Tensor]):
+        def switch(chunk: int, stream: Stream) -> None:
+            """Prompt B from the switch on: the stream recaches the recent raw latents (the
+            previous window and this window's chunks so far, not the re-encoded window, §5.7)."""
             if not switches_here or self.switched or not after_switch(chunk):
-                return None
-            self._switch(chunk, generated)
-            return self.switch_cond
+                return
+            stream.set_prompt(self.switch_cond)
+            self.switched = True
+            self.recaches += 1
 
         if cfg.refresh_text_per_window:
             self.state.text.reset()
@@ -351,7 +354,8 @@ class LongSequence:
         new = stepper.rollout(
             context, n_new, self.latent_hw, noise, first_chunk=first, exit_step=exit_step,
             grad=lambda chunk: grad and after_switch(chunk), hooks=ChunkHooks(before_chunk=switch),
-            state=self.state,
+            state=self.state, switch=cfg.switch_options, recache_frames=cfg.recache_frames,
+            recent=self.previous,
         )
         return self._window(new, start, exit_steps[0], switches_here)
 
@@ -382,16 +386,6 @@ class LongSequence:
             denoised_timestep_from=t_from, denoised_timestep_to=t_to,
             switched_here=switched_here, uses_switch_prompt=uses_b,
         )
-
-    def _switch(self, chunk: int, chunks: list[torch.Tensor]) -> None:
-        """Prompt switch before `chunk`: recache the recent raw latents (the previous window and
-        this window's chunks so far, not the re-encoded window) with prompt B (§5.7)."""
-        pieces = ([self.previous] if self.previous is not None else []) + chunks
-        recent = torch.cat(pieces, dim=1).detach()
-        self.stepper.switch_prompt(self.state, chunk, recent, self.switch_cond,
-                                   self.config.switch_options, frames=self.config.recache_frames)
-        self.switched = True
-        self.recaches += 1
 
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -119,9 +119,10 @@ class Visualiser:
                 switches[sample.switch_frame // stepper.frames_per_block] = switch_context
             decoder = self.vae.stream()
             with Mp4Writer(sample.path, fps=16) as writer:
-                hooks = ChunkHooks(before_chunk=stepper.prompt_switches(switches, switch),
+                hooks = ChunkHooks(before_chunk=stepper.prompt_switches(switches),
                                    on_chunk=lambda n, x0: writer.write(decoder.decode(x0[:1])[0]))
-                stepper.rollout(context, sample.frames, s.latent_hw, noise, hooks=hooks)
+                stepper.rollout(context, sample.frames, s.latent_hw, noise, hooks=hooks,
+                                switch=switch)
             written.append(sample.path)
         return written
 

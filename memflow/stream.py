@@ -1,0 +1,168 @@
+"""One streaming video, driven chunk by chunk: the object every caller of the chunk loop drives.
+
+Offline inference (single and interactive), the live session, stage-1 rollouts, stage-2 windows,
+the training videos and the benchmarks all generate through a `Stream`:
+
+    stream = Stream(stepper, context, noise, latent_hw=(60, 104), num_frames=120)
+    x0 = stream.next_chunk()              # chunk 0: [B, F, C, h, w]
+    stream.set_prompt(context_b, "b")     # from the next chunk boundary on (any thread)
+    x0 = stream.next_chunk()              # chunk 1, under b: switched with recache first
+
+A prompt change is a wish recorded by `set_prompt` and applied by the next `next_chunk`, before
+the chunk draws its noise: the last wish before a boundary wins (one switch per chunk), and a
+wish for the prompt in effect (same label) cancels a pending one. Applying it after chunk 0 is
+the recache of interactive inference (`ChunkStepper.switch_prompt`: text cache dropped, the last
+committed frames re-encoded under the new prompt), for which the stream keeps its most recent
+latents; before chunk 0 the new prompt simply replaces the first. The stream records when each
+prompt took effect (`timeline`).
+
+Invariants: `chunk` is the next chunk to generate; `recent` holds the last committed latents
+(at most `recent_frames`, all of them when None); the state's cache holds chunks < `chunk`.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Hashable
+
+import torch
+
+from .config import SwitchOptions
+from .noise import NoiseSource
+from .streaming import StreamState
+
+if TYPE_CHECKING:
+    from .chunk_loop import ChunkHooks, ChunkStepper
+
+PromptInput = torch.Tensor | Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PromptChange:
+    """From latent frame `latent_frame` (chunk `chunk`) on, the stream follows prompt `label`."""
+
+    chunk: int
+    latent_frame: int
+    label: Hashable
+
+
+@dataclass(frozen=True)
+class _Wish:
+    prompt: PromptInput
+    label: Hashable
+
+
+class Stream:
+    """A video under generation: its state, noise, prompt in effect, pending switch and recent
+    latents. Generation (`next_chunk`) runs on one thread at a time; `set_prompt` and the
+    read-only properties may be used from any thread."""
+
+    def __init__(
+        self,
+        stepper: ChunkStepper,
+        context: torch.Tensor,
+        noise: NoiseSource,
+        *,
+        latent_hw: tuple[int, int],
+        num_frames: int | None = None,
+        state: StreamState | None = None,
+        first_chunk: int = 0,
+        label: Hashable = None,
+        switch: SwitchOptions | None = None,
+        recent_frames: int | None = None,
+        recache_frames: int | None = None,
+        recent: torch.Tensor | None = None,
+    ):
+        """`state`: the stream's `StreamState`, or None for a fresh one of `num_frames` frames
+        (then `first_chunk` must be 0). `recent_frames`: latents kept for a switch's recache
+        (None: all). `recache_frames`: frames a switch re-encodes (None: the attention window,
+        see `ChunkStepper.switch_prompt`). `recent`: latents committed before `first_chunk`
+        (a stage-2 window continuing a sequence)."""
+        if state is None:
+            if first_chunk:
+                raise ValueError(f"a stream from chunk {first_chunk} continues a state: pass it")
+            if num_frames is None:
+                raise ValueError("a fresh stream needs num_frames (the cache's size)")
+            state = stepper.new_state(context.shape[0], latent_hw, num_frames)
+        self.stepper, self.state, self.noise = stepper, state, noise
+        self.latent_hw = latent_hw
+        self.batch_size = context.shape[0]
+        self.context, self.label = context, label
+        self.switch = switch or SwitchOptions()
+        self.recent_frames, self.recache_frames = recent_frames, recache_frames
+        self.recent = recent
+        self.first_chunk = first_chunk
+        self.chunk = first_chunk
+        self.timeline = [PromptChange(first_chunk, first_chunk * stepper.frames_per_block, label)]
+        self.switched = False  # the last chunk began with a prompt switch
+        self._wish: _Wish | None = None
+        self._lock = threading.Lock()
+
+    # -- prompts --------------------------------------------------------------------------------
+    def set_prompt(self, prompt: PromptInput, label: Hashable = None) -> None:
+        """Ask for `prompt` (an embedding, or a function that makes one when the switch happens:
+        a live caller's text encoder runs on the generation thread) from the next chunk boundary
+        on. Any thread; never waits for a chunk."""
+        with self._lock:
+            self._wish = _Wish(prompt, label)
+
+    @property
+    def pending_label(self) -> Hashable:
+        """The label of a prompt that takes effect at the next chunk (None: no switch pending)."""
+        with self._lock:
+            wish = self._wish
+        return None if wish is None or self._same_prompt(wish) else wish.label
+
+    def _same_prompt(self, wish: _Wish) -> bool:
+        return wish.label is not None and wish.label == self.label
+
+    def _apply_wish(self) -> bool:
+        """Take the pending prompt at this boundary; True when a switch (with recache) ran."""
+        with self._lock:
+            wish, self._wish = self._wish, None
+        if wish is None or self._same_prompt(wish):
+            return False
+        context = wish.prompt() if callable(wish.prompt) else wish.prompt
+        n = self.chunk
+        switched = n > 0
+        if switched:
+            self.stepper.switch_prompt(self.state, n, self.recent, context, self.switch,
+                                       frames=self.recache_frames)
+        self.context, self.label = context, wish.label
+        change = PromptChange(n, n * self.stepper.frames_per_block, wish.label)
+        if n == self.timeline[-1].chunk:  # before any chunk under the last prompt: replace it
+            self.timeline = [*self.timeline[:-1], change]
+        else:
+            self.timeline = [*self.timeline, change]
+        return switched
+
+    # -- generation -----------------------------------------------------------------------------
+    def next_chunk(
+        self,
+        x: torch.Tensor | None = None,
+        *,
+        exit_step: int | None = None,
+        grad: bool = False,
+        hooks: ChunkHooks | None = None,
+    ) -> torch.Tensor:
+        """Generate and commit the next chunk; returns its x0 [B, F, C, h, w]. Applies a pending
+        prompt first, then draws the chunk's initial noise (unless `x` is given: a rollout that
+        drew every chunk's noise up front), then runs `ChunkStepper.step`."""
+        self.switched = self._apply_wish()
+        n = self.chunk
+        if x is None:
+            x = self.stepper.chunk_noise(self.noise, n, self.batch_size, self.latent_hw)
+        x0 = self.stepper.step(self.state, n, x, self.context, self.noise, exit_step, grad, hooks)
+        self._keep_recent(x0)
+        self.chunk = n + 1
+        return x0
+
+    def _keep_recent(self, x0: torch.Tensor) -> None:
+        x0 = x0.detach()  # only a recache reads them, without gradient
+        joined = x0 if self.recent is None else torch.cat([self.recent, x0], dim=1)
+        self.recent = joined if self.recent_frames is None else joined[:, -self.recent_frames:]
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames generated in this stream (from its first chunk)."""
+        return self.chunk * self.stepper.frames_per_block
