@@ -77,9 +77,8 @@ def state_bytes(state) -> int:
     kv = state.kv
     kv_bytes = sum(t.numel() * t.element_size() for t in (*kv.k, *kv.v))
     frame = kv.k[0][:, : state.frame_len]  # [B, frame_len, H, D]: what one slot holds
-    bank = state.bank
-    frames = bank.slots + (1 if bank.slots else 0)  # the slots and the prototype
-    return kv_bytes + 2 * bank.num_layers * frames * frame.numel() * frame.element_size()
+    frames = sum(source.capacity_frames for source in state.sources)  # bank slots + prototype
+    return kv_bytes + 2 * state.num_layers * frames * frame.numel() * frame.element_size()
 
 
 def latent_video_bytes(model, preset: Preset, batch: int, num_frames: int,
@@ -160,7 +159,7 @@ class BlockTimer:
         m = self.marks
         m.t1 = now(self.device)
         m.key_frames_denoise = self.state.debug.key_frames[-1]
-        m.bank_slots = self.state.bank.used_slots
+        m.bank_slots = sum(source.frames_held for source in self.state.sources)
         if n == 0:
             self.rec.first_latents_s = m.t1 - self.t_start
         if self.decoder is not None:

@@ -93,14 +93,14 @@ class ChunkStepper:
         num_frames: int,
         cache_frames: int | None = None,
         debug: bool = False,
-        track_bank_frames: bool = False,
+        track_frames: bool = False,
     ) -> StreamState:
         """Fresh cache, bank and text cache for one video (`cache_frames` and the bookkeeping
         flags: see StreamState)."""
         return StreamState(
             self.generator.config, self.stream_config, batch_size, *latent_hw,
             num_frames=num_frames, dtype=self.dtype, device=self.generator.device,
-            cache_frames=cache_frames, debug=debug, track_bank_frames=track_bank_frames,
+            cache_frames=cache_frames, debug=debug, track_frames=track_frames,
         )
 
     def num_chunks(self, num_frames: int) -> int:
@@ -209,7 +209,7 @@ class ChunkStepper:
         refresh = state.exit_step == 0 and state.config.memory.commit_refreshes_after_step0_exit
         state.exit_step = None
         call = StreamCall.commit_chunk(
-            chunk * self.frames_per_block, record_memory=state.bank.wants_prototype(chunk),
+            chunk * self.frames_per_block, record_memory=state.wants_record(chunk),
             refresh_memory=refresh,
         )
         self.dit(state, x, t, context, call)

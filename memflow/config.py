@@ -155,6 +155,9 @@ class StreamConfig:
     sma: bool = False
     sma_top_k: int = 3
     memory: MemoryOptions = field(default_factory=MemoryOptions)
+    # The attended memory: a layout registered by name in memflow/memory_sources.py
+    # (`standard`: sink, bank, window).
+    memory_layout: str = "standard"
 
     def __post_init__(self) -> None:
         if self.num_frame_per_block < 1:

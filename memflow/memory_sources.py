@@ -7,10 +7,15 @@ source of its `StreamState` gives for that layer. The standard list is the refer
 * `read(layer, plan)`: its K/V pieces for one layer of one call (a `Segment`), or None when it
   contributes nothing to this call. Called once per layer per call, so it only slices views;
 * `refresh(text)`: maintenance before a call that refreshes memory (the bank inserts its
-  prototype or compresses, scored with the prompt's text keys);
+  prototype or compresses, scored with the prompt's text keys); returns what it did;
+* `wants_record(chunk)`: whether the commit of that chunk should be recorded (the call's
+  `record_memory`: the bank stages a prototype every `record_interval` chunks);
 * `on_commit(commit)`: what it does when a chunk is committed (the bank stages the chunk's
   first frame as its prototype). It runs after every layer and before the KV cache is written,
   so a source still sees what the commit will evict;
+* `held_frames()`: which latent frames it holds, per layer (for readouts; None for the views of
+  the KV cache, whose frames the cache itself says), `frames_held` and `capacity_frames`: how
+  many frames per layer it holds now and at most, beyond the KV cache (for benchmarks);
 * `state_dict()` / `load_state_dict()`: its state, for resuming a training sequence.
 
 A source that declares itself `selectable` lets Sparse Memory Activation choose among its frames
@@ -20,8 +25,11 @@ The KV cache itself is not a source: it is the stream's buffer of committed fram
 every call its plan (positions, eviction) and is written by every committing call. The sink and
 the window are two views of it.
 
-A new memory policy (an EMA sink, a retrieved sink, ...) is one new `MemorySource` class listed
-in `standard_sources` (or passed to `StreamState` as `sources=`); nothing else changes.
+A memory policy is a *layout*: a function of the `StreamState` that returns its sources in key
+order. Layouts are registered by name (`register_memory_layout`) and chosen by the stream's
+`StreamConfig.memory_layout` (config key `model_kwargs.memory_layout`); `standard` is the
+reference's. A new policy (an EMA memory, a retrieved sink, ...) is its source classes and one
+`register_memory_layout` line; nothing else changes, and a state without a bank works.
 """
 from __future__ import annotations
 
@@ -90,8 +98,26 @@ class MemorySource:
         """Maintenance before a call that refreshes memory; returns what it did (None: nothing)."""
         return None
 
+    def wants_record(self, chunk: int) -> bool:
+        """Whether the commit of chunk `chunk` should record memory (`StreamCall.record_memory`)."""
+        return False
+
     def on_commit(self, commit: Commit) -> None:
         return None
+
+    def held_frames(self) -> list[list[int]] | None:
+        """The latent frames it holds, per layer in slot order (None: not its own to say)."""
+        return None
+
+    @property
+    def frames_held(self) -> int:
+        """Frames per layer it holds now, beyond the KV cache."""
+        return 0
+
+    @property
+    def capacity_frames(self) -> int:
+        """Frames per layer it can hold at most, beyond the KV cache (memory budgets)."""
+        return 0
 
     def state_dict(self) -> dict:
         return {}
@@ -147,6 +173,21 @@ class BankSource(MemorySource):
     def refresh(self, text: TextCache) -> str | None:
         return self.bank.refresh(text.keys, text.mask)
 
+    def wants_record(self, chunk: int) -> bool:
+        return self.bank.wants_prototype(chunk)
+
+    def held_frames(self) -> list[list[int]] | None:
+        """Needs the state's `track_frames` (it costs a host sync per compression)."""
+        return [[f for f in frames if f is not None] for frames in self.bank.slot_frames]
+
+    @property
+    def frames_held(self) -> int:
+        return self.bank.used_slots
+
+    @property
+    def capacity_frames(self) -> int:
+        return self.bank.slots + (1 if self.bank.slots else 0)  # the slots and the prototype
+
     def on_commit(self, commit: Commit) -> None:
         """Stage the committed chunk's first frame as the prototype (spec §3.2), when the call
         records memory; never on a recompute (a recache)."""
@@ -167,12 +208,39 @@ class BankSource(MemorySource):
 
 
 SourceLayout = Callable[["StreamState"], Sequence[MemorySource]]
+_LAYOUTS: dict[str, SourceLayout] = {}
+
+
+def register_memory_layout(name: str, layout: SourceLayout) -> None:
+    """Make `layout` (state -> its sources in key order) available as
+    `model_kwargs.memory_layout: <name>`."""
+    _LAYOUTS[name] = layout
+
+
+def memory_layouts() -> tuple[str, ...]:
+    return tuple(_LAYOUTS)
+
+
+def memory_layout(name: str) -> SourceLayout:
+    if name not in _LAYOUTS:
+        raise ValueError(f"unknown memory layout {name!r}; registered: {', '.join(_LAYOUTS)}")
+    return _LAYOUTS[name]
+
+
+def new_bank(state: StreamState) -> MemoryBank:
+    """A memory bank sized by the state's stream config (NAM, spec §3)."""
+    cfg = state.config
+    return MemoryBank(num_layers=state.num_layers, slots=cfg.bank_size, frame_len=state.frame_len,
+                      record_interval=cfg.record_interval, options=cfg.memory,
+                      track_frames=state.track_frames)
 
 
 def standard_sources(state: StreamState) -> list[MemorySource]:
-    """The reference's context in its key order (spec §2.3): sink, bank, window. This is the one
-    place a new memory policy is registered."""
+    """The reference's context in its key order (spec §2.3): sink, bank, window."""
     sink = state.kv.sink > 0
     bank_read = sink or not state.config.memory.bank_requires_sink
     sources: list[MemorySource] = [SinkSource(state.kv)] if sink else []
-    return sources + [BankSource(state.bank, attended=bank_read), WindowSource(state.kv)]
+    return sources + [BankSource(new_bank(state), attended=bank_read), WindowSource(state.kv)]
+
+
+register_memory_layout("standard", standard_sources)

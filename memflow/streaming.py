@@ -27,8 +27,8 @@ import torch
 from .attention import attention
 from .config import DiTConfig, StreamConfig
 from .kv_cache import CachePlan, KVCache
-from .memory_bank import MemoryBank, sma_select
-from .memory_sources import Commit, MemorySource, Segment, SourceLayout, standard_sources
+from .memory_bank import sma_select
+from .memory_sources import Commit, MemorySource, Segment, SourceLayout, memory_layout
 
 
 @dataclass(frozen=True)
@@ -121,11 +121,11 @@ class TextCache:
 class StreamDebug:
     """What tests and benchmarks may ask a state to record (off by default: not on the hot
     path). `key_frames`: attended key length in frames of every call, in call order;
-    `bank_refreshes`: every memory refresh, with the call it ran before and what the sources did
-    (the bank's "insert" / "compress"; None: nothing)."""
+    `memory_refreshes`: every memory refresh, with the call it ran before and what each source
+    did, by name (the bank's "insert" / "compress"; a source that did nothing is absent)."""
 
     key_frames: list[int] = field(default_factory=list)
-    bank_refreshes: list[tuple[StreamCall, str | None]] = field(default_factory=list)
+    memory_refreshes: list[tuple[StreamCall, dict[str, str]]] = field(default_factory=list)
 
     @property
     def last_key_frames(self) -> int:
@@ -142,8 +142,10 @@ class StreamState:
     cache); a training rollout passes its length so that nothing is evicted or copied during it
     (the reference's min(local_attn_size + slice_last_frames, num_training_frames)).
 
-    `sources` is the attended context in key order (default `standard_sources`: sink, bank,
-    window); a layout function of the state gives another (memflow/memory_sources.py).
+    `sources` is the layout of the attended context in key order (default: the layout that
+    `stream_config.memory_layout` names, `standard`: sink, bank, window; memflow/memory_sources.py).
+    `track_frames`: sources record which latent frames they hold (for readouts; the bank pays a
+    host sync per compression for it).
 
     `exit_step` is the last denoising step run on the chunk in flight (set by the stepper's
     denoise, cleared by its commit): the reference's commit inherits that step's bank-refresh
@@ -163,10 +165,12 @@ class StreamState:
         device: torch.device | str = "cpu",
         cache_frames: int | None = None,
         debug: bool = False,
-        track_bank_frames: bool = False,
-        sources: SourceLayout = standard_sources,
+        track_frames: bool = False,
+        sources: SourceLayout | None = None,
     ):
         self.config = stream_config
+        self.num_layers = model_config.num_layers
+        self.track_frames = track_frames
         self.frame_len = model_config.tokens_per_frame(latent_height, latent_width)
         self.frames_per_block = stream_config.num_frame_per_block
         self.num_frames = num_frames
@@ -184,18 +188,11 @@ class StreamState:
             dtype=dtype,
             device=device,
         )
-        self.bank = MemoryBank(
-            num_layers=model_config.num_layers,
-            slots=stream_config.bank_size,
-            frame_len=self.frame_len,
-            record_interval=stream_config.record_interval,
-            options=stream_config.memory,
-            track_frames=track_bank_frames,
-        )
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None
         self.exit_step: int | None = None
-        self.sources: tuple[MemorySource, ...] = tuple(sources(self))
+        layout = sources or memory_layout(stream_config.memory_layout)
+        self.sources: tuple[MemorySource, ...] = tuple(layout(self))
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"memory source names must be unique, got {names}")
@@ -221,11 +218,21 @@ class StreamState:
     def refresh_memory(self, call: StreamCall) -> None:
         """Memory maintenance before `call` (the bank inserts its prototype or compresses, spec
         §3.4), scored with whatever the text cache holds."""
-        action = None
+        actions = {}
         for source in self.sources:
-            action = source.refresh(self.text) or action
+            action = source.refresh(self.text)
+            if action is not None:
+                actions[source.name] = action
         if self.debug is not None:
-            self.debug.bank_refreshes.append((call, action))
+            self.debug.memory_refreshes.append((call, actions))
+
+    def wants_record(self, chunk: int) -> bool:
+        """Whether some source wants the commit of chunk `chunk` recorded."""
+        return any(source.wants_record(chunk) for source in self.sources)
+
+    def source(self, name: str) -> MemorySource | None:
+        """The source of that name, or None (a layout without it)."""
+        return next((s for s in self.sources if s.name == name), None)
 
     def begin(self, call: StreamCall, num_frames: int) -> "CallContext":
         plan = self.kv.plan(

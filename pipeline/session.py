@@ -228,7 +228,7 @@ class _Video:
         s = session
         self.seed = seed
         state = s.stepper.new_state(1, s.settings.latent_hw, s.max_latent_frames,
-                                    track_bank_frames=True)
+                                    track_frames=True)
         gen = s.stepper.generator
         noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
         self.stream = Stream(s.stepper, context, noise, latent_hw=s.settings.latent_hw,
@@ -560,12 +560,15 @@ class Session:
 
 def memory_view(state: StreamState) -> MemoryView:
     """Which latent frames a video state's sink, window and bank hold (bank frames need
-    `track_bank_frames`). The KV buffer holds the sink, then the newest window frames."""
+    `track_frames`). The KV buffer holds the sink, then the newest window frames; every other
+    source says what it holds."""
     frame_len = state.frame_len
     kv = state.kv
     end, fill, sink = kv.end // frame_len, kv.fill // frame_len, kv.sink // frame_len
     in_sink = min(sink, fill)
     window = list(range(end - (fill - in_sink), end))
-    layers = [[f for f in frames if f is not None] for frames in state.bank.slot_frames]
+    held = [frames for s in state.sources if (frames := s.held_frames()) is not None]
+    layers = [sorted(set().union(*per_layer)) if len(held) > 1 else list(per_layer[0])
+              for per_layer in zip(*held)] if held else []
     bank = sorted(set().union(*layers)) if layers else []
     return MemoryView(list(range(in_sink)), bank, window, layers)

@@ -155,3 +155,8 @@ def start_launcher(script: str, *args: str, env: dict[str, str] | None = None,
     return subprocess.Popen(["bash", str(REPO / script), *args],
                             env=subprocess_env() if env is None else env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def bank_of(state):
+    """The memory bank of a state with the standard layout (tests of the bank itself)."""
+    return state.source("bank").bank

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import memflow.memory_bank as memory_bank
-from conftest import TINY, tiny_dit, tiny_prompt
+from conftest import bank_of, TINY, tiny_dit, tiny_prompt
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.memory_bank import MemoryBank
@@ -71,28 +71,28 @@ class Run:
             self.stepper, config, prompts=["a"], switch_prompts=["b"], cond=tiny_prompt(seed=1),
             switch_cond=tiny_prompt(seed=2, length=7), latent_hw=HW, max_length=75,
             switch_frame=switch_frame, index=0, reencode=lambda clip: clip[:, :1] * 0,
-            track_bank_frames=True,
+            track_frames=True,
         )
         self.state = self.seq.state
         self.state.debug = StreamDebug()
         self.read: dict[int, list[int]] = {}
         self.x0: dict[int, torch.Tensor] = {}
         self.after_refresh: list[list[int]] = []  # bank frames after each refresh
-        denoise, refresh = self.stepper.denoise, self.state.bank.refresh
+        denoise, refresh = self.stepper.denoise, bank_of(self.state).refresh
 
         def spy_denoise(state, chunk, *args, **kwargs):
             x0 = denoise(state, chunk, *args, **kwargs)
-            self.read[chunk] = list(state.bank.slot_frames[0])  # only step 0 changed the bank
+            self.read[chunk] = list(bank_of(state).slot_frames[0])  # only step 0 changed the bank
             self.x0[chunk] = x0.detach().clone()
             return x0
 
         def spy_refresh(*args, **kwargs):
             action = refresh(*args, **kwargs)
-            self.after_refresh.append(list(self.state.bank.slot_frames[0]))
+            self.after_refresh.append(list(bank_of(self.state).slot_frames[0]))
             return action
 
         self.stepper.denoise = spy_denoise
-        self.state.bank.refresh = spy_refresh
+        bank_of(self.state).refresh = spy_refresh
 
     def run(self, exit_steps: tuple[int, ...], grad: bool = False) -> "Run":
         for i, k in enumerate(exit_steps):
@@ -103,19 +103,20 @@ class Run:
 
     @property
     def refreshes(self):
-        return self.state.debug.bank_refreshes
+        return self.state.debug.memory_refreshes
 
     def compressions(self, kind: str) -> Counter:
         """Compressions per chunk by the calls of one kind (denoise / commit)."""
         out = Counter()
         for call, action in self.refreshes:
             is_commit = call.commit and not call.recache
-            if action == "compress" and not call.recache and is_commit == (kind == "commit"):
+            if action.get("bank") == "compress" and not call.recache and is_commit == (kind == "commit"):
                 out[call.start_frame // FPB] += 1
         return out
 
     def recache_compressions(self) -> int:
-        return sum(call.recache and action == "compress" for call, action in self.refreshes)
+        return sum(call.recache and action.get("bank") == "compress"
+                   for call, action in self.refreshes)
 
 
 def _prefer_recent(monkeypatch):
@@ -199,7 +200,7 @@ def test_stage2_compat_compresses_once_more_per_commit_after_a_step_0_exit():
     assert [per_chunk[n] for n in range(9, 14)] == [0, 2, 2, 2, 1]
     # the commits of the exit-0 window before saturation re-insert (a no-op), as in stage 1
     assert [c.start_frame // FPB for c, a in leak.refreshes if c.commit and not c.recache
-            and a == "insert"] == [7, 8, 9]
+            and a.get("bank") == "insert"] == [7, 8, 9]
 
     assert all(torch.equal(leak.x0[n], behind.x0[n]) for n in range(11))
     assert (leak.x0[11] - behind.x0[11]).abs().max().item() > 1e-6
@@ -224,7 +225,8 @@ def test_commit_after_a_grad_exit_at_step_0_scores_with_the_text_cache_it_found(
     for grad in (True, False):
         scored.clear()
         run = Run(_memory(True)).run((2, 1, 0, 3), grad=grad)
-        compressions = [(c.recache, c.commit, c.start_frame) for c, a in run.refreshes if a == "compress"]
+        compressions = [(c.recache, c.commit, c.start_frame) for c, a in run.refreshes
+                        if a.get("bank") == "compress"]
         zero = scored[:: TINY.num_layers]  # one score per layer and compression; layer 0
         switch = compressions.index((True, True, 18))  # the recache of frames 18..38
         assert compressions[switch + 1 : switch + 4] == [(False, False, 39), (False, True, 39),
@@ -253,10 +255,10 @@ def _stage1(monkeypatch, compat: bool, leak: bool, exit_step: int, bank_size: in
     with torch.no_grad():
         out = training_rollout(stepper, tiny_prompt(), HW, RolloutConfig(), FixedExit(0, exit_step),
                                grad=False)
-    commits = Counter(c.start_frame // FPB for c, a in states[0].debug.bank_refreshes
-                      if c.commit and a == "compress")
-    steps = Counter(c.start_frame // FPB for c, a in states[0].debug.bank_refreshes
-                    if not c.commit and a == "compress")
+    commits = Counter(c.start_frame // FPB for c, a in states[0].debug.memory_refreshes
+                      if c.commit and a.get("bank") == "compress")
+    steps = Counter(c.start_frame // FPB for c, a in states[0].debug.memory_refreshes
+                    if not c.commit and a.get("bank") == "compress")
     return out.latents, steps, commits
 
 

@@ -8,7 +8,7 @@ from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOp
 from memflow.noise import SeededNoise
 from pipeline.interactive_inference import InteractiveInferencePipeline
 
-from conftest import tiny_dit, tiny_prompt
+from conftest import bank_of, tiny_dit, tiny_prompt
 
 HW = (4, 6)
 STEPS = SamplingConfig(denoising_step_list=(1000, 500))
@@ -33,8 +33,8 @@ def test_recache_rewrites_window_slots_only(switch):
         x0 = pipe.stepper.step(state, n, x[:, 3 * n : 3 * n + 3], old, noise)
         out[:, 3 * n : 3 * n + 3] = x0
     k_before, text_before = torch.stack(state.kv.k), state.text.k[0].clone()
-    pointers = (state.kv.end, state.kv.fill, state.bank.opened)
-    proto = torch.stack(state.bank.proto_k)
+    pointers = (state.kv.end, state.kv.fill, bank_of(state).opened)
+    proto = torch.stack(bank_of(state).proto_k)
     pipe.stepper.switch_prompt(state, switch_chunk, out, new, switch)
     flen = state.frame_len
     k_after = torch.stack(state.kv.k)
@@ -42,8 +42,8 @@ def test_recache_rewrites_window_slots_only(switch):
     for slot in range(3, 12):  # every window slot re-encoded with the new prompt
         sl = slice(slot * flen, (slot + 1) * flen)
         assert not torch.allclose(k_after[:, :, sl], k_before[:, :, sl])
-    assert (state.kv.end, state.kv.fill, state.bank.opened) == pointers
-    assert torch.equal(torch.stack(state.bank.proto_k), proto)
+    assert (state.kv.end, state.kv.fill, bank_of(state).opened) == pointers
+    assert torch.equal(torch.stack(bank_of(state).proto_k), proto)
     assert all(k is None for k in state.text.k)  # text cache dropped again after the recache
     x0 = pipe.stepper.denoise(state, switch_chunk, x[:, 18:21], new, noise)
     assert not torch.allclose(state.text.k[0], text_before)  # rebuilt from the new prompt

@@ -345,3 +345,30 @@ def test_pages_forbid_base_and_form_targets(fake_app):
     with TestClient(app) as client:
         policy = client.get("/").headers["content-security-policy"]
         assert "base-uri 'none'" in policy and "form-action 'none'" in policy
+
+
+def test_a_generation_worker_is_really_joined():
+    """`join` must wait for the generation thread: a worker method named like one of Thread's
+    internals (`_stop` was one) made it return at once, so the next client's worker could
+    share the session with a running one."""
+    from pipeline.live.protocol import Start
+    from pipeline.live.worker import GenerationWorker
+
+    assert not {name for name in vars(GenerationWorker) if not name.startswith("__")} - {"run"} & set(
+        dir(threading.Thread))
+
+    async def run() -> GenerationWorker:
+        session = FakeSession(delay_s=0.01)
+        outbox = Outbox(asyncio.get_running_loop(), 6, 64, 4)
+        worker = GenerationWorker(lambda: session, outbox, ServerSettings(),
+                                  DownloadStore(1, root=None), owner_key="k")
+        worker.start()
+        worker.submit(Start("a cat", None))
+        wait_until(lambda: session.chunks_made > 2, "chunks to be generated")
+        worker.stop()
+        worker.join(PATIENCE_S)
+        return worker
+
+    worker = asyncio.run(run())
+    assert not worker.is_alive()
+    worker.downloads.close()

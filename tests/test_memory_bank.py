@@ -11,7 +11,7 @@ from memflow.chunk_loop import ChunkStepper
 from memflow.noise import SeededNoise
 from pipeline.causal_inference import CausalInferencePipeline
 
-from conftest import tiny_dit, tiny_prompt
+from conftest import bank_of, tiny_dit, tiny_prompt
 
 H, W = 4, 6
 
@@ -23,7 +23,7 @@ def _run_timeline(options: MemoryOptions, num_chunks: int, steps=(1000, 500)):
     cfg = StreamConfig(memory=options)
     pipe = CausalInferencePipeline(model, cfg, SamplingConfig(denoising_step_list=steps))
     frames = 3 * num_chunks
-    state = pipe.stepper.new_state(1, (H, W), frames, track_bank_frames=True)
+    state = pipe.stepper.new_state(1, (H, W), frames, track_frames=True)
     noise = SeededNoise(seed=0, dtype=torch.float32)
     x = noise.initial((1, frames, 16, H, W))
     ctx = tiny_prompt()
@@ -31,7 +31,7 @@ def _run_timeline(options: MemoryOptions, num_chunks: int, steps=(1000, 500)):
     timeline = []
     for n in range(num_chunks):
         x0 = pipe.stepper.denoise(state, n, x[:, 3 * n : 3 * n + 3], ctx, noise)
-        bank = state.bank
+        bank = bank_of(state)
         used = bank.used_slots
         timeline.append(bank.slot_frames[0][:used])
         for layer in range(bank.num_layers):
@@ -73,7 +73,7 @@ def test_clean_timeline_inserts_each_prototype_once():
     assert timeline[:10] == [[], [0], [0], [0], [0, 9], [0, 9], [0, 9], [0, 9, 18], [0, 9, 18], [0, 9, 18]]
     assert timeline[10][-1] == 27 and timeline[10].count(27) == 1
     assert timeline[11] == timeline[10] == timeline[12]
-    assert state.bank.opened == 13 // 3 + 1
+    assert bank_of(state).opened == 13 // 3 + 1
 
 
 @torch.no_grad()
@@ -89,9 +89,9 @@ def test_denoising_calls_only_read():
 
     def snapshot():
         s = state
-        slots = [torch.stack([torch.stack(layer) for layer in bank]) for bank in (s.bank.k, s.bank.v)]
-        return [torch.stack(s.kv.k), torch.stack(s.kv.v), *slots, torch.stack(s.bank.proto_k),
-                torch.stack(s.bank.proto_v), s.kv.end, s.kv.fill, s.bank.opened]
+        slots = [torch.stack([torch.stack(layer) for layer in bank]) for bank in (bank_of(s).k, bank_of(s).v)]
+        return [torch.stack(s.kv.k), torch.stack(s.kv.v), *slots, torch.stack(bank_of(s).proto_k),
+                torch.stack(bank_of(s).proto_v), s.kv.end, s.kv.fill, bank_of(s).opened]
 
     def same(a, b):
         return [torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(a, b)]
@@ -186,12 +186,12 @@ def test_bookkeeping_is_off_by_default():
     cfg = StreamConfig(bank_size=2, record_interval=1, memory=MemoryOptions.clean())
     pipe = CausalInferencePipeline(tiny_dit(), cfg, SamplingConfig(denoising_step_list=(1000,)))
     states = [pipe.stepper.new_state(1, (H, W), 18),
-              pipe.stepper.new_state(1, (H, W), 18, debug=True, track_bank_frames=True)]
+              pipe.stepper.new_state(1, (H, W), 18, debug=True, track_frames=True)]
     for state in states:
         pipe.generate_latents(tiny_prompt(), 18, (H, W), SeededNoise(0, dtype=torch.float32), state=state)
     plain, tracked = states
-    assert plain.debug is None and plain.bank.last_selection is None
-    assert all(frames == [] for frames in plain.bank.slot_frames)
-    assert tracked.bank.last_selection is not None and tracked.debug.key_frames
-    for a, b in zip(plain.bank.k, tracked.bank.k):
+    assert plain.debug is None and bank_of(plain).last_selection is None
+    assert all(frames == [] for frames in bank_of(plain).slot_frames)
+    assert bank_of(tracked).last_selection is not None and tracked.debug.key_frames
+    for a, b in zip(bank_of(plain).k, bank_of(tracked).k):
         assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -19,7 +19,7 @@ from memflow.noise import SeededNoise
 from memflow.streaming import StreamCall, StreamState
 from pipeline.causal_inference import CausalInferencePipeline
 
-from conftest import TINY, tiny_dit, tiny_prompt
+from conftest import bank_of, TINY, tiny_dit, tiny_prompt
 
 H, W = 4, 6  # 2x3 = 6 tokens per frame
 STEPS = SamplingConfig(denoising_step_list=(1000, 500))
@@ -92,7 +92,7 @@ def test_source_that_contributes_nothing_changes_nothing():
     assert torch.equal(_run(model, cfg, plain, frames), _run(model, cfg, extra, frames))
     calls = len(plain.debug.key_frames)
     assert counter.reads == calls * TINY.num_layers
-    assert counter.refreshes == len(plain.debug.bank_refreshes) > 0
+    assert counter.refreshes == len(plain.debug.memory_refreshes) > 0
     assert counter.commits == frames // cfg.num_frame_per_block
     saved = extra.state_dict()
     assert list(saved["sources"]) == ["sink", "bank", "window", "counter"]
@@ -142,7 +142,7 @@ def _expected(state: StreamState, k: torch.Tensor, buffers: str) -> tuple[torch.
     (cache of 12 frames, no roll yet: [sink frames 0-2 | window frames 3-5], then the call)."""
     sink = state.kv.sink
     buf = getattr(state.kv, buffers)[0]
-    slots = getattr(state.bank, buffers)[0]
+    slots = getattr(bank_of(state), buffers)[0]
     assert len(slots) == 2
     return buf[:, :sink], torch.cat(slots, dim=1), buf[:, sink : state.kv.fill], k
 
@@ -208,11 +208,11 @@ def _stream_with_bank(model, cfg: StreamConfig, x, t, ctx) -> torch.Tensor:
     outs = []
     for n in range(frames):
         state.refresh_memory(StreamCall.denoise(n, refresh_memory=True))
-        call = StreamCall.commit_chunk(n, record_memory=state.bank.wants_prototype(n))
+        call = StreamCall.commit_chunk(n, record_memory=bank_of(state).wants_prototype(n))
         c = state.begin(call, 1)
         outs.append(model(x[:, :, n : n + 1], t[:, n : n + 1], ctx, stream=c))
         state.finish(c)
-    assert state.bank.opened == len(range(0, frames, cfg.record_interval))  # never compressed
+    assert bank_of(state).opened == len(range(0, frames, cfg.record_interval))  # never compressed
     return torch.cat(outs, dim=2)
 
 

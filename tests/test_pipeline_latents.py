@@ -8,7 +8,7 @@ from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfi
 from memflow.noise import InjectedNoise, SeededNoise
 from pipeline.causal_inference import CausalInferencePipeline
 
-from conftest import TINY, tiny_dit, tiny_prompt
+from conftest import bank_of, TINY, tiny_dit, tiny_prompt
 
 STEPS = SamplingConfig(denoising_step_list=(1000, 750, 500))
 
@@ -54,7 +54,7 @@ def test_batch_of_two_equals_two_runs_of_one(options):
     ctx = torch.cat([tiny_prompt(seed=1), tiny_prompt(seed=2, length=9)])
     state = pipe.new_state(2, hw, frames)
     both = pipe.generate_latents(ctx, frames, hw, InjectedNoise(initial, steps), state=state)
-    assert state.bank.opened > state.bank.slots  # compression happened
+    assert bank_of(state).opened > bank_of(state).slots  # compression happened
     per_video = steps.view(frames // 3, 2, 2, 3, 16, *hw)
     for i in range(2):
         one = pipe.generate_latents(ctx[i : i + 1], frames, hw,

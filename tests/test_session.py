@@ -20,7 +20,7 @@ from pipeline.settings import parse_settings
 from utils.distributed import DistInfo
 from utils.errors import InputError
 
-from conftest import REPO
+from conftest import bank_of, REPO
 
 CONFIG = str(REPO / "configs" / "tiny_interactive.yaml")
 SMALL = ["height=48", "width=64", "cpu_threads=1"]  # small frames: the VAE decode dominates
@@ -146,7 +146,7 @@ def test_timeline_memory_and_thumbnails(session: Session) -> None:
     assert set(view.sink) <= generated and set(view.bank) <= generated and set(view.window) <= generated
     assert view.window == list(range(session.latent_frames - len(view.window), session.latent_frames))
     state = session._video.stream.state
-    assert view.bank_layers == [[f for f in fr if f is not None] for fr in state.bank.slot_frames]
+    assert view.bank_layers == [[f for f in fr if f is not None] for fr in bank_of(state).slot_frames]
     frames = np.concatenate([first.frames, second.frames])
     for latent in range(session.latent_frames):
         assert np.array_equal(session.thumbnail(latent), frames[pixel_frame_of(latent)])

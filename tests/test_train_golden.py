@@ -25,7 +25,7 @@ from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
 from trainer.losses_stage1 import DistillationModels, critic_loss, generator_loss
 
-from conftest import GOLDEN_DIT, tiny_dit, tiny_prompt
+from conftest import bank_of, GOLDEN_DIT, tiny_dit, tiny_prompt
 from reference_files import load_wan_state
 
 LATENT_HW = (60, 104)
@@ -300,9 +300,9 @@ def test_stage1_bank_timeline():
     stepper = ChunkStepper(tiny_dit(), stream, SamplingConfig())
     config = RolloutConfig()
     state = stepper.new_state(1, (2, 2), 21, cache_frames=config.cache_frames(12),
-                              track_bank_frames=True)
+                              track_frames=True)
     seen = []
-    hooks = ChunkHooks(on_chunk=lambda n, x0: seen.append(list(state.bank.slot_frames[0])))
+    hooks = ChunkHooks(on_chunk=lambda n, x0: seen.append(list(bank_of(state).slot_frames[0])))
     ctx = tiny_prompt()
     with torch.no_grad():
         stepper.rollout(ctx, 21, (2, 2), SeededNoise(0, dtype=torch.float32, context_noise=True),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import memflow.memory_bank as memory_bank
-from conftest import TINY, tiny_dit, tiny_prompt
+from conftest import bank_of, TINY, tiny_dit, tiny_prompt
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from trainer.draws import SeededDraws
@@ -79,7 +79,7 @@ def _sequence(stepper, config, switch_frame, encoder=None, track=False, max_leng
         stepper, config, prompts=["a"], switch_prompts=["b"], cond=tiny_prompt(seed=1),
         switch_cond=tiny_prompt(seed=2, length=7), latent_hw=HW,
         max_length=max_length or config.max_length, switch_frame=switch_frame, index=0,
-        reencode=encoder or StubEncoder(), track_bank_frames=track,
+        reencode=encoder or StubEncoder(), track_frames=track,
     )
 
 
@@ -187,7 +187,7 @@ def test_bank_holds_distinct_frames_and_retrieves_with_the_new_prompt(monkeypatc
     with torch.no_grad():
         while seq.can_generate_more():
             seq.next_window(_draws(seq.generated), grad=False)
-    frames = seq.state.bank.slot_frames[0]
+    frames = bank_of(seq.state).slot_frames[0]
     assert len(frames) == 2 and None not in frames
     b_keys = stepper.generator.text_kv(seq.switch_cond)
     after_switch = [keys for _, switched, keys in scored if switched]

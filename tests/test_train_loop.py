@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import CPU, free_port, init_gloo, make_trainer, named_grads, named_params, train_settings
+from conftest import bank_of, CPU, free_port, init_gloo, make_trainer, named_grads, named_params, train_settings
 from trainer.config import CliFlags, TrainSettings, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_two_processes_batch1_equal_one_process_batch2(tmp_path):
 # 5. The memory bank during a training rollout
 # ------------------------------------------------------------------------------------------------
 def _bank_row(state, call) -> dict[str, Any]:
-    bank = state.bank
+    bank = bank_of(state)
     tensors = [t for layer in bank.k + bank.v for t in layer]
     return {
         "chunk": call.start_frame // state.frames_per_block,

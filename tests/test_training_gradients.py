@@ -17,7 +17,7 @@ from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.noise import SeededNoise
 
-from conftest import tiny_dit, tiny_prompt
+from conftest import bank_of, tiny_dit, tiny_prompt
 
 HW = (4, 6)
 CHUNKS = 5
@@ -62,7 +62,7 @@ def _grads(stepper: ChunkStepper, exit_step: int, rolling: bool, checkpointing: 
 def test_checkpointed_gradients_equal_plain_gradients(exit_step, rolling, sma):
     stepper = _stepper(sma)
     plain, state = _grads(stepper, exit_step, rolling, checkpointing=False)
-    assert state.bank.opened > state.bank.slots  # the bank filled and compressed
+    assert bank_of(state).opened > bank_of(state).slots  # the bank filled and compressed
     assert state.kv.fill == (6 if rolling else FRAMES) * state.frame_len
     ckpt, _ = _grads(stepper, exit_step, rolling, checkpointing=True)
     largest = max(g.abs().max().item() for g in plain.values())
@@ -105,7 +105,7 @@ def test_gradients_match_float64_finite_differences(exit_step, sma):
     model = stepper.generator
     model.gradient_checkpointing = True
     out, state = _rollout(stepper, exit_step, rolling=True)
-    assert state.bank.opened > state.bank.slots and len(stepper.calls) == CHUNKS
+    assert bank_of(state).opened > bank_of(state).slots and len(stepper.calls) == CHUNKS
     _loss(out).backward()
     params = dict(model.named_parameters())
     probes = [
@@ -146,7 +146,7 @@ def test_text_path_trains_at_every_exit_step(exit_step):
         assert grads[name].abs().max().item() > 0, name
     assert all(not k.requires_grad and not v.requires_grad for k, v in state.text.kv)
     assert all(not k.requires_grad for k in state.kv.k)
-    assert all(not s.requires_grad for layer in state.bank.k for s in layer)
+    assert all(not s.requires_grad for layer in bank_of(state).k for s in layer)
 
 
 def test_text_cache_is_built_once_per_prompt():

@@ -285,7 +285,7 @@ class LongSequence:
         switch_frame: int,
         index: int,
         reencode: FirstFrameEncoder,
-        track_bank_frames: bool = False,
+        track_frames: bool = False,
     ):
         self.stepper = stepper
         self.config = config
@@ -298,7 +298,7 @@ class LongSequence:
         self.reencode = reencode
         cache = config.cache_frames(stepper.stream_config.local_attn_size)
         self.state = stepper.new_state(cond.shape[0], latent_hw, max_length, cache_frames=cache,
-                                       track_bank_frames=track_bank_frames)
+                                       track_frames=track_frames)
         self.generated = 0
         self.switched = False
         self.previous: torch.Tensor | None = None

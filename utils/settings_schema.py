@@ -80,6 +80,7 @@ class ModelKwargs:
     record_interval: int = _library(StreamConfig, "record_interval", minimum=1)  # chunks/prototype
     sma: bool = _library(StreamConfig, "sma", alias="SMA")  # sparse memory activation
     sma_top_k: int = _library(StreamConfig, "sma_top_k", minimum=1)
+    memory_layout: str = _library(StreamConfig, "memory_layout")  # memflow.memory_sources
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
+from memflow.memory_sources import memory_layouts
 from utils.errors import InputError
 
 if TYPE_CHECKING:  # the schema reads the trainer's defaults, which use `whole_chunks`
@@ -67,9 +68,18 @@ def stream_config(mk: ModelKwargs, fpb: int, memory: MemoryOptions) -> StreamCon
             sma=bool(mk.sma),
             sma_top_k=int(mk.sma_top_k),
             memory=memory,
+            memory_layout=memory_layout_name(mk.memory_layout),
         )
     except ValueError as err:
         raise InputError(f"config key `model_kwargs`: {err}") from None
+
+
+def memory_layout_name(name: str) -> str:
+    """`model_kwargs.memory_layout`, if a layout of that name is registered."""
+    if name not in memory_layouts():
+        raise InputError(f"config key `model_kwargs.memory_layout` must be one of "
+                         f"{', '.join(memory_layouts())}; got {name!r}")
+    return name
 
 
 def sampling_config(c: SamplingKeys, mk: ModelKwargs) -> SamplingConfig:

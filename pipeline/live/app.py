@@ -138,13 +138,16 @@ async def serve_client(ws: WebSocket, hub: DeviceHub, settings: ServerSettings) 
             if joined:
                 await receive_loop(ws, client, hub, settings)
     finally:
-        if joined:
-            # Leaving stops (or reserves) the worker and hands the device on; that must finish
-            # even if this handler is cancelled (server shutdown, a test client closing).
-            await asyncio.shield(asyncio.ensure_future(hub.leave(client)))
         if not outbox.closed:
             outbox.abandon()  # the client went away: nothing queued is worth sending
-        await sender
+        try:
+            if joined:
+                # Leaving stops (or reserves) the worker and hands the device on; that must
+                # finish even if this handler is cancelled (server shutdown, a test client).
+                await asyncio.shield(asyncio.ensure_future(hub.leave(client)))
+            await sender
+        finally:
+            sender.cancel()  # a cancelled handler takes its sender with it
 
 
 async def enter(ws: WebSocket, client: Client, hub: DeviceHub, settings: ServerSettings) -> bool:

@@ -130,7 +130,7 @@ class GenerationWorker(threading.Thread):
 
     def _handle(self, command: Command, received: float, chunks_done: int) -> None:
         if command is _DETACH:
-            self._stop(f"stopped: the client left; its stream is kept {received:g} s for it")
+            self._pause(f"stopped: the client left; its stream is kept {received:g} s for it")
         elif command is _ATTACHED:
             self._post_status()
             self._post_timeline()
@@ -143,7 +143,7 @@ class GenerationWorker(threading.Thread):
             self.plan = list(command.switches)
             self._post_timeline()
         elif isinstance(command, Simple):
-            {"stop": self._stop, "resume": self._resume, "reset": self._reset,
+            {"stop": self._pause, "resume": self._resume, "reset": self._reset,
              "save": self._save}[command.type]()
 
     def _start(self, command: Start) -> None:
@@ -170,7 +170,7 @@ class GenerationWorker(threading.Thread):
         self.pending = None if same else PendingSwitch(prompt, received, chunks_done, planned)
         self._post_status()
 
-    def _stop(self, note: str = "stopped: resume to continue this video") -> None:
+    def _pause(self, note: str = "stopped: resume to continue this video") -> None:
         if self.state == "running":
             self._set_state("stopped", note)
 
