@@ -486,13 +486,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def attention_kernel_name(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The kernel an unmasked attention call of the Wan 1.3B DiT on `device` runs under the
-    selected backend (`memflow.attention` registry), e.g. "flash-attn 3" or "torch SDPA"."""
-    from memflow import attention as att
+def attention_kernel_name(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                          backend: str = "auto") -> str:
+    """The kernel an unmasked attention call of the Wan 1.3B DiT on `device` runs under
+    `backend` (`memflow.attention` registry), e.g. "flash-attn 3" or "torch SDPA"."""
+    from memflow.attention import AttentionKernel
 
     q = torch.empty(1, 1, 1, DiTConfig().head_dim, device=device, dtype=dtype)
-    return att.backend_for(q, q, q).title
+    return AttentionKernel(backend).backend_for(q, q, q).title
 
 
 def command_line() -> str:

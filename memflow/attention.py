@@ -1,8 +1,10 @@
 """Attention kernels, chosen by name in one registry.
 
-Every attention call in the model goes through `attention(q, k, v, mask)` with tensors laid out
-as [B, L, H, D] (the Wan layout). `BACKENDS` holds the kernels by the names a config's
-`attn_backend` uses:
+Every attention call in the model goes through `attention(q, k, v, mask, kernel)` with tensors
+laid out as [B, L, H, D] (the Wan layout). The kernel is a property of the model that calls it
+(`WanDiT.set_attention_backend`: an `AttentionKernel`), so a teacher and a generator may use
+different ones; nothing is selected process-wide. `BACKENDS` holds the kernels by the names a
+config's `attn_backend` uses:
 
 * ``sdpa``: PyTorch's `scaled_dot_product_attention`; the default, always available, takes
   every call (masks, any device and dtype);
@@ -13,7 +15,7 @@ and two selectors: ``auto`` (the highest-priority installed backend that support
 else SDPA) and ``flash`` (flash3 if installed, else flash2; the name earlier configs used).
 Each backend says whether it `supports` a call (device, dtype, mask, head dim); a call it cannot
 take goes to SDPA, so an explicit name only fails, with one line naming the missing package,
-when it is selected while not installed. Flash results agree with SDPA within bf16 round-off;
+when an `AttentionKernel` of that name is made while it is not installed. Flash results agree with SDPA within bf16 round-off;
 the reference itself used flash-attn, and naming flash2 or flash3 matches a reference run's
 kernel bit for bit (its FA3 check misses an H200, spec P7). `register_backend` is the one place
 to add a kernel.
@@ -27,7 +29,6 @@ backward on CPU.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -124,9 +125,11 @@ ALIASES: dict[str, tuple[str, ...]] = {"flash": ("flash3", "flash2")}
 
 
 def register_backend(backend: AttentionBackend) -> None:
-    """Add (or replace) a kernel; a later `set_attention_backend` can select it by name, and
+    """Add (or replace) a kernel; an `AttentionKernel` made later can select it by name, and
     `auto` considers it."""
+    global _auto
     BACKENDS[backend.name] = backend
+    _auto = None
 
 
 register_backend(SDPA)
@@ -163,42 +166,50 @@ def _chain(name: str) -> tuple[AttentionBackend, ...]:
     return (*[b for b in picks if b is not SDPA], SDPA)
 
 
-_selected = os.environ.get("MEMFLOW_ATTN_BACKEND", "auto")
-_active: tuple[AttentionBackend, ...] | None = None  # _chain(_selected), resolved on first use
+class AttentionKernel:
+    """The attention of one model: the backends a name of `backend_names()` selects, resolved
+    once. Making one for an unknown name, or a backend whose package is not installed, is an
+    InputError (one line naming it). A call runs the first backend of the chain that supports
+    it (SDPA, last, takes every call)."""
+
+    def __init__(self, name: str = "auto"):
+        self.name = name
+        self.chain = _chain(name)
+
+    def backend_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> AttentionBackend:
+        """The backend that runs this call."""
+        return next(b for b in self.chain if b.supports(q, k, v, mask))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backend_for(q, k, v, mask).call(q, k, v, mask)
+
+    def __repr__(self) -> str:
+        return f"AttentionKernel({self.name!r})"
 
 
-def set_attention_backend(name: str) -> None:
-    """Select the kernel for every later call by a name of `backend_names()`. An unknown name,
-    or a backend whose package is not installed, is an InputError (one line naming it)."""
-    global _selected, _active
-    _active = _chain(name)
-    _selected = name
+_auto: AttentionKernel | None = None  # `auto` for calls without a kernel, made on first use
 
 
-def get_attention_backend() -> str:
-    """The selected name (possibly `auto` or an alias); `backend_for` says which kernel runs."""
-    return _selected
-
-
-def backend_for(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-) -> AttentionBackend:
-    """The backend `attention(q, k, v, mask)` runs under the current selection."""
-    global _active
-    if _active is None:
-        _active = _chain(_selected)
-    return next(b for b in _active if b.supports(q, k, v, mask))
+def default_kernel() -> AttentionKernel:
+    """`auto` over the registry as it is now (remade after `register_backend`)."""
+    global _auto
+    if _auto is None:
+        _auto = AttentionKernel("auto")
+    return _auto
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+    kernel: AttentionKernel | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v over [B, L, H, D] tensors.
+    """softmax(q kᵀ / sqrt(D)) v over [B, L, H, D] tensors, by `kernel` (default `auto`).
 
     `mask` is an optional boolean [Lq, Lk] (or broadcastable [B, H, Lq, Lk]) tensor where True
     means "may attend". Returns [B, Lq, H, D].
     """
-    return backend_for(q, k, v, mask).call(q, k, v, mask)
+    return (kernel or default_kernel())(q, k, v, mask)
 
 
 def _key_lens_list(key_lens: torch.Tensor, batch: int, lk: int) -> list[int]:
@@ -212,7 +223,8 @@ def _key_lens_list(key_lens: torch.Tensor, batch: int, lk: int) -> list[int]:
 
 
 def padded_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor | None,
+    kernel: AttentionKernel | None = None,
 ) -> torch.Tensor:
     """Bidirectional `attention` where only the first key_lens[b] keys of batch element b are real.
 
@@ -224,26 +236,26 @@ def padded_attention(
     """
     lk = k.shape[1]
     if key_lens is None:
-        return attention(q, k, v)
+        return attention(q, k, v, kernel=kernel)
     lens = _key_lens_list(key_lens, q.shape[0], lk)
     if all(n == lk for n in lens):
-        return attention(q, k, v)
-    return torch.cat(
-        [attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n]) for b, n in enumerate(lens)]
-    )
+        return attention(q, k, v, kernel=kernel)
+    return torch.cat([attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], kernel=kernel)
+                      for b, n in enumerate(lens)])
 
 
 def _chunk_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int,
+    kernel: AttentionKernel | None,
 ) -> torch.Tensor:
     # k/v may be shorter than q (truncated to a key length): k[:, :end] then clips by itself.
     lq = q.shape[1]
     if chunk_tokens >= lq:
-        return attention(q, k, v)
+        return attention(q, k, v, kernel=kernel)
     outs = []
     for start in range(0, lq, chunk_tokens):
         end = min(start + chunk_tokens, lq)
-        outs.append(attention(q[:, start:end], k[:, :end], v[:, :end]))
+        outs.append(attention(q[:, start:end], k[:, :end], v[:, :end], kernel=kernel))
     return torch.cat(outs, dim=1)
 
 
@@ -253,6 +265,7 @@ def chunk_causal_attention(
     v: torch.Tensor,
     chunk_tokens: int,
     key_lens: torch.Tensor | None = None,
+    kernel: AttentionKernel | None = None,
 ) -> torch.Tensor:
     """Block-causal attention over [B, L, H, D] tensors (same L for q and k), without a mask.
 
@@ -272,13 +285,11 @@ def chunk_causal_attention(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     lk = k.shape[1]
     if key_lens is None:
-        return _chunk_causal(q, k, v, chunk_tokens)
+        return _chunk_causal(q, k, v, chunk_tokens, kernel)
     lens = _key_lens_list(key_lens, q.shape[0], lk)
     if all(n == lk for n in lens):
-        return _chunk_causal(q, k, v, chunk_tokens)
-    return torch.cat(
-        [
-            _chunk_causal(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], chunk_tokens)
-            for b, n in enumerate(lens)
-        ]
-    )
+        return _chunk_causal(q, k, v, chunk_tokens, kernel)
+    return torch.cat([
+        _chunk_causal(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], chunk_tokens, kernel)
+        for b, n in enumerate(lens)
+    ])

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention, chunk_causal_attention
+from .attention import AttentionKernel, attention, chunk_causal_attention
 from .config import DiTConfig
 from .rope import RotaryEmbedding, apply_rope
 from .streaming import CallContext
@@ -125,10 +125,11 @@ class CrossAttention(_Projections):
         v = self.v(context).view(b, t, self.num_heads, -1)
         return k, v
 
-    def forward(self, x: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor,
+                attend: AttendFn) -> torch.Tensor:
         b, length, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, length, self.num_heads, -1)
-        return self.o(attention(q, text_k, text_v).flatten(2))
+        return self.o(attend(q, text_k, text_v).flatten(2))
 
 
 class DiTBlock(nn.Module):
@@ -157,9 +158,11 @@ class DiTBlock(nn.Module):
         phases: torch.Tensor,
         attend: AttendFn,
         text: TextKV | torch.Tensor,
+        cross_attend: AttendFn = attention,
     ) -> torch.Tensor:
         """x: [B, F*Lf, dim]; e0: [B, F, 6, dim] per-frame modulation from the timestep; `text`:
-        this layer's cached text K/V, or the embedded prompt [B, T, dim] to project here."""
+        this layer's cached text K/V, or the embedded prompt [B, T, dim] to project here;
+        `attend` / `cross_attend`: the self- and cross-attention of this call."""
         frames = e0.shape[1]
         # not self.text_kv: under FSDP2 that registered method would reshard after returning
         text_kv = self.cross_attn.project_text(text) if torch.is_tensor(text) else text
@@ -173,7 +176,7 @@ class DiTBlock(nn.Module):
         h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
         y = self.self_attn(h, phases, attend)
         x = x + (per_frame(y) * gate1).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x), *text_kv)
+        x = x + self.cross_attn(self.norm3(x), *text_kv, cross_attend)
         h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
         return x + (per_frame(self.ffn(h)) * gate2).flatten(1, 2)
 
@@ -215,6 +218,12 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.rope = RotaryEmbedding(cfg.head_dim, max_frames=cfg.rope_max_frames)
+        self.attention_kernel = AttentionKernel("auto")
+
+    def set_attention_backend(self, name: str) -> None:
+        """The attention kernel of this model's calls, by a name of `attention.backend_names()`
+        (InputError for an unknown or uninstalled one); other models keep theirs."""
+        self.attention_kernel = AttentionKernel(name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -283,18 +292,22 @@ class WanDiT(nn.Module):
             attn_mask = attn_mask.to(tokens.device)
 
         frame_len = grid[1] * grid[2]
+        kernel = self.attention_kernel
+        cross_attend = partial(attention, kernel=kernel)
         for i, block in enumerate(self.blocks):
             if stream is not None:
-                attend: AttendFn = stream.layer(i)
+                attend: AttendFn = stream.layer(i, kernel)
             elif causal_chunk_frames is not None:
-                attend = partial(chunk_causal_attention, chunk_tokens=causal_chunk_frames * frame_len)
+                attend = partial(chunk_causal_attention, kernel=kernel,
+                                 chunk_tokens=causal_chunk_frames * frame_len)
             else:
-                attend = partial(attention, mask=attn_mask)
+                attend = partial(attention, mask=attn_mask, kernel=kernel)
             text = text_kv[i] if text_kv is not None else text_emb
+            args = (tokens, e0, phases, attend, text, cross_attend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, e0, phases, attend, text, use_reentrant=False)
+                tokens = checkpoint(block, *args, use_reentrant=False)
             else:
-                tokens = block(tokens, e0, phases, attend, text)
+                tokens = block(*args)
 
         out = self.head(tokens, e.unflatten(0, (b, frames)).unsqueeze(2))
         return self.unpatchify(out, grid)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention
+from .attention import AttentionKernel, attention
 from .config import DiTConfig, StreamConfig
 from .kv_cache import CachePlan, KVCache
 from .memory_bank import sma_select
@@ -279,14 +279,16 @@ class CallContext:
     def start_frame(self) -> int:
         return self.call.start_frame
 
-    def layer(self, index: int) -> "ChunkAttention":
+    def layer(self, index: int, kernel: AttentionKernel | None = None) -> "ChunkAttention":
+        """Layer `index`'s self-attention over the context, computed by `kernel` (the model's)."""
         segments = []
         for source in self.state.sources:
             segment = source.read(index, self.plan)
             if segment is not None:
                 segments.append(segment)
         return ChunkAttention(
-            tuple(segments), self.sma_top_k, self.state.frame_len, context=self, index=index
+            tuple(segments), self.sma_top_k, self.state.frame_len, context=self, index=index,
+            kernel=kernel,
         )
 
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_tokens: int) -> None:
@@ -313,6 +315,7 @@ class ChunkAttention:
     frame_len: int
     context: CallContext
     index: int
+    kernel: AttentionKernel | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys: list[torch.Tensor] = []
@@ -336,4 +339,4 @@ class ChunkAttention:
             values.insert(at, sel_v)
         all_k, all_v = torch.cat(keys, dim=1), torch.cat(values, dim=1)
         self.context.record(self.index, k, v, all_k.shape[1])
-        return attention(q, all_k, all_v)
+        return attention(q, all_k, all_v, kernel=self.kernel)

@@ -111,6 +111,7 @@ def build_components(
     generator = load_generator(c, paths)
     if lora is not None:
         generator = apply_lora(generator, lora, paths.lora_ckpt)
+    generator.set_attention_backend(c.attn_backend)
     generator = finalize_for_inference(
         generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
     )

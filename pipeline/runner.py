@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from memflow.attention import set_attention_backend
+from memflow.attention import AttentionKernel
 from memflow.checkpoint import set_trust_checkpoints
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.text_encoder import TextEncoder, clean_prompt
@@ -191,7 +191,7 @@ def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
     paths = check_paths(c)
     warn_ignored_settings(c, paths)
     warn_unused_switches(c, interactive)
-    set_attention_backend(c.attn_backend)  # an uninstalled kernel is bad input
+    AttentionKernel(c.attn_backend)  # an uninstalled kernel is bad input, found before writing
     set_trust_checkpoints(c.trust_checkpoints)
     device = pick_device(c.device, dist.local_rank)
     with removed_if_left_empty(c.output_folder if dist.is_main else None):

@@ -45,7 +45,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from memflow.attention import set_attention_backend
 from memflow.checkpoint import set_trust_checkpoints
 from memflow.chunk_loop import ChunkStepper
 from memflow.noise import SeededNoise
@@ -313,7 +312,6 @@ class Session:
         settings = parse_settings(c, interactive=True)
         paths = check_paths(c)
         warn_ignored_settings(c, paths)
-        set_attention_backend(c.attn_backend)
         set_trust_checkpoints(c.trust_checkpoints)
         device = pick_device(c.device)
         set_cpu_threads(c, device)

@@ -32,10 +32,9 @@ def test_sdpa_matches_explicit_softmax_with_and_without_mask():
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A private copy of the registry and selection, restored after the test."""
+    """A private copy of the registry (and of the default `auto` kernel), restored after."""
     monkeypatch.setattr(attn, "BACKENDS", dict(attn.BACKENDS))
-    monkeypatch.setattr(attn, "_selected", attn._selected)
-    monkeypatch.setattr(attn, "_active", attn._active)
+    monkeypatch.setattr(attn, "_auto", None)
     return attn.BACKENDS
 
 
@@ -63,17 +62,16 @@ def test_registry_names():
 @pytest.mark.parametrize("name", ["auto", "sdpa"])
 def test_cpu_calls_run_sdpa_even_with_flash_installed(registry, monkeypatch, name):
     _installed(monkeypatch, "flash_attn", "flash_attn_interface")
-    attn.set_attention_backend(name)
-    assert attn.get_attention_backend() == name
+    kernel = attn.AttentionKernel(name)
+    assert kernel.name == name
     q, k, v = _qkv(1, 4)
-    assert attn.backend_for(q, k, v) is attn.SDPA
-    assert attn.backend_for(q.half(), k.half(), v.half()) is attn.SDPA  # half, but on the CPU
+    assert kernel.backend_for(q, k, v) is attn.SDPA
+    assert kernel.backend_for(q.half(), k.half(), v.half()) is attn.SDPA  # half, but on the CPU
 
 
 def test_auto_without_flash_is_sdpa_only(registry, monkeypatch):
     _installed(monkeypatch)
-    attn.set_attention_backend("auto")
-    assert attn._active == (attn.SDPA,)
+    assert attn.AttentionKernel("auto").chain == (attn.SDPA,)
 
 
 @pytest.mark.parametrize(
@@ -83,10 +81,9 @@ def test_auto_without_flash_is_sdpa_only(registry, monkeypatch):
 )
 def test_flash_alias_and_auto_prefer_flash3(registry, monkeypatch, installed, expected):
     _installed(monkeypatch, *installed)
-    attn.set_attention_backend("flash")
-    assert [b.name for b in attn._active] == [expected, "sdpa"]
-    attn.set_attention_backend("auto")
-    assert attn._active[0].name == expected and attn._active[-1] is attn.SDPA
+    assert [b.name for b in attn.AttentionKernel("flash").chain] == [expected, "sdpa"]
+    chain = attn.AttentionKernel("auto").chain
+    assert chain[0].name == expected and chain[-1] is attn.SDPA
 
 
 @pytest.mark.parametrize(
@@ -103,17 +100,19 @@ def test_flash_alias_and_auto_prefer_flash3(registry, monkeypatch, installed, ex
 )
 def test_explicit_unavailable_backend_names_the_package(registry, monkeypatch, name, message):
     _installed(monkeypatch)
-    attn.set_attention_backend("sdpa")
     with pytest.raises(InputError) as err:
-        attn.set_attention_backend(name)
+        attn.AttentionKernel(name)
     assert str(err.value) == message
-    assert attn.get_attention_backend() == "sdpa"  # a failed selection keeps the previous one
+    model = _tiny_model()
+    with pytest.raises(InputError):
+        model.set_attention_backend(name)
+    assert model.attention_kernel.name == "auto"  # a failed selection keeps the previous one
 
 
 def test_unknown_backend_lists_the_names(registry):
     with pytest.raises(InputError, match="unknown attention backend 'xformers'; use one of "
                                          "auto, sdpa, flash2, flash3, flash$"):
-        attn.set_attention_backend("xformers")
+        attn.AttentionKernel("xformers")
 
 
 def test_registered_backend_is_selected_called_and_its_supports_respected(registry):
@@ -123,21 +122,21 @@ def test_registered_backend_is_selected_called_and_its_supports_respected(regist
     q, k, v = _qkv(2, 6)
     mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))
     for name in ("fake", "auto"):  # by name, and by auto from its priority
-        attn.set_attention_backend(name)
+        kernel = attn.AttentionKernel(name)
         calls.clear()
-        assert torch.equal(attn.attention(q, k, v), attn.SDPA.call(q, k, v, None))
+        assert torch.equal(attn.attention(q, k, v, kernel=kernel), attn.SDPA.call(q, k, v, None))
         assert calls == [q.shape]
         # The fake does not take masks: the masked call runs SDPA, bit for bit.
-        assert attn.backend_for(q, k, v, mask) is attn.SDPA
-        assert torch.equal(attn.attention(q, k, v, mask), attn.SDPA.call(q, k, v, mask))
+        assert kernel.backend_for(q, k, v, mask) is attn.SDPA
+        assert torch.equal(attn.attention(q, k, v, mask, kernel), attn.SDPA.call(q, k, v, mask))
         assert calls == [q.shape]
 
 
 def test_registered_backend_below_sdpa_priority_is_not_picked_by_auto(registry):
     calls: list = []
     attn.register_backend(_fake(calls, priority=-1))
-    attn.set_attention_backend("auto")
-    attn.attention(*_qkv(1, 4))
+    attn.attention(*_qkv(1, 4), kernel=attn.AttentionKernel("auto"))
+    attn.attention(*_qkv(1, 4))  # the default kernel is `auto` too
     assert calls == []
 
 
@@ -145,9 +144,35 @@ def test_registered_backend_missing_its_module_names_it(registry):
     attn.register_backend(_fake([], module="memflow_no_such_module"))
     with pytest.raises(InputError, match="^attention backend 'fake' needs the "
                                          "memflow_no_such_module package \\(a test kernel\\)"):
-        attn.set_attention_backend("fake")
-    attn.set_attention_backend("auto")  # auto skips it
-    assert attn._active == (attn.SDPA,)
+        attn.AttentionKernel("fake")
+    assert attn.AttentionKernel("auto").chain == (attn.SDPA,)  # auto skips it
+
+
+def _tiny_model():
+    from conftest import tiny_dit
+
+    return tiny_dit()
+
+
+def test_each_model_calls_its_own_kernel(registry):
+    """The kernel is a property of the model: a teacher and a generator may differ, and setting
+    one leaves the other (and every later model) as it was."""
+    from conftest import tiny_prompt
+
+    calls: list = []
+    attn.register_backend(_fake(calls, priority=-1))  # never picked by `auto`
+    teacher, generator = _tiny_model(), _tiny_model()
+    generator.set_attention_backend("fake")
+    x = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    t, ctx = torch.full((1,), 500.0), tiny_prompt()
+    with torch.no_grad():
+        teacher(x, t, ctx)
+        assert calls == []
+        out = generator(x, t, ctx)
+    assert calls  # every attention call of the generator, none of the teacher
+    assert teacher.attention_kernel.name == "auto" and _tiny_model().attention_kernel.name == "auto"
+    with torch.no_grad():
+        assert torch.equal(out, teacher(x, t, ctx))  # the fake returns SDPA's result
 
 
 def test_schema_and_train_config_accept_each_registry_name_and_reject_others():

@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from memflow.attention import set_attention_backend
 from memflow.chunk_loop import ChunkStepper
 from memflow.fsdp import shard_model
 from utils.distributed import current_rank, current_world_size, is_distributed, on_main
@@ -168,8 +167,9 @@ class DistillationTrainer:
         self.world = current_world_size()
         if s.logdir is not None:
             _prepare_logdir(Path(s.logdir))
-        set_attention_backend(s.config.attn_backend)
         m = models or build_train_models(s, device)
+        for model in (m.generator, m.critic, m.teacher):  # each model holds its kernel
+            model.set_attention_backend(s.config.attn_backend)
         self.text_encoder = m.text_encoder
         self._vae = m.vae
         self.draws: RunDraws = draws or SeededRunDraws(s.seed, s.compute_dtype, device)
