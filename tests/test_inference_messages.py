@@ -154,8 +154,7 @@ def test_an_unavailable_attention_backend_leaves_no_output_folder(tmp_path, caps
     from memflow import attention
 
     monkeypatch.setattr(attention, "_importable", lambda module: False)  # no flash-attn here
-    monkeypatch.setattr(attention, "_selected", attention._selected)
-    monkeypatch.setattr(attention, "_active", attention._active)
+    monkeypatch.setattr(attention, "_auto", None)
     out = tmp_path / "out"
     code = inference.main(["--config_path", TINY, f"output_folder={out}", "num_output_frames=3",
                            "attn_backend=flash3"])

@@ -108,7 +108,7 @@ def test_sigterm_removes_the_partial_video_and_exits_143(tmp_path, capsys, monke
     assert _run(tmp_path, f"data_path={data}") == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: terminated by SIGTERM; unfinished videos were removed")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # this run made it and it holds nothing: gone too
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the run
 
 
@@ -137,4 +137,4 @@ def test_sigterm_to_the_launcher_cleans_up_on_every_rank(tmp_path):
             proc.communicate()
     assert proc.returncode != 0
     assert stderr.count("error: terminated by SIGTERM; unfinished videos were removed") == 2
-    assert list(out.iterdir()) == []
+    assert not out.exists() or list(out.iterdir()) == []  # rank 0 removes it once empty

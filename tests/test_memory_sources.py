@@ -121,9 +121,9 @@ def _probe(model, cfg: StreamConfig, layout, activate=None):
                for _ in range(3))
     seen = {}
 
-    def spy(q_, keys, values):
+    def spy(q_, keys, values, kernel=None):
         seen["kv"] = (keys, values)
-        return attention(q_, keys, values)
+        return attention(q_, keys, values, kernel=kernel)
 
     original = streaming.attention
     streaming.attention = spy
