@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from memflow.checkpoint import set_trust_checkpoints
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
 from trainer.checkpointing import saved_run_seed
 from utils.distributed import (barrier, cleanup_distributed, init_distributed, is_distributed,
@@ -88,10 +87,6 @@ def _train(args: argparse.Namespace) -> int:
     input is raised as InputError)."""
     cfg = load_train_config(args.config_path, args.overrides, CliFlags.from_args(args))
     settings = TrainSettings.from_config(cfg)
-    trust = OmegaConf.select(cfg, "trust_checkpoints", default=False)
-    if not isinstance(trust, bool):
-        raise InputError(f"config key `trust_checkpoints` must be true or false, got {trust!r}")
-    set_trust_checkpoints(trust)
     info = init_distributed()
     try:
         device = pick_device(settings.config.device, info.local_rank)

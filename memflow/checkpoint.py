@@ -86,20 +86,9 @@ def _require_file(path: PathLike) -> Path:
     return path
 
 
-_trust_checkpoints = False
-
-
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
-def set_trust_checkpoints(trust: bool) -> None:
-    """Allow (True) or refuse (False, the default) checkpoints that hold pickled objects other
-    than tensors and plain containers: loading those runs code from the file. Set from the
-    `trust_checkpoints` config key by the entry points."""
-    global _trust_checkpoints
-    _trust_checkpoints = bool(trust)
 
 
 def _pickled_types(path: Path) -> list[str]:
@@ -175,13 +164,13 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def read_checkpoint(path: PathLike) -> Any:
+def read_checkpoint(path: PathLike, *, trust: bool = False) -> Any:
     """`torch.load` on the CPU with `weights_only=True`.
 
     A file that also holds other pickled objects (classes, functions) is refused, because
     unpickling them can run arbitrary code; the message names the file, the types and the
-    opt-in. With `trust_checkpoints` (`set_trust_checkpoints(True)`) it is loaded anyway, after a
-    warning that names both.
+    opt-in. With `trust` (the config key `trust_checkpoints`, passed by the caller) it is loaded
+    anyway, after a warning that names both.
     """
     path = _require_file(path)
     try:
@@ -192,7 +181,7 @@ def read_checkpoint(path: PathLike) -> Any:
     except Exception as err:  # empty, truncated or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from None
     types = ", ".join(_pickled_types(path))
-    if not _trust_checkpoints:
+    if not trust:
         raise CheckpointError(
             f"{path} holds pickled objects ({types}) that could run code when loaded; if you "
             f"trust this file, set `trust_checkpoints: true` in the config (or pass "
@@ -221,7 +210,7 @@ def _tensor_dict(value: Any, source: str) -> dict[str, torch.Tensor]:
     return dict(value)
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike, *, trust: bool = False) -> dict[str, torch.Tensor]:
     """A flat state dict from a `.safetensors` file or a torch `.pth`/`.pt`/`.bin` file."""
     path = _require_file(path)
     if path.suffix == ".safetensors":
@@ -229,7 +218,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as err:
             raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from None
-    return _tensor_dict(read_checkpoint(path), str(path))
+    return _tensor_dict(read_checkpoint(path, trust=trust), str(path))
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
@@ -534,7 +523,7 @@ def _pick_generator_entry(data: Mapping[str, Any], path: Path, use_ema: bool) ->
 
 
 def load_generator_checkpoint(
-    model: nn.Module, path: PathLike, use_ema: bool = False
+    model: nn.Module, path: PathLike, use_ema: bool = False, *, trust: bool = False
 ) -> LoadResult:
     """Load a MemFlow `base.pt` (or any training checkpoint) into a plain `WanDiT`.
 
@@ -544,7 +533,7 @@ def load_generator_checkpoint(
     Critic, optimiser and step entries are not loaded (the step is returned).
     """
     path = _require_file(path)
-    data = read_checkpoint(path)
+    data = read_checkpoint(path, trust=trust)
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path} does not hold a checkpoint dict ({type(data).__name__})")
     entry = _pick_generator_entry(data, path, use_ema)
@@ -564,7 +553,8 @@ def load_generator_checkpoint(
 # The generator: Wan weights, then a MemFlow checkpoint
 # ------------------------------------------------------------------------------------------------
 def load_wan_generator(
-    wan_folder: Path, generator_ckpt: Path | None = None, *, use_ema: bool = False
+    wan_folder: Path, generator_ckpt: Path | None = None, *, use_ema: bool = False,
+    trust: bool = False,
 ) -> WanDiT:
     """The DiT of a Wan2.1 folder with the Wan weights or a MemFlow `generator_ckpt`.
 
@@ -574,12 +564,13 @@ def load_wan_generator(
     generator = WanDiT(load_wan_config(wan_folder))
     if generator_ckpt is None or use_ema:  # EMA checkpoints may be partial: start from the Wan weights
         load_wan_weights(generator, wan_folder)
-    return load_checkpoint_weights(generator, generator_ckpt, use_ema=use_ema)
+    return load_checkpoint_weights(generator, generator_ckpt, use_ema=use_ema, trust=trust)
 
 
-def load_checkpoint_weights(generator: WanDiT, generator_ckpt: Path | None, *, use_ema: bool) -> WanDiT:
+def load_checkpoint_weights(generator: WanDiT, generator_ckpt: Path | None, *, use_ema: bool,
+                            trust: bool = False) -> WanDiT:
     """Load a MemFlow generator checkpoint (`base.pt`, a training model.pt) over the base
     weights; with `use_ema` its `generator_ema` entry, which may leave keys at the base values."""
     if generator_ckpt is not None:
-        load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema)
+        load_generator_checkpoint(generator, generator_ckpt, use_ema=use_ema, trust=trust)
     return generator

@@ -145,7 +145,7 @@ def _rank_hint(model: nn.Module, found: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
+def load_lora_checkpoint(model: nn.Module, path: PathLike, *, trust: bool = False) -> LoadResult:
     """Load a `lora.pt` into a model prepared by `add_lora`, strictly.
 
     Uses the file's `generator_lora` entry when present, else the whole file as the LoRA state
@@ -153,7 +153,7 @@ def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
     CheckpointError naming the file, the first keys and the expected vs found rank and shapes.
     """
     path = _require_file(path)
-    data = read_checkpoint(path)
+    data = read_checkpoint(path, trust=trust)
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path} does not hold a LoRA state dict ({type(data).__name__})")
     if "generator_lora" not in data and "generator" in data:
@@ -187,12 +187,14 @@ def load_lora_checkpoint(model: nn.Module, path: PathLike) -> LoadResult:
     return LoadResult(path, entry, step=step if isinstance(step, int) else None)
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings, lora_ckpt: PathLike | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, settings: LoraSettings, lora_ckpt: PathLike | None = None,
+               *, trust: bool = False) -> nn.Module:
     """Add the adapter (peft freezes the base weights) and load `lora_ckpt` when given: how
-    inference and stage-2 training both put a trained LoRA on the generator."""
+    inference and stage-2 training both put a trained LoRA on the generator. `trust`: see
+    `memflow.checkpoint.read_checkpoint`."""
     model = add_lora(model, settings)
     if lora_ckpt is not None:
-        load_lora_checkpoint(model, lora_ckpt)
+        load_lora_checkpoint(model, lora_ckpt, trust=trust)
     return model
 
 

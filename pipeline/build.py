@@ -110,7 +110,7 @@ def build_components(
         text_encoder, vae = _load_wan_codecs(c, paths.wan_folder, device, dtype, vae_dtype, offload, compat)
     generator = load_generator(c, paths)
     if lora is not None:
-        generator = apply_lora(generator, lora, paths.lora_ckpt)
+        generator = apply_lora(generator, lora, paths.lora_ckpt, trust=c.trust_checkpoints)
     generator.set_attention_backend(c.attn_backend)
     generator = finalize_for_inference(
         generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
@@ -127,8 +127,10 @@ def load_generator(c: InferenceConfig, paths: CheckpointPaths) -> WanDiT:
         from memflow.tiny import build_tiny_generator
 
         generator = build_tiny_generator(c.tiny or {})  # its random init plays the Wan weights
-        return load_checkpoint_weights(generator, paths.generator_ckpt, use_ema=use_ema)
-    return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema)
+        return load_checkpoint_weights(generator, paths.generator_ckpt, use_ema=use_ema,
+                                       trust=c.trust_checkpoints)
+    return load_wan_generator(paths.wan_folder, paths.generator_ckpt, use_ema=use_ema,
+                              trust=c.trust_checkpoints)
 
 
 def finalize_for_inference(

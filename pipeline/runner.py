@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from memflow.attention import AttentionKernel
-from memflow.checkpoint import set_trust_checkpoints
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.text_encoder import TextEncoder, clean_prompt
 from utils.distributed import DistInfo, barrier, pick_device, prompt_seed, rank_seed
@@ -192,7 +191,6 @@ def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
     warn_ignored_settings(c, paths)
     warn_unused_switches(c, interactive)
     AttentionKernel(c.attn_backend)  # an uninstalled kernel is bad input, found before writing
-    set_trust_checkpoints(c.trust_checkpoints)
     device = pick_device(c.device, dist.local_rank)
     with removed_if_left_empty(c.output_folder if dist.is_main else None):
         return _run_planned(c, dist, interactive, settings, paths, device)

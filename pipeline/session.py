@@ -45,7 +45,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from memflow.checkpoint import set_trust_checkpoints
 from memflow.chunk_loop import ChunkStepper
 from memflow.noise import SeededNoise
 from memflow.stream import Stream
@@ -312,7 +311,6 @@ class Session:
         settings = parse_settings(c, interactive=True)
         paths = check_paths(c)
         warn_ignored_settings(c, paths)
-        set_trust_checkpoints(c.trust_checkpoints)
         device = pick_device(c.device)
         set_cpu_threads(c, device)
         seed = int(c.seed)

@@ -225,20 +225,20 @@ def test_unreadable_files(tmp_path):
         load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "bad.pt")
 
 
-def test_pickled_objects_need_the_trust_opt_in(tmp_path, source, caplog, monkeypatch):
+def test_pickled_objects_need_the_trust_opt_in(tmp_path, source, caplog):
     """A checkpoint holding pickled objects is refused (the message names the file, the types
-    and the opt-in); with trust_checkpoints it loads, after a warning."""
-    from memflow import checkpoint as ckpt
-
+    and the opt-in); trusted by the loader's argument (no process-wide switch), it loads after a
+    warning, and the next load without it refuses again."""
     save_generator_checkpoint(source[0], tmp_path / "base.pt", extra={"args": argparse.Namespace(lr=1)})
     with pytest.raises(CheckpointError, match=r"base\.pt holds pickled objects \(argparse\.Namespace\).*trust_checkpoints"):
         load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt")
-    monkeypatch.setattr(ckpt, "_trust_checkpoints", True)
     dst = tiny_dit(GOLDEN_DIT, 1)
     with caplog.at_level(logging.WARNING, logger="memflow.checkpoint"):
-        load_generator_checkpoint(dst, tmp_path / "base.pt")
+        load_generator_checkpoint(dst, tmp_path / "base.pt", trust=True)
     assert "trust_checkpoints" in caplog.text and "base.pt" in caplog.text
     assert_loaded(dst, source[1])
+    with pytest.raises(CheckpointError, match="holds pickled objects"):
+        load_generator_checkpoint(tiny_dit(GOLDEN_DIT, 1), tmp_path / "base.pt")
 
 
 class _Payload:

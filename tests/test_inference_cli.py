@@ -128,7 +128,6 @@ def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsy
     the opt-in; `trust_checkpoints=true` loads it."""
     import argparse
 
-    from memflow.checkpoint import set_trust_checkpoints
     from reference_files import save_generator_checkpoint
     from memflow.tiny import build_tiny_generator
 
@@ -138,11 +137,8 @@ def test_checkpoint_with_pickled_objects_needs_trust_checkpoints(tmp_path, capsy
     save_generator_checkpoint(generator, ckpt, extra={"args": argparse.Namespace(lr=1)})
     data = _prompts(tmp_path, ["a cat on a chair"])
     common = (f"data_path={data}", "num_output_frames=3", f"generator_ckpt={ckpt}")
-    try:
-        assert _run(TINY, tmp_path, *common) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "base.pt holds pickled objects (argparse.Namespace)" in err[0]
-        assert "trust_checkpoints" in err[0]
-        assert _run(TINY, tmp_path, *common, "trust_checkpoints=true") == 0
-    finally:
-        set_trust_checkpoints(False)
+    assert _run(TINY, tmp_path, *common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base.pt holds pickled objects (argparse.Namespace)" in err[0]
+    assert "trust_checkpoints" in err[0]
+    assert _run(TINY, tmp_path, *common, "trust_checkpoints=true") == 0

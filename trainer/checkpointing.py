@@ -490,7 +490,7 @@ class Resumed:
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, trust: bool = False) -> Any:
     """torch.load with mmap (rank 0 does not copy the file into memory twice), weights_only.
 
     A zip that does not load is a checkpoint cut short (a crash mid-write, a full disk, a
@@ -502,11 +502,11 @@ def _read(path: Path) -> Any:
     with open(path, "rb") as f:
         zipped = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
     if not zipped:
-        return read_checkpoint(path)
+        return read_checkpoint(path, trust=trust)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        return read_checkpoint(path)  # foreign objects: memflow's guarded weights_only=False
+    except pickle.UnpicklingError:  # foreign objects: memflow's guarded weights_only=False
+        return read_checkpoint(path, trust=trust)
     except Exception:  # truncated, damaged
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a complete checkpoint (truncated or corrupt, "
@@ -528,16 +528,16 @@ class _Files:
     resume: Mapping[str, Any] | None
 
 
-def _read_files(model_path: Path) -> _Files:
+def _read_files(model_path: Path, trust: bool = False) -> _Files:
     """Read model.pt (and resume.pt beside it, if any); any read or layout problem raises
-    CheckpointError naming the file."""
-    data = _read(model_path)
+    CheckpointError naming the file. `trust`: see `memflow.checkpoint.read_checkpoint`."""
+    data = _read(model_path, trust)
     if not isinstance(data, Mapping) or not ({"generator", "model", "generator_lora"} & set(data)):
         raise CheckpointError(f"{model_path} holds no 'generator', 'model' or 'generator_lora' entry")
     resume_path = model_path.parent / RESUME_FILE
     resume = None
     if resume_path.is_file():
-        resume = _read(resume_path)
+        resume = _read(resume_path, trust)
         if not isinstance(resume, Mapping) or resume.get("format") != RESUME_FORMAT:
             raise CheckpointError(f"{resume_path} is not a resume file (format {RESUME_FORMAT})")
     return _Files(model_path, data, resume)
@@ -796,10 +796,13 @@ def load_checkpoint_file(
     critic_optimizer: torch.optim.Optimizer | None = None,
     ema: EMA | None = None,
     restore_rng: bool = False,
+    trust: bool = False,
 ) -> Resumed:
     """Load one file: a checkpoint folder's model.pt (with its resume.pt, if any), a base.pt or
     the generator_ckpt (e.g. ode_init.pt: "generator" or "model", critic/EMA/step if present),
-    as §8.4 does when there is nothing to auto-resume from. Collective; no fallback."""
+    as §8.4 does when there is nothing to auto-resume from. Collective; no fallback. `trust`
+    (config key `trust_checkpoints`): load a file that holds pickled objects, which runs their
+    code (a run's own checkpoints never need it)."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
@@ -807,7 +810,7 @@ def load_checkpoint_file(
     box: dict[str, _Files] = {}
 
     def read() -> None:
-        box["files"] = _read_files(path)
+        box["files"] = _read_files(path, trust)
 
     on_main(read)
     return _apply(box.get("files"), generator=generator, critic=critic,

@@ -240,7 +240,7 @@ class DistillationTrainer:
             if start is not None:
                 if s.lora is not None:  # a lora.pt carries no optimiser state
                     kwargs.update(generator_optimizer=None, critic_optimizer=None)
-                started = load_checkpoint_file(start, **kwargs)
+                started = load_checkpoint_file(start, trust=s.config.trust_checkpoints, **kwargs)
                 # a stage-1 run continues its generator_ckpt's count; stage 2 starts at 0
                 # unless compat (the reference inherits the base's step, §10 item 14)
                 inherit = (s.stage == 1 and s.lora is None) or s.inherit_base_step
