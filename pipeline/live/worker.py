@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable
 
 from pipeline.session import SessionLimitReached
@@ -24,6 +25,17 @@ from .protocol import Command, PlannedSwitch, Plan, SetPrompt, Simple, Start, er
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+class WorkerState(str, Enum):
+    """Where a holder's generation is (the `state` of its status messages)."""
+
+    LOADING = "loading"  # the session's models are being built
+    IDLE = "idle"        # no video: `start` begins one
+    RUNNING = "running"  # chunk after chunk
+    STOPPED = "stopped"  # paused by `stop` (or by its client leaving): `resume` goes on
+    LIMIT = "limit"      # the session's limit was reached: `start` a new video
+    ERROR = "error"      # a command or a chunk failed: `reset` or `start`
+
 
 _QUIT = object()
 _DETACH = object()
@@ -51,7 +63,7 @@ class GenerationWorker(threading.Thread):
         self.owner_key = owner_key  # whose downloads its saves are
         self._commands: queue.Queue = queue.Queue()
         self.session = None
-        self.state = "loading"
+        self.state = WorkerState.LOADING
         self.note = ""
         self._granted_at = self._idle_since = time.monotonic()
         self._saving = threading.Event()  # one save in flight at a time
@@ -89,18 +101,18 @@ class GenerationWorker(threading.Thread):
     @property
     def has_video(self) -> bool:
         """A video worth keeping for a reconnecting client has begun."""
-        return self.pixels > 0 or self.state in ("running", "stopped")
+        return self.pixels > 0 or self.state in (WorkerState.RUNNING, WorkerState.STOPPED)
 
     def held_s(self) -> float:
         return time.monotonic() - self._granted_at
 
     def idle_s(self) -> float:
         """Seconds since this holder last generated (0 while generating)."""
-        return 0.0 if self.state == "running" else time.monotonic() - self._idle_since
+        return 0.0 if self.state == WorkerState.RUNNING else time.monotonic() - self._idle_since
 
     # -- the thread --------------------------------------------------------------------------------
     def run(self) -> None:
-        self._set_state("loading", "loading the models")
+        self._set_state(WorkerState.LOADING, "loading the models")
         try:
             self.session = self._get_session()
             self.session.reset()
@@ -108,9 +120,9 @@ class GenerationWorker(threading.Thread):
             log.exception("building the live session failed")
             self._fail(f"the session could not be built: {e}")
             return
-        self._set_state("idle", "ready: type a prompt and press start")
+        self._set_state(WorkerState.IDLE, "ready: type a prompt and press start")
         while True:
-            block = self.state != "running"
+            block = self.state != WorkerState.RUNNING
             try:
                 command, received, chunks_done = self._commands.get(block=block)
             except queue.Empty:
@@ -126,7 +138,7 @@ class GenerationWorker(threading.Thread):
 
     def _fail(self, message: str) -> None:
         self.outbox.put_message(error_frame("generation_failed", message))
-        self._set_state("error", message + "; press reset or start to try again")
+        self._set_state(WorkerState.ERROR, message + "; press reset or start to try again")
 
     def _handle(self, command: Command, received: float, chunks_done: int) -> None:
         if command is _DETACH:
@@ -157,11 +169,11 @@ class GenerationWorker(threading.Thread):
         self.plan = plan  # a plan made before starting applies to the new video
         self.prompt, self.seed = command.prompt, self.session.seed
         self._post_timeline()
-        self._set_state("running", "generating")
+        self._set_state(WorkerState.RUNNING, "generating")
 
     def _set_prompt(self, prompt: str, received: float, chunks_done: int,
                     planned: bool = False) -> None:
-        if self.state in ("idle", "loading", "error"):
+        if self.state in (WorkerState.IDLE, WorkerState.LOADING, WorkerState.ERROR):
             self.outbox.put_message(error_frame("not_started", "start a video first; the "
                                                 "prompt of `start` is its first prompt"))
             return
@@ -171,15 +183,15 @@ class GenerationWorker(threading.Thread):
         self._post_status()
 
     def _pause(self, note: str = "stopped: resume to continue this video") -> None:
-        if self.state == "running":
-            self._set_state("stopped", note)
+        if self.state == WorkerState.RUNNING:
+            self._set_state(WorkerState.STOPPED, note)
 
     def _resume(self) -> None:
-        if self.state == "stopped":
-            self._set_state("running", "generating")
-        elif self.state == "limit":
+        if self.state == WorkerState.STOPPED:
+            self._set_state(WorkerState.RUNNING, "generating")
+        elif self.state == WorkerState.LIMIT:
             self.outbox.put_message(error_frame("at_limit", self.note))
-        elif self.state != "running":
+        elif self.state != WorkerState.RUNNING:
             self.outbox.put_message(error_frame("not_started", "nothing to resume; press start"))
 
     def _reset(self) -> None:
@@ -187,7 +199,7 @@ class GenerationWorker(threading.Thread):
         self._clear_video()
         self._post_timeline()
         self.outbox.put_message({"type": "memory", "sink": [], "bank": [], "window": [], "thumbs": {}})
-        self._set_state("idle", "reset: ready for a new video")
+        self._set_state(WorkerState.IDLE, "reset: ready for a new video")
 
     def _save(self) -> None:
         if self.pixels == 0:
@@ -228,8 +240,8 @@ class GenerationWorker(threading.Thread):
         try:
             self._step()
         except SessionLimitReached as stop:
-            self._set_state("limit", f"stopped at the session limit: {stop}; press start "
-                            "for a new video (or download this one)")
+            self._set_state(WorkerState.LIMIT, f"stopped at the session limit: {stop}; press "
+                            "start for a new video (or download this one)")
         except Exception as e:
             log.exception("live generation failed")
             self._fail(f"generation failed at chunk {self.chunks}: {e}")
@@ -278,8 +290,8 @@ class GenerationWorker(threading.Thread):
         return msg
 
     # -- state messages ------------------------------------------------------------------------
-    def _set_state(self, state: str, note: str) -> None:
-        if self.state == "running" and state != "running":
+    def _set_state(self, state: WorkerState, note: str) -> None:
+        if self.state == WorkerState.RUNNING and state != WorkerState.RUNNING:
             self._idle_since = time.monotonic()
         self.state, self.note = state, note
         self._post_status()
@@ -287,7 +299,7 @@ class GenerationWorker(threading.Thread):
     def _post_status(self) -> None:
         last = self.last_chunk or {}
         self.outbox.put_message({
-            "type": "status", "state": self.state, "message": self.note, "prompt": self.prompt,
+            "type": "status", "state": self.state.value, "message": self.note, "prompt": self.prompt,
             "pending_prompt": self.pending.prompt if self.pending else None, "seed": self.seed,
             "chunks": self.chunks, "frames_generated": self.pixels,
             "fps": getattr(self.session, "fps", None), "gen_fps": last.get("gen_fps"),
