@@ -255,6 +255,7 @@ def test_download_takes_an_id_never_a_path(fake_app, tmp_path):
             assert client.get(saved["mp4"]).content == b"fake mp4"
             assert client.get(saved["timeline"]).json()[0]["prompt"] == "a cat"
         # the client left and its stream ended: its saves went with it
+        wait_until(lambda: app.state.downloads.count() == 0, "the client's saves to be deleted")
         assert client.get(saved["mp4"]).status_code == 404
         folder = app.state.downloads.root
         assert folder.is_dir()

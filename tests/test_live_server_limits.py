@@ -372,3 +372,28 @@ def test_a_generation_worker_is_really_joined():
     worker = asyncio.run(run())
     assert not worker.is_alive()
     worker.downloads.close()
+
+
+def test_a_download_survives_its_save_being_deleted_meanwhile(fake_app, monkeypatch):
+    """A client's saves are deleted when its stream ends, maybe while one is being downloaded:
+    the file is opened before the response starts, so the download completes (no 500)."""
+    from pipeline.live import app as live_app
+
+    blocks = live_app._blocks
+
+    def deleted_then_sent(handle, size=1 << 20):
+        Path(handle.name).unlink()  # gone from the folder once the response has its handle
+        yield from blocks(handle, size)
+
+    monkeypatch.setattr(live_app, "_blocks", deleted_then_sent)
+    app, _ = fake_app()
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        ws.send_json({"type": "start", "prompt": "a cat"})
+        receive_until(ws, of_type("chunk"), frames=[])
+        ws.send_json({"type": "save"})
+        saved = receive_until(ws, of_type("saved"), frames=[])
+        response = client.get(saved["mp4"])
+        assert response.status_code == 200 and response.content == b"fake mp4"
+        assert response.headers["content-type"] == "video/mp4"
+        assert client.get(saved["mp4"]).status_code == 404  # and now it is gone

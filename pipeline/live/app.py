@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from .downloads import DownloadStore
@@ -76,9 +77,16 @@ def create_app(session_factory: Callable[[], Any], settings: ServerSettings | No
         if not token_ok(settings, token):
             return JSONResponse({"error": "token required"}, status_code=403)
         path = downloads.lookup(name)
-        if path is None:
+        try:  # opened here: a save deleted meanwhile (its client's stream ended) is still sent
+            handle = open(path, "rb") if path is not None else None
+        except FileNotFoundError:
+            handle = None
+        if handle is None:
             return JSONResponse({"error": "no such file"}, status_code=404)
-        return FileResponse(path, filename=f"memflow_live{path.suffix}")
+        return StreamingResponse(
+            _blocks(handle), media_type=MEDIA_TYPES[path.suffix],
+            headers={"Content-Length": str(os.fstat(handle.fileno()).st_size),
+                     "Content-Disposition": f'attachment; filename="memflow_live{path.suffix}"'})
 
     @app.websocket("/ws")
     async def live(ws: WebSocket):
@@ -105,6 +113,16 @@ class AllowedHosts:
                 await PlainTextResponse("invalid host header", status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+MEDIA_TYPES = {".mp4": "video/mp4", ".json": "application/json"}
+
+
+def _blocks(handle, size: int = 1 << 20):
+    """An open file's bytes in blocks, then closed."""
+    with handle:
+        while block := handle.read(size):
+            yield block
 
 
 def token_ok(settings: ServerSettings, given: str | None) -> bool:
