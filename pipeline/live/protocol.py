@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils.prompts import prompt_problem
+from utils.settings_schema import SEED_RANGE
 
 from .settings import ServerSettings
 
@@ -32,8 +33,6 @@ CLOSE_HOLD_EXPIRED = 4408  # the holder's time with the device ended while other
 
 # A binary message to the client: this header, then one JPEG image.
 FRAME_HEADER = struct.Struct(">II")  # pixel frame index, chunk index (big-endian uint32)
-
-MAX_SEED = 2**63 - 1
 
 
 class ProtocolError(ValueError):
@@ -182,7 +181,7 @@ def _int(obj: dict, key: str, low: int, high: int) -> int:
 def _seed(obj: dict) -> int | None:
     if obj.get("seed") is None:
         return None
-    return _int(obj, "seed", 0, MAX_SEED)
+    return _int(obj, "seed", SEED_RANGE["minimum"], SEED_RANGE["maximum"])  # as config seeds
 
 
 def _plan(obj: dict, settings: ServerSettings, fps: float) -> tuple[PlannedSwitch, ...]:
