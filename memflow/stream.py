@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import Any, Callable, Hashable, Protocol
 
 import torch
 
@@ -31,10 +31,28 @@ from .config import SwitchOptions
 from .noise import NoiseSource
 from .streaming import StreamState
 
-if TYPE_CHECKING:
-    from .chunk_loop import ChunkHooks, ChunkStepper
-
 PromptInput = torch.Tensor | Callable[[], torch.Tensor]
+
+
+class ChunkRunner(Protocol):
+    """What a stream needs of `memflow.chunk_loop.ChunkStepper` (which builds streams itself, so
+    this module does not import it)."""
+
+    frames_per_block: int
+
+    def new_state(self, batch_size: int, latent_hw: tuple[int, int],
+                  num_frames: int) -> StreamState: ...
+
+    def chunk_noise(self, noise: NoiseSource, chunk: int, batch_size: int,
+                    latent_hw: tuple[int, int]) -> torch.Tensor: ...
+
+    def step(self, state: StreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
+             noise: NoiseSource, exit_step: int | None, grad: bool,
+             hooks: Any) -> torch.Tensor: ...
+
+    def switch_prompt(self, state: StreamState, chunk: int, recent: torch.Tensor,
+                      context: torch.Tensor, switch: SwitchOptions,
+                      frames: int | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +77,7 @@ class Stream:
 
     def __init__(
         self,
-        stepper: ChunkStepper,
+        stepper: ChunkRunner,
         context: torch.Tensor,
         noise: NoiseSource,
         *,
@@ -143,11 +161,12 @@ class Stream:
         *,
         exit_step: int | None = None,
         grad: bool = False,
-        hooks: ChunkHooks | None = None,
+        hooks: Any = None,
     ) -> torch.Tensor:
         """Generate and commit the next chunk; returns its x0 [B, F, C, h, w]. Applies a pending
         prompt first, then draws the chunk's initial noise (unless `x` is given: a rollout that
-        drew every chunk's noise up front), then runs `ChunkStepper.step`."""
+        drew every chunk's noise up front), then runs `ChunkStepper.step` (`hooks`: a
+        `ChunkHooks`)."""
         self.switched = self._apply_wish()
         n = self.chunk
         if x is None:
