@@ -22,10 +22,10 @@ import logging
 import signal
 import sys
 
-from pipeline.inference_config import load_inference_config
+from config.inference import load_inference_config
+from memflow.errors import InputError
 from pipeline.runner import run
 from utils.distributed import cleanup_distributed, init_distributed
-from utils.errors import InputError
 from utils.signals import Terminated, sigterm_raises
 from utils.video_writer import VideoWriteError
 

@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 
 def port_number(text: str) -> int:
@@ -72,19 +71,6 @@ def server_settings(args):
     return settings
 
 
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
-    return sock
-
-
 def url_of(settings, port: int) -> str:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     query = f"?token={settings.token}" if settings.token else ""
@@ -96,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = server_settings(args)
+        from pipeline.live import listening_socket
         from pipeline.session import Session
 
         print(f"loading {args.config_path} ...", file=sys.stderr, flush=True)
         session = Session.from_config(args.config_path, args.overrides)
-        sock = bind(settings.host, settings.port)
+        sock = listening_socket(settings.host, settings.port)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,11 +24,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
+from memflow.errors import InputError
 from trainer.checkpointing import saved_run_seed
-from utils.distributed import (barrier, cleanup_distributed, init_distributed, is_distributed,
-                               is_main_rank, pick_device)
-from utils.errors import InputError
+from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
+from utils.distributed import (
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    is_distributed,
+    is_main_rank,
+    pick_device,
+)
 from utils.signals import Terminated, sigterm_raises
 from utils.video_writer import removed_if_left_empty
 

@@ -94,10 +94,9 @@ class ClientLog:
 def start_server(session):
     import uvicorn
 
-    from pipeline.live import ServerSettings, create_app
-    from serve import bind
+    from pipeline.live import ServerSettings, create_app, listening_socket
 
-    sock = bind("127.0.0.1", 0)
+    sock = listening_socket("127.0.0.1", 0)
     app = create_app(lambda: session, ServerSettings())
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.inference_config import load_inference_config
+from config.inference import load_inference_config
+from config.schema import InferenceConfig
+from memflow.errors import InputError
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
-from utils.errors import InputError
-from utils.settings_schema import InferenceConfig
 from utils.video_writer import check_folder_path
 
 from .evaluate import add_model_args, build_scorer, evaluate_folder, resolve_device

@@ -24,10 +24,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.inference_config import load_inference_config
-from utils.distributed import (DistInfo, barrier, cleanup_distributed, init_distributed,
-                               pick_device, shard_indices)
-from utils.errors import InputError
+from config.inference import load_inference_config
+from memflow.errors import InputError
+from utils.distributed import (
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    pick_device,
+    shard_indices,
+)
 from utils.video_writer import check_folder_path
 
 from .inputs import Generation, check_switches, generation_from_config, load_stories, match_videos

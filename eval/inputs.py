@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.checker import config_key
+from config.schema import InferenceConfig
+from memflow.errors import InputError
 from utils.distributed import prompt_seed
-from utils.errors import InputError
 from utils.naming import sanitize_filename
 from utils.prompts import load_interactive_prompts, load_prompts, parse_switch_frame_indices
-from utils.schema import config_key
-from utils.settings_schema import InferenceConfig
 
 _NAME = re.compile(r"(?:rank\d+-)?(?P<middle>.+)-\d+_(?:lora|ema|regular)\.mp4")
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from utils.errors import InputError
+from memflow.errors import InputError
 from utils.prompts import effective_switch_chunks
 
 VAE_TIME_STRIDE = 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import InputError
+from memflow.errors import InputError
 from utils.video_writer import prepare_output_folder
 
 _START, _END = "<|startoftext|>", "<|endoftext|>"

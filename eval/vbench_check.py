@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 DIMENSIONS = ("subject_consistency", "background_consistency")
 

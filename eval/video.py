@@ -15,7 +15,7 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 Kernel = Callable[..., torch.Tensor]  # (q, k, v, mask) -> out, all [B, L, H, D]; mask may be None
 

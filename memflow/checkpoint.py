@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 from .config import DiTConfig
 from .model import WanDiT

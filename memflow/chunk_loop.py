@@ -38,7 +38,8 @@ from .model import WanDiT, text_mask
 from .noise import NoiseSource
 from .scheduler import FlowMatchScheduler
 from .stream import Stream
-from .streaming import StreamCall, StreamState
+from .stream_call import StreamCall
+from .streaming import StreamState
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
 BeforeChunk = Callable[[int, Stream], None]

@@ -34,15 +34,15 @@ reference's. A new policy (an EMA memory, a retrieved sink, ...) is its source c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 
+from .config import StreamConfig
 from .kv_cache import CachePlan, CacheRead, KVCache
 from .memory_bank import MemoryBank
-
-if TYPE_CHECKING:
-    from .streaming import StreamCall, StreamState, TextCache
+from .stream_call import StreamCall
+from .text_cache import TextCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +207,17 @@ class BankSource(MemorySource):
         self.bank.load_state_dict(state, device)
 
 
-SourceLayout = Callable[["StreamState"], Sequence[MemorySource]]
+class SourceHost(Protocol):
+    """What a layout reads of the stream state it builds sources for (a `StreamState`)."""
+
+    config: StreamConfig
+    kv: KVCache
+    num_layers: int
+    frame_len: int
+    track_frames: bool
+
+
+SourceLayout = Callable[[SourceHost], Sequence[MemorySource]]
 _LAYOUTS: dict[str, SourceLayout] = {}
 
 
@@ -227,7 +237,7 @@ def memory_layout(name: str) -> SourceLayout:
     return _LAYOUTS[name]
 
 
-def new_bank(state: StreamState) -> MemoryBank:
+def new_bank(state: SourceHost) -> MemoryBank:
     """A memory bank sized by the state's stream config (NAM, spec §3)."""
     cfg = state.config
     return MemoryBank(num_layers=state.num_layers, slots=cfg.bank_size, frame_len=state.frame_len,
@@ -235,7 +245,7 @@ def new_bank(state: StreamState) -> MemoryBank:
                       track_frames=state.track_frames)
 
 
-def standard_sources(state: StreamState) -> list[MemorySource]:
+def standard_sources(state: SourceHost) -> list[MemorySource]:
     """The reference's context in its key order (spec §2.3): sink, bank, window."""
     sink = state.kv.sink > 0
     bank_read = sink or not state.config.memory.bank_requires_sink

@@ -27,10 +27,15 @@ import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers import (
+    AttentionInterface,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
-from .checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER  # noqa: F401 (re-exported)
-from .checkpoint import check_state_fits, load_torch_file
+from .checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, check_state_fits, load_torch_file  # noqa: F401 (re-exported)
 
 TEXT_LEN = 512
 WAN_T5_ATTENTION = "memflow_wan_t5"

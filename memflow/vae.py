@@ -27,9 +27,11 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
-from .checkpoint import WAN_VAE_CHECKPOINT  # noqa: F401 (re-exported)
-from .checkpoint import check_state_fits, load_torch_file
-
+from .checkpoint import (
+    WAN_VAE_CHECKPOINT,  # noqa: F401 (re-exported)
+    check_state_fits,
+    load_torch_file,
+)
 
 # §7.1: a latent normalised for the DiT satisfies z = (mu - mean) / std, per channel.
 WAN_LATENT_MEAN = (

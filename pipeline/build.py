@@ -10,7 +10,7 @@ tiny training run's checkpoints can be tried on a CPU exactly as the released on
 
 All paths are checked before anything heavy is loaded, and a missing one is reported with the
 config key that names it. Every function takes the typed `InferenceConfig` of
-`utils.settings_schema` (what `pipeline.inference_config.load_inference_config` returns), so the
+`config.schema` (what `config.inference.load_inference_config` returns), so the
 defaults of absent keys are the schema's.
 
 The generator is made in steps: `load_generator` (fp32, CPU, trainable), `memflow.lora.apply_lora`,
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
+from config.loader import DTYPES, existing_path, require_wan_folder
+from config.schema import InferenceConfig
 from memflow.checkpoint import load_checkpoint_weights, load_wan_config, load_wan_generator
+from memflow.errors import InputError
 from memflow.lora import LoraSettings, apply_lora
 from memflow.lora import merge_lora as merge_adapter
 from memflow.model import WanDiT
 from memflow.text_encoder import TextEncoder, umt5_encoder_config
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
-from utils.config import DTYPES, existing_path, require_wan_folder
-from utils.errors import InputError
-from utils.settings_schema import InferenceConfig
 
 log = logging.getLogger(__name__)
 

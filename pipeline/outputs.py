@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from memflow.errors import InputError
 from utils.distributed import shard_indices
-from utils.errors import InputError
 from utils.naming import video_filename
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from config.inference import InferenceSettings, parse_settings
+from config.schema import InferenceConfig
 from memflow.attention import AttentionKernel
+from memflow.errors import InputError
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.text_encoder import TextEncoder, clean_prompt
 from utils.distributed import DistInfo, barrier, pick_device, prompt_seed, rank_seed
-from utils.errors import InputError
 from utils.prompts import (
     InteractiveStory,
     effective_switch_chunks,
@@ -36,14 +38,12 @@ from utils.prompts import (
     load_prompt_lines,
     parse_switch_frame_indices,
 )
-from utils.settings_schema import InferenceConfig
 from utils.video_writer import Mp4Writer, prepare_output_folder, removed_if_left_empty
 
 from .build import CheckpointPaths, Components, build_components, check_paths, model_type
 from .causal_inference import CausalInferencePipeline
 from .interactive_inference import InteractiveInferencePipeline
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
-from .settings import InferenceSettings, parse_settings
 
 log = logging.getLogger(__name__)
 

@@ -45,21 +45,20 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from config.inference import InferenceSettings, load_inference_config, parse_settings
+from config.schema import SEED_RANGE, InferenceConfig
+from config.stream import VAE_STRIDE
 from memflow.chunk_loop import ChunkStepper
+from memflow.errors import InputError
 from memflow.noise import SeededNoise
 from memflow.stream import Stream
 from memflow.streaming import StreamState
 from utils.distributed import pick_device, rank_seed
-from utils.errors import InputError
 from utils.prompts import prompt_problem
-from utils.settings_schema import InferenceConfig
-from utils.stream_settings import VAE_STRIDE
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
 from .build import Components, build_components, check_paths
-from .inference_config import SEED_RANGE, load_inference_config
 from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
-from .settings import InferenceSettings, parse_settings
 
 log = logging.getLogger(__name__)
 

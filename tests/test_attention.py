@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.inference import load_inference_config
 from memflow import attention as attn
-from pipeline.inference_config import load_inference_config
+from memflow.errors import InputError
 from trainer.config import TrainSettings, load_train_config
-from utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

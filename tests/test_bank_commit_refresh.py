@@ -14,18 +14,18 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import TINY, bank_of, tiny_dit, tiny_prompt
 
 import memflow.memory_bank as memory_bank
-from conftest import bank_of, TINY, tiny_dit, tiny_prompt
+from config.inference import parse_settings
+from config.schema import InferenceConfig
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.memory_bank import MemoryBank
 from memflow.streaming import StreamDebug
-from pipeline.settings import parse_settings
 from trainer.draws import SeededDraws
-from trainer.rollout import RolloutConfig, training_memory_options, training_rollout
 from trainer.long_sequence import LongSequence, LongTuningConfig, SwitchSchedule
-from utils.settings_schema import InferenceConfig
+from trainer.rollout import RolloutConfig, training_memory_options, training_rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny calls: threads only add overhead
 

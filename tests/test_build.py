@@ -7,18 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_files import save_generator_checkpoint
+from test_real_format_loading import _overrides, wan_files  # noqa: F401 (wan_files is a fixture)
 
+from config.inference import load_inference_config
+from config.loader import DTYPES
+from config.schema import InferenceConfig
 from memflow.checkpoint import load_wan_config, load_wan_generator
 from memflow.lora import apply_lora
 from memflow.model import WanDiT
 from memflow.tiny import build_tiny_dit
 from pipeline.build import build_components, check_paths, finalize_for_inference, load_generator
-from pipeline.inference_config import load_inference_config
-from utils.config import DTYPES
-from utils.settings_schema import InferenceConfig
-
-from test_real_format_loading import _overrides, wan_files  # noqa: F401 (wan_files is a fixture)
-from reference_files import save_generator_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

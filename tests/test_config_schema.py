@@ -1,6 +1,6 @@
-"""One schema (`utils.settings_schema`) for every config key: its defaults agree with
+"""One schema (`config.schema`) for every config key: its defaults agree with
 `configs/default_config.yaml` and with the library's typed objects, inference and training share
-their sections, and every key of every shipped config is read by some code path."""
+their sections. That every key of every shipped config is read: tests/test_real_format_loading.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
-from utils.schema import config_key, schema_keys
-from utils.settings_schema import (
+from config.checker import config_key, schema_keys, section_of
+from config.schema import (
     IGNORED_KEYS,
     InferenceConfig,
     ModelKwargs,
@@ -23,10 +22,10 @@ from utils.settings_schema import (
     schema_defaults,
     settings_from_config,
 )
+from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SCHEMA_MODULES = {ROOT / "utils" / "settings_schema.py", ROOT / "utils" / "schema.py"}
 
 
 def _flat(mapping: dict, prefix: str = "") -> dict:
@@ -93,63 +92,30 @@ def test_reference_spelling_is_an_alias():
     assert typed.model_kwargs.local_attn_size == ModelKwargs().local_attn_size  # default
 
 
-def _fields_by_key(schema: type) -> dict[str, dataclasses.Field]:
-    return {config_key(f): f for f in dataclasses.fields(schema)}
-
-
-def _shipped_keys() -> set[str]:
-    keys: set[str] = set()
-    for path in CONFIGS:
-        for key, value in yaml.safe_load(path.read_text()).items():
-            keys.add(key)
-            if key == "model_kwargs" and isinstance(value, dict):
-                keys |= set(value)
-    return keys
-
-
-def _source_text() -> str:
-    files = [p for d in ("memflow", "pipeline", "trainer", "utils", "eval") for p in
-             (ROOT / d).rglob("*.py") if p not in SCHEMA_MODULES]
-    files += [p for p in ROOT.glob("*.py")]
-    return "\n".join(p.read_text() for p in files)
-
-
-def _one_allowed_value(f: dataclasses.Field) -> bool:
-    """A key the schema restricts to a single value (any other fails to load)."""
-    annotation = typing.get_type_hints(TrainConfig).get(f.name)
-    return typing.get_origin(annotation) is typing.Literal and len(typing.get_args(annotation)) == 1
-
-
-def test_every_key_of_every_shipped_config_is_read():
-    """A key is read when code outside the schema names it (as an attribute or a string);
-    the reference keys that are accepted only so that its configs load are listed, each with
-    the reason, in `IGNORED_KEYS`."""
-    fields = {**_fields_by_key(TrainConfig), **_fields_by_key(InferenceConfig),
-              **_fields_by_key(ModelKwargs)}
-    source = _source_text()
-    unread = []
-    for key in sorted(_shipped_keys()):
-        f = fields[key]
+def _marked_ignored(schema: type, prefix: str = "") -> set[str]:
+    """The dotted keys of `schema` (and its sections) whose field is marked ignored."""
+    hints, marked = typing.get_type_hints(schema), set()
+    for f in dataclasses.fields(schema):
         if f.metadata.get("ignored"):
-            assert key in IGNORED_KEYS
-            continue
-        if _one_allowed_value(f):
-            continue  # `trainer`, `denoising_loss_type`: the check on load is their only reading
-        if not re.search(rf"(\.|[\"']){re.escape(f.name)}\b", source):
-            unread.append(key)
-    assert unread == []
+            marked.add(prefix + config_key(f))
+        section = section_of(hints[f.name])
+        if section is not None and dataclasses.is_dataclass(section):
+            marked |= _marked_ignored(section, f"{prefix}{config_key(f)}.")
+    return marked
 
 
 def test_ignored_keys_are_exactly_the_fields_marked_ignored():
-    marked = {config_key(f) for f in dataclasses.fields(TrainConfig) if f.metadata.get("ignored")}
-    assert marked == set(IGNORED_KEYS)
+    assert _marked_ignored(TrainConfig) | _marked_ignored(InferenceConfig) == set(IGNORED_KEYS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_use_schema_keys(path):
-    data = yaml.safe_load(path.read_text())
-    known = set(schema_keys(TrainConfig)) | set(schema_keys(InferenceConfig))
-    assert set(data) <= known
+def test_shipped_configs_load_against_their_schema(path):
+    """Every shipped config loads with its schema's checks on (unknown keys, types, bounds)."""
+    from config.loader import load_config
+
+    schema = TrainConfig if "train" in path.name or path.name == "default_config.yaml" else InferenceConfig
+    cfg = load_config(path, schema=schema)
+    assert set(cfg) == set(yaml.safe_load(path.read_text()))
 
 
 def test_every_typed_training_setting_is_read_outside_its_parser():

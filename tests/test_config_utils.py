@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import load_config, require_path
-from utils.errors import InputError
+from config.loader import load_config, require_path
+from memflow.errors import InputError
 from utils.prompts import parse_switch_frame_indices
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
+from memflow.errors import InputError
 from utils import distributed
 from utils.distributed import (
     DistInfo,
@@ -13,7 +14,6 @@ from utils.distributed import (
     rank_seed,
     shard_indices,
 )
-from utils.errors import InputError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -13,8 +13,8 @@ from eval.segments import (
     segment_spans,
     window_spans,
 )
+from memflow.errors import InputError
 from memflow.tiny import build_tiny_vae
-from utils.errors import InputError
 
 
 def test_benchmark_segments_by_hand():

@@ -12,7 +12,7 @@ from memflow.checkpoint import load_generator_checkpoint
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
 from memflow.noise import InjectedNoise
-from memflow.streaming import StreamCall
+from memflow.stream_call import StreamCall
 from pipeline.causal_inference import CausalInferencePipeline
 
 from conftest import GOLDEN_DIT

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import one_error_line
 
 import inference
 import pipeline.runner
-from conftest import one_error_line
-from pipeline.inference_config import InferenceConfig, load_inference_config
-from utils.schema import schema_keys
+from config.checker import schema_keys
+from config.inference import InferenceConfig, load_inference_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_YAML as TINY
+from conftest import one_error_line, run_launcher, subprocess_env
+from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
 
 import inference
-from conftest import TINY_YAML as TINY, one_error_line, run_launcher, subprocess_env
+from config.schema import Adapter, InferenceConfig
 from pipeline.build import CheckpointPaths
 from pipeline.runner import warn_ignored_settings
-from utils.settings_schema import Adapter, InferenceConfig
-from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

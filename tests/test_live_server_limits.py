@@ -15,15 +15,23 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from live_helpers import (  # noqa: E402,F401
+    CLOSED,
+    PATIENCE_S,
+    FakeSession,
+    assert_released,
+    fake_app,
+    of_type,
+    receive_until,
+    wait_until,
+)
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from live_helpers import (CLOSED, PATIENCE_S, FakeSession, assert_released,  # noqa: E402,F401
-                          fake_app, of_type, receive_until, wait_until)
+from memflow.errors import InputError  # noqa: E402
 from pipeline.live import ServerSettings, create_app  # noqa: E402
 from pipeline.live.downloads import PREFIX, DownloadStore, remove_orphans  # noqa: E402
 from pipeline.live.outbox import Close, Frame, Outbox  # noqa: E402
 from pipeline.live.settings import loopback_host_names  # noqa: E402
-from utils.errors import InputError  # noqa: E402
 
 
 def test_acks_of_new_frames_do_not_count_against_the_rate_limit(fake_app):

@@ -5,8 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
+from reference_files import save_generator_checkpoint, save_lora_checkpoint
 
+from config.checker import check_section
+from config.schema import Adapter, InferenceConfig, settings_from_config
 from memflow.checkpoint import CheckpointError, load_generator_checkpoint
+from memflow.errors import InputError
 from memflow.lora import (
     LoraSettings,
     add_lora,
@@ -15,12 +20,6 @@ from memflow.lora import (
     merge_lora,
 )
 from memflow.model import WanDiT
-from utils.errors import InputError
-from utils.schema import check_section
-from utils.settings_schema import Adapter, InferenceConfig, settings_from_config
-
-from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
-from reference_files import save_generator_checkpoint, save_lora_checkpoint
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 SETTINGS = LoraSettings(rank=4, alpha=8)

@@ -80,7 +80,7 @@ def test_clean_timeline_inserts_each_prototype_once():
 def test_denoising_calls_only_read():
     """Without a refresh, a denoising call changes no cache or bank buffer or pointer; with the
     refresh (first step of a chunk) only the bank's K/V change."""
-    from memflow.streaming import StreamCall
+    from memflow.stream_call import StreamCall
 
     _, state = _run_timeline(MemoryOptions.compat("every_chunk"), 11)
     stepper = ChunkStepper(tiny_dit(), state.config, SamplingConfig())

@@ -16,7 +16,8 @@ from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.memory_bank import sma_select
 from memflow.memory_sources import Commit, MemorySource, Segment, standard_sources
 from memflow.noise import SeededNoise
-from memflow.streaming import StreamCall, StreamState
+from memflow.stream_call import StreamCall
+from memflow.streaming import StreamState
 from pipeline.causal_inference import CausalInferencePipeline
 
 from conftest import bank_of, TINY, tiny_dit, tiny_prompt

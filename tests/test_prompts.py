@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from utils.errors import InputError
+from memflow.errors import InputError
 from utils.prompts import (
     effective_switch_chunks,
     load_interactive_prompts,

@@ -10,10 +10,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import TINY_INTERACTIVE_YAML as TINY_INTERACTIVE
+from conftest import TINY_YAML as TINY
+from conftest import one_error_line as _error
+from conftest import run_launcher, start_launcher
 
 import inference
-from conftest import (TINY_INTERACTIVE_YAML as TINY_INTERACTIVE, TINY_YAML as TINY,
-                      one_error_line as _error, run_launcher, start_launcher)
 from utils.naming import video_filename
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +185,8 @@ def test_switches_in_single_prompt_mode_are_a_warning_naming_the_key(tmp_path, c
 
 
 def test_no_switch_warning_for_a_plain_single_prompt_config(caplog):
+    from config.schema import InferenceConfig
     from pipeline.runner import warn_unused_switches
-    from utils.settings_schema import InferenceConfig
 
     with caplog.at_level(logging.WARNING):
         warn_unused_switches(InferenceConfig(mode="single", switch={}), interactive=False)
@@ -195,7 +197,7 @@ def test_no_switch_warning_for_a_plain_single_prompt_config(caplog):
 def test_a_bad_value_in_the_file_that_an_override_replaces_is_no_error(tmp_path, capsys):
     """The merged config is what runs, so it is what is checked; a bad value that stays is
     still an error, and an unknown key in the file is still named with the file."""
-    from pipeline.inference_config import load_inference_config
+    from config.inference import load_inference_config
 
     config = tmp_path / "my.yaml"
     config.write_text(Path(TINY).read_text().replace("seed: 0\nnum_samples", "seed: abc\nnum_samples")
@@ -218,6 +220,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_no_partial_file(tmp_path, c
     a full disk): one `error:` line naming the video, status 1 (a video was not written; the
     input was fine), no traceback, nothing left in the output folder."""
     from test_video_writer import full_disk_partial
+
     from utils.video_writer import Mp4Writer
 
     start = Mp4Writer._start
@@ -257,7 +260,7 @@ def test_readme_tiny_commands_run_in_order():
     and each checkpoint it loads is the last one an earlier training command writes."""
     from omegaconf import OmegaConf
 
-    from pipeline.inference_config import load_inference_config
+    from config.inference import load_inference_config
 
     commands = _readme_tiny_commands()
     assert {c[1] for c in commands} == set(INFERENCE_LAUNCHERS + TRAINING_LAUNCHERS)

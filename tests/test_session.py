@@ -11,16 +11,14 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, bank_of
 
+from config.inference import load_inference_config, parse_settings
+from memflow.errors import InputError
 from pipeline import runner
-from pipeline.inference_config import load_inference_config
 from pipeline.interactive_inference import InteractiveInferencePipeline
 from pipeline.session import Session, SessionLimitReached, pixel_frame_of
-from pipeline.settings import parse_settings
 from utils.distributed import DistInfo
-from utils.errors import InputError
-
-from conftest import bank_of, REPO
 
 CONFIG = str(REPO / "configs" / "tiny_interactive.yaml")
 SMALL = ["height=48", "width=64", "cpu_threads=1"]  # small frames: the VAE decode dominates

@@ -6,7 +6,8 @@ import torch
 
 from memflow.config import MemoryOptions, StreamConfig
 from memflow.model import block_causal_mask
-from memflow.streaming import StreamCall, StreamState
+from memflow.stream_call import StreamCall
+from memflow.streaming import StreamState
 
 from conftest import TINY, tiny_dit, tiny_prompt
 

@@ -17,7 +17,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import fixed_forward, free_port, init_gloo, tiny_dit  # noqa: E402
+from reference_files import find_resume_checkpoint  # noqa: E402
+
 from memflow.checkpoint import CheckpointError, load_generator_checkpoint  # noqa: E402
+from memflow.errors import InputError  # noqa: E402
 from trainer.checkpointing import (  # noqa: E402
     MODEL_FILE,
     RESUME_FILE,
@@ -30,8 +33,6 @@ from trainer.checkpointing import (  # noqa: E402
     save_checkpoint,
 )
 from trainer.ema import EMA, ema_after_iteration, ema_after_resume, plain_name  # noqa: E402
-from utils.errors import InputError  # noqa: E402
-from reference_files import find_resume_checkpoint  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,7 +500,9 @@ def _fsdp_worker(rank: int, port: int, logdir: str) -> None:
     init_gloo(rank, WORLD, port)
     try:
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_optimizer_state_dict)
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         from memflow.fsdp import shard_model
 

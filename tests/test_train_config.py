@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memflow.config import MemoryOptions
+from memflow.errors import InputError
 from memflow.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER
 from memflow.vae import WAN_VAE_CHECKPOINT
 from trainer.config import (
@@ -20,7 +21,6 @@ from trainer.config import (
     load_train_config,
 )
 from trainer.rollout import training_memory_options
-from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_train_init.yaml"
@@ -40,36 +40,16 @@ def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
 
 
 # ---- the shipped configs --------------------------------------------------------------------
-def test_train_init_has_the_reference_stage1_values():
-    cfg = load_train_config(INIT)
-    assert cfg.config_name == "train_init"
-    assert cfg.real_name == "Wan2.1-T2V-14B" and cfg.fake_name == "Wan2.1-T2V-1.3B"
-    assert list(cfg.denoising_step_list) == [1000, 750, 500, 250]
-    assert cfg.lr == pytest.approx(2e-6) and cfg.lr_critic == pytest.approx(4e-7)
-    assert (cfg.dfake_gen_update_ratio, cfg.max_iters, cfg.log_iters, cfg.max_checkpoints) == (5, 700, 100, 5)
-    assert list(cfg.image_or_video_shape) == [1, 21, 16, 60, 104]
-    assert cfg.same_step_across_blocks is True and cfg.last_step_only is False  # from defaults
-    assert cfg.weight_decay == pytest.approx(0.01) and cfg.gc_interval == 100
-
-    s = TrainSettings.from_config(cfg, check_files=False)
+def test_train_init_derives_its_settings():
+    """What the settings derive from train_init.yaml (its values themselves are the file's)."""
+    s = TrainSettings.from_config(load_train_config(INIT), check_files=False)
     assert s.stage == 1 and not s.compat
-    assert s.stream.local_attn_size == 12 and s.stream.sink_size == 3
-    assert s.stream.bank_size == 3 and s.stream.record_interval == 3 and not s.stream.sma
-    assert s.stream.memory == MemoryOptions.clean()
-    assert s.sampling.denoising_step_list == (1000, 750, 500, 250)
-    assert s.sampling.timestep_shift == 5.0 and s.sampling.warp_denoising_step
-    assert s.rollout.num_training_frames == 21 and s.rollout.min_num_training_frames == 21
-    assert s.score.guidance_scale == 3.0 and s.score.score_shift is None
-    assert not s.score.ts_schedule and not s.score.ts_schedule_max
-    assert s.latent_hw == (60, 104) and s.latent_channels == 16
-    assert s.config.mixed_precision and s.compute_dtype == torch.bfloat16 and s.param_dtype == torch.float32
-    assert s.generator_optim.betas == (0.0, 0.999) and s.generator_optim.max_grad_norm == 10.0
-    assert s.critic_optim.lr == pytest.approx(4e-7)
-    assert s.ema_weight == pytest.approx(0.99) and s.config.ema_start_step == 200
-    assert s.data_shuffle == "epoch" and s.seed == 0
+    assert s.stream.memory == MemoryOptions.clean()  # the clean preset of behaviour: clean
+    assert s.latent_hw == (60, 104) and s.latent_channels == 16  # from image_or_video_shape
+    assert s.compute_dtype == torch.bfloat16 and s.param_dtype == torch.float32  # mixed precision
+    assert s.data_shuffle == "epoch"  # by behaviour
     assert s.train_generator(0) and not s.train_generator(4) and s.train_generator(5)
-    assert s.wandb.enabled and s.wandb.mode == "offline" and s.wandb.run_name == "train_init"
-    assert s.config.negative_prompt.startswith("色调艳丽")
+    assert s.wandb.enabled and s.wandb.run_name == "train_init"  # the config file's name
 
 
 def test_tiny_config_validates_with_files():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from memflow.errors import InputError
 from trainer.data import (
     PromptDataset,
     PromptLoader,
@@ -16,7 +17,6 @@ from trainer.data import (
     read_switch_prompts,
     validation_batch,
 )
-from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

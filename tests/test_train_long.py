@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import CPU, fixed_forward, make_trainer, named_params, train_settings
+
+from memflow.errors import InputError
 from memflow.lora import LoraSettings, add_lora
 from trainer.checkpointing import save_checkpoint
 from trainer.config import TrainSettings
-from utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_train_long.yaml"
@@ -250,10 +250,9 @@ WORLD = 2
 
 def _dist_worker(rank: int, port: int, out_dir: str, base: str) -> None:
     import torch.distributed as dist
+    from conftest import init_gloo
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
-
-    from conftest import init_gloo
 
     init_gloo(rank, WORLD, port)
     try:
@@ -286,7 +285,6 @@ def test_two_processes_equal_one_process_with_batch_two(tmp_path):
     both ranks' prompt pairs in one batch. The checkpoint's per-rank files resume each rank's own
     sequence, and lora.pt is gathered whole."""
     import torch.multiprocessing as mp
-
     from conftest import free_port
 
     base = _write_base(tmp_path, step=0)

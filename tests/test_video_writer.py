@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.errors import InputError
+from memflow.errors import InputError
 from utils.naming import sanitize_filename, video_filename
 from utils.video_writer import (
     Mp4Writer,

@@ -67,9 +67,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from memflow.checkpoint import WRAPPER_PREFIX, CheckpointError, Mismatch, read_checkpoint
 from memflow.lora import PEFT_PREFIX, normalize_lora_key
-from utils.distributed import (current_rank, current_world_size, is_distributed, is_main_rank,
-                               on_main)
-from utils.errors import InputError
+from utils.distributed import (
+    current_rank,
+    current_world_size,
+    is_distributed,
+    is_main_rank,
+    on_main,
+)
 
 from .ema import EMA, plain_name
 

@@ -11,7 +11,7 @@
    name, "configs", spec §10 item 17). It only names the wandb run.
 
 Every key's type, default, bounds and allowed values are the one schema's
-(`utils.settings_schema.TrainConfig`, which shares its stream, sampling, model and runtime sections
+(`config.schema.TrainConfig`, which shares its stream, sampling, model and runtime sections
 with inference): files and overrides are checked against it as they load (an unknown key such as
 ``dfake_gen_update_raito`` fails with a "did you mean" hint), and an absent key takes the schema's
 default. `TrainSettings.from_config` then composes the typed config into the objects the training
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,17 +34,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from memflow.config import SamplingConfig, StreamConfig
+from config.checker import check_known_keys, check_section
+from config.loader import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
+from config.schema import TrainConfig, settings_from_config
+from config.stream import PATCH, sampling_config, stream_config, with_overrides
+from memflow.config import DiTConfig, SamplingConfig, StreamConfig
+from memflow.errors import InputError
 from memflow.lora import LoraSettings
 from trainer.long_sequence import LongTuningConfig
-from trainer.models import TinyModels
 from trainer.rollout import RolloutConfig, training_memory_options
 from trainer.score import ScoreConfig
-from utils.config import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
-from utils.errors import InputError
-from utils.schema import check_known_keys, check_section
-from utils.settings_schema import TrainConfig, settings_from_config
-from utils.stream_settings import PATCH, sampling_config, stream_config, with_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
@@ -150,6 +150,68 @@ class WandbSettings:
     entity: str | None
     save_dir: str | None
     run_name: str
+
+
+TINY_ROLES = ("teacher", "critic")
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """`preset: tiny` shapes. Each role's mapping is what `memflow.tiny.build_tiny_generator`
+    takes (DiTConfig fields + ``seed``); the critic defaults to the generator's shape and seed
+    (the reference's critic starts from the generator's base model, Wan 1.3B)."""
+
+    generator: Mapping[str, Any]
+    teacher: Mapping[str, Any]
+    critic: Mapping[str, Any]
+    text_len: int
+    seed: int
+
+    @classmethod
+    def from_section(cls, tiny: Any) -> TinyModels:
+        """From the config's `tiny:` section: the generator's keys, and a `teacher:` / `critic:`
+        override each; every shape must make a DiT, all with the generator's text length."""
+        shape_keys = {f.name for f in dataclasses.fields(DiTConfig)} | {"seed"}
+        section = _tiny_role(tiny, "tiny", shape_keys | set(TINY_ROLES))
+        generator = {k: v for k, v in section.items() if k not in TINY_ROLES}
+        generator.setdefault("seed", 0)
+        text_len = generator.get("text_len", 64)
+        roles = {}
+        for role in TINY_ROLES:
+            own = _tiny_role(section.get(role), f"tiny.{role}", shape_keys)
+            if "text_len" in own and own["text_len"] != text_len:
+                raise InputError(
+                    f"config key `tiny.{role}.text_len` ({own['text_len']}) must equal "
+                    f"`tiny.text_len` ({text_len}): all models read the same text embedding"
+                )
+            roles[role] = {**generator, **own}
+        for role, shape in (("tiny", generator), *((f"tiny.{r}", s) for r, s in roles.items())):
+            try:
+                DiTConfig.from_dict({k: v for k, v in shape.items() if k != "seed"})
+            except (TypeError, ValueError) as err:
+                raise InputError(f"config key `{role}`: {err}") from None
+        return cls(generator, roles["teacher"], roles["critic"], int(text_len),
+                          int(generator["seed"]))
+
+    def section(self, role: str) -> dict[str, Any]:
+        """The `build_tiny_generator` mapping of "generator", "teacher" or "critic"."""
+        if role not in ("generator", *TINY_ROLES):
+            raise ValueError(f"unknown tiny model role {role!r}")
+        return dict(getattr(self, role))
+
+
+def _tiny_role(mapping: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    """One `tiny:` mapping (the generator's, or a role's override) with known keys only."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise InputError(f"config key `{where}` must be a mapping, got {mapping!r}")
+    for k in mapping:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
+            raise InputError(f"unknown config key `{where}.{k}`{hint}")
+    return dict(mapping)
 
 
 @dataclass(frozen=True)
@@ -293,7 +355,7 @@ def _precision(c: TrainConfig) -> dict[str, Any]:
 
 def _path(c: TrainConfig, key: str, *, required: bool, check: bool) -> Path | None:
     """The path config key `key` names (None when unset and not required); with `check` it must
-    exist (`utils.config.require_path`)."""
+    exist (`config.loader.require_path`)."""
     value = getattr(c, key)
     if value is None or value == "":
         if required:

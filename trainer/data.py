@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from memflow.errors import InputError
 from utils.distributed import shard_indices
-from utils.errors import InputError
 from utils.prompts import _read_lines, load_prompts
 
 SHUFFLE_MODES = ("epoch", "fixed", "none")

@@ -28,23 +28,20 @@ recomputation is exact, §10 item 6).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
+from config.schema import LongTuningKeys, TrainConfig
+from config.stream import whole_chunks
 from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import SwitchOptions
+from memflow.errors import InputError
 from memflow.noise import NoiseSource
 from memflow.stream import Stream
 
-from utils.errors import InputError
-from utils.stream_settings import whole_chunks
-
 from .draws import SequenceDraws, TrainingDraws
 from .rollout import exit_interval
-
-if TYPE_CHECKING:  # the schema reads this module's defaults
-    from utils.settings_schema import TrainConfig
 
 SwitchMode = Literal["random_choice", "fixed", "random"]
 FirstFrameEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -137,11 +134,11 @@ class LongTuningConfig:
     prompt's cross-attention K/V at every window, so no-grad calls use the current weights
     (the reference keeps the K/V of the sequence's first window until the switch)."""
 
-    window_frames: int = 21
+    window_frames: int = LongTuningKeys.streaming_chunk_size
     max_length: int = REFERENCE_FALLBACK_MAX_LENGTH
     possible_max_lengths: tuple[int, ...] = ()
-    min_new_frames: int = 18
-    train_first_chunk: bool = True
+    min_new_frames: int = LongTuningKeys.streaming_min_new_frame
+    train_first_chunk: bool = LongTuningKeys.train_first_chunk
     switch: SwitchSchedule = SwitchSchedule()
     switch_options: SwitchOptions = SwitchOptions()
     recache_frames: int | None = None

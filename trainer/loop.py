@@ -34,23 +34,28 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from memflow.chunk_loop import ChunkStepper
+from memflow.errors import InputError
 from memflow.fsdp import shard_model
+from memflow.lora import add_lora
 from utils.distributed import current_rank, current_world_size, is_distributed, on_main
-from utils.errors import InputError
 from utils.signals import check_terminated
 
-from memflow.lora import add_lora
-
-from .checkpointing import (Resumed, load_checkpoint, load_checkpoint_file, remove_leftovers,
-                            rotate_checkpoints, save_checkpoint)
+from .checkpointing import (
+    Resumed,
+    load_checkpoint,
+    load_checkpoint_file,
+    remove_leftovers,
+    rotate_checkpoints,
+    save_checkpoint,
+)
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
 from .draws import RunDraws, SeededRunDraws, TrainingDraws, stable_seed
 from .ema import EMA, ema_after_iteration, ema_after_resume
 from .log import TrainLogger
+from .losses_stage1 import DistillationModels, critic_loss, generator_loss
 from .models import TrainModels, build_train_models
 from .report import IterationReport, ReportHook, gradients
-from .losses_stage1 import DistillationModels, critic_loss, generator_loss
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 
 from .dmd import critic_flow_loss, dmd_gradient, dmd_loss
 from .draws import TrainingDraws
-from .score import ScoreConfig
-from .losses_stage1 import DistillationModels
 from .long_sequence import LongSequence, Window
+from .losses_stage1 import DistillationModels
+from .score import ScoreConfig
 
 
 @dataclass

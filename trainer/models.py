@@ -16,92 +16,25 @@ trainer's), and the generator must take latents of the config's `image_or_video_
 encoder is replicated on every rank in the compute dtype (bf16 with mixed precision, as the
 reference's FSDP computes it), or kept on the CPU with `text_encoder_cpu_offload`.
 
-The settings check what these need before anything is built, with this module's `TinyModels`
-(the tiny preset's shape per role).
+The settings check what these need before anything is built (`trainer.config.TinyModels`: the
+tiny preset's shape per role).
 
 A trainer takes a `TrainModels` in place of building one, so a test or a parity check can give
 it other networks, a text encoder that replays recorded prompt embeddings, or its own VAE.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from memflow.checkpoint import load_wan_generator
-from memflow.config import DiTConfig
+from memflow.errors import InputError
 from memflow.model import WanDiT
 from memflow.text_encoder import TextEncoder
-from utils.errors import InputError
 
-if TYPE_CHECKING:  # trainer.config reads this module's tiny shapes and folder check
-    from .config import TrainSettings
-
-
-TINY_ROLES = ("teacher", "critic")
-
-
-@dataclass(frozen=True)
-class TinyModels:
-    """`preset: tiny` shapes. Each role's mapping is what `memflow.tiny.build_tiny_generator`
-    takes (DiTConfig fields + ``seed``); the critic defaults to the generator's shape and seed
-    (the reference's critic starts from the generator's base model, Wan 1.3B)."""
-
-    generator: Mapping[str, Any]
-    teacher: Mapping[str, Any]
-    critic: Mapping[str, Any]
-    text_len: int
-    seed: int
-
-    @classmethod
-    def from_section(cls, tiny: Any) -> TinyModels:
-        """From the config's `tiny:` section: the generator's keys, and a `teacher:` / `critic:`
-        override each; every shape must make a DiT, all with the generator's text length."""
-        shape_keys = {f.name for f in dataclasses.fields(DiTConfig)} | {"seed"}
-        section = _tiny_role(tiny, "tiny", shape_keys | set(TINY_ROLES))
-        generator = {k: v for k, v in section.items() if k not in TINY_ROLES}
-        generator.setdefault("seed", 0)
-        text_len = generator.get("text_len", 64)
-        roles = {}
-        for role in TINY_ROLES:
-            own = _tiny_role(section.get(role), f"tiny.{role}", shape_keys)
-            if "text_len" in own and own["text_len"] != text_len:
-                raise InputError(
-                    f"config key `tiny.{role}.text_len` ({own['text_len']}) must equal "
-                    f"`tiny.text_len` ({text_len}): all models read the same text embedding"
-                )
-            roles[role] = {**generator, **own}
-        for role, shape in (("tiny", generator), *((f"tiny.{r}", s) for r, s in roles.items())):
-            try:
-                DiTConfig.from_dict({k: v for k, v in shape.items() if k != "seed"})
-            except (TypeError, ValueError) as err:
-                raise InputError(f"config key `{role}`: {err}") from None
-        return cls(generator, roles["teacher"], roles["critic"], int(text_len),
-                          int(generator["seed"]))
-
-    def section(self, role: str) -> dict[str, Any]:
-        """The `build_tiny_generator` mapping of "generator", "teacher" or "critic"."""
-        if role not in ("generator", *TINY_ROLES):
-            raise ValueError(f"unknown tiny model role {role!r}")
-        return dict(getattr(self, role))
-
-
-def _tiny_role(mapping: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    """One `tiny:` mapping (the generator's, or a role's override) with known keys only."""
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, dict):
-        raise InputError(f"config key `{where}` must be a mapping, got {mapping!r}")
-    for k in mapping:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
-            raise InputError(f"unknown config key `{where}.{k}`{hint}")
-    return dict(mapping)
+from .config import TrainSettings
 
 
 @dataclass

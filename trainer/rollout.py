@@ -25,31 +25,27 @@ from frame 30) is compressed once more per block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from config.schema import RolloutKeys, TrainConfig
+from config.stream import whole_chunks
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions
-
-from utils.errors import InputError
-from utils.stream_settings import whole_chunks
+from memflow.errors import InputError
 
 from .draws import TrainingDraws
-
-if TYPE_CHECKING:  # the schema reads this module's defaults
-    from utils.settings_schema import TrainConfig
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
     """Stage-1 rollout settings, in latent frames (names as in the reference's config)."""
 
-    num_training_frames: int = 21
-    min_num_training_frames: int = 21
-    slice_last_frames: int = 21
-    same_step_across_blocks: bool = True
-    last_step_only: bool = False
+    num_training_frames: int = RolloutKeys.num_training_frames
+    min_num_training_frames: int = RolloutKeys.min_num_training_frames
+    slice_last_frames: int = RolloutKeys.slice_last_frames
+    same_step_across_blocks: bool = RolloutKeys.same_step_across_blocks
+    last_step_only: bool = RolloutKeys.last_step_only
 
     @classmethod
     def from_config(cls, c: TrainConfig, stage: int) -> RolloutConfig:

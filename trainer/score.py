@@ -12,16 +12,13 @@ bidirectional call on the real frames only is the same computation (§10 item 23
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from config.schema import ScoreKeys, TrainConfig
+from memflow.errors import InputError
 from memflow.model import WanDiT
 from memflow.scheduler import FlowMatchScheduler
-from utils.errors import InputError
-
-if TYPE_CHECKING:  # the schema reads this module's defaults
-    from utils.settings_schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -32,14 +29,14 @@ class ScoreConfig:
         the generator's table (clean).
     """
 
-    num_train_timestep: int = 1000
-    timestep_shift: float = 5.0
-    min_score_timestep: int = 0
+    num_train_timestep: int = ScoreKeys.num_train_timestep
+    timestep_shift: float = ScoreKeys.timestep_shift
+    min_score_timestep: int = ScoreKeys.min_score_timestep
     min_step_fraction: float = 0.02
     max_step_fraction: float = 0.98
-    guidance_scale: float = 3.0
-    ts_schedule: bool = False
-    ts_schedule_max: bool = False
+    guidance_scale: float = ScoreKeys.guidance_scale
+    ts_schedule: bool = ScoreKeys.ts_schedule
+    ts_schedule_max: bool = ScoreKeys.ts_schedule_max
     score_shift: float | None = None
 
     @classmethod

@@ -14,9 +14,9 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.errors import InputError
+from config.schema import SEED_MODES
+from memflow.errors import InputError
 
-SEED_MODES = ("per_prompt", "per_rank", "shared")
 T = TypeVar("T")
 
 

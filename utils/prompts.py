@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 _INT = re.compile(r"-?\d+")
 # Fields a line of a .jsonl prompt file may carry; any other is an error naming it (a field this

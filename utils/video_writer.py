@@ -28,7 +28,7 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 _CONVERT_FRAMES = 16  # frames converted to uint8 per pipe write
 

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,12 +22,30 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from memflow.errors import InputError
+
 from .downloads import DownloadStore
 from .hub import Client, DeviceHub
 from .outbox import Close, Frame, Outbox
-from .protocol import (CLOSE_FORBIDDEN_ORIGIN, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER,
-                       CLOSE_UNAUTHORIZED, FRAME_HEADER, PROTOCOL_VERSION, Ack, Command, Hello,
-                       Ping, ProtocolError, RateLimit, decode_text, error_frame, parse_message, type_of)
+from .protocol import (
+    CLOSE_FORBIDDEN_ORIGIN,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_LATER,
+    CLOSE_UNAUTHORIZED,
+    FRAME_HEADER,
+    PROTOCOL_VERSION,
+    Ack,
+    Command,
+    Hello,
+    Ping,
+    ProtocolError,
+    RateLimit,
+    decode_text,
+    error_frame,
+    parse_message,
+    type_of,
+)
 from .settings import ServerSettings, host_of
 
 log = logging.getLogger(__name__)
@@ -332,3 +351,18 @@ async def send_loop(ws: WebSocket, client: Client, hub: DeviceHub) -> None:
     except Exception as e:  # the client went away mid-send
         log.debug("client %d: send ended: %r", client.id, e)
         outbox.abandon()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (IPv6 for an address with a colon) and listening;
+    a port in use or an address not of this machine is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    return sock

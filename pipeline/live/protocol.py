@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from config.schema import SEED_RANGE
 from utils.prompts import prompt_problem
-from utils.settings_schema import SEED_RANGE
 
 from .settings import ServerSettings
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MIN_TOKEN_CHARS = 16  # `openssl rand -hex 16` gives 32; a word such as "password" is refused

@@ -21,7 +21,7 @@ from pipeline.session import SessionLimitReached
 
 from .downloads import DownloadStore
 from .outbox import Outbox, encode_jpeg, frame_message
-from .protocol import Command, PlannedSwitch, Plan, SetPrompt, Simple, Start, error_frame
+from .protocol import Command, Plan, PlannedSwitch, SetPrompt, Simple, Start, error_frame
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)

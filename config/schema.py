@@ -7,7 +7,7 @@ use, so a key the two share (``model_kwargs.sink_size``, ``denoising_step_list``
 has one definition and one default. `settings_from_config` builds the typed object of a schema
 from a loaded YAML (+ ``key=value`` overrides): absent keys take the defaults written here.
 
-Field metadata (read by `utils.schema`, which checks a config against a schema before anything
+Field metadata (read by `config.checker`, which checks a config against a schema before anything
 loads): ``minimum`` / ``maximum`` / ``below``, ``positive``, ``nonempty``, ``choices`` (a
 function giving the allowed values when a config is checked: a registry's names); ``alias`` is the key as the YAML
 spells it when that is no Python name we want (the reference's ``model_kwargs.SMA``);
@@ -20,7 +20,9 @@ takes its default when absent, and is read where it is used: inference from the 
 `InferenceConfig` that `pipeline.runner` and `pipeline.build` receive, training from
 `TrainSettings.config` (a `TrainConfig`). ``configs/default_config.yaml`` may document it (a
 value written there must be the default; tests/test_config_schema.py checks). A key backed by a
-library object takes that object's default (`_library`), so the value itself has one home too.
+model-library object takes that object's default (`_library`: the library sits below the
+configuration); the training objects (`trainer.rollout.RolloutConfig`, ...) read theirs from
+here. Either way the value itself has one home.
 """
 from __future__ import annotations
 
@@ -35,17 +37,15 @@ from omegaconf import DictConfig
 
 from memflow.attention import backend_names
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.errors import InputError
 from memflow.lora import LoraSettings
 from memflow.text_encoder import umt5_encoder_config
 from memflow.vae import WAN21_VAE_CONFIG
-from trainer.long_sequence import LongTuningConfig
-from trainer.rollout import RolloutConfig
-from trainer.score import ScoreConfig
-from utils.config import DTYPES
-from utils.distributed import SEED_MODES
-from utils.errors import InputError
-from utils.schema import config_key, plain_value, section_of
 
+from .checker import config_key, plain_value, section_of
+from .loader import DTYPES
+
+SEED_MODES = ("per_prompt", "per_rank", "shared")  # how a run's seed spreads over prompts, ranks
 DtypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
 SeedMode = Literal[SEED_MODES]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
@@ -56,6 +56,7 @@ SEED_RANGE = {"minimum": 0, "maximum": 2**63 - 1}  # what a torch generator take
 # the per-prompt (seed + line) and per-rank (seed + rank) offsets
 _OVERRIDES = {"overrides": True}
 _BETA = {"minimum": 0, "below": 1}  # Adam betas and the EMA decay
+_UNUSED = {"ignored": True}  # accepted so the reference's configs load; named in IGNORED_KEYS
 
 
 def _library(cls: type, name: str, **metadata: Any) -> Any:
@@ -85,15 +86,16 @@ class ModelKwargs:
 
 @dataclass
 class Adapter:
-    """`adapter:` (LoRA, TRAINING.md §6.2: every linear of every block). dtype and verbose are
-    the reference's and only printed there; apply_to_critic is read by training."""
+    """`adapter:` (LoRA, TRAINING.md §6.2: every linear of every block); apply_to_critic is read
+    by training. dtype and verbose are the reference's, which only prints them: accepted, never
+    read (`IGNORED_KEYS`)."""
 
     type: Literal["lora"] = "lora"
     rank: int = field(default=16, metadata={"minimum": 1})
     alpha: float | None = field(default=None, metadata=_POSITIVE)  # null: rank
     dropout: float = field(default=0.0, metadata={"minimum": 0, "below": 1})
-    dtype: str = "bfloat16"
-    verbose: bool = False
+    dtype: str = field(default="bfloat16", metadata=_UNUSED)
+    verbose: bool = field(default=False, metadata=_UNUSED)
     apply_to_critic: bool = True
 
     def lora_settings(self) -> LoraSettings:
@@ -235,29 +237,29 @@ class TrainModelKeys:
 class ScoreKeys:
     """The DMD and critic losses (`trainer.score.ScoreConfig`)."""
 
-    num_train_timestep: int = _library(ScoreConfig, "num_train_timestep", minimum=1)
-    timestep_shift: float = _library(ScoreConfig, "timestep_shift", positive=True)
-    guidance_scale: float = _library(ScoreConfig, "guidance_scale", minimum=0)  # teacher CFG
+    num_train_timestep: int = field(default=1000, metadata={"minimum": 1})
+    timestep_shift: float = field(default=5.0, metadata=_POSITIVE)
+    guidance_scale: float = field(default=3.0, metadata={"minimum": 0})  # teacher CFG
     real_guidance_scale: float | None = field(default=None, metadata={"minimum": 0})  # overrides
     # guidance_scale when set
     fake_guidance_scale: float | None = None  # critic CFG: only 0 / null
     negative_prompt: str = NEGATIVE_PROMPT
     denoising_loss_type: Literal["flow"] = "flow"
-    ts_schedule: bool = _library(ScoreConfig, "ts_schedule")
-    ts_schedule_max: bool = _library(ScoreConfig, "ts_schedule_max")
-    min_score_timestep: int = _library(ScoreConfig, "min_score_timestep", minimum=0)
+    ts_schedule: bool = False
+    ts_schedule_max: bool = False
+    min_score_timestep: int = field(default=0, metadata={"minimum": 0})
 
 
 @dataclass
 class RolloutKeys:
     """Stage-1 rollouts (`trainer.rollout.RolloutConfig`) and the latent geometry."""
 
-    same_step_across_blocks: bool = _library(RolloutConfig, "same_step_across_blocks")
-    last_step_only: bool = _library(RolloutConfig, "last_step_only")
+    same_step_across_blocks: bool = True
+    last_step_only: bool = False
     independent_first_frame: bool = False  # unsupported (as in the reference)
-    num_training_frames: int = _library(RolloutConfig, "num_training_frames", minimum=1)
-    min_num_training_frames: int = _library(RolloutConfig, "min_num_training_frames", minimum=1)
-    slice_last_frames: int = _library(RolloutConfig, "slice_last_frames", minimum=1)
+    num_training_frames: int = field(default=21, metadata={"minimum": 1})
+    min_num_training_frames: int = field(default=21, metadata={"minimum": 1})
+    slice_last_frames: int = field(default=21, metadata={"minimum": 1})
     image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
     i2v: bool = False  # unsupported (as in the reference)
 
@@ -339,11 +341,11 @@ class LongTuningKeys:
 
     streaming_training: bool = False
     # the window the losses see, latent frames
-    streaming_chunk_size: int = _library(LongTuningConfig, "window_frames", minimum=1)
+    streaming_chunk_size: int = field(default=21, metadata={"minimum": 1})
     streaming_max_length: int | None = field(default=None, metadata={"minimum": 1})  # null: 57
     streaming_possible_max_length: list[int] | None = None
-    streaming_min_new_frame: int = _library(LongTuningConfig, "min_new_frames", minimum=1)
-    train_first_chunk: bool = _library(LongTuningConfig, "train_first_chunk")
+    streaming_min_new_frame: int = field(default=18, metadata={"minimum": 1})
+    train_first_chunk: bool = True
     switch_mode: Literal["random_choice", "fixed", "random"] = "random_choice"
     switch_choices: list[int] | None = None
     fixed_switch_index: int | None = None  # null: 21
@@ -351,7 +353,6 @@ class LongTuningKeys:
     max_switch_frame_index: int | None = None
 
 
-_UNUSED = {"ignored": True}
 
 
 @dataclass
@@ -402,6 +403,8 @@ IGNORED_KEYS = {
     "width": "training geometry comes from image_or_video_shape",
     "num_frames": "training lengths come from num_training_frames",
     "discriminator_lr_multiplier": "there is no discriminator",
+    "adapter.dtype": "the LoRA weights take the model's dtype (the reference only prints it)",
+    "adapter.verbose": "the reference only prints it",
 }
 
 

@@ -2,7 +2,7 @@
 
 A schema is a dataclass whose field annotations say what each key may hold; a nested dataclass
 is a section (``model_kwargs:``, ``memory:``), whose keys are all optional. Only the annotations
-and metadata are read here; the schemas and their defaults live in `utils.settings_schema`.
+and metadata are read here; the schemas and their defaults live in `config.schema`.
 Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
 unions of these, ``list[X]`` / ``tuple[X, ...]``, a nested dataclass, and ``Any`` (anything).
 Field metadata adds bounds:
@@ -33,7 +33,7 @@ from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from utils.errors import InputError
+from memflow.errors import InputError
 
 
 def _show(value: Any) -> str:
@@ -122,7 +122,7 @@ def _matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, list) and all(_matches(v, item) for v in value)
     if dataclasses.is_dataclass(annotation):
         return isinstance(value, dict)
-    raise TypeError(f"utils.schema: unsupported annotation {annotation!r}")
+    raise TypeError(f"config.checker: unsupported annotation {annotation!r}")
 
 
 def section_of(annotation: Any) -> type | None:

@@ -1,6 +1,6 @@
 """YAML configs with ``key=value`` command-line overrides, and checks for the paths they name.
 
-With a `schema` (a dataclass, see `utils.schema`), every key of the file and of the overrides
+With a `schema` (a dataclass, see `config.checker`), every key of the file and of the overrides
 must be one of the schema's, and every value of the merged config (the file's values that no
 override replaces, and the overrides) must have the schema's type;
 this is how the entry points load their configs. Without one, overrides may only set keys that
@@ -20,9 +20,9 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from config.checker import check_known_keys, check_override, check_section
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
-from utils.errors import InputError
-from utils.schema import check_known_keys, check_override, check_section
+from memflow.errors import InputError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -108,7 +108,7 @@ def _attribute(settings: object, key: str) -> object:
 
 def require_path(cfg: DictConfig | object, key: str, kind: str = "file") -> Path:
     """The existing file or directory that config key `key` (dotted for nested keys) names, in a
-    loaded config or in typed settings (`utils.settings_schema`).
+    loaded config or in typed settings (`config.schema`).
 
     Relative paths are taken from the working directory, as in the reference, and ``~`` is
     expanded. Checking up front turns a missing checkpoint into one line naming the key instead

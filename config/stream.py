@@ -1,18 +1,17 @@
 """The model library's streaming and sampler settings built from the schema sections that
 inference and training share (`model_kwargs:`, the step list, `memory:` / `switch:` overrides),
-and the latent geometry. Both `pipeline.settings` and `trainer.config` build them here, so a
+and the latent geometry. Both `config.inference` and `trainer.config` build them here, so a
 shared key is turned into a library setting by one function and fails with one message.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
+from memflow.errors import InputError
 from memflow.memory_sources import memory_layouts
-from utils.errors import InputError
 
-if TYPE_CHECKING:  # the schema reads the trainer's defaults, which use `whole_chunks`
-    from utils.settings_schema import ModelKwargs, SamplingKeys
+from .schema import ModelKwargs, SamplingKeys
 
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x in time, 8x in space
 PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16

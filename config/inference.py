@@ -1,20 +1,27 @@
-"""Turn a checked inference config into typed settings: the library's `StreamConfig`,
-`SamplingConfig` and `SwitchOptions`, plus the geometry.
+"""An inference config, from its file to typed settings: the YAML file and ``key=value``
+overrides checked against the one schema (`config.schema`) into the typed `InferenceConfig`, then
+the rules that relate keys to each other, into the library's `StreamConfig`, `SamplingConfig` and
+`SwitchOptions` plus the geometry (`InferenceSettings`).
 
-Every default comes from the one schema (`utils.settings_schema.InferenceConfig`); what is
-checked here are the rules that relate keys to each other (resolution a multiple of 16, frames a
-whole number of chunks, sink smaller than the window), before any model is built, so a bad
-config fails in one line and not deep inside torch.
+Every default comes from the schema. `load_inference_config` rejects an unknown key (with a "did
+you mean" hint) or a value of the wrong type before any model is loaded; `parse_settings` checks
+the cross-key rules (resolution a multiple of 16, frames a whole number of chunks, sink smaller
+than the window), so a bad config fails in one line and not deep inside torch. The reference's
+configs use a subset of these keys, so they load as they are. The runner, the builders and the
+live session take an `InferenceConfig` and never see the YAML mapping.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
-from utils.errors import InputError
-from utils.settings_schema import InferenceConfig, ModelKwargs
-from utils.stream_settings import (VAE_STRIDE, latent_size, sampling_config, stream_config,
-                                   with_overrides)
+from memflow.errors import InputError
+
+from .loader import load_config
+from .schema import InferenceConfig, ModelKwargs, settings_from_config
+from .stream import VAE_STRIDE, latent_size, sampling_config, stream_config, with_overrides
 
 
 @dataclass(frozen=True)
@@ -86,3 +93,25 @@ def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
     if int(c.num_samples) != 1:
         raise InputError("num_samples must be 1 (one video per prompt and seed)")
     return InferenceSettings(stream, sampling, switch, latent_hw, num_frames, compat)
+
+def check_tiny_shape(c: InferenceConfig) -> None:
+    """The `tiny:` section as a whole makes a DiT (e.g. `dim` divisible by `num_heads`): the
+    relations between its keys, which a per-key schema cannot express."""
+    if not c.tiny:
+        return
+    shape = {k: v for k, v in c.tiny.items() if k != "seed"}
+    try:
+        DiTConfig.from_dict(shape)
+    except ValueError as err:
+        raise InputError(f"config key `tiny`: {err}") from None
+
+
+def load_inference_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> InferenceConfig:
+    """The typed settings of the config file at `path` with ``key=value`` `overrides`, checked
+    against the schema (keys, types, allowed values, the tiny shape) before any model loads."""
+    cfg = load_config(path, overrides, schema=InferenceConfig)
+    c = settings_from_config(cfg, InferenceConfig)
+    check_tiny_shape(c)
+    return c
