@@ -22,13 +22,16 @@ without importing this application package.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from config.inference import InferenceSettings, parse_settings
 from config.loader import DTYPES, existing_path, require_wan_folder
 from config.schema import InferenceConfig
+from memflow.attention import AttentionKernel
 from memflow.checkpoint import load_checkpoint_weights, load_wan_config, load_wan_generator
 from memflow.errors import InputError
 from memflow.lora import LoraSettings, apply_lora
@@ -36,6 +39,7 @@ from memflow.lora import merge_lora as merge_adapter
 from memflow.model import WanDiT
 from memflow.text_encoder import TextEncoder, umt5_encoder_config
 from memflow.vae import WAN_VAE_CHECKPOINT, WanVAE
+from utils.distributed import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +181,66 @@ def _load_wan_codecs(
     except (ValueError, FileNotFoundError) as err:  # the loaders' one-line file errors
         raise InputError(str(err)) from None
     return text_encoder, vae
+
+
+# ---- the one setup of a run and of a live session --------------------------------------------
+@dataclass(frozen=True)
+class InferenceSetup:
+    """What is known once every input is checked, before anything is loaded or written."""
+
+    settings: InferenceSettings
+    paths: CheckpointPaths
+    device: torch.device
+
+
+def prepare_inference(c: InferenceConfig, interactive: bool, local_rank: int = 0) -> InferenceSetup:
+    """Check everything a run or a live session needs (the settings' cross-key rules, the files,
+    the attention kernel, the device) and warn about settings without effect, so that bad input
+    fails in one line before any output folder exists or any weight is read."""
+    settings = parse_settings(c, interactive)
+    paths = check_paths(c)
+    warn_ignored_settings(c, paths)
+    AttentionKernel(c.attn_backend)  # an uninstalled kernel is bad input
+    return InferenceSetup(settings, paths, pick_device(c.device, local_rank))
+
+
+def load_components(c: InferenceConfig, setup: InferenceSetup, seed: int) -> Components:
+    """The models of a prepared run on its device; `seed` seeds torch first (the tiny preset's
+    random weights and anything else drawn while building come from it)."""
+    set_cpu_threads(c, setup.device)
+    torch.manual_seed(seed)
+    return build_components(c, setup.device, setup.settings.compat, setup.paths)
+
+
+def _is_set(c: InferenceConfig, key: str) -> bool:
+    """Whether the user set `key`: non-empty and not the schema's default (a key set to its
+    default changes nothing, so it is not worth a warning)."""
+    value = getattr(c, key)
+    return bool(value) and value != getattr(InferenceConfig(), key)
+
+
+def warn_ignored_settings(c: InferenceConfig, paths: CheckpointPaths) -> None:
+    """Warn about settings that look meaningful but have no effect on this run."""
+    adapter, lora_ckpt = c.adapter, c.lora_ckpt
+    if paths.wan_folder is None:
+        ignored = [k for k in ("wan_models_root", "text_encoder_config", "vae_config")
+                   if _is_set(c, k)]
+        if ignored:
+            log.warning("preset: tiny builds random base models in memory and ignores %s (its "
+                        "generator_ckpt and lora_ckpt are loaded)", ", ".join(f"`{k}`" for k in ignored))
+    if adapter and not lora_ckpt:
+        log.warning("`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial "
+                    "weights (no effect on the video), yet the files are named _lora")
+
+
+def set_cpu_threads(c: InferenceConfig, device: torch.device) -> None:
+    """On the CPU, use `cpu_threads` threads per process (default: every core this process may
+    run on), whatever the launcher set. torchrun sets OMP_NUM_THREADS=1 for several processes,
+    and a different thread count changes the floating-point sums, hence the pixels; fixing the
+    count keeps a video independent of the number of processes (README, "Seeds")."""
+    if device.type != "cpu":
+        return
+    threads = c.cpu_threads
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(int(threads or 1))

@@ -16,7 +16,6 @@ the failures at the end.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from config.inference import InferenceSettings, parse_settings
+from config.inference import InferenceSettings
 from config.schema import InferenceConfig
-from memflow.attention import AttentionKernel
 from memflow.errors import InputError
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.text_encoder import TextEncoder, clean_prompt
-from utils.distributed import DistInfo, barrier, pick_device, prompt_seed, rank_seed
+from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
 from utils.prompts import (
     InteractiveStory,
     effective_switch_chunks,
@@ -40,7 +38,14 @@ from utils.prompts import (
 )
 from utils.video_writer import Mp4Writer, prepare_output_folder, removed_if_left_empty
 
-from .build import CheckpointPaths, Components, build_components, check_paths, model_type
+from .build import (
+    CheckpointPaths,
+    Components,
+    InferenceSetup,
+    load_components,
+    model_type,
+    prepare_inference,
+)
 from .causal_inference import CausalInferencePipeline
 from .interactive_inference import InteractiveInferencePipeline
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
@@ -100,27 +105,6 @@ def noise_order(settings: InferenceSettings) -> NoiseOrder:
     return "upfront" if settings.compat else "per_chunk"
 
 
-def _is_set(c: InferenceConfig, key: str) -> bool:
-    """Whether the user set `key`: non-empty and not the schema's default (a key set to its
-    default changes nothing, so it is not worth a warning)."""
-    value = getattr(c, key)
-    return bool(value) and value != getattr(InferenceConfig(), key)
-
-
-def warn_ignored_settings(c: InferenceConfig, paths: CheckpointPaths) -> None:
-    """Warn about settings that look meaningful but have no effect on this run."""
-    adapter, lora_ckpt = c.adapter, c.lora_ckpt
-    if paths.wan_folder is None:
-        ignored = [k for k in ("wan_models_root", "text_encoder_config", "vae_config")
-                   if _is_set(c, k)]
-        if ignored:
-            log.warning("preset: tiny builds random base models in memory and ignores %s (its "
-                        "generator_ckpt and lora_ckpt are loaded)", ", ".join(f"`{k}`" for k in ignored))
-    if adapter and not lora_ckpt:
-        log.warning("`adapter` is set but `lora_ckpt` is null: the LoRA keeps its initial "
-                    "weights (no effect on the video), yet the files are named _lora")
-
-
 def warn_unused_switches(c: InferenceConfig, interactive: bool) -> None:
     """Single-prompt mode has no prompt switches: name the switch keys it ignores."""
     if interactive:
@@ -129,19 +113,6 @@ def warn_unused_switches(c: InferenceConfig, interactive: bool) -> None:
     if unused:
         log.warning("mode: single ignores %s (prompt switches need mode: interactive and a .jsonl "
                     "file of {\"prompts\": [...]} lines)", ", ".join(f"`{k}`" for k in unused))
-
-
-def set_cpu_threads(c: InferenceConfig, device: torch.device) -> None:
-    """On the CPU, use `cpu_threads` threads per process (default: every core this process may
-    run on), whatever the launcher set. torchrun sets OMP_NUM_THREADS=1 for several processes,
-    and a different thread count changes the floating-point sums, hence the pixels; fixing the
-    count keeps a video independent of the number of processes (README, "Seeds")."""
-    if device.type != "cpu":
-        return
-    threads = c.cpu_threads
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(int(threads or 1))
 
 
 def warn_long_prompts(encoder: TextEncoder, plan: list[PlannedVideo], data_path: str) -> None:
@@ -186,28 +157,22 @@ def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
     that failed. All the input is checked (settings, paths, attention backend, device) before
     `plan_run` makes the output folder, so bad input leaves nothing on disk."""
     interactive = is_interactive(c)
-    settings = parse_settings(c, interactive)
-    paths = check_paths(c)
-    warn_ignored_settings(c, paths)
+    setup = prepare_inference(c, interactive, dist.local_rank)
     warn_unused_switches(c, interactive)
-    AttentionKernel(c.attn_backend)  # an uninstalled kernel is bad input, found before writing
-    device = pick_device(c.device, dist.local_rank)
     with removed_if_left_empty(c.output_folder if dist.is_main else None):
-        return _run_planned(c, dist, interactive, settings, paths, device)
+        return _run_planned(c, dist, interactive, setup)
 
 
 def _run_planned(c: InferenceConfig, dist: DistInfo, interactive: bool,
-                 settings: InferenceSettings, paths: CheckpointPaths,
-                 device: torch.device) -> RunResult:
+                 setup: InferenceSetup) -> RunResult:
     """`run` from making the output folder on: load the models, generate every video."""
-    plan = plan_run(c, dist, interactive, settings, paths)
+    settings, device = setup.settings, setup.device
+    plan = plan_run(c, dist, interactive, settings, setup.paths)
     data_path, skip_existing = str(c.data_path), c.skip_existing
 
     seed, seed_mode = c.seed, c.seed_mode
-    set_cpu_threads(c, device)
     process_seed = rank_seed(seed, dist.rank if seed_mode != "per_rank" else dist.local_rank, seed_mode)
-    torch.manual_seed(process_seed)
-    parts = build_components(c, device, settings.compat, paths)
+    parts = load_components(c, setup, process_seed)
 
     pipe_cls = InteractiveInferencePipeline if interactive else CausalInferencePipeline
     pipe = pipe_cls(parts.generator, settings.stream, settings.sampling)

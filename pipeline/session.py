@@ -45,7 +45,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from config.inference import InferenceSettings, load_inference_config, parse_settings
+from config.inference import InferenceSettings, load_inference_config
 from config.schema import SEED_RANGE, InferenceConfig
 from config.stream import VAE_STRIDE
 from memflow.chunk_loop import ChunkStepper
@@ -53,12 +53,12 @@ from memflow.errors import InputError
 from memflow.noise import SeededNoise
 from memflow.stream import Stream
 from memflow.streaming import StreamState
-from utils.distributed import pick_device, rank_seed
+from utils.distributed import rank_seed
 from utils.prompts import prompt_problem
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
-from .build import Components, build_components, check_paths
-from .runner import NonFiniteVideo, set_cpu_threads, warn_ignored_settings
+from .build import Components, load_components, prepare_inference
+from .runner import NonFiniteVideo
 
 log = logging.getLogger(__name__)
 
@@ -305,17 +305,13 @@ class Session:
     def from_settings(
         cls, c: InferenceConfig, *, config_path: str | None = None, overrides: Sequence[str] = ()
     ) -> "Session":
-        """Build the models of typed inference settings, as `pipeline.runner.run` does (same
-        checks, warnings, seeding); `config_path` and `overrides` only name where they came from."""
-        settings = parse_settings(c, interactive=True)
-        paths = check_paths(c)
-        warn_ignored_settings(c, paths)
-        device = pick_device(c.device)
-        set_cpu_threads(c, device)
+        """Build the models of typed inference settings with the setup of `pipeline.runner.run`
+        (`pipeline.build.prepare_inference`, `load_components`); `config_path` and `overrides`
+        only name where they came from."""
+        setup = prepare_inference(c, interactive=True)
         seed = int(c.seed)
-        torch.manual_seed(rank_seed(seed, 0, c.seed_mode))
-        parts = build_components(c, device, settings.compat, paths)
-        return cls(parts, settings, seed=seed, fps=float(c.fps),
+        parts = load_components(c, setup, rank_seed(seed, 0, c.seed_mode))
+        return cls(parts, setup.settings, seed=seed, fps=float(c.fps),
                    config_path=config_path, overrides=overrides)
 
     # -- geometry and counters -------------------------------------------------------------------

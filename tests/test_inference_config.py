@@ -27,7 +27,7 @@ def no_model_loading(monkeypatch):
     def fail(*_args, **_kwargs):
         raise AssertionError("models were loaded although the config is invalid")
 
-    monkeypatch.setattr(pipeline.runner, "build_components", fail)
+    monkeypatch.setattr(pipeline.runner, "load_components", fail)
 
 
 @pytest.mark.parametrize(

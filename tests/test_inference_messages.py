@@ -15,8 +15,7 @@ from test_real_format_loading import _overrides, wan_files  # noqa: F401 (a fixt
 
 import inference
 from config.schema import Adapter, InferenceConfig
-from pipeline.build import CheckpointPaths
-from pipeline.runner import warn_ignored_settings
+from pipeline.build import CheckpointPaths, warn_ignored_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
