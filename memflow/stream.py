@@ -22,7 +22,7 @@ Invariants: `chunk` is the next chunk to generate; `recent` holds the last commi
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol
 
 import torch
@@ -57,17 +57,21 @@ class ChunkRunner(Protocol):
 
 @dataclass(frozen=True)
 class PromptChange:
-    """From latent frame `latent_frame` (chunk `chunk`) on, the stream follows prompt `label`."""
+    """From latent frame `latent_frame` (chunk `chunk`) on, the stream follows prompt `label`.
+    `request`: what the caller of `set_prompt` attached to its wish (e.g. when and where it was
+    asked for); not part of the video, so not compared."""
 
     chunk: int
     latent_frame: int
     label: Hashable
+    request: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class _Wish:
     prompt: PromptInput
     label: Hashable
+    request: Any
 
 
 class Stream:
@@ -112,17 +116,19 @@ class Stream:
         self.first_chunk = first_chunk
         self.chunk = first_chunk
         self.timeline = [PromptChange(first_chunk, first_chunk * stepper.frames_per_block, label)]
-        self.switched = False  # the last chunk began with a prompt switch
+        self.switched = False  # the last chunk began with a prompt switch (with recache)
+        self.last_change: PromptChange | None = None  # the change the last chunk began with
         self._wish: _Wish | None = None
         self._lock = threading.Lock()
 
     # -- prompts --------------------------------------------------------------------------------
-    def set_prompt(self, prompt: PromptInput, label: Hashable = None) -> None:
+    def set_prompt(self, prompt: PromptInput, label: Hashable = None, request: Any = None) -> None:
         """Ask for `prompt` (an embedding, or a function that makes one when the switch happens:
         a live caller's text encoder runs on the generation thread) from the next chunk boundary
-        on. Any thread; never waits for a chunk."""
+        on; `request` comes back on the `PromptChange` it becomes. Any thread; never waits for a
+        chunk."""
         with self._lock:
-            self._wish = _Wish(prompt, label)
+            self._wish = _Wish(prompt, label, request)
 
     @property
     def pending_label(self) -> Hashable:
@@ -134,25 +140,25 @@ class Stream:
     def _same_prompt(self, wish: _Wish) -> bool:
         return wish.label is not None and wish.label == self.label
 
-    def _apply_wish(self) -> bool:
-        """Take the pending prompt at this boundary; True when a switch (with recache) ran."""
+    def _apply_wish(self) -> PromptChange | None:
+        """Take the pending prompt at this boundary: the change made, if any (a switch with
+        recache after chunk 0, a new first prompt before it)."""
         with self._lock:
             wish, self._wish = self._wish, None
         if wish is None or self._same_prompt(wish):
-            return False
+            return None
         context = wish.prompt() if callable(wish.prompt) else wish.prompt
         n = self.chunk
-        switched = n > 0
-        if switched:
+        if n > 0:
             self.stepper.switch_prompt(self.state, n, self.recent, context, self.switch,
                                        frames=self.recache_frames)
         self.context, self.label = context, wish.label
-        change = PromptChange(n, n * self.stepper.frames_per_block, wish.label)
+        change = PromptChange(n, n * self.stepper.frames_per_block, wish.label, wish.request)
         if n == self.timeline[-1].chunk:  # before any chunk under the last prompt: replace it
             self.timeline = [*self.timeline[:-1], change]
         else:
             self.timeline = [*self.timeline, change]
-        return switched
+        return change
 
     # -- generation -----------------------------------------------------------------------------
     def next_chunk(
@@ -167,8 +173,9 @@ class Stream:
         prompt first, then draws the chunk's initial noise (unless `x` is given: a rollout that
         drew every chunk's noise up front), then runs `ChunkStepper.step` (`hooks`: a
         `ChunkHooks`)."""
-        self.switched = self._apply_wish()
+        self.last_change = self._apply_wish()
         n = self.chunk
+        self.switched = self.last_change is not None and n > 0
         if x is None:
             x = self.stepper.chunk_noise(self.noise, n, self.batch_size, self.latent_hw)
         x0 = self.stepper.step(self.state, n, x, self.context, self.noise, exit_step, grad, hooks)

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ class ChunkResult:
     frames: np.ndarray  # uint8 [T, H, W, 3]
     prompt: str  # the prompt the chunk was generated under
     switched: bool  # a prompt switch took effect at this chunk
+    request: Any  # the `request` of the `set_prompt` that took effect at this chunk (or None)
     generate_s: float  # switch (encode + recache), denoise and commit
     decode_s: float  # streaming VAE decode to uint8
     latents: torch.Tensor
@@ -342,6 +343,12 @@ class Session:
         return self._video is not None
 
     @property
+    def chunks(self) -> int:
+        """Chunks generated so far in this video."""
+        video = self._video
+        return 0 if video is None else video.chunk
+
+    @property
     def latent_frames(self) -> int:
         """Latent frames generated so far in this video."""
         video = self._video
@@ -388,16 +395,17 @@ class Session:
             with self._view_lock:
                 self._video = video
 
-    def set_prompt(self, text: str) -> None:
+    def set_prompt(self, text: str, request: Any = None) -> None:
         """Ask for `text` from the next chunk boundary on (any thread, never blocks on a chunk).
         Several calls before a boundary: the last one wins (one switch per chunk). Asking for
-        the prompt already in effect cancels a pending switch."""
+        the prompt already in effect cancels a pending switch. `request` (e.g. when the ask
+        arrived) comes back on the `ChunkResult` of the chunk it takes effect at."""
         text = check_prompt(text)
         video = self._video
         if video is None:
             raise RuntimeError("the session is not started; call start(prompt) first")
         # encoded at the boundary, on the generation thread
-        video.stream.set_prompt(lambda: self._encode(text), text)
+        video.stream.set_prompt(lambda: self._encode(text), text, request)
 
     def reset(self) -> None:
         """Drop the video (cache, bank, frames, timeline); the models stay. `start` again."""
@@ -435,7 +443,9 @@ class Session:
             with self._view_lock:
                 video.spool.append(frames)
                 video.memory = memory_view(video.stream.state)
+            change = video.stream.last_change
             return ChunkResult(n, start, pixel_start, frames, video.prompt, video.stream.switched,
+                               None if change is None else change.request,
                                decoded - began, done - decoded, x0.detach().cpu())
 
     def _require_video(self) -> _Video:

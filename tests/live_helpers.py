@@ -27,6 +27,7 @@ class _Chunk:
     frames: np.ndarray
     prompt: str
     switched: bool
+    request: object = None
     generate_s: float = 0.001
     decode_s: float = 0.001
 
@@ -57,29 +58,44 @@ class FakeSession:
 
     def reset(self):
         self.prompt = self.seed = None
-        self._next_prompt = None
+        self._next = None  # (prompt, request) asked for the next chunk
         self.index = 0
         self.timeline = []
+
+    @property
+    def chunks(self):
+        return self.index
+
+    @property
+    def frames_generated(self):
+        return 4 * self.index
+
+    @property
+    def pending_prompt(self):
+        wish = self._next
+        return None if wish is None or wish[0] == self.prompt else wish[0]
 
     def start(self, prompt, seed=None):
         self.reset()
         self.prompt, self.seed = prompt, seed
         self.timeline = [_Entry(0, 0, prompt)]
 
-    def set_prompt(self, prompt):
-        self._next_prompt = prompt
+    def set_prompt(self, prompt, request=None):
+        self._next = (prompt, request)
 
     def next_chunk(self):
         if self.index >= self.limit:
             raise SessionLimitReached(f"{self.limit} chunks")
         time.sleep(self.delay_s)
-        switched = self._next_prompt is not None and self._next_prompt != self.prompt
-        if self._next_prompt is not None:
-            self.prompt, self._next_prompt = self._next_prompt, None
+        wish, self._next = self._next, None
+        switched = wish is not None and wish[0] != self.prompt
+        request = wish[1] if switched else None
         if switched:
+            self.prompt = wish[0]
             self.timeline.append(_Entry(3 * self.index, 4 * self.index, self.prompt))
         frames = np.full((4, 16, 24, 3), (self.index * 40) % 256, dtype=np.uint8)
-        chunk = _Chunk(self.index, 3 * self.index, 4 * self.index, frames, self.prompt, switched)
+        chunk = _Chunk(self.index, 3 * self.index, 4 * self.index, frames, self.prompt, switched,
+                       request)
         self.index += 1
         self.chunks_made += 1
         return chunk

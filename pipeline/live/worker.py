@@ -42,12 +42,14 @@ _DETACH = object()
 _ATTACHED = object()
 
 
-@dataclass
-class PendingSwitch:
-    prompt: str
-    requested_at: float  # time.monotonic() when the server received it
-    chunks_done: int     # chunks finished when the server received it (one may be in progress)
-    planned: bool        # from the plan (applied right before its chunk), not "switch now"
+@dataclass(frozen=True)
+class SwitchRequest:
+    """How a prompt switch was asked for: the session hands it back on the chunk the switch
+    takes effect at (`ChunkResult.request`), for the switch's latency readouts."""
+
+    received_at: float  # time.monotonic() when the server received it
+    chunks_done: int    # chunks finished when the server received it (one may be in progress)
+    planned: bool       # from the plan (applied right before its chunk), not "switch now"
 
 
 class GenerationWorker(threading.Thread):
@@ -70,12 +72,9 @@ class GenerationWorker(threading.Thread):
         self._clear_video()
 
     def _clear_video(self) -> None:
-        self.prompt: str | None = None
-        self.seed: int | None = None
-        self.chunks = 0
-        self.pixels = 0
+        """What the worker keeps of a video besides the session's own: the plan of future
+        switches, the last chunk's readouts and the thumbnails sent."""
         self.plan: list[PlannedSwitch] = []
-        self.pending: PendingSwitch | None = None
         self.last_chunk: dict[str, Any] | None = None
         self._thumbs: dict[int, str] = {}
 
@@ -83,25 +82,33 @@ class GenerationWorker(threading.Thread):
     def submit(self, command: Command) -> None:
         # the chunks finished as the request arrives: a chunk in progress then still finishes
         # under the old prompt, and `switch_chunks` counts it
-        self._commands.put((command, time.monotonic(), self.chunks))
+        self._commands.put((command, time.monotonic(), self._chunks_done()))
 
     def stop(self) -> None:
-        self._commands.put((_QUIT, time.monotonic(), self.chunks))
+        self._commands.put((_QUIT, time.monotonic(), self._chunks_done()))
 
     def detach(self, grace_s: float) -> None:
         """The client left: pause the stream and keep it for `grace_s` (for `attach`)."""
-        self._commands.put((_DETACH, grace_s, self.chunks))
+        self._commands.put((_DETACH, grace_s, self._chunks_done()))
 
     def attach(self, outbox: Outbox) -> None:
         """A reconnected client takes the stream back: everything goes to its outbox, starting
         with the current status, timeline and memory."""
         self.outbox = outbox
-        self._commands.put((_ATTACHED, time.monotonic(), self.chunks))
+        self._commands.put((_ATTACHED, time.monotonic(), self._chunks_done()))
+
+    def _chunks_done(self) -> int:
+        session = self.session
+        return 0 if session is None else session.chunks
+
+    def _frames_generated(self) -> int:
+        session = self.session
+        return 0 if session is None else session.frames_generated
 
     @property
     def has_video(self) -> bool:
         """A video worth keeping for a reconnecting client has begun."""
-        return self.pixels > 0 or self.state in (WorkerState.RUNNING, WorkerState.STOPPED)
+        return self._frames_generated() > 0 or self.state in (WorkerState.RUNNING, WorkerState.STOPPED)
 
     def held_s(self) -> float:
         return time.monotonic() - self._granted_at
@@ -167,7 +174,6 @@ class GenerationWorker(threading.Thread):
             return
         self._clear_video()
         self.plan = plan  # a plan made before starting applies to the new video
-        self.prompt, self.seed = command.prompt, self.session.seed
         self._post_timeline()
         self._set_state(WorkerState.RUNNING, "generating")
 
@@ -177,9 +183,7 @@ class GenerationWorker(threading.Thread):
             self.outbox.put_message(error_frame("not_started", "start a video first; the "
                                                 "prompt of `start` is its first prompt"))
             return
-        self.session.set_prompt(prompt)
-        same = prompt == self.session.prompt  # asking for the prompt in effect cancels a switch
-        self.pending = None if same else PendingSwitch(prompt, received, chunks_done, planned)
+        self.session.set_prompt(prompt, SwitchRequest(received, chunks_done, planned))
         self._post_status()
 
     def _pause(self, note: str = "stopped: resume to continue this video") -> None:
@@ -202,7 +206,7 @@ class GenerationWorker(threading.Thread):
         self._set_state(WorkerState.IDLE, "reset: ready for a new video")
 
     def _save(self) -> None:
-        if self.pixels == 0:
+        if self._frames_generated() == 0:
             self.outbox.put_message(error_frame("nothing_to_save", "no frames generated yet"))
             return
         if self._saving.is_set():
@@ -244,16 +248,17 @@ class GenerationWorker(threading.Thread):
                             "start for a new video (or download this one)")
         except Exception as e:
             log.exception("live generation failed")
-            self._fail(f"generation failed at chunk {self.chunks}: {e}")
+            self._fail(f"generation failed at chunk {self._chunks_done()}: {e}")
 
     def _apply_due_plan(self) -> None:
         """Apply the latest planned switch whose frame the next chunk has reached (at most one
         switch per chunk: a chunk boundary is the only place a switch can happen)."""
-        due = [s for s in self.plan if s.frame <= self.pixels]
+        frames = self._frames_generated()
+        due = [s for s in self.plan if s.frame <= frames]
         if not due:
             return
-        self.plan = [s for s in self.plan if s.frame > self.pixels]
-        self._set_prompt(due[-1].prompt, time.monotonic(), self.chunks, planned=True)
+        self.plan = [s for s in self.plan if s.frame > frames]
+        self._set_prompt(due[-1].prompt, time.monotonic(), self._chunks_done(), planned=True)
 
     def _step(self) -> None:
         self._apply_due_plan()
@@ -264,9 +269,6 @@ class GenerationWorker(threading.Thread):
         self.outbox.put_message(self._chunk_message(result, time.perf_counter() - started))
         for frame in frames:  # after the chunk's message, so a client knows their prompt
             self.outbox.put_frame(frame)
-        self.pixels += len(result.frames)
-        self.chunks += 1
-        self.prompt = result.prompt
         self._post_memory()
         self._post_timeline()
         self._post_status()
@@ -279,13 +281,13 @@ class GenerationWorker(threading.Thread):
                "switched": bool(result.switched), "generate_s": result.generate_s,
                "decode_s": result.decode_s, "encode_s": encode_s,
                "gen_fps": n / busy if busy > 0 else None}
-        if self.pending is not None and result.prompt == self.pending.prompt:
-            msg["switch_latency_ms"] = (time.monotonic() - self.pending.requested_at) * 1000
+        request = result.request
+        if isinstance(request, SwitchRequest):
+            msg["switch_latency_ms"] = (time.monotonic() - request.received_at) * 1000
             # chunks finished under the old prompt after the request arrived (the one in
             # progress then included): 0 or 1 unless the stream was stopped in between
-            msg["switch_chunks"] = result.index - self.pending.chunks_done
-            msg["planned"] = self.pending.planned
-            self.pending = None
+            msg["switch_chunks"] = result.index - request.chunks_done
+            msg["planned"] = request.planned
         self.last_chunk = msg
         return msg
 
@@ -297,12 +299,14 @@ class GenerationWorker(threading.Thread):
         self._post_status()
 
     def _post_status(self) -> None:
-        last = self.last_chunk or {}
+        last, session = self.last_chunk or {}, self.session
         self.outbox.put_message({
-            "type": "status", "state": self.state.value, "message": self.note, "prompt": self.prompt,
-            "pending_prompt": self.pending.prompt if self.pending else None, "seed": self.seed,
-            "chunks": self.chunks, "frames_generated": self.pixels,
-            "fps": getattr(self.session, "fps", None), "gen_fps": last.get("gen_fps"),
+            "type": "status", "state": self.state.value, "message": self.note,
+            "prompt": getattr(session, "prompt", None),
+            "pending_prompt": getattr(session, "pending_prompt", None),
+            "seed": getattr(session, "seed", None), "chunks": self._chunks_done(),
+            "frames_generated": self._frames_generated(),
+            "fps": getattr(session, "fps", None), "gen_fps": last.get("gen_fps"),
             "chunk_ms": (last["generate_s"] + last["decode_s"]) * 1000 if last else None,
         })
 
@@ -311,7 +315,7 @@ class GenerationWorker(threading.Thread):
         switches = [{"latent_frame": e.latent_frame, "pixel_frame": e.pixel_frame, "prompt": e.prompt}
                     for e in timeline]
         self.outbox.put_message({
-            "type": "timeline", "switches": switches, "frames_generated": self.pixels,
+            "type": "timeline", "switches": switches, "frames_generated": self._frames_generated(),
             "plan": [{"frame": s.frame, "prompt": s.prompt} for s in self.plan]})
 
     def _post_memory(self) -> None:
