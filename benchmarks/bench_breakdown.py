@@ -37,9 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch.nn as nn  # noqa: E402
-
 import common as C  # noqa: E402
+import torch.nn as nn  # noqa: E402
 from timed_video import make_decoder, run_video  # noqa: E402
 
 CATEGORIES = ("linear", "self_attn_kernel", "cross_attn_kernel", "maintenance", "rope", "other")

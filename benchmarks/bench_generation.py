@@ -27,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import common as C  # noqa: E402
+import torch  # noqa: E402
 from timed_video import make_decoder, run_video, sampling_config  # noqa: E402
+
+from memflow.vae import VAE_STRIDE  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -272,7 +273,7 @@ def render(args, preset, cfg, modes, videos, e2e, decoder_note, info, start_load
     """The markdown report of a run: what was run, then the DiT-only table, the all-layers
     extrapolation (under --layers), the end-to-end table (when decoded) and the overhead of
     each mode against frame-sink-only."""
-    pixel_per_block = C.VAE_TIME_STRIDE * args.frames_per_block  # 12 frames per 3-frame block
+    pixel_per_block = VAE_STRIDE[0] * args.frames_per_block  # 12 frames per 3-frame block
     full_layers = preset.dit.num_layers
     extrap = args.layers is not None and args.layers < full_layers
     warm = args.warmup_blocks

@@ -18,14 +18,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import common as C  # noqa: E402
+import torch  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,8 +38,8 @@ def parse_args(argv=None):
 
 def run_child(args) -> dict:
     """One rollout + backward in this process; returns its figures."""
-    from memflow.config import SamplingConfig
     from memflow.chunk_loop import ChunkStepper
+    from memflow.config import SamplingConfig
     from memflow.noise import SeededNoise
 
     preset, device, dtype = C.resolve(args)

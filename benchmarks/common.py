@@ -34,7 +34,6 @@ from memflow.config import DiTConfig, MemoryOptions, StreamConfig  # noqa: E402
 # Presets and memory modes
 # --------------------------------------------------------------------------------------------
 
-VAE_TIME_STRIDE = 4  # Wan VAE: one latent frame is 4 video frames (the very first one is 1)
 H100_TFLOPS = 800.0  # the "realistic dense bf16" figure for one H100
 
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
+from memflow.vae import VAE_STRIDE  # noqa: E402
+
 # MemFlow paper, one H100, DiT only (FPS = 12 frames / time per block).
 PAPER_FPS = {"none9": 23.5, "none": 23.5, "sink": 20.3, "nam": 17.6, "nam_sma": 18.7}
 
@@ -65,7 +67,7 @@ def report(args) -> str:
     frame_len = cfg.tokens_per_frame(*preset.latent_hw)
     lq = fpb * frame_len
     modes = C.parse_modes(args.modes)
-    video_frames = C.VAE_TIME_STRIDE * fpb
+    video_frames = VAE_STRIDE[0] * fpb
     d, f, T, L = cfg.dim, cfg.ffn_dim, cfg.text_len, cfg.num_layers
     big = C.block_flops(cfg, frame_len, fpb, args.steps, 12, 12) > 1e12
     unit, scale = ("TFLOP", 1e12) if big else ("GFLOP", 1e9)

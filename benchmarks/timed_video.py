@@ -17,8 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from common import (
+    MemoryProbe,
+    Mode,
+    Preset,
+    RegionTimer,
+    block_flops,
+    now,
+    stream_config,
+    time_layers,
+)
 
-from common import MemoryProbe, Preset, RegionTimer, Mode, block_flops, now, stream_config, time_layers
 from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.config import DiTConfig, SamplingConfig
 from memflow.noise import SeededNoise
@@ -314,8 +323,8 @@ def make_decoder(kind: str, preset: Preset, device: torch.device, dtype: torch.d
                           "tens of seconds to minutes per chunk (force with --vae tiny/wan)")
         kind = "wan" if preset.name == "wan1.3b" else "tiny"
     try:
-        from memflow.vae import WanVAE, wan_vae_config
         from memflow.tiny import build_tiny_vae
+        from memflow.vae import WanVAE, wan_vae_config
     except ImportError as err:  # the VAE adapter is not in this checkout
         return None, f"memflow.vae unavailable ({err})"
     if kind == "tiny":

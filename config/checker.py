@@ -28,7 +28,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -57,12 +57,16 @@ def schema_keys(schema: type) -> list[str]:
     return [config_key(f) for f in dataclasses.fields(schema)]
 
 
-def unknown_key_error(key: str, known: list[str], where: str = "") -> InputError:
+def did_you_mean(name: str, known: Iterable[str], quote: str = "`") -> str:
+    """``; did you mean `close`?`` for the known name closest to a misspelt `name`, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {quote}{close[0]}{quote}?" if close else ""
+
+
+def unknown_key_error(key: str, known: Iterable[str], where: str = "") -> InputError:
     """``unknown config key `a.b`; did you mean `a.c`?`` (`key` and `known` fully dotted)."""
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean `{close[0]}`?" if close else ""
     prefix = f"{where}: " if where else ""
-    return InputError(f"{prefix}unknown config key `{key}`{hint}")
+    return InputError(f"{prefix}unknown config key `{key}`{did_you_mean(key, known)}")
 
 
 def plain_value(value: Any) -> Any:

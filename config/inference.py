@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.errors import InputError
+from memflow.vae import video_frames
 
 from .loader import load_config
 from .schema import InferenceConfig, ModelKwargs, settings_from_config
-from .stream import VAE_STRIDE, latent_size, sampling_config, stream_config, with_overrides
+from .stream import latent_size, sampling_config, stream_config, with_overrides
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def check_rope_table(num_frames: int) -> None:
     if num_frames > limit:
         raise InputError(
             f"num_output_frames ({num_frames}) is past the RoPE position table: at most {limit} "
-            f"latent frames ({1 + VAE_STRIDE[0] * (limit - 1)} video frames) can be generated")
+            f"latent frames ({video_frames(limit)} video frames) can be generated")
 
 
 def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:

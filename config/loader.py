@@ -10,7 +10,6 @@ whose options are validated by the code that reads it.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from config.checker import check_known_keys, check_override, check_section
+from config.checker import check_known_keys, check_override, check_section, did_you_mean
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
 from memflow.errors import InputError
 
@@ -58,9 +57,8 @@ def _check_known(cfg: DictConfig, key: str, path: Path) -> None:
         if not isinstance(node, DictConfig) or part not in node:
             prefix = "".join(f"{p}." for p in parts[:depth])
             siblings = [f"{prefix}{k}" for k in node] if isinstance(node, DictConfig) else []
-            close = difflib.get_close_matches(key, siblings, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise InputError(f"unknown config key `{key}` (not in {path}){hint}")
+            raise InputError(f"unknown config key `{key}` (not in {path})"
+                             f"{did_you_mean(key, siblings)}")
         node = node[part]
 
 

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.memory_sources import memory_layouts
+from memflow.vae import VAE_STRIDE
 
 from .schema import ModelKwargs, SamplingKeys
 
-VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x in time, 8x in space
 PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16
 
 Options = TypeVar("Options")

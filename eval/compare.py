@@ -28,13 +28,14 @@ from pathlib import Path
 from config.inference import load_inference_config
 from config.schema import InferenceConfig
 from memflow.errors import InputError
+from memflow.files import atomic_write_text
+from memflow.vae import video_frames
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.video_writer import check_folder_path
 
 from .evaluate import add_model_args, build_scorer, evaluate_folder, resolve_device
 from .inputs import generation_from_config
-from .report import fmt, markdown_table, span_label, write_atomic, write_json
-from .segments import pixel_frames
+from .report import fmt, markdown_table, span_label, write_json
 
 MODES: dict[str, tuple[str, list[str]]] = {
     "none": ("no memory (window only)",
@@ -77,7 +78,7 @@ def generate(c: InferenceConfig, dist: DistInfo) -> tuple[int, float, bool]:
     finally:
         logger.removeHandler(times)
         logger.setLevel(level)
-    frames = pixel_frames(int(c.num_output_frames))
+    frames = video_frames(int(c.num_output_frames))
     count = len(times.times)
     if count >= 2:
         return count, frames * (count - 1) / (times.times[-1] - times.times[0]), False
@@ -95,7 +96,7 @@ def _limited_prompts(path: Path, limit: int | None, out: Path) -> Path:
         raise InputError(f"prompt file not found: {path}")
     lines = [l for l in path.read_text(encoding="utf-8-sig").split("\n") if l.strip()][:limit]
     copy = out / f"prompts_first{limit}{path.suffix}"
-    write_atomic(copy, "\n".join(lines) + "\n")
+    atomic_write_text(copy, "\n".join(lines) + "\n")
     return copy
 
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                               | {"aggregate": r["report"]["aggregate"],
                                                  "report": str(out / r["mode"] / "eval" / "report.json")}
                                               for r in rows]})
-        write_atomic(out / "compare.md", f"# Memory modes: `{args.config_path}` {' '.join(args.overrides)}\n\n{table}")
+        atomic_write_text(out / "compare.md", f"# Memory modes: `{args.config_path}` {' '.join(args.overrides)}\n\n{table}")
         print(table)
         print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and one report per mode")
     return 0

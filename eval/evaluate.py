@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from config.inference import load_inference_config
 from memflow.errors import InputError
+from memflow.files import atomic_write_text
+from memflow.vae import video_frames
 from utils.distributed import (
     DistInfo,
     barrier,
@@ -38,9 +40,9 @@ from utils.video_writer import check_folder_path
 
 from .inputs import Generation, check_switches, generation_from_config, load_stories, match_videos
 from .models import ClipScorer, DinoEncoder
-from .report import aggregate, render_markdown, write_atomic, write_json
+from .report import aggregate, render_markdown, write_json
 from .score import Protocol, VideoScorer
-from .segments import Span, latent_frames, pixel_frames, segment_spans
+from .segments import Span, latent_frames, segment_spans
 from .video import file_sha256, probe
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,10 @@ DEFAULT_DINO = "eval_models/dino-vitb16"
 def _spans(generation: Generation, num_frames: int, num_prompts: int, path: Path) -> list[Span]:
     """The video's prompt segments; one span for a single-prompt video."""
     latent = generation.num_latent_frames or latent_frames(num_frames)
-    if num_frames != pixel_frames(latent):
+    if num_frames != video_frames(latent):
         raise InputError(
             f"{path}: {num_frames} frames, but num_output_frames={latent} decodes to "
-            f"{pixel_frames(latent)}; evaluate with the config that generated it"
+            f"{video_frames(latent)}; evaluate with the config that generated it"
         )
     if not generation.interactive:
         return [Span(0, 0, num_frames, 0)]
@@ -120,7 +122,7 @@ def evaluate_folder(
 
         report["vbench"] = run_vbench(paths, out / "vbench", vbench_device)
     write_json(out / "report.json", report)
-    write_atomic(out / "report.md", render_markdown(report))
+    atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 

@@ -12,29 +12,16 @@ Aggregation rules (also written into every report's protocol section):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from memflow.files import atomic_write_text
 
 from .metrics import Consistency, mean
 from .score import DRIFT_METRICS
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _pooled(records: list[dict], name: str) -> dict:

@@ -13,29 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memflow.errors import InputError
+from memflow.vae import latent_frames_within, video_frames
 from utils.prompts import effective_switch_chunks
-
-VAE_TIME_STRIDE = 4
-
-
-def pixel_frames(latent_frames: int) -> int:
-    """Decoded video length of `latent_frames` latent frames: 1 + 4(F-1)."""
-    return 1 + VAE_TIME_STRIDE * (latent_frames - 1)
 
 
 def latent_frames(pixel_count: int) -> int:
     """The latent length that decodes to `pixel_count` frames; an error if none does."""
-    if pixel_count < 1 or (pixel_count - 1) % VAE_TIME_STRIDE:
+    if pixel_count < 1 or video_frames(latent_frames_within(pixel_count)) != pixel_count:
         raise InputError(
             f"a video of {pixel_count} frames cannot come from the Wan VAE "
             f"(F latent frames decode to 1 + 4(F-1) frames)"
         )
-    return 1 + (pixel_count - 1) // VAE_TIME_STRIDE
-
-
-def pixel_start(latent_start: int) -> int:
-    """First pixel frame decoded from latent frame `latent_start`."""
-    return 0 if latent_start == 0 else VAE_TIME_STRIDE * latent_start - (VAE_TIME_STRIDE - 1)
+    return latent_frames_within(pixel_count)
 
 
 @dataclass(frozen=True)
@@ -62,7 +51,7 @@ def segment_spans(
     chunks = effective_switch_chunks(switch_frames, frames_per_block,
                                      num_latent_frames // frames_per_block)
     starts = [0] + [c * frames_per_block for c in chunks]
-    bounds = [pixel_start(s) for s in starts] + [pixel_frames(num_latent_frames)]
+    bounds = [video_frames(s) for s in starts] + [video_frames(num_latent_frames)]
     return [Span(j, bounds[j], bounds[j + 1], starts[j]) for j in range(len(starts))]
 
 

@@ -21,7 +21,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from memflow.errors import InputError
 
 from .config import DiTConfig
+from .files import atomic_write
 from .model import WanDiT
 
 log = logging.getLogger(__name__)
@@ -219,25 +219,6 @@ def read_state_dict(path: PathLike, *, trust: bool = False) -> dict[str, torch.T
         except Exception as err:
             raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from None
     return _tensor_dict(read_checkpoint(path, trust=trust), str(path))
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file in `path`'s folder, then rename it to `path`.
-
-    The rename is atomic on one filesystem, so `path` is either the old file or the complete new
-    one, never a truncated write (a crash or a full disk leaves only the old file).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -44,6 +44,21 @@ WAN_LATENT_STD = (
 )  # fmt: skip
 
 # Wan2.1's VAE (§7.2) in `AutoencoderKLWan` terms.
+VAE_STRIDE = (4, 8, 8)  # the Wan VAE's compression in time, height and width
+
+
+def video_frames(latent_frames: int) -> int:
+    """Video frames decoded from the first `latent_frames` latent frames (also: the first video
+    frame of latent frame `latent_frames`): the first latent frame is one video frame, every
+    later one `VAE_STRIDE[0]` (4)."""
+    return 0 if latent_frames <= 0 else 1 + VAE_STRIDE[0] * (latent_frames - 1)
+
+
+def latent_frames_within(frames: int) -> int:
+    """The latent frames whose video frames all lie within the first `frames` video frames."""
+    return 0 if frames <= 0 else 1 + (frames - 1) // VAE_STRIDE[0]
+
+
 WAN21_VAE_CONFIG: dict[str, Any] = dict(
     base_dim=96,
     z_dim=16,

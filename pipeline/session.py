@@ -47,12 +47,13 @@ import torch
 
 from config.inference import InferenceSettings, load_inference_config
 from config.schema import SEED_RANGE, InferenceConfig
-from config.stream import VAE_STRIDE
 from memflow.chunk_loop import ChunkStepper
 from memflow.errors import InputError
+from memflow.files import atomic_write_text
 from memflow.noise import SeededNoise
 from memflow.stream import Stream
 from memflow.streaming import StreamState
+from memflow.vae import VAE_STRIDE, latent_frames_within, video_frames
 from utils.distributed import rank_seed
 from utils.prompts import prompt_problem
 from utils.video_writer import Mp4Writer, to_uint8_frames
@@ -106,12 +107,6 @@ class MemoryView:
     bank: list[int]
     window: list[int]
     bank_layers: list[list[int]]
-
-
-def pixel_frame_of(latent_frame: int) -> int:
-    """First video frame decoded from a latent frame: the causal VAE turns latent 0 into one
-    frame and every later latent into `VAE_STRIDE[0]` (4) frames."""
-    return 0 if latent_frame == 0 else 1 + VAE_STRIDE[0] * (latent_frame - 1)
 
 
 def check_prompt(text: object) -> str:
@@ -205,16 +200,15 @@ class PendingSave:
         """Encode the MP4 and write the JSON (temporary names, then rename); saves of one
         session run one at a time."""
         json_path = self.path.with_suffix(".json")
-        partial = json_path.parent / f".{json_path.stem}.partial.json"
         with self._lock:
+            with self._frames, Mp4Writer(self.path, fps=self.fps) as writer:  # makes the folder
+                for block in self._frames.blocks():
+                    writer.write(block)
             try:
-                with self._frames, Mp4Writer(self.path, fps=self.fps) as writer:  # makes the folder
-                    for block in self._frames.blocks():
-                        writer.write(block)
-                    partial.write_text(json.dumps(self.sidecar, indent=2, ensure_ascii=False) + "\n")
-                os.replace(partial, json_path)
-            finally:
-                partial.unlink(missing_ok=True)
+                atomic_write_text(json_path, json.dumps(self.sidecar, indent=2, ensure_ascii=False) + "\n")
+            except BaseException:
+                self.path.unlink(missing_ok=True)  # a video without its timeline is half a save
+                raise
         return self.path, json_path
 
 
@@ -247,7 +241,7 @@ class _Video:
 
     @property
     def timeline(self) -> list[TimelineEntry]:
-        return [TimelineEntry(c.latent_frame, pixel_frame_of(c.latent_frame), c.label)
+        return [TimelineEntry(c.latent_frame, video_frames(c.latent_frame), c.label)
                 for c in self.stream.timeline]
 
 
@@ -502,10 +496,10 @@ class Session:
         with self._view_lock:
             video = self._video
             stored = 0 if video is None else video.spool.count  # the frames decoded so far
-            if not (0 <= latent_frame and pixel_frame_of(latent_frame) < stored):
-                generated = 0 if stored == 0 else 1 + (stored - 1) // VAE_STRIDE[0]
+            if not (0 <= latent_frame and video_frames(latent_frame) < stored):
+                generated = latent_frames_within(stored)
                 raise ValueError(f"latent frame {latent_frame} is not generated (0..{generated - 1})")
-            frame = video.spool.read(pixel_frame_of(latent_frame), pixel_frame_of(latent_frame) + 1)[0]
+            frame = video.spool.read(video_frames(latent_frame), video_frames(latent_frame) + 1)[0]
         if max_side is not None:
             stride = max(1, math.ceil(max(frame.shape[:2]) / max_side))
             frame = np.ascontiguousarray(frame[::stride, ::stride])

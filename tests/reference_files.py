@@ -12,8 +12,14 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from memflow.checkpoint import (GENERATOR_ENTRIES, WRAPPER_PREFIX, PathLike, _plain_state_dict,
-                                atomic_write, load_checked)
+from memflow.checkpoint import (
+    GENERATOR_ENTRIES,
+    WRAPPER_PREFIX,
+    PathLike,
+    _plain_state_dict,
+    load_checked,
+)
+from memflow.files import atomic_write
 from memflow.lora import lora_state_dict
 from memflow.model import WanDiT
 from trainer.checkpointing import list_checkpoints

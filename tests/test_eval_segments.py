@@ -7,14 +7,13 @@ import torch
 from eval.segments import (
     Span,
     latent_frames,
-    pixel_frames,
-    pixel_start,
     sample_frames,
     segment_spans,
     window_spans,
 )
 from memflow.errors import InputError
 from memflow.tiny import build_tiny_vae
+from memflow.vae import video_frames
 
 
 def test_benchmark_segments_by_hand():
@@ -25,7 +24,7 @@ def test_benchmark_segments_by_hand():
     assert [(s.start, s.stop) for s in spans] == [
         (0, 165), (165, 321), (321, 477), (477, 645), (645, 801), (801, 957)
     ]
-    assert pixel_frames(240) == 957 and pixel_frames(120) == 477
+    assert video_frames(240) == 957 and video_frames(120) == 477
 
 
 def test_two_switches_in_one_chunk_are_serialised():
@@ -43,9 +42,9 @@ def test_pixel_mapping_matches_the_streaming_vae_decoder():
     latents = torch.randn(1, 12, vae.z_dim, 4, 4, generator=torch.Generator().manual_seed(0))
     decoded = 0
     for n in range(4):
-        assert pixel_start(3 * n) == decoded
+        assert video_frames(3 * n) == decoded
         decoded += decoder.decode(latents[:, 3 * n : 3 * n + 3]).shape[1]
-    assert decoded == pixel_frames(12) == 45
+    assert decoded == video_frames(12) == 45
     assert latent_frames(45) == 12
 
 

@@ -37,13 +37,13 @@ if MISSING and os.environ.get("MEMFLOW_REQUIRE_BROWSER"):  # CI: a skip would hi
 if MISSING:
     pytest.skip(MISSING, allow_module_level=True)
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from pipeline.session import pixel_frame_of  # noqa: E402
+from memflow.vae import video_frames  # noqa: E402
 
 PATIENCE_S = 240  # a safety net for a stuck run; every wait below ends on its condition
 
@@ -178,7 +178,7 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     latent, frame = until(browser, lambda d: d.execute_script(SWITCH_ENTRY, "blue whale"),
                           "the switch never appeared on the timeline")
     assert latent > 0 and latent % FRAMES_PER_CHUNK == 0  # at a chunk boundary, after chunk 0
-    assert frame == pixel_frame_of(latent)  # the first video frame of that latent frame
+    assert frame == video_frames(latent)  # the first video frame of that latent frame
     markers = browser.execute_script(TIMELINE_MARKERS)
     assert markers == [0, frame]
     until(browser, lambda d: text(d, "switch-latency").endswith("ms"), "the new prompt was never shown")

@@ -22,14 +22,22 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from live_helpers import (  # noqa: E402,F401
+    CLOSED,
+    FakeSession,
+    assert_released,
+    fake_app,
+    of_type,
+    receive_until,
+    settings,
+    wait_until,
+)
 from PIL import Image  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 from pipeline.live import create_app  # noqa: E402
 from pipeline.live.protocol import FRAME_HEADER  # noqa: E402
 from pipeline.session import Session  # noqa: E402
-from live_helpers import (CLOSED, FakeSession, assert_released, fake_app,  # noqa: E402,F401
-                          of_type, receive_until, settings, wait_until)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny_interactive.yaml"
@@ -281,7 +289,7 @@ def decode_frame(data: bytes) -> tuple[int, int, np.ndarray, str]:
 
 
 def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
-    from pipeline.session import pixel_frame_of
+    from memflow.vae import video_frames
 
     s = tiny_session
     app = create_app(lambda: s, settings())
@@ -300,7 +308,7 @@ def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
             assert switched["switched"] and switched["switch_chunks"] in (0, 1)
             assert switched["index"] - first["index"] >= switched["switch_chunks"]
             assert switched["latent_start"] == s.frames_per_chunk * switched["index"]
-            assert switched["pixel_start"] == pixel_frame_of(switched["latent_start"])
+            assert switched["pixel_start"] == video_frames(switched["latent_start"])
             timeline = receive_until(ws, lambda m: m.get("type") == "timeline"
                                      and len(m["switches"]) == 2, frames=frames)
             assert timeline["switches"][1] == {"latent_frame": switched["latent_start"],
@@ -320,8 +328,8 @@ def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
             # each JPEG is its frame: closer to the session's own frame than to another one
             for latent in (0, switched["latent_start"]):
                 own = s.thumbnail(latent).astype(float)
-                got = decoded[pixel_frame_of(latent)][2].astype(float)
-                other = decoded[pixel_frame_of(latent) + 5][2].astype(float)
+                got = decoded[video_frames(latent)][2].astype(float)
+                other = decoded[video_frames(latent) + 5][2].astype(float)
                 assert np.abs(got - own).mean() < 0.5 * np.abs(other - own).mean()
             mp4 = client.get(saved["mp4"])
             assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"

@@ -273,7 +273,7 @@ def test_an_unknown_field_of_a_prompt_line_is_an_error_naming_it(tmp_path, line,
         load_prompts(path)
     if "prompts" in line:
         path.write_text('{"prompts": ["fine"]}\n' + line + "\n")
-        with pytest.raises(InputError, match=f'{path}:2: unknown field "{field}" \\(did you mean "prompts"'):
+        with pytest.raises(InputError, match=f'{path}:2: unknown field "{field}"; did you mean "prompts"'):
             load_interactive_prompts(path)
 
 

@@ -15,9 +15,10 @@ from conftest import REPO, bank_of
 
 from config.inference import load_inference_config, parse_settings
 from memflow.errors import InputError
+from memflow.vae import video_frames as first_video_frame
 from pipeline import runner
 from pipeline.interactive_inference import InteractiveInferencePipeline
-from pipeline.session import Session, SessionLimitReached, pixel_frame_of
+from pipeline.session import Session, SessionLimitReached
 from utils.distributed import DistInfo
 
 CONFIG = str(REPO / "configs" / "tiny_interactive.yaml")
@@ -147,7 +148,7 @@ def test_timeline_memory_and_thumbnails(session: Session) -> None:
     assert view.bank_layers == [[f for f in fr if f is not None] for fr in bank_of(state).slot_frames]
     frames = np.concatenate([first.frames, second.frames])
     for latent in range(session.latent_frames):
-        assert np.array_equal(session.thumbnail(latent), frames[pixel_frame_of(latent)])
+        assert np.array_equal(session.thumbnail(latent), frames[first_video_frame(latent)])
     small = session.thumbnail(0, max_side=16)
     assert max(small.shape[:2]) <= 16 and np.array_equal(small, frames[0][:: 4, :: 4])
     with pytest.raises(ValueError, match="not generated"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from config.checker import check_known_keys, check_section
+from config.checker import check_known_keys, check_section, unknown_key_error
 from config.loader import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
 from config.schema import TrainConfig, settings_from_config
 from config.stream import PATCH, sampling_config, stream_config, with_overrides
@@ -208,9 +207,7 @@ def _tiny_role(mapping: Any, where: str, allowed: set[str]) -> dict[str, Any]:
         raise InputError(f"config key `{where}` must be a mapping, got {mapping!r}")
     for k in mapping:
         if k not in allowed:
-            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
-            raise InputError(f"unknown config key `{where}.{k}`{hint}")
+            raise unknown_key_error(f"{where}.{k}", [f"{where}.{a}" for a in sorted(allowed)])
     return dict(mapping)
 
 

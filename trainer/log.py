@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from memflow.files import atomic_write_text
+
 LOG_FILE = "log.jsonl"
 
 # Always written (null when absent): the reference's wandb metrics (§8.1) plus what it computes
@@ -99,10 +101,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
     kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
     if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
         return
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> int | None:

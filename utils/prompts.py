@@ -8,7 +8,6 @@ which would shift the reported line numbers.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config.checker import did_you_mean
 from memflow.errors import InputError
 
 _INT = re.compile(r"-?\d+")
@@ -100,11 +100,9 @@ def _check_text(value: Any, path: Path, lineno: int, where: str) -> str:
 def _check_fields(obj: dict[str, Any], known: tuple[str, ...], path: Path, lineno: int) -> None:
     unknown = [key for key in obj if key not in known]
     if unknown:
-        hint = difflib.get_close_matches(unknown[0], known, n=1)
-        raise InputError(
-            f'{path}:{lineno}: unknown field "{unknown[0]}"'
-            + (f' (did you mean "{hint[0]}"?)' if hint else "")
-            + f"; a line may carry {', '.join(known)}")
+        hint = did_you_mean(unknown[0], known, quote='"')
+        raise InputError(f'{path}:{lineno}: unknown field "{unknown[0]}"{hint}; a line may carry '
+                         f"{', '.join(known)}")
 
 
 def _prompt_list(obj: dict[str, Any], path: Path, lineno: int) -> list[Any]:

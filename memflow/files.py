@@ -1,0 +1,37 @@
+"""Writing a file so that it is either the old one or the complete new one.
+
+Every file the project writes in one go (checkpoints, logs, reports, timelines) goes through
+`atomic_write`: a crash, a kill or a full disk mid-write leaves the previous file, never a
+truncated one that a later run would misread. (A video is encoded while it is generated, so
+`utils.video_writer.Mp4Writer` renames its partial file itself when done; a checkpoint folder is
+published whole, `trainer.checkpointing`.)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+PathLike = str | os.PathLike[str]
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file in `path`'s folder (made if missing), then rename it
+    to `path`; the rename is atomic on one filesystem. The temporary file is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """`atomic_write` of `text` in UTF-8."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
