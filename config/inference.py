@@ -16,13 +16,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.config import DiTConfig, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.errors import InputError
 from memflow.vae import video_frames
 
 from .loader import load_config
 from .schema import InferenceConfig, ModelKwargs, settings_from_config
-from .stream import latent_size, sampling_config, stream_config, with_overrides
+from .stream import (
+    check_tiny_shape,
+    latent_size,
+    memory_preset,
+    sampling_config,
+    stream_config,
+    with_overrides,
+)
 
 
 @dataclass(frozen=True)
@@ -33,15 +40,6 @@ class InferenceSettings:
     latent_hw: tuple[int, int]
     num_frames: int
     compat: bool
-
-
-def inference_memory(compat: bool, interactive: bool) -> MemoryOptions:
-    """The memory behaviour preset of a mode, before the `memory:` overrides."""
-    if not compat:
-        return MemoryOptions.clean()
-    # the single-prompt script's re-run never inherits q_bank (a one-step schedule shows it)
-    return (MemoryOptions.compat("every_interval") if interactive else
-            MemoryOptions.compat("every_chunk", commit_refreshes_after_step0_exit=False))
 
 
 def switch_options(c: InferenceConfig, compat: bool) -> SwitchOptions:
@@ -71,14 +69,12 @@ def check_rope_table(num_frames: int) -> None:
 
 def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
     """Check the cross-key rules and build the stream, sampling and switch settings."""
-    if c.behaviour not in ("clean", "compat"):
-        raise InputError(f"config key `behaviour` must be clean or compat, got {c.behaviour!r}")
     compat = c.behaviour == "compat"
     latent_hw = latent_size(int(c.height), int(c.width))
     fpb, num_frames = int(c.num_frame_per_block), int(c.num_output_frames)
-    if fpb <= 0 or num_frames <= 0 or num_frames % fpb:
+    if num_frames % fpb:  # both are positive (the schema's bounds)
         raise InputError(
-            f"num_output_frames ({num_frames}) must be a positive whole number of chunks of "
+            f"num_output_frames ({num_frames}) must be a whole number of chunks of "
             f"num_frame_per_block ({fpb}) latent frames"
         )
     check_rope_table(num_frames)
@@ -87,25 +83,12 @@ def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
                          "would not be loaded: set `adapter` as the LoRA was trained (e.g. "
                          "\"adapter={type: lora, rank: 256, alpha: 256}\") or drop lora_ckpt")
     mk = c.model_kwargs or ModelKwargs()
-    memory = with_overrides(inference_memory(compat, interactive), c.memory, "memory")
+    memory = with_overrides(memory_preset(compat, "interactive" if interactive else "single"),
+                            c.memory, "memory")
     stream = stream_config(mk, fpb, memory)
     sampling = sampling_config(c, mk)
     switch = switch_options(c, compat)
-    if int(c.num_samples) != 1:
-        raise InputError("num_samples must be 1 (one video per prompt and seed)")
     return InferenceSettings(stream, sampling, switch, latent_hw, num_frames, compat)
-
-def check_tiny_shape(c: InferenceConfig) -> None:
-    """The `tiny:` section as a whole makes a DiT (e.g. `dim` divisible by `num_heads`): the
-    relations between its keys, which a per-key schema cannot express."""
-    if not c.tiny:
-        return
-    shape = {k: v for k, v in c.tiny.items() if k != "seed"}
-    try:
-        DiTConfig.from_dict(shape)
-    except ValueError as err:
-        raise InputError(f"config key `tiny`: {err}") from None
-
 
 def load_inference_config(
     path: str | os.PathLike[str], overrides: Sequence[str] = ()
@@ -114,5 +97,6 @@ def load_inference_config(
     against the schema (keys, types, allowed values, the tiny shape) before any model loads."""
     cfg = load_config(path, overrides, schema=InferenceConfig)
     c = settings_from_config(cfg, InferenceConfig)
-    check_tiny_shape(c)
+    if c.tiny:
+        check_tiny_shape(c.tiny, "tiny")
     return c

@@ -197,7 +197,7 @@ class InferenceOnlyKeys:
     width: int = field(default=832, metadata=_POSITIVE)
     data_path: str | None = field(default=None, metadata=_NONEMPTY)
     inference_iter: int = field(default=-1, metadata={"minimum": -1})
-    num_samples: int = 1
+    num_samples: Literal[1] = 1  # one video per prompt and seed
     seed: int = field(default=0, metadata=SEED_RANGE)
     seed_mode: SeedMode = "per_prompt"  # type: ignore[valid-type]
     output_folder: str = field(default="videos", metadata=_NONEMPTY)

@@ -5,9 +5,10 @@ shared key is turned into a library setting by one function and fails with one m
 """
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
-from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
+from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.memory_sources import memory_layouts
 from memflow.vae import VAE_STRIDE
@@ -32,6 +33,36 @@ def with_overrides(base: Options, overrides: dict[str, Any] | None, section: str
         return type(base)(**{**base.__dict__, **overrides})
     except (TypeError, ValueError) as err:
         raise InputError(f"config key `{section}`: {err}") from None
+
+
+MemoryRun = Literal["single", "interactive", "stage1", "stage2"]
+
+
+def memory_preset(compat: bool, run: MemoryRun) -> MemoryOptions:
+    """The memory behaviour of a kind of run, before the `memory:` overrides.
+
+    Clean: this project's defaults everywhere (record every interval, compress once per new
+    prototype, retrieve with the current prompt, no refresh on a commit). Compat: the reference's
+    scripts differ. Its single-prompt script and stage-1 rollout stage a prototype on every
+    committing pass (`every_chunk`; the slot pointer still advances every record_interval
+    chunks), its interactive script and stage 2 every record_interval chunks; the re-run after an
+    exit at step 0 refreshes the bank once more (the leaked q_bank), except in the single-prompt
+    script, whose re-run never inherits it (only a one-step schedule tells).
+    """
+    if not compat:
+        return MemoryOptions.clean()
+    if run == "single":
+        return MemoryOptions.compat("every_chunk", commit_refreshes_after_step0_exit=False)
+    return MemoryOptions.compat("every_chunk" if run == "stage1" else "every_interval")
+
+
+def check_tiny_shape(section: Mapping[str, Any], key: str) -> None:
+    """A `tiny:` section (config key `key`) as a whole makes a DiT (e.g. `dim` divisible by
+    `num_heads`): the relations between its keys, which a per-key schema cannot express."""
+    try:
+        DiTConfig.from_dict({k: v for k, v in section.items() if k != "seed"})
+    except (TypeError, ValueError) as err:
+        raise InputError(f"config key `{key}`: {err}") from None
 
 
 def whole_chunks(key: str, value: int, fpb: int) -> int:

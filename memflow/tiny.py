@@ -23,6 +23,8 @@ from .model import WanDiT
 from .text_encoder import TEXT_LEN, TextEncoder, new_umt5_encoder, umt5_encoder_config
 from .vae import WanVAE, wan_vae_config
 
+TINY_TEXT_LEN = 64  # prompt tokens of the tiny models (the real umT5 keeps 512)
+
 # A few video prompts to train the tiny sentencepiece model on.
 _SENTENCES = (
     "A cat sitting on a red chair in the warm afternoon sun.",
@@ -131,10 +133,22 @@ def build_tiny_dit(config: DiTConfig | None = None, *, seed: int = 0) -> WanDiT:
     PyTorch's default init leaves no parameter at zero (unlike Wan's zero-initialised head), so
     every path of the network shows in the output.
     """
-    config = config or DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, text_len=64)
+    config = config or DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32,
+                                 text_len=TINY_TEXT_LEN)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return WanDiT(config).eval()
+
+
+def tiny_text_len(tiny: Mapping[str, Any]) -> int:
+    """The prompt length in tokens of a `tiny:` config section: its `text_len`, else
+    `TINY_TEXT_LEN`; the tiny DiT and the tiny text encoder of a section both take it."""
+    return int(tiny.get("text_len", TINY_TEXT_LEN))
+
+
+def tiny_seed(tiny: Mapping[str, Any]) -> int:
+    """The seed of every random tiny component of a `tiny:` section (default 0)."""
+    return int(tiny.get("seed", 0))
 
 
 def build_tiny_generator(tiny: Mapping[str, Any]) -> WanDiT:
@@ -143,5 +157,5 @@ def build_tiny_generator(tiny: Mapping[str, Any]) -> WanDiT:
     tiny T5's width, so no encoder is needed."""
     shape = {k: v for k, v in tiny.items() if k != "seed"}
     text_dim = tiny_t5_config(len(build_tiny_tokenizer())).d_model
-    dit_cfg = DiTConfig.from_dict({"text_dim": text_dim, **shape})
-    return build_tiny_dit(dit_cfg, seed=int(tiny.get("seed", 0)))
+    dit_cfg = DiTConfig.from_dict({"text_dim": text_dim, **shape, "text_len": tiny_text_len(tiny)})
+    return build_tiny_dit(dit_cfg, seed=tiny_seed(tiny))

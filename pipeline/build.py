@@ -151,12 +151,12 @@ def _build_tiny_codecs(
     offload: bool, compat: bool,
 ) -> tuple[TextEncoder, WanVAE]:
     """Random tiny text encoder and VAE, seeded by the `tiny:` section like the tiny DiT."""
-    from memflow.tiny import build_tiny_text_encoder, build_tiny_vae
+    from memflow.tiny import build_tiny_text_encoder, build_tiny_vae, tiny_seed, tiny_text_len
 
     tiny = c.tiny or {}
-    seed = int(tiny.get("seed", 0))
+    seed = tiny_seed(tiny)
     text_encoder = build_tiny_text_encoder(
-        seed=seed, text_len=int(tiny.get("text_len", 64)), dtype=dtype, device=device, offload=offload
+        seed=seed, text_len=tiny_text_len(tiny), dtype=dtype, device=device, offload=offload
     )
     vae = build_tiny_vae(seed=seed, dtype=vae_dtype, compat=compat)
     return text_encoder, vae

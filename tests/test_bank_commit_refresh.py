@@ -19,13 +19,14 @@ from conftest import TINY, bank_of, tiny_dit, tiny_prompt
 import memflow.memory_bank as memory_bank
 from config.inference import parse_settings
 from config.schema import InferenceConfig
+from config.stream import memory_preset
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
 from memflow.memory_bank import MemoryBank
 from memflow.streaming import StreamDebug
 from trainer.draws import SeededDraws
 from trainer.long_sequence import LongSequence, LongTuningConfig, SwitchSchedule
-from trainer.rollout import RolloutConfig, training_memory_options, training_rollout
+from trainer.rollout import RolloutConfig, training_rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny calls: threads only add overhead
 
@@ -46,7 +47,7 @@ class FixedExit(SeededDraws):
 
 
 def _memory(compat: bool, leak: bool | None = None) -> MemoryOptions:
-    memory = training_memory_options(compat, stage=2)
+    memory = memory_preset(compat, "stage2")
     if leak is None:
         return memory
     return dataclasses.replace(memory, commit_refreshes_after_step0_exit=leak)
@@ -239,7 +240,7 @@ def test_commit_after_a_grad_exit_at_step_0_scores_with_the_text_cache_it_found(
 # ------------------------------------------------------------------------------------------------
 def _stage1(monkeypatch, compat: bool, leak: bool, exit_step: int, bank_size: int,
             record_interval: int):
-    memory = dataclasses.replace(training_memory_options(compat, stage=1),
+    memory = dataclasses.replace(memory_preset(compat, "stage1"),
                                  commit_refreshes_after_step0_exit=leak)
     stream = StreamConfig(local_attn_size=12, sink_size=3, bank_size=bank_size,
                           record_interval=record_interval, memory=memory)
@@ -298,7 +299,7 @@ def test_inference_compat_leaks_only_in_the_interactive_script(interactive):
 
 def test_training_compat_leaks_and_clean_does_not():
     for stage in (1, 2):
-        assert training_memory_options(True, stage).commit_refreshes_after_step0_exit
-        assert not training_memory_options(False, stage).commit_refreshes_after_step0_exit
+        assert memory_preset(True, f"stage{stage}").commit_refreshes_after_step0_exit
+        assert not memory_preset(False, f"stage{stage}").commit_refreshes_after_step0_exit
     assert MemoryOptions.compat().commit_refreshes_after_step0_exit
     assert not MemoryOptions.clean().commit_refreshes_after_step0_exit

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.stream import memory_preset
 from memflow.config import MemoryOptions
 from memflow.errors import InputError
 from memflow.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER
@@ -20,7 +21,6 @@ from trainer.config import (
     add_train_arguments,
     load_train_config,
 )
-from trainer.rollout import training_memory_options
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_train_init.yaml"
@@ -69,7 +69,7 @@ def test_tiny_config_validates_with_files():
 def test_compat_uses_reference_bank_policy_and_score_table():
     s = tiny_settings("behaviour=compat")
     assert s.compat
-    assert s.stream.memory == training_memory_options(True)
+    assert s.stream.memory == memory_preset(True, "stage1")
     assert s.score.score_shift == 8.0
     assert s.data_shuffle == "fixed"
     s = tiny_settings("behaviour=compat", "memory.score_in_fp32=true", "data_shuffle=epoch")

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import GOLDEN_DIT, bank_of, tiny_dit, tiny_prompt
+from reference_files import load_wan_state
 
+from config.stream import memory_preset
 from memflow.checkpoint import load_generator_checkpoint
 from memflow.chunk_loop import ChunkStepper
 from memflow.config import MemoryOptions, SamplingConfig, StreamConfig
 from memflow.model import WanDiT
-from trainer.dmd import dmd_gradient, dmd_loss, shift_timestep, score_timestep
+from trainer.dmd import dmd_gradient, dmd_loss, score_timestep, shift_timestep
 from trainer.draws import InjectedDraws, SeededDraws
-from trainer.rollout import RolloutConfig, training_memory_options
-from trainer.score import ScoreConfig
 from trainer.losses_stage1 import DistillationModels, critic_loss, generator_loss
-
-from conftest import bank_of, GOLDEN_DIT, tiny_dit, tiny_prompt
-from reference_files import load_wan_state
+from trainer.rollout import RolloutConfig
+from trainer.score import ScoreConfig
 
 LATENT_HW = (60, 104)
 
@@ -73,7 +73,7 @@ def golden_step():
     load_wan_state(critic, weights["fake_score"], "train_weights.pt['fake_score']")
 
     stepper = ChunkStepper(
-        generator, StreamConfig(memory=training_memory_options(compat=True)),
+        generator, StreamConfig(memory=memory_preset(True, "stage1")),
         SamplingConfig(denoising_step_list=(1000, 750, 500, 250), warp_denoising_step=True,
                        timestep_shift=5.0, context_noise=0.0),
     )
@@ -296,7 +296,7 @@ def test_stage1_bank_timeline():
     from memflow.chunk_loop import ChunkHooks
     from memflow.noise import SeededNoise
 
-    stream = StreamConfig(memory=training_memory_options(compat=True))
+    stream = StreamConfig(memory=memory_preset(True, "stage1"))
     stepper = ChunkStepper(tiny_dit(), stream, SamplingConfig())
     config = RolloutConfig()
     state = stepper.new_state(1, (2, 2), 21, cache_frames=config.cache_frames(12),

@@ -36,12 +36,20 @@ from omegaconf import DictConfig, OmegaConf
 from config.checker import check_known_keys, check_section, unknown_key_error
 from config.loader import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
 from config.schema import TrainConfig, settings_from_config
-from config.stream import PATCH, sampling_config, stream_config, with_overrides
+from config.stream import (
+    PATCH,
+    check_tiny_shape,
+    memory_preset,
+    sampling_config,
+    stream_config,
+    with_overrides,
+)
 from memflow.config import DiTConfig, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.lora import LoraSettings
+from memflow.tiny import tiny_seed, tiny_text_len
 from trainer.long_sequence import LongTuningConfig
-from trainer.rollout import RolloutConfig, training_memory_options
+from trainer.rollout import RolloutConfig
 from trainer.score import ScoreConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -173,8 +181,8 @@ class TinyModels:
         shape_keys = {f.name for f in dataclasses.fields(DiTConfig)} | {"seed"}
         section = _tiny_role(tiny, "tiny", shape_keys | set(TINY_ROLES))
         generator = {k: v for k, v in section.items() if k not in TINY_ROLES}
-        generator.setdefault("seed", 0)
-        text_len = generator.get("text_len", 64)
+        generator["seed"] = tiny_seed(generator)
+        text_len = tiny_text_len(generator)
         roles = {}
         for role in TINY_ROLES:
             own = _tiny_role(section.get(role), f"tiny.{role}", shape_keys)
@@ -184,11 +192,8 @@ class TinyModels:
                     f"`tiny.text_len` ({text_len}): all models read the same text embedding"
                 )
             roles[role] = {**generator, **own}
-        for role, shape in (("tiny", generator), *((f"tiny.{r}", s) for r, s in roles.items())):
-            try:
-                DiTConfig.from_dict({k: v for k, v in shape.items() if k != "seed"})
-            except (TypeError, ValueError) as err:
-                raise InputError(f"config key `{role}`: {err}") from None
+        for key, shape in (("tiny", generator), *((f"tiny.{r}", s) for r, s in roles.items())):
+            check_tiny_shape(shape, key)
         return cls(generator, roles["teacher"], roles["critic"], int(text_len),
                           int(generator["seed"]))
 
@@ -324,7 +329,7 @@ def _latent_shape(c: TrainConfig) -> tuple[int, tuple[int, int]]:
 def _stream_and_sampling(c: TrainConfig, compat: bool, stage: int) -> tuple[StreamConfig, SamplingConfig]:
     """The library's stream and sampler settings, built by the same functions as inference's
     from the shared schema sections (`model_kwargs:`, the step list, `memory:`)."""
-    memory = with_overrides(training_memory_options(compat, stage), c.memory, "memory")
+    memory = with_overrides(memory_preset(compat, f"stage{stage}"), c.memory, "memory")
     return (stream_config(c.model_kwargs, c.num_frame_per_block, memory),
             sampling_config(c, c.model_kwargs))
 

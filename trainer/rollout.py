@@ -31,7 +31,6 @@ import torch
 from config.schema import RolloutKeys, TrainConfig
 from config.stream import whole_chunks
 from memflow.chunk_loop import ChunkStepper
-from memflow.config import MemoryOptions
 from memflow.errors import InputError
 
 from .draws import TrainingDraws
@@ -88,23 +87,6 @@ class RolloutConfig:
         if local_attn_size == -1:
             return self.num_training_frames
         return min(local_attn_size + self.slice_last_frames, self.num_training_frames)
-
-
-def training_memory_options(compat: bool, stage: int = 1) -> MemoryOptions:
-    """The bank policy of a training rollout.
-
-    The reference's stage-1 rollout stages a prototype on every committing pass (update_bank is
-    True on every re-run, TRAINING.md §3.2 / §3.5 / §10 item 4; the slot pointer still advances
-    every record_interval blocks, so the open slot is overwritten) - the `every_chunk` policy,
-    like its single-prompt inference. Its stage 2 records every record_interval chunks, like
-    interactive inference (§5.3). In both stages the re-run after an exit at step 0 refreshes the
-    bank once more (the leaked q_bank, §10 item 5). Clean mode uses this project's defaults in
-    both stages (record every interval, compress once per new prototype, retrieve with the
-    current prompt, no refresh on a commit).
-    """
-    if not compat:
-        return MemoryOptions.clean()
-    return MemoryOptions.compat("every_chunk" if stage == 1 else "every_interval")
 
 
 @dataclass
