@@ -21,9 +21,9 @@ kernel bit for bit (its FA3 check misses an H200, spec P7). `register_backend` i
 to add a kernel.
 
 There is no flex_attention backend: flex pays off for structured masks, and the model has none
-at run time (block-causal attention is computed by slicing the key prefix into unmasked calls,
-see `chunk_causal_attention`; dense masks appear only in tests; the reference compiles flex but
-never calls it at inference, spec P8). It would also need torch.compile to be fast and has no
+at run time (a streaming call attends to the whole context it is given, a bidirectional one to
+every token; dense masks appear only in tests; the reference compiles flex but never calls it
+at inference, spec P8). It would also need torch.compile to be fast and has no
 backward on CPU.
 """
 from __future__ import annotations
@@ -210,86 +210,3 @@ def attention(
     means "may attend". Returns [B, Lq, H, D].
     """
     return (kernel or default_kernel())(q, k, v, mask)
-
-
-def _key_lens_list(key_lens: torch.Tensor, batch: int, lk: int) -> list[int]:
-    """key_lens [B] as Python ints, checked to lie in [1, Lk] (an empty key set would give NaN)."""
-    if key_lens.shape != (batch,):
-        raise ValueError(f"key_lens must have shape [{batch}], got {tuple(key_lens.shape)}")
-    lens = [int(n) for n in key_lens.tolist()]
-    if any(n < 1 or n > lk for n in lens):
-        raise ValueError(f"key_lens must lie in [1, {lk}], got {lens}")
-    return lens
-
-
-def padded_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor | None,
-    kernel: AttentionKernel | None = None,
-) -> torch.Tensor:
-    """Bidirectional `attention` where only the first key_lens[b] keys of batch element b are real.
-
-    For the bidirectional teacher/critic models, whose inputs the reference pads. Padding is
-    dropped by slicing the keys per batch element rather than building a mask, so the flash-attn
-    path of `attention` stays usable. Queries at padded positions are computed the same way
-    (they attend to the real keys) and are finite; callers should ignore them. key_lens=None,
-    or all lengths equal to Lk, is a single plain `attention` call.
-    """
-    lk = k.shape[1]
-    if key_lens is None:
-        return attention(q, k, v, kernel=kernel)
-    lens = _key_lens_list(key_lens, q.shape[0], lk)
-    if all(n == lk for n in lens):
-        return attention(q, k, v, kernel=kernel)
-    return torch.cat([attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], kernel=kernel)
-                      for b, n in enumerate(lens)])
-
-
-def _chunk_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int,
-    kernel: AttentionKernel | None,
-) -> torch.Tensor:
-    # k/v may be shorter than q (truncated to a key length): k[:, :end] then clips by itself.
-    lq = q.shape[1]
-    if chunk_tokens >= lq:
-        return attention(q, k, v, kernel=kernel)
-    outs = []
-    for start in range(0, lq, chunk_tokens):
-        end = min(start + chunk_tokens, lq)
-        outs.append(attention(q[:, start:end], k[:, :end], v[:, :end], kernel=kernel))
-    return torch.cat(outs, dim=1)
-
-
-def chunk_causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    chunk_tokens: int,
-    key_lens: torch.Tensor | None = None,
-    kernel: AttentionKernel | None = None,
-) -> torch.Tensor:
-    """Block-causal attention over [B, L, H, D] tensors (same L for q and k), without a mask.
-
-    Tokens are grouped into chunks of `chunk_tokens` consecutive tokens (the last chunk may be
-    shorter); a query in chunk i attends to every key in chunks 0..i, bidirectionally inside its
-    own chunk. The result equals `attention(q, k, v, mask)` with the dense block-causal [L, L]
-    mask, but that mask is never built: at 21 latent frames of 832x480 (32,760 tokens) it is
-    ~1 GiB, and any mask disables flash-attn. Instead each query chunk calls the unmasked `attention` on the key
-    prefix it may see (one call when chunk_tokens >= L). Differentiable.
-
-    key_lens: optional [B] ints; only the first key_lens[b] keys of element b are real (padding
-    is dropped by slicing per batch element, again with no mask). Queries at padded positions
-    attend to the real keys of chunks 0..i, as the dense mask would give; they are finite and
-    should be ignored by callers.
-    """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    lk = k.shape[1]
-    if key_lens is None:
-        return _chunk_causal(q, k, v, chunk_tokens, kernel)
-    lens = _key_lens_list(key_lens, q.shape[0], lk)
-    if all(n == lk for n in lens):
-        return _chunk_causal(q, k, v, chunk_tokens, kernel)
-    return torch.cat([
-        _chunk_causal(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], chunk_tokens, kernel)
-        for b, n in enumerate(lens)
-    ])

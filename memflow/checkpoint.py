@@ -28,12 +28,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from memflow.errors import InputError
 
 from .config import DiTConfig
-from .files import atomic_write
 from .model import WanDiT
 
 log = logging.getLogger(__name__)
@@ -221,15 +220,6 @@ def read_state_dict(path: PathLike, *, trust: bool = False) -> dict[str, torch.T
     return _tensor_dict(read_checkpoint(path, trust=trust), str(path))
 
 
-def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors on the CPU, refusing a model that still carries LoRA layers (its names
-    would not be the Wan names)."""
-    state = model.state_dict()
-    if any(".lora_" in k or ".base_layer." in k for k in state):
-        raise ValueError("the model has LoRA layers; merge them first (memflow.lora.merge_lora)")
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
 # ------------------------------------------------------------------------------------------------
 # Matching a state dict to a model
 # ------------------------------------------------------------------------------------------------
@@ -413,73 +403,6 @@ def load_wan_weights(model: nn.Module, path_or_folder: PathLike) -> LoadResult:
         raise CheckpointError(f"{path}: unknown weight format (expected .safetensors, .pth or .pt)")
     load_checked(model, state, str(path))
     return LoadResult(path, entry=None)
-
-
-def _saved_layout(path: Path) -> set[Path]:
-    """The files an earlier save to `path` may have left: the single file, or the index and the
-    shards it names."""
-    index = path.with_name(path.name + INDEX_SUFFIX)
-    files = {path, index}
-    if index.is_file():
-        try:
-            files |= {path.parent / n for n in json.loads(index.read_text())["weight_map"].values()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            pass
-    return {f for f in files if f.is_file()}
-
-
-def save_wan_weights(
-    model: nn.Module, path: PathLike, max_shard_size: int | None = None
-) -> list[Path]:
-    """Save the DiT with the original Wan names; returns the files written.
-
-    `path` is a `.safetensors` or `.pth`/`.pt` file, or a folder (then
-    `diffusion_pytorch_model.safetensors` in it). With `max_shard_size` (bytes) a safetensors
-    state dict larger than that is split into `<stem>-00001-of-0000N.safetensors` shards plus
-    `<name>.index.json`, the layout of the larger Wan checkpoints; the index is written last.
-    """
-    path = Path(path)
-    if path.is_dir() or not path.suffix:
-        path = path / WAN_WEIGHTS
-    state = _plain_state_dict(model)
-    if path.suffix in TORCH_SUFFIXES:
-        if max_shard_size is not None:
-            raise ValueError("sharding is only supported for .safetensors")
-        return [atomic_write(path, lambda tmp: torch.save(state, tmp))]
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: unknown weight format (use .safetensors, .pth or .pt)")
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-
-    def write_safetensors(target: Path, tensors: dict[str, torch.Tensor]) -> Path:
-        return atomic_write(target, lambda tmp: save_file(tensors, str(tmp), {"format": "pt"}))
-
-    previous = _saved_layout(path)
-    if len(shards) == 1:
-        written = [write_safetensors(path, state)]
-    else:
-        n = len(shards)
-        names = [f"{path.stem}-{i + 1:05d}-of-{n:05d}{path.suffix}" for i in range(n)]
-        written = [write_safetensors(path.parent / nm, s) for nm, s in zip(names, shards)]
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: nm for nm, s in zip(names, shards) for k in s},
-        }
-        text = json.dumps(index, indent=2)
-        index_path = path.with_name(path.name + INDEX_SUFFIX)
-        written.append(atomic_write(index_path, lambda tmp: tmp.write_text(text)))
-    # Drop the other layout of an earlier save, so a folder never holds two sets of weights.
-    for old in previous - set(written):
-        old.unlink()
-    return written
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,11 +5,10 @@ so Wan `diffusion_pytorch_model.safetensors` and MemFlow `base.pt` load without 
 
 One module serves every use:
 * `model(x, t, context)`: full bidirectional attention (the Wan teacher / critic);
-* `model(x, t, context, causal_chunk_frames=3)`: block-causal full forward (chunk i sees chunks
-  0..i) without an [L, L] mask;
 * `model(x, t, context, stream=ctx)`: one streaming call; `ctx` (a `CallContext` opened by the
-  stepper on a `StreamState`) fixes what every layer attends to. The model only reads it: cache
-  commits, bank refreshes and the text cache are the stepper's business.
+  stepper on a `StreamState`, or anything else with its `LayerAttention` shape) fixes what every
+  layer attends to. The model only reads it: cache commits, bank refreshes and the text cache
+  are the stepper's business.
 
 Text K/V: by default every layer projects the embedded prompt itself (so the text embedding and
 `cross_attn.k/v/norm_k` get gradients); `text_kv=` passes cached per-layer K/V instead.
@@ -22,19 +21,28 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionKernel, attention, chunk_causal_attention
+from .attention import AttentionKernel, attention
 from .config import DiTConfig
 from .rope import RotaryEmbedding, apply_rope
-from .streaming import CallContext
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LayerAttention(Protocol):
+    """What a DiT call's self-attention reads, layer by layer: a streaming `CallContext`
+    (memflow/streaming.py), or in tests a dense mask over the call's own tokens."""
+
+    @property
+    def start_frame(self) -> int: ...
+
+    def layer(self, index: int, kernel: AttentionKernel) -> AttendFn: ...
 TextKV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -75,18 +83,6 @@ class LayerNorm(nn.LayerNorm):
         weight = self.weight.to(xf.dtype) if self.weight is not None else None
         bias = self.bias.to(xf.dtype) if self.bias is not None else None
         return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).type_as(x)
-
-
-def block_causal_mask(
-    num_frames: int, frames_per_block: int, frame_len: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Boolean [L, L] mask: a token of chunk i sees every token of chunks 0..i (bidirectional
-    inside its own chunk). This is what a cached chunk-by-chunk forward computes while the
-    window is not exceeded. A dense reference for tests: real forwards use
-    `causal_chunk_frames`, which never builds it."""
-    block = torch.arange(num_frames, device=device) // frames_per_block
-    token_block = block.repeat_interleave(frame_len)
-    return token_block[:, None] >= token_block[None, :]
 
 
 class _Projections(nn.Module):
@@ -259,20 +255,16 @@ class WanDiT(nn.Module):
         context: torch.Tensor | None = None,
         *,
         text_kv: Sequence[TextKV] | None = None,
-        stream: CallContext | None = None,
-        causal_chunk_frames: int | None = None,
-        attn_mask: torch.Tensor | None = None,
+        stream: LayerAttention | None = None,
         start_frame: int = 0,
     ) -> torch.Tensor:
-        """One DiT call. Attention is streaming (`stream`), block-causal in chunks of
-        `causal_chunk_frames` frames, masked by a dense `attn_mask` (tests), or bidirectional."""
+        """One DiT call: its self-attention is what `stream` gives each layer (a streaming call's
+        context), else bidirectional over the call's tokens at positions from `start_frame`."""
         cfg = self.config
         if x.dim() != 5 or x.shape[1] != cfg.in_dim:
             raise ValueError(f"expected latents [B, {cfg.in_dim}, F, h, w], got {tuple(x.shape)}")
         if (context is None) == (text_kv is None):
             raise ValueError("give exactly one of context (prompt embeddings) and text_kv")
-        if sum(a is not None for a in (stream, causal_chunk_frames, attn_mask)) > 1:
-            raise ValueError("stream, causal_chunk_frames and attn_mask exclude each other")
         b, _, frames, height, width = x.shape
         tokens = self.patch_embedding(x.to(self.dtype))
         grid = tokens.shape[2:]
@@ -288,22 +280,13 @@ class WanDiT(nn.Module):
             start_frame = stream.start_frame
         phases = self.rope.phases(start_frame, *grid, device=tokens.device)
         text_emb = self.embed_text(context) if context is not None else None
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(tokens.device)
 
-        frame_len = grid[1] * grid[2]
         kernel = self.attention_kernel
-        cross_attend = partial(attention, kernel=kernel)
+        bidirectional = partial(attention, kernel=kernel)
         for i, block in enumerate(self.blocks):
-            if stream is not None:
-                attend: AttendFn = stream.layer(i, kernel)
-            elif causal_chunk_frames is not None:
-                attend = partial(chunk_causal_attention, kernel=kernel,
-                                 chunk_tokens=causal_chunk_frames * frame_len)
-            else:
-                attend = partial(attention, mask=attn_mask, kernel=kernel)
+            attend: AttendFn = stream.layer(i, kernel) if stream is not None else bidirectional
             text = text_kv[i] if text_kv is not None else text_emb
-            args = (tokens, e0, phases, attend, text, cross_attend)
+            args = (tokens, e0, phases, attend, text, bidirectional)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -178,19 +178,6 @@ def from_wan_t5_state_dict(state_dict: Mapping[str, torch.Tensor], source: str =
     return out
 
 
-def to_wan_t5_state_dict(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `from_wan_t5_state_dict`: transformers names -> Wan's original umT5 layout."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in hf_state_dict.items():
-        wan_key = hf_to_wan_t5_key(key)
-        if wan_key is None:
-            raise ValueError(f"state dict: key {key!r} has no Wan umT5 counterpart")
-        if key == "encoder.embed_tokens.weight" and wan_key in out:
-            continue  # the tied copy of shared.weight
-        out[wan_key] = value
-    return out
-
-
 def _check_state_dict(state: Mapping[str, torch.Tensor], config: UMT5Config, source: str) -> None:
     """Raise one clear line (file + first offending key in Wan naming) if `state` does not fit `config`."""
     with torch.device("meta"):

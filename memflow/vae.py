@@ -132,15 +132,6 @@ def diffusers_to_wan_vae_key(key: str) -> str:
     raise ValueError(f"state dict: key {key!r} has no Wan2.1 VAE counterpart")
 
 
-def to_wan_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`AutoencoderKLWan` state dict -> Wan's original `Wan2.1_VAE.pth` layout.
-
-    Exact inverse of diffusers' `convert_wan_vae_to_diffusers` for Wan2.1-structured VAEs (the
-    tests check the round trip), so tiny random VAEs can be saved as original-format files.
-    """
-    return {diffusers_to_wan_vae_key(k): v for k, v in state_dict.items()}
-
-
 def load_wan_vae_state_dict(
     path: str | Path, config: Mapping[str, Any] | None = None
 ) -> dict[str, torch.Tensor]:

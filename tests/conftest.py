@@ -5,11 +5,14 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from memflow.attention import AttentionKernel, attention
 from memflow.config import DiTConfig
 from memflow.model import WanDiT
 
@@ -25,6 +28,27 @@ CPU = torch.device("cpu")
 # The tiny inference presets (configs/), as paths the CLIs take.
 TINY_YAML = str(REPO / "configs" / "tiny.yaml")
 TINY_INTERACTIVE_YAML = str(REPO / "configs" / "tiny_interactive.yaml")
+
+
+def block_causal_mask(num_frames: int, frames_per_block: int, frame_len: int) -> torch.Tensor:
+    """Boolean [L, L] mask: a token of chunk i sees every token of chunks 0..i (bidirectional
+    inside its own chunk): what a cached chunk-by-chunk forward computes while the window is
+    not exceeded."""
+    block = torch.arange(num_frames) // frames_per_block
+    token_block = block.repeat_interleave(frame_len)
+    return token_block[:, None] >= token_block[None, :]
+
+
+@dataclass(frozen=True)
+class DenseMask:
+    """A full (non-streaming) DiT call whose self-attention is masked by a dense [L, L] mask
+    (`WanDiT.forward(..., stream=DenseMask(mask))`): the reference a streamed run must equal."""
+
+    mask: torch.Tensor
+    start_frame: int = 0
+
+    def layer(self, index: int, kernel: AttentionKernel):
+        return partial(attention, mask=self.mask, kernel=kernel)
 
 
 def tiny_dit(config: DiTConfig = TINY, seed: int = 0) -> WanDiT:

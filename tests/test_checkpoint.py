@@ -2,26 +2,24 @@
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
+from reference_files import save_generator_checkpoint, save_wan_weights
 
 from memflow.checkpoint import (
     CheckpointError,
     load_generator_checkpoint,
     load_wan_config,
     load_wan_weights,
-    save_wan_weights,
 )
 from memflow.config import DiTConfig
 from memflow.model import WanDiT
-
-from conftest import GOLDEN_DIT, fixed_forward, tiny_dit
-from reference_files import save_generator_checkpoint
 
 NARROW = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)
 

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY, DenseMask, bank_of, tiny_dit, tiny_prompt
 
 import memflow.streaming as streaming
 from memflow.attention import attention
@@ -19,8 +20,6 @@ from memflow.noise import SeededNoise
 from memflow.stream_call import StreamCall
 from memflow.streaming import StreamState
 from pipeline.causal_inference import CausalInferencePipeline
-
-from conftest import bank_of, TINY, tiny_dit, tiny_prompt
 
 H, W = 4, 6  # 2x3 = 6 tokens per frame
 STEPS = SamplingConfig(denoising_step_list=(1000, 500))
@@ -233,10 +232,10 @@ def test_bank_without_a_sink_equals_masked_forward(requires_sink):
     ctx = tiny_prompt()
     streamed = _stream_with_bank(model, cfg, x, t, ctx)
     frame_len = model.config.tokens_per_frame(H, W)
-    full = model(x, t, ctx, attn_mask=_bank_mask(frames, interval, not requires_sink, frame_len))
+    full = model(x, t, ctx, stream=DenseMask(_bank_mask(frames, interval, not requires_sink, frame_len)))
     err = (streamed - full).abs().max().item()
     assert err <= 1e-5, f"max |streamed - masked full| = {err}"
-    other = model(x, t, ctx, attn_mask=_bank_mask(frames, interval, requires_sink, frame_len))
+    other = model(x, t, ctx, stream=DenseMask(_bank_mask(frames, interval, requires_sink, frame_len)))
     assert (streamed - other).abs().max().item() > 1e-4  # the bank matters
 
 

@@ -11,20 +11,28 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from config_reads import record_reads
+from reference_files import (
+    save_generator_checkpoint,
+    save_lora_checkpoint,
+    save_wan_weights,
+    to_wan_t5_state_dict,
+    to_wan_vae_state_dict,
+)
 
 import inference
 import train
 from config.checker import config_key, section_of
 from config.schema import IGNORED_KEYS, TrainConfig
-from memflow.checkpoint import save_wan_weights
 from memflow.config import DiTConfig
 from memflow.lora import LoraSettings, add_lora
-from memflow.text_encoder import to_wan_t5_state_dict
-from memflow.tiny import build_tiny_dit, build_tiny_text_encoder, build_tiny_tokenizer, build_tiny_vae
-from memflow.vae import to_wan_vae_state_dict
+from memflow.tiny import (
+    build_tiny_dit,
+    build_tiny_text_encoder,
+    build_tiny_tokenizer,
+    build_tiny_vae,
+)
 from utils.video_writer import read_video_info
-from config_reads import record_reads
-from reference_files import save_generator_checkpoint, save_lora_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 T5 = dict(d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2)

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY, DenseMask, block_causal_mask, tiny_dit, tiny_prompt
 
 from memflow.config import MemoryOptions, StreamConfig
-from memflow.model import block_causal_mask
 from memflow.stream_call import StreamCall
 from memflow.streaming import StreamState
-
-from conftest import TINY, tiny_dit, tiny_prompt
 
 H, W = 4, 6  # latent size -> 2x3 = 6 tokens per frame
 
@@ -56,12 +54,10 @@ def test_cached_streaming_equals_block_causal_forward(fpb):
     x, t, ctx = _inputs(frames)
     cfg = StreamConfig(num_frame_per_block=fpb, local_attn_size=frames, sink_size=fpb, bank_size=0)
     streamed, _ = _stream_all(model, x, t, ctx, cfg, commit=False)
-    full = model(x, t, ctx, attn_mask=block_causal_mask(frames, fpb, model.config.tokens_per_frame(H, W)))
+    mask = block_causal_mask(frames, fpb, model.config.tokens_per_frame(H, W))
+    full = model(x, t, ctx, stream=DenseMask(mask))
     err = (streamed - full).abs().max().item()
     assert err <= 1e-5, f"max |streamed - full| = {err}"
-    # the chunk-causal forward (no [L, L] mask) is the same computation
-    chunked = model(x, t, ctx, causal_chunk_frames=fpb)
-    assert (chunked - full).abs().max().item() <= 1e-6
     # the mask matters: plain bidirectional attention differs
     assert (model(x, t, ctx) - full).abs().max().item() > 1e-3
 
@@ -89,7 +85,7 @@ def test_rolling_window_equals_masked_forward(fpb, cap, sink):
     cfg = StreamConfig(num_frame_per_block=fpb, local_attn_size=cap, sink_size=sink, bank_size=0)
     streamed, state = _stream_all(model, x, t, ctx, cfg)
     frame_len = model.config.tokens_per_frame(H, W)
-    full = model(x, t, ctx, attn_mask=_sink_window_mask(frames, fpb, sink, cap, frame_len))
+    full = model(x, t, ctx, stream=DenseMask(_sink_window_mask(frames, fpb, sink, cap, frame_len)))
     err = (streamed - full).abs().max().item()
     assert err <= 1e-5, f"max |streamed - masked full| = {err}"
     assert state.kv.end == frames * frame_len and state.kv.fill == cap * frame_len

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_files import to_wan_t5_state_dict
 
 from memflow.text_encoder import (
     WAN_T5_CHECKPOINT,
@@ -15,7 +16,6 @@ from memflow.text_encoder import (
     clean_prompt,
     load_tokenizer,
     new_umt5_encoder,
-    to_wan_t5_state_dict,
     umt5_encoder_config,
 )
 from memflow.tiny import build_tiny_text_encoder, build_tiny_tokenizer, tiny_t5_config

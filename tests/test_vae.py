@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from reference_files import to_wan_vae_state_dict
 
 from memflow.tiny import build_tiny_vae, tiny_vae_config
 from memflow.vae import (
@@ -13,7 +14,6 @@ from memflow.vae import (
     WAN_LATENT_STD,
     WAN_VAE_CHECKPOINT,
     WanVAE,
-    to_wan_vae_state_dict,
 )
 
 
