@@ -25,7 +25,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from memflow.errors import InputError
-from trainer.checkpointing import saved_run_seed
+from trainer.checkpoint_files import saved_run_seed
 from trainer.config import CliFlags, TrainSettings, add_train_arguments, load_train_config
 from utils.distributed import (
     barrier,

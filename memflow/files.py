@@ -4,7 +4,7 @@ Every file the project writes in one go (checkpoints, logs, reports, timelines) 
 `atomic_write`: a crash, a kill or a full disk mid-write leaves the previous file, never a
 truncated one that a later run would misread. (A video is encoded while it is generated, so
 `utils.video_writer.Mp4Writer` renames its partial file itself when done; a checkpoint folder is
-published whole, `trainer.checkpointing`.)
+published whole, `trainer.checkpoint_files`.)
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Writers of the reference's and Wan2.1's files, for tests only.
 
 The library reads these formats (memflow/checkpoint.py, memflow/lora.py, memflow/text_encoder.py,
-memflow/vae.py) and training writes its own checkpoint folders (trainer/checkpointing.py); tests
+memflow/vae.py) and training writes its own checkpoint folders (trainer/checkpoint_save.py); tests
 need to *make* files in the original layouts (`base.pt`, `lora.pt`, a Wan2.1 folder's DiT
 weights, umT5 `.pth` and VAE `.pth`) to check that they load.
 """
@@ -29,7 +29,7 @@ from memflow.lora import lora_state_dict
 from memflow.model import WanDiT
 from memflow.text_encoder import hf_to_wan_t5_key
 from memflow.vae import diffusers_to_wan_vae_key
-from trainer.checkpointing import list_checkpoints
+from trainer.checkpoint_files import list_checkpoints
 
 
 def save_generator_checkpoint(

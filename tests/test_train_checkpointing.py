@@ -1,4 +1,4 @@
-"""Training checkpoints (trainer/checkpointing.py, trainer/ema.py): exact resume, the reference's
+"""Training checkpoints (trainer/checkpoint_files.py, checkpoint_save.py, checkpoint_load.py, trainer/ema.py): exact resume, the reference's
 model.pt layout readable by inference, rotation, fallback past a corrupt checkpoint, atomic
 writes, clear errors, and a 2-process FSDP2 save/load."""
 from __future__ import annotations
@@ -21,17 +21,16 @@ from reference_files import find_resume_checkpoint  # noqa: E402
 
 from memflow.checkpoint import CheckpointError, load_generator_checkpoint  # noqa: E402
 from memflow.errors import InputError  # noqa: E402
-from trainer.checkpointing import (  # noqa: E402
+from trainer.checkpoint_files import (  # noqa: E402
     MODEL_FILE,
     RESUME_FILE,
     checkpoint_dir,
     list_checkpoints,
-    load_checkpoint,
-    load_checkpoint_file,
     remove_leftovers,
     rotate_checkpoints,
-    save_checkpoint,
 )
+from trainer.checkpoint_load import load_checkpoint, load_checkpoint_file  # noqa: E402
+from trainer.checkpoint_save import save_checkpoint  # noqa: E402
 from trainer.ema import EMA, ema_after_iteration, ema_after_resume, plain_name  # noqa: E402
 
 
@@ -350,7 +349,7 @@ def test_corrupt_latest_falls_back_with_one_line_warning(tmp_path, caplog, broke
     _cut(bad, CUTS[cut])
 
     gen = tiny_dit(seed=9)
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint_load"):
         resumed = load_checkpoint(tmp_path, generator=gen)
     assert resumed.step == 2 and resumed.resume_state == {"data_position": 2}
     assert _same(resumed.rank_state, {"position": torch.arange(2)})

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_launcher, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,7 +273,7 @@ def test_a_run_with_seed_0_resumes_with_the_seed_it_drew(tmp_path):
     """seed: 0 (the released configs) draws a seed; a run killed after a checkpoint and started
     again must go on with that seed, ending on the very weights of an uninterrupted run."""
     import train
-    from trainer.checkpointing import saved_run_seed
+    from trainer.checkpoint_files import saved_run_seed
 
     logdir = tmp_path / "run"
     args = ["--config_path", CONFIG, "--logdir", str(logdir), "seed=0", "max_iters=4",

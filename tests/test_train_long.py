@@ -12,7 +12,7 @@ from conftest import CPU, fixed_forward, make_trainer, named_params, train_setti
 
 from memflow.errors import InputError
 from memflow.lora import LoraSettings, add_lora
-from trainer.checkpointing import save_checkpoint
+from trainer.checkpoint_save import save_checkpoint
 from trainer.config import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]

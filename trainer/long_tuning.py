@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from utils.distributed import is_distributed
 
-from .checkpointing import Resumed
+from .checkpoint_load import Resumed
 from .long_sequence import LongSequence, vae_first_frame_encoder
 from .loop import DistillationTrainer, _Record
 from .losses_stage2 import critic_window_loss, generator_window_loss

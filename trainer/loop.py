@@ -40,14 +40,9 @@ from memflow.lora import add_lora
 from utils.distributed import current_rank, current_world_size, is_distributed, on_main
 from utils.signals import check_terminated
 
-from .checkpointing import (
-    Resumed,
-    load_checkpoint,
-    load_checkpoint_file,
-    remove_leftovers,
-    rotate_checkpoints,
-    save_checkpoint,
-)
+from .checkpoint_files import remove_leftovers, rotate_checkpoints
+from .checkpoint_load import Resumed, load_checkpoint, load_checkpoint_file
+from .checkpoint_save import save_checkpoint
 from .config import OptimSettings, TrainSettings
 from .data import PromptDataset, PromptLoader, build_prompt_loader, validation_batch
 from .draws import RunDraws, SeededRunDraws, TrainingDraws, stable_seed
