@@ -1,6 +1,7 @@
-"""Training checkpoints (trainer/checkpoint_files.py, checkpoint_save.py, checkpoint_load.py, trainer/ema.py): exact resume, the reference's
-model.pt layout readable by inference, rotation, fallback past a corrupt checkpoint, atomic
-writes, clear errors, and a 2-process FSDP2 save/load."""
+"""Training checkpoints (trainer/checkpoint_files.py, checkpoint_save.py, checkpoint_load.py,
+trainer/ema.py): exact resume, the reference's model.pt layout readable by inference, rotation,
+fallback past a corrupt checkpoint, atomic writes, clear errors, and a 2-process FSDP2
+save/load."""
 from __future__ import annotations
 
 import logging
