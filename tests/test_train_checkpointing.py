@@ -25,6 +25,7 @@ from memflow.errors import InputError  # noqa: E402
 from trainer.checkpoint_files import (  # noqa: E402
     MODEL_FILE,
     RESUME_FILE,
+    RunModules,
     checkpoint_dir,
     list_checkpoints,
     remove_leftovers,
@@ -73,19 +74,14 @@ class Run:
         self.ema.update(self.generator)
         _step(self.critic, self.critic_opt, 100 + seed)
 
+    def modules(self) -> RunModules:
+        return RunModules(self.generator, self.critic, self.gen_opt, self.critic_opt, self.ema)
+
     def save(self, logdir: Path, step: int, **resume_state) -> Path:
-        return save_checkpoint(
-            logdir, step, generator=self.generator, critic=self.critic,
-            generator_optimizer=self.gen_opt, critic_optimizer=self.critic_opt,
-            generator_ema=self.ema, resume_state=resume_state,
-        )
+        return save_checkpoint(logdir, step, self.modules(), resume_state=resume_state)
 
     def load(self, logdir: Path, **kwargs):
-        return load_checkpoint(
-            logdir, generator=self.generator, critic=self.critic,
-            generator_optimizer=self.gen_opt, critic_optimizer=self.critic_opt, ema=self.ema,
-            **kwargs,
-        )
+        return load_checkpoint(logdir, self.modules(), **kwargs)
 
 
 def _same(a, b) -> bool:
@@ -155,14 +151,14 @@ def test_load_without_optimisers_or_rng(tmp_path):
     gen = tiny_dit(seed=5)
     _seed_all(1)
     before = torch.get_rng_state()
-    resumed = load_checkpoint(tmp_path, generator=gen, restore_rng=False)
+    resumed = load_checkpoint(tmp_path, RunModules(gen), restore_rng=False)
     assert torch.equal(torch.get_rng_state(), before)
     assert resumed.optimizers_loaded == () and not resumed.critic_loaded and not resumed.ema_loaded
     assert _params_equal(gen, run.generator)
 
 
 def test_empty_logdir_resumes_nothing(tmp_path):
-    assert load_checkpoint(tmp_path / "absent", generator=tiny_dit()) is None
+    assert load_checkpoint(tmp_path / "absent", RunModules(tiny_dit())) is None
     assert find_resume_checkpoint(tmp_path) is None
 
 
@@ -173,7 +169,7 @@ def test_mismatched_model_raises_naming_the_file(tmp_path):
     other = tiny_dit(DiTConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=16,
                                text_len=16))
     with pytest.raises(CheckpointError) as err:
-        load_checkpoint(tmp_path, generator=other)
+        load_checkpoint(tmp_path, RunModules(other))
     message = str(err.value)
     assert str(tmp_path / "checkpoint_model_000001" / MODEL_FILE) in message
     assert "\n" not in message and "ffn.0.weight" in message
@@ -193,7 +189,7 @@ def test_saving_the_same_step_again_replaces_the_folder(tmp_path):
     run.save(tmp_path, 5)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_model_000005"]
     gen = tiny_dit(seed=3)
-    load_checkpoint(tmp_path, generator=gen)
+    load_checkpoint(tmp_path, RunModules(gen))
     assert _params_equal(gen, run.generator)
 
 
@@ -230,8 +226,7 @@ def test_generator_ckpt_file_without_critic_or_resume(tmp_path):
     torch.save({"generator": gen.state_dict()}, path)
     target, critic = tiny_dit(seed=5), tiny_dit(seed=6)
     critic_before = {k: v.clone() for k, v in critic.state_dict().items()}
-    resumed = load_checkpoint_file(path, generator=target, critic=critic,
-                                   generator_optimizer=_adamw(target))
+    resumed = load_checkpoint_file(path, RunModules(target, critic, _adamw(target)))
     assert _params_equal(target, gen) and _same(dict(critic.state_dict()), critic_before)
     assert resumed.step == 0 and not resumed.critic_loaded and resumed.optimizers_loaded == ()
 
@@ -340,10 +335,10 @@ def test_corrupt_latest_falls_back_with_one_line_warning(tmp_path, caplog, broke
     wrong with it in words, not torch's internals."""
     run = Run(steps=1)
     saved = {k: v.clone() for k, v in run.generator.state_dict().items()}
-    save_checkpoint(tmp_path, 2, generator=run.generator, critic=run.critic,
+    save_checkpoint(tmp_path, 2, RunModules(run.generator, run.critic),
                     resume_state={"data_position": 2}, rank_state={"position": torch.arange(2)})
     run.train_once(7)
-    latest = save_checkpoint(tmp_path, 4, generator=run.generator, critic=run.critic,
+    latest = save_checkpoint(tmp_path, 4, RunModules(run.generator, run.critic),
                              resume_state={"data_position": 4},
                              rank_state={"position": torch.arange(4)})
     bad = latest / broken
@@ -351,7 +346,7 @@ def test_corrupt_latest_falls_back_with_one_line_warning(tmp_path, caplog, broke
 
     gen = tiny_dit(seed=9)
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint_load"):
-        resumed = load_checkpoint(tmp_path, generator=gen)
+        resumed = load_checkpoint(tmp_path, RunModules(gen))
     assert resumed.step == 2 and resumed.resume_state == {"data_position": 2}
     assert _same(resumed.rank_state, {"position": torch.arange(2)})
     assert _same(dict(gen.state_dict()), saved)
@@ -367,7 +362,7 @@ def test_all_corrupt_raises_saying_how_to_start_over(tmp_path):
     folder = run.save(tmp_path, 1)
     (folder / MODEL_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="no readable checkpoint") as err:
-        load_checkpoint(tmp_path, generator=tiny_dit())
+        load_checkpoint(tmp_path, RunModules(tiny_dit()))
     assert "--no-auto-resume" in str(err.value) and "another --logdir" in str(err.value)
 
 
@@ -526,15 +521,13 @@ def _fsdp_worker(rank: int, port: int, logdir: str) -> None:
 
         gen, critic, gopt, copt, ema = build(0, 1, 2)
         torch.manual_seed(1000 + rank)
-        save_checkpoint(logdir, 6, generator=gen, critic=critic, generator_optimizer=gopt,
-                        critic_optimizer=copt, generator_ema=ema,
+        save_checkpoint(logdir, 6, RunModules(gen, critic, gopt, copt, ema),
                         resume_state={"data_position": 6})
         draw = torch.rand(3)
         rotate_checkpoints(logdir, 1)
 
         gen2, critic2, gopt2, copt2, ema2 = build(5, 6, 1)
-        resumed = load_checkpoint(logdir, generator=gen2, critic=critic2,
-                                  generator_optimizer=gopt2, critic_optimizer=copt2, ema=ema2)
+        resumed = load_checkpoint(logdir, RunModules(gen2, critic2, gopt2, copt2, ema2))
         checks = {
             "step": resumed.step == 6 and resumed.resume_state == {"data_position": 6},
             "rng": torch.equal(torch.rand(3), draw),

@@ -12,6 +12,7 @@ from conftest import CPU, fixed_forward, make_trainer, named_params, train_setti
 
 from memflow.errors import InputError
 from memflow.lora import LoraSettings, add_lora
+from trainer.checkpoint_files import RunModules
 from trainer.checkpoint_save import save_checkpoint
 from trainer.config import TrainSettings
 
@@ -136,7 +137,7 @@ def _write_base(tmp_path: Path, step: int, **tiny: Any) -> Path:
     with torch.no_grad():
         for p in generator.parameters():
             p.add_(0.01)
-    return save_checkpoint(tmp_path / "base", step, generator=generator, critic=critic) / "model.pt"
+    return save_checkpoint(tmp_path / "base", step, RunModules(generator, critic)) / "model.pt"
 
 
 @pytest.mark.parametrize("behaviour", ["clean", "compat"])

@@ -43,6 +43,7 @@ Why it is written this way:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
@@ -58,7 +59,7 @@ from memflow.checkpoint import CheckpointError
 from memflow.lora import PEFT_PREFIX, normalize_lora_key
 from utils.distributed import is_distributed, is_main_rank
 
-from .ema import plain_name
+from .ema import EMA, plain_name
 
 PathLike = str | os.PathLike[str]
 FOLDER_PREFIX = "checkpoint_model_"
@@ -75,6 +76,22 @@ LEFTOVER_RE = re.compile(
     rf"\.{FOLDER_PREFIX}\d+\.(?:\d+\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}"
     rf"|[0-9a-f]{{8}}{re.escape(DELETING_SUFFIX)})"
 )
+
+
+@dataclass(frozen=True)
+class RunModules:
+    """What a training checkpoint holds the state of: the generator, the critic, their optimisers
+    and the generator's EMA, as the run holds them (FSDP2-sharded or plain). A part left None is
+    neither saved nor loaded (a base.pt carries no optimiser state)."""
+
+    generator: nn.Module
+    critic: nn.Module | None = None
+    generator_optimizer: torch.optim.Optimizer | None = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    ema: EMA | None = None
+
+    def without_optimizers(self) -> RunModules:
+        return dataclasses.replace(self, generator_optimizer=None, critic_optimizer=None)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from .checkpoint_files import (
     RESUME_FILE,
     RESUME_FORMAT,
     PathLike,
+    RunModules,
     first_error,
     is_lora,
     list_checkpoints,
@@ -237,20 +238,13 @@ def _load_options(model: nn.Module, broadcast: bool) -> StateDictOptions:
                             strict=not is_lora(model))
 
 
-def _apply(
-    files: _Files | None,
-    *,
-    generator: nn.Module,
-    critic: nn.Module | None,
-    generator_optimizer: torch.optim.Optimizer | None,
-    critic_optimizer: torch.optim.Optimizer | None,
-    ema: EMA | None,
-    restore_rng: bool,
-) -> Resumed:
+def _apply(files: _Files | None, modules: RunModules, restore_rng: bool) -> Resumed:
     """Load `files` (read on rank 0; None elsewhere) into the modules. Collective: rank 0 checks
     everything before any rank starts a collective load, so a bad file fails on every rank."""
+    generator, critic, ema = modules.generator, modules.critic, modules.ema
     loaded: dict[str, Any] = {}
-    optimizers = {"generator_optimizer": generator_optimizer, "critic_optimizer": critic_optimizer}
+    optimizers = {"generator_optimizer": modules.generator_optimizer,
+                  "critic_optimizer": modules.critic_optimizer}
 
     def check() -> dict[str, Any]:
         """Rank 0: validate against the models, load the EMA, return the facts every rank needs."""
@@ -291,16 +285,9 @@ def _apply(
 
 
 def load_checkpoint(
-    logdir: PathLike,
-    *,
-    generator: nn.Module,
-    critic: nn.Module | None = None,
-    generator_optimizer: torch.optim.Optimizer | None = None,
-    critic_optimizer: torch.optim.Optimizer | None = None,
-    ema: EMA | None = None,
-    restore_rng: bool = True,
+    logdir: PathLike, modules: RunModules, *, restore_rng: bool = True
 ) -> Resumed | None:
-    """Auto-resume from the newest readable checkpoint folder in `logdir` (collective).
+    """Auto-resume `modules` from the newest readable checkpoint folder in `logdir` (collective).
 
     Restores the generator and critic (strict, FSDP2-aware), the EMA (when given and saved), the
     optimiser states (when given and saved), each rank's RNG states (same world size only) and
@@ -328,9 +315,7 @@ def load_checkpoint(
                 "pass --no-auto-resume (auto_resume=false) or use another --logdir"
             )
         return None
-    resumed = _apply(box.get("files"), generator=generator, critic=critic,
-                     generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
-                     ema=ema, restore_rng=restore_rng)
+    resumed = _apply(box.get("files"), modules, restore_rng)
     resumed.rank_state = box.get("rank_state")
     return resumed
 
@@ -358,17 +343,9 @@ def _read_folder(folder: Path, box: dict[str, Any]) -> str:
 
 
 def load_checkpoint_file(
-    path: PathLike,
-    *,
-    generator: nn.Module,
-    critic: nn.Module | None = None,
-    generator_optimizer: torch.optim.Optimizer | None = None,
-    critic_optimizer: torch.optim.Optimizer | None = None,
-    ema: EMA | None = None,
-    restore_rng: bool = False,
-    trust: bool = False,
+    path: PathLike, modules: RunModules, *, restore_rng: bool = False, trust: bool = False
 ) -> Resumed:
-    """Load one file: a checkpoint folder's model.pt (with its resume.pt, if any), a base.pt or
+    """Load one file into `modules`: a checkpoint folder's model.pt (with its resume.pt, if any), a base.pt or
     the generator_ckpt (e.g. ode_init.pt: "generator" or "model", critic/EMA/step if present),
     as §8.4 does when there is nothing to auto-resume from. Collective; no fallback. `trust`
     (config key `trust_checkpoints`): load a file that holds pickled objects, which runs their
@@ -383,6 +360,4 @@ def load_checkpoint_file(
         box["files"] = _read_files(path, trust)
 
     on_main(read)
-    return _apply(box.get("files"), generator=generator, critic=critic,
-                  generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
-                  ema=ema, restore_rng=restore_rng)
+    return _apply(box.get("files"), modules, restore_rng)

@@ -30,6 +30,7 @@ from .checkpoint_files import (
     RESUME_FILE,
     RESUME_FORMAT,
     PathLike,
+    RunModules,
     checkpoint_dir,
     first_error,
     is_lora,
@@ -37,7 +38,7 @@ from .checkpoint_files import (
     make_temp_folder,
     publish_folder,
 )
-from .ema import EMA, plain_name
+from .ema import plain_name
 from .rng_state import gather_rng_states
 
 log = logging.getLogger(__name__)
@@ -136,26 +137,25 @@ def _write_failure(err: BaseException, folder: Path) -> str | None:
 def save_checkpoint(
     logdir: PathLike,
     step: int,
+    modules: RunModules,
     *,
-    generator: nn.Module,
-    critic: nn.Module,
-    generator_optimizer: torch.optim.Optimizer | None = None,
-    critic_optimizer: torch.optim.Optimizer | None = None,
-    generator_ema: EMA | Mapping[str, torch.Tensor] | None = None,
     resume_state: Mapping[str, Any] | None = None,
     rank_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write logdir/checkpoint_model_{step:06d}/{model.pt, resume.pt} (layout: module docstring).
     `rank_state` (every rank's own, same rules as resume_state) goes to rank_{r}.pt.
 
-    Collective: every rank calls it with its own (FSDP2-sharded or plain) modules and optimisers;
-    rank 0 writes. Returns the folder's path on every rank. `generator_ema` is an `EMA` or its
-    state dict (rank 0's counts). `resume_state` is saved as given (rank 0's), e.g. the data
+    Collective: every rank calls it with its own `modules` (a critic included); rank 0 writes.
+    Returns the folder's path on every rank. `resume_state` is saved as given (rank 0's), e.g. the data
     loader's position; it may hold only tensors, numbers, strings, None and containers of them.
     Raises CheckpointError (an InputError: one line, naming the path) when the disk refuses.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if modules.critic is None:
+        raise ValueError("a training checkpoint holds the critic too: RunModules.critic is None")
+    generator, critic = modules.generator, modules.critic
+    generator_optimizer, critic_optimizer = modules.generator_optimizer, modules.critic_optimizer
     resume_state = dict(resume_state or {})
     on_main(lambda: _check_plain(resume_state, "resume_state"))  # only rank 0's is saved
     logdir = Path(logdir)
@@ -168,11 +168,8 @@ def save_checkpoint(
             _model_payload(role, model) for role, model in (("generator", generator),
                                                              ("critic", critic))
         )
-        if generator_ema is not None:
-            ema_state = (
-                generator_ema.state_dict() if isinstance(generator_ema, EMA) else generator_ema
-            )
-            payload["generator_ema"] = _prefixed(ema_state)
+        if modules.ema is not None:
+            payload["generator_ema"] = _prefixed(modules.ema.state_dict())
         payload["step"] = int(step)
         on_main(partial(_write_file, tmp / MODEL_FILE, payload, final / MODEL_FILE))
         del payload

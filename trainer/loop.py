@@ -40,7 +40,7 @@ from memflow.lora import add_lora
 from utils.distributed import current_rank, current_world_size, is_distributed, on_main
 from utils.signals import check_terminated
 
-from .checkpoint_files import remove_leftovers, rotate_checkpoints
+from .checkpoint_files import RunModules, remove_leftovers, rotate_checkpoints
 from .checkpoint_load import Resumed, load_checkpoint, load_checkpoint_file
 from .checkpoint_save import save_checkpoint
 from .config import OptimSettings, TrainSettings
@@ -209,7 +209,7 @@ class DistillationTrainer:
             return 0
         step = 0
         if s.generator_ckpt is not None:
-            base = load_checkpoint_file(s.generator_ckpt, generator=m.generator, critic=m.critic)
+            base = load_checkpoint_file(s.generator_ckpt, RunModules(m.generator, m.critic))
             step = base.step if s.inherit_base_step else 0
             if self.rank == 0:
                 log.info("base weights from %s", base.path)
@@ -227,20 +227,18 @@ class DistillationTrainer:
         """Auto-resume from logdir's newest checkpoint, else start from generator_ckpt (§8.4) or,
         with LoRA, from lora_ckpt (§6.1)."""
         s = self.settings
-        kwargs = dict(generator=self.generator, critic=self.critic,
-                      generator_optimizer=self.generator_opt, critic_optimizer=self.critic_opt,
-                      ema=self.ema)
+        modules = self.run_modules()
         resumed = None
         self.step = self.base_step
         if s.config.auto_resume and s.logdir is not None:
-            resumed = load_checkpoint(s.logdir, **kwargs)
+            resumed = load_checkpoint(s.logdir, modules)
         self._check_resumed_vis = resumed is not None
         if resumed is None:
             start = s.generator_ckpt if s.lora is None else s.lora_ckpt
             if start is not None:
                 if s.lora is not None:  # a lora.pt carries no optimiser state
-                    kwargs.update(generator_optimizer=None, critic_optimizer=None)
-                started = load_checkpoint_file(start, trust=s.config.trust_checkpoints, **kwargs)
+                    modules = modules.without_optimizers()
+                started = load_checkpoint_file(start, modules, trust=s.config.trust_checkpoints)
                 # a stage-1 run continues its generator_ckpt's count; stage 2 starts at 0
                 # unless compat (the reference inherits the base's step, §10 item 14)
                 inherit = (s.stage == 1 and s.lora is None) or s.inherit_base_step
@@ -370,14 +368,15 @@ class DistillationTrainer:
     # -- the loop ---------------------------------------------------------------------------
     def save(self) -> None:
         s = self.settings
-        save_checkpoint(
-            s.logdir, self.step, generator=self.generator, critic=self.critic,
-            generator_optimizer=self.generator_opt, critic_optimizer=self.critic_opt,
-            generator_ema=self.ema, resume_state=self._resume_state(),
-            rank_state=self._rank_state(),
-        )
+        save_checkpoint(s.logdir, self.step, self.run_modules(),
+                        resume_state=self._resume_state(), rank_state=self._rank_state())
         if self.rank == 0 and s.config.max_checkpoints > 0:
             rotate_checkpoints(s.logdir, s.config.max_checkpoints)
+
+    def run_modules(self) -> RunModules:
+        """The modules a checkpoint saves and restores."""
+        return RunModules(self.generator, self.critic, self.generator_opt, self.critic_opt,
+                          self.ema)
 
     def _resume_state(self) -> dict[str, Any]:
         """The loop's own state for resume.pt (rank 0's)."""
