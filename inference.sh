@@ -8,13 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source utils/launch.sh
-config=configs/inference.yaml
-args=()
-usage="bash ${MEMFLOW_SCRIPT:-inference.sh} [--config_path FILE.yaml] [key=value ...]"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config_path) memflow_need_value "$usage" "$@"; config="$2"; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-memflow_launch inference.py --config_path "$config" "${args[@]+"${args[@]}"}"
+memflow_run inference.py configs/inference.yaml \
+  "bash ${MEMFLOW_SCRIPT:-inference.sh} [--config_path FILE.yaml] [key=value ...]" "$@"

@@ -14,13 +14,5 @@ if [[ "${NUM_GPUS:-1}" != 1 ]]; then
     "(start one server per GPU, each with its own --port and device=cuda:N)" >&2
   exit 2
 fi
-config=configs/interactive_inference.yaml
-args=()
-usage="bash serve.sh [--config_path FILE.yaml] [serve.py options] [key=value ...]"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config_path) memflow_need_value "$usage" "$@"; config="$2"; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-memflow_launch serve.py --config_path "$config" "${args[@]+"${args[@]}"}"
+memflow_run serve.py configs/interactive_inference.yaml \
+  "bash serve.sh [--config_path FILE.yaml] [serve.py options] [key=value ...]" "$@"

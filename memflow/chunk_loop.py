@@ -215,17 +215,9 @@ class ChunkStepper:
         )
         self.dit(state, x, t, context, call)
 
-    def step(
-        self,
-        state: StreamState,
-        chunk: int,
-        x: torch.Tensor,
-        context: torch.Tensor,
-        noise: NoiseSource,
-        exit_step: int | None = None,
-        grad: bool = False,
-        hooks: ChunkHooks | None = None,
-    ) -> torch.Tensor:
+    def step(self, state: StreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
+             noise: NoiseSource, exit_step: int | None = None, grad: bool = False,
+             hooks: ChunkHooks | None = None) -> torch.Tensor:
         """One chunk from its initial noise `x`: `denoise`, `hooks.on_chunk`, `commit`,
         `hooks.after_commit`; returns its x0. The one per-chunk procedure: `rollout` runs it
         for every chunk and a live session once per `next_chunk`, so both make the same calls."""

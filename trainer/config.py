@@ -36,14 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from config.checker import check_known_keys, check_section, unknown_key_error
 from config.loader import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
 from config.schema import TrainConfig, settings_from_config
-from config.stream import (
-    PATCH,
-    check_tiny_shape,
-    memory_preset,
-    sampling_config,
-    stream_config,
-    with_overrides,
-)
+from config.stream import (PATCH, check_tiny_shape, memory_preset, sampling_config, stream_config,
+                           with_overrides)
 from memflow.config import DiTConfig, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.lora import LoraSettings

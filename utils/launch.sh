@@ -1,8 +1,8 @@
-# Shared launcher code, sourced by inference.sh, interactive_inference.sh, train_init.sh,
-# train_long.sh (and any new launcher); training launchers use memflow_train (below):
+# Shared launcher code, sourced by inference.sh, serve.sh, train_init.sh, train_long.sh (and any
+# new launcher); inference launchers use memflow_run, training launchers memflow_train (below):
 #
 #   source "$(dirname "$0")/utils/launch.sh"
-#   memflow_launch train.py --config_path "$config" "${args[@]+"${args[@]}"}"
+#   memflow_run inference.py configs/inference.yaml "bash inference.sh [...]" "$@"
 #
 # memflow_launch runs a Python entry point of this project in NUM_GPUS processes (default 1):
 # * with the interpreter in $PYTHON, else `python3` from PATH: torchrun is started as
@@ -25,6 +25,22 @@ memflow_need_value() {
     echo "error: $1 needs a value; usage: ${usage}" >&2
     exit 2
   fi
+}
+
+# memflow_run SCRIPT DEFAULT_CONFIG USAGE [ARGS...]: SCRIPT (a Python entry point) with
+# --config_path (default DEFAULT_CONFIG; the last one given wins); every other argument goes to
+# SCRIPT unchanged. USAGE is the line a bad --config_path shows.
+memflow_run() {
+  local script="$1" config="$2" usage="$3"
+  shift 3
+  local args=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --config_path) memflow_need_value "$usage" "$@"; config="$2"; shift 2 ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  memflow_launch "$script" --config_path "$config" "${args[@]+"${args[@]}"}"
 }
 
 memflow_launch() {
