@@ -49,7 +49,7 @@ GradRule = bool | Callable[[int], bool]
 
 @dataclass
 class ChunkHooks:
-    """Optional callbacks around each chunk of a rollout.
+    """Optional callbacks around each chunk of a stream (`Stream.next_chunk`).
 
     `before_chunk(n, stream)` runs before chunk n (before any pending prompt is applied and the
     chunk's noise drawn): it may ask for a prompt from chunk n on (`stream.set_prompt`).
@@ -75,6 +75,9 @@ class ChunkStepper:
         generator's parameter dtype (it differs under FSDP mixed precision: fp32 master
         weights, bf16 compute)."""
         self.generator = generator
+        # run around every chunk of every stream of this stepper, before a call's own hooks:
+        # the one place for a per-chunk behaviour of all its callers (offline and live alike)
+        self.hooks: list[ChunkHooks] = []
         self.dtype = dtype or generator.dtype
         self.stream_config = stream_config
         self.sampling = sampling
@@ -222,11 +225,14 @@ class ChunkStepper:
         `hooks.after_commit`; returns its x0. The one per-chunk procedure: `rollout` runs it
         for every chunk and a live session once per `next_chunk`, so both make the same calls."""
         x0 = self.denoise(state, chunk, x, context, noise, exit_step, grad)
-        if hooks is not None and hooks.on_chunk is not None:
-            hooks.on_chunk(chunk, x0)
+        every = [*self.hooks, *([hooks] if hooks is not None else [])]
+        for h in every:
+            if h.on_chunk is not None:
+                h.on_chunk(chunk, x0)
         self.commit(state, chunk, x0, context, noise)
-        if hooks is not None and hooks.after_commit is not None:
-            hooks.after_commit(chunk)
+        for h in every:
+            if h.after_commit is not None:
+                h.after_commit(chunk)
         return x0
 
     @torch.no_grad()
@@ -323,7 +329,6 @@ class ChunkStepper:
         chunk (``upfront``, the reference's) or each chunk's as it starts (``per_chunk``, then
         addressed by absolute chunk index).
         """
-        hooks = hooks or ChunkHooks()
         batch_size = context.shape[0]
         chunks_here = self.num_chunks(num_frames)
         if state is None and first_chunk:
@@ -341,8 +346,6 @@ class ChunkStepper:
         chunks: list[torch.Tensor] = []
         for j in tqdm(range(chunks_here), desc="chunks", disable=not progress, leave=False):
             n = stream.chunk
-            if hooks.before_chunk is not None:
-                hooks.before_chunk(n, stream)
             k = exit_step(n) if callable(exit_step) else exit_step
             g = grad(n) if callable(grad) else grad
             x = None if upfront is None else upfront[:, j * fpb : (j + 1) * fpb]

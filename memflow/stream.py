@@ -39,6 +39,7 @@ class ChunkRunner(Protocol):
     this module does not import it)."""
 
     frames_per_block: int
+    hooks: list[Any]  # the stepper-wide `ChunkHooks`
 
     def new_state(self, batch_size: int, latent_hw: tuple[int, int],
                   num_frames: int) -> StreamState: ...
@@ -169,10 +170,13 @@ class Stream:
         grad: bool = False,
         hooks: Any = None,
     ) -> torch.Tensor:
-        """Generate and commit the next chunk; returns its x0 [B, F, C, h, w]. Applies a pending
-        prompt first, then draws the chunk's initial noise (unless `x` is given: a rollout that
-        drew every chunk's noise up front), then runs `ChunkStepper.step` (`hooks`: a
-        `ChunkHooks`)."""
+        """Generate and commit the next chunk; returns its x0 [B, F, C, h, w]. Runs the
+        `before_chunk` hooks (the stepper's, then `hooks`: a `ChunkHooks`), applies a pending
+        prompt, draws the chunk's initial noise (unless `x` is given: a rollout that drew every
+        chunk's noise up front), then runs `ChunkStepper.step` with the same hooks."""
+        for h in [*self.stepper.hooks, *([hooks] if hooks is not None else [])]:
+            if h.before_chunk is not None:
+                h.before_chunk(self.chunk, self)
         self.last_change = self._apply_wish()
         n = self.chunk
         self.switched = self.last_change is not None and n > 0

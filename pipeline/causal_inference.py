@@ -15,11 +15,19 @@ from memflow.noise import NoiseSource
 from memflow.streaming import StreamState
 
 
+def inference_stepper(
+    generator: WanDiT, stream_config: StreamConfig, sampling: SamplingConfig
+) -> ChunkStepper:
+    """The chunk stepper of offline inference and of a live session (pipeline/session.py)
+    alike: a per-chunk behaviour of inference goes into its `hooks` here, and reaches both."""
+    return ChunkStepper(generator, stream_config, sampling)
+
+
 class CausalInferencePipeline:
     """Generates latent videos chunk by chunk with a KV cache, frame sink and memory bank."""
 
     def __init__(self, generator: WanDiT, stream_config: StreamConfig, sampling: SamplingConfig):
-        self.stepper = ChunkStepper(generator, stream_config, sampling)
+        self.stepper = inference_stepper(generator, stream_config, sampling)
 
     @property
     def generator(self) -> WanDiT:

@@ -47,7 +47,6 @@ import torch
 
 from config.inference import InferenceSettings, load_inference_config
 from config.schema import SEED_RANGE, InferenceConfig
-from memflow.chunk_loop import ChunkStepper
 from memflow.errors import InputError
 from memflow.files import atomic_write_text
 from memflow.noise import SeededNoise
@@ -59,6 +58,7 @@ from utils.prompts import prompt_problem
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
 from .build import Components, load_components, prepare_inference
+from .causal_inference import inference_stepper
 from .runner import NonFiniteVideo
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class Session:
             )
         self.components = components
         self.settings = settings
-        self.stepper = ChunkStepper(components.generator, settings.stream, settings.sampling)
+        self.stepper = inference_stepper(components.generator, settings.stream, settings.sampling)
         self.default_seed = int(seed)
         self._fps = float(fps)
         self.config_path, self.overrides = config_path, list(overrides)

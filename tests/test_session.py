@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, bank_of
 
 from config.inference import load_inference_config, parse_settings
+from memflow.chunk_loop import ChunkHooks, ChunkStepper
 from memflow.errors import InputError
 from memflow.vae import video_frames as first_video_frame
 from pipeline import runner
@@ -330,3 +331,38 @@ def test_saving_does_not_hold_up_generation(session: Session, tmp_path: Path, mo
     mp4, sidecar = saved[0]
     assert len(video_frames(mp4)) == len(first.frames)
     assert json.loads(sidecar.read_text())["video_frames"] == len(first.frames)
+
+
+def test_a_hook_of_the_inference_stepper_reaches_offline_and_live_alike(threads, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A per-chunk hook added in the one place inference makes its steppers
+    (`pipeline.causal_inference.inference_stepper`) sees the same chunks, prompts switched
+    included, in a live session and in interactive_inference.sh."""
+    import pipeline.causal_inference as causal
+
+    seen: list[tuple] = []  # ("before", chunk, prompts so far) or ("x0", chunk, x0)
+
+    def stepper_with_hook(*args):
+        stepper = ChunkStepper(*args)
+        stepper.hooks.append(ChunkHooks(
+            before_chunk=lambda n, stream: seen.append(("before", n, len(stream.timeline))),
+            on_chunk=lambda n, x0: seen.append(("x0", n, x0.detach().cpu().clone()))))
+        return stepper
+
+    monkeypatch.setattr(causal, "ChunkStepper", stepper_with_hook)
+    session = Session.from_config(CONFIG, SMALL)
+    session.start(PROMPTS[0], seed=SEED)
+    for chunk in range(3):
+        if chunk == 2:
+            session.set_prompt(PROMPTS[1])
+        session.next_chunk()
+    live, seen[:] = list(seen), []
+    fpb = session.frames_per_chunk
+    story = tmp_path / "story.jsonl"
+    story.write_text(json.dumps({"prompts": PROMPTS[:2]}) + "\n")
+    run_offline(tmp_path, [f"data_path={story}", f"switch_frame_indices=[{2 * fpb}]",
+                           f"num_output_frames={3 * fpb}", f"seed={SEED}"])
+    assert [e[:2] for e in live] == [e[:2] for e in seen] == [
+        (kind, n) for n in range(3) for kind in ("before", "x0")]
+    for mine, theirs in zip(live, seen):
+        assert mine[2] == theirs[2] if mine[0] == "before" else torch.equal(mine[2], theirs[2])
