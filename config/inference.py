@@ -56,15 +56,23 @@ def switch_options(c: InferenceConfig, compat: bool) -> SwitchOptions:
     return with_overrides(base, c.switch, "switch")
 
 
-def check_rope_table(num_frames: int) -> None:
-    """A video must fit the model's RoPE position table (`DiTConfig.rope_max_frames` latent
-    frames): past it no position exists, so a longer run would die at the table after minutes
-    of generation. Checked before anything is loaded."""
-    limit = DiTConfig.rope_max_frames
-    if num_frames > limit:
+def rope_table_frames(c: InferenceConfig) -> int:
+    """The model's RoPE table in latent frames: the tiny preset's `tiny.rope_max_frames`, else
+    Wan2.1's (`DiTConfig.rope_max_frames`, 1024)."""
+    tiny = c.tiny if c.preset == "tiny" and c.tiny else {}
+    return int(tiny.get("rope_max_frames", DiTConfig.rope_max_frames))
+
+
+def check_rope_table(c: InferenceConfig, num_frames: int) -> None:
+    """With `positions: absolute` a video must fit the model's RoPE position table: past it the
+    reference has no position, so a longer run would die at the table after minutes of
+    generation. Checked before anything is loaded; `positions: relative` has no such end."""
+    limit = rope_table_frames(c)
+    if c.positions == "absolute" and num_frames > limit:
         raise InputError(
-            f"num_output_frames ({num_frames}) is past the RoPE position table: at most {limit} "
-            f"latent frames ({video_frames(limit)} video frames) can be generated")
+            f"num_output_frames ({num_frames}) is past the RoPE position table: with positions: "
+            f"absolute at most {limit} latent frames ({video_frames(limit)} video frames) can be "
+            "generated; positions: relative has no such limit")
 
 
 def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
@@ -77,7 +85,6 @@ def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
             f"num_output_frames ({num_frames}) must be a whole number of chunks of "
             f"num_frame_per_block ({fpb}) latent frames"
         )
-    check_rope_table(num_frames)
     if c.lora_ckpt and not c.adapter:
         raise InputError(f"`lora_ckpt` is set ({c.lora_ckpt}) but `adapter` is null, so the LoRA "
                          "would not be loaded: set `adapter` as the LoRA was trained (e.g. "
@@ -85,7 +92,7 @@ def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
     mk = c.model_kwargs or ModelKwargs()
     memory = with_overrides(memory_preset(compat, "interactive" if interactive else "single"),
                             c.memory, "memory")
-    stream = stream_config(mk, fpb, memory)
+    stream = stream_config(c, memory)
     sampling = sampling_config(c, mk)
     switch = switch_options(c, compat)
     return InferenceSettings(stream, sampling, switch, latent_hw, num_frames, compat)

@@ -36,7 +36,14 @@ from typing import Any, Literal
 from omegaconf import DictConfig
 
 from memflow.attention import backend_names
-from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.config import (
+    DiTConfig,
+    MemoryOptions,
+    Positions,
+    SamplingConfig,
+    StreamConfig,
+    SwitchOptions,
+)
 from memflow.errors import InputError
 from memflow.lora import LoraSettings
 from memflow.text_encoder import umt5_encoder_config
@@ -137,6 +144,9 @@ class StreamKeys:
     num_frame_per_block: int = _library(StreamConfig, "num_frame_per_block", minimum=1)
     model_kwargs: ModelKwargs | None = field(default_factory=ModelKwargs)
     memory: MemoryOptions | None = field(default_factory=dict, metadata=_OVERRIDES)
+    # RoPE frame positions: absolute (the reference's; a stream ends at the RoPE table) or
+    # relative (placed in the attended context at every call; endless). docs/behaviour.md
+    positions: Positions = _library(StreamConfig, "positions")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from memflow.errors import InputError
 from memflow.memory_sources import memory_layouts
 from memflow.vae import VAE_STRIDE
 
-from .schema import ModelKwargs, SamplingKeys
+from .schema import ModelKwargs, SamplingKeys, StreamKeys
 
 PATCH = 2  # DiT spatial patch: pixels must be multiples of 8 * 2 = 16
 
@@ -85,12 +85,15 @@ def latent_size(height: int, width: int) -> tuple[int, int]:
     return height // VAE_STRIDE[1], width // VAE_STRIDE[2]
 
 
-def stream_config(mk: ModelKwargs, fpb: int, memory: MemoryOptions) -> StreamConfig:
-    """The library's `StreamConfig` from the `model_kwargs:` section; the relations between its
-    sizes (sink inside the window, ...) are checked by `StreamConfig` and named here."""
+def stream_config(c: StreamKeys, memory: MemoryOptions) -> StreamConfig:
+    """The library's `StreamConfig` from the stream keys (`model_kwargs:`, the chunk size, the
+    positions) and a memory behaviour; the relations between its sizes (sink inside the window,
+    ...) are checked by `StreamConfig` and named here."""
+    mk = c.model_kwargs or ModelKwargs()
     try:
         return StreamConfig(
-            num_frame_per_block=fpb,
+            num_frame_per_block=int(c.num_frame_per_block),
+            positions=c.positions,
             local_attn_size=int(mk.local_attn_size),
             sink_size=int(mk.sink_size),
             bank_size=int(mk.bank_size),

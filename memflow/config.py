@@ -139,6 +139,9 @@ class MemoryOptions:
         return replace(self, **dict(overrides))
 
 
+Positions = Literal["absolute", "relative"]
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """Streaming geometry and memory sizes, all in latent frames (never tokens).
@@ -158,6 +161,11 @@ class StreamConfig:
     # The attended memory: a layout registered by name in memflow/memory_sources.py
     # (`standard`: sink, bank, window).
     memory_layout: str = "standard"
+    # RoPE frame positions of a streaming call: `absolute` (the reference: each key keeps the
+    # rotation of its frame in the video, so a stream ends at the RoPE table) or `relative` (keys
+    # are kept un-rotated and placed, at every call, at their index in the attended context:
+    # sink, memory, window, the call's own frames last; no end). memflow/streaming.py.
+    positions: Positions = "absolute"
 
     def __post_init__(self) -> None:
         if self.num_frame_per_block < 1:
@@ -176,6 +184,8 @@ class StreamConfig:
             raise ValueError("sink_size/bank_size must be >= 0 and record_interval >= 1")
         if self.sma and self.sma_top_k < 1:
             raise ValueError("sma_top_k must be >= 1")
+        if self.positions not in ("absolute", "relative"):
+            raise ValueError(f"positions must be absolute or relative, got {self.positions!r}")
 
 
 @dataclass(frozen=True)

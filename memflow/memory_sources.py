@@ -34,7 +34,7 @@ reference's. A new policy (an EMA memory, a retrieved sink, ...) is its source c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping, Protocol, Sequence
+from typing import Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -62,15 +62,21 @@ class Segment:
     def of(cls, read: CacheRead, selectable: bool = False) -> "Segment":
         return cls(read.k, read.v, read.new, read.k_tail, read.v_tail, selectable)
 
-    def extend(self, keys: list, values: list, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Append this segment's pieces, in key order, to `keys` and `values`."""
-        keys.extend(self.k)
-        values.extend(self.v)
-        if self.new is not None:
-            keys.append(k_new[:, self.new])
-            values.append(v_new[:, self.new])
-        keys.extend(self.k_tail)
-        values.extend(self.v_tail)
+    def pieces(self, k_new: torch.Tensor, v_new: torch.Tensor) -> list[Piece]:
+        """This segment's K/V pieces in key order; the call's own tokens (from `k_new`, `v_new`)
+        carry the slice of the call they are."""
+        new = [Piece(k_new[:, self.new], v_new[:, self.new], self.new)] if self.new is not None else []
+        return ([Piece(k, v) for k, v in zip(self.k, self.v)] + new
+                + [Piece(k, v) for k, v in zip(self.k_tail, self.v_tail)])
+
+
+class Piece(NamedTuple):
+    """Consecutive keys and values [B, tokens, H, D] of a segment; `new`: which of the call's
+    own tokens they are (None: committed ones)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    new: slice | None = None
 
 
 @dataclass(frozen=True)

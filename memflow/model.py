@@ -35,14 +35,26 @@ from .rope import RotaryEmbedding, apply_rope
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+FramePhases = Callable[[int, int], torch.Tensor]  # (first frame index, frames) -> RoPE phases
+
+
 class LayerAttention(Protocol):
     """What a DiT call's self-attention reads, layer by layer: a streaming `CallContext`
-    (memflow/streaming.py), or in tests a dense mask over the call's own tokens."""
+    (memflow/streaming.py), or in tests a dense mask over the call's own tokens.
+
+    `places_frames` False: the model rotates the call's queries and keys by their frames'
+    indices from `start_frame` (absolute positions). True: the model hands them over un-rotated
+    with `phases` (this call's RoPE for any frame indices), and the attention places every key and
+    query itself (relative positions)."""
 
     @property
     def start_frame(self) -> int: ...
 
-    def layer(self, index: int, kernel: AttentionKernel) -> AttendFn: ...
+    @property
+    def places_frames(self) -> bool: ...
+
+    def layer(self, index: int, kernel: AttentionKernel,
+              phases: FramePhases | None = None) -> AttendFn: ...
 TextKV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -101,11 +113,14 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, phases: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, phases: torch.Tensor | None, attend: AttendFn) -> torch.Tensor:
+        """`phases`: the RoPE of the call's tokens, or None when `attend` places them itself."""
         b, length, _ = x.shape
         heads = (b, length, self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), phases)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), phases)
+        q = self.norm_q(self.q(x)).view(heads)
+        k = self.norm_k(self.k(x)).view(heads)
+        if phases is not None:
+            q, k = apply_rope(q, phases), apply_rope(k, phases)
         v = self.v(x).view(heads)
         return self.o(attend(q, k, v).flatten(2))
 
@@ -151,7 +166,7 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         e0: torch.Tensor,
-        phases: torch.Tensor,
+        phases: torch.Tensor | None,
         attend: AttendFn,
         text: TextKV | torch.Tensor,
         cross_attend: AttendFn = attention,
@@ -276,15 +291,18 @@ class WanDiT(nn.Module):
 
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.flatten()).type_as(tokens))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, frames))
+        frames_placed = stream is not None and stream.places_frames
         if stream is not None:
             start_frame = stream.start_frame
-        phases = self.rope.phases(start_frame, *grid, device=tokens.device)
+        phases = None if frames_placed else self.rope.phases(start_frame, *grid, device=tokens.device)
+        frame_phases = partial(self.rope.phases, height=grid[1], width=grid[2], device=tokens.device)
         text_emb = self.embed_text(context) if context is not None else None
 
         kernel = self.attention_kernel
         bidirectional = partial(attention, kernel=kernel)
         for i, block in enumerate(self.blocks):
-            attend: AttendFn = stream.layer(i, kernel) if stream is not None else bidirectional
+            attend: AttendFn = (bidirectional if stream is None else
+                                stream.layer(i, kernel, frame_phases if frames_placed else None))
             text = text_kv[i] if text_kv is not None else text_emb
             args = (tokens, e0, phases, attend, text, bidirectional)
             if self.gradient_checkpointing and torch.is_grad_enabled():

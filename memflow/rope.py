@@ -1,8 +1,10 @@
-"""3-axis rotary position embedding with absolute frame positions (spec §1.7).
+"""3-axis rotary position embedding (spec §1.7).
 
-The head dimension is split into (frame, row, column) sections of complex pairs. Frame positions
-are absolute in the whole video: cached keys keep the rotation of the frame they came from, so a
-chunk that starts at frame `start_frame` is rotated by that offset and nothing is ever re-indexed.
+The head dimension is split into (frame, row, column) sections of complex pairs. A frame position
+is an index: the frame's place in the video (`positions: absolute`, the reference: a key keeps
+the rotation of the frame it came from) or its slot in the attended context of one call
+(`positions: relative`, memflow/streaming.py). Frame angles come from a float64 table of
+`max_frames` rows, and past it are computed the same way on the fly, so no index is too large.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ def rope_sections(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * spatial, spatial, spatial
 
 
-def _axis_table(max_pos: int, num_pairs: int, theta: float = 10000.0) -> torch.Tensor:
+def _axis_phases(start: int, stop: int, num_pairs: int, theta: float = 10000.0) -> torch.Tensor:
+    """Unit complex128 phases [stop - start, num_pairs] of positions start..stop-1."""
     dim = 2 * num_pairs
     inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
+    angles = torch.outer(torch.arange(start, stop, dtype=torch.float64), inv)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -29,9 +32,10 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, max_frames: int = 1024, max_side: int = 1024):
         f, h, w = rope_sections(head_dim)
-        self.frame = _axis_table(max_frames, f)
-        self.height = _axis_table(max_side, h)
-        self.width = _axis_table(max_side, w)
+        self.frame_pairs = f
+        self.frame = _axis_phases(0, max_frames, f)
+        self.height = _axis_phases(0, max_side, h)
+        self.width = _axis_phases(0, max_side, w)
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -41,17 +45,15 @@ class RotaryEmbedding:
     def phases(
         self, start_frame: int, frames: int, height: int, width: int, device: torch.device
     ) -> torch.Tensor:
-        """Per-token phases [frames*height*width, 1, pairs] for tokens in (f, h, w) order."""
-        if start_frame + frames > self.max_frames:
-            raise ValueError(
-                f"frame position {start_frame + frames} exceeds the RoPE table "
-                f"({self.max_frames} frames); raise DiTConfig.rope_max_frames"
-            )
+        """Per-token phases [frames*height*width, 1, pairs] for tokens in (f, h, w) order, frames
+        at indices start_frame..start_frame+frames-1."""
         key = (start_frame, frames, height, width, str(device))
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
-            fr = self.frame[start_frame : start_frame + frames]
+            stop = start_frame + frames
+            fr = (self.frame[start_frame:stop] if stop <= self.max_frames
+                  else _axis_phases(start_frame, stop, self.frame_pairs))
             table = torch.cat(
                 [
                     fr.view(frames, 1, 1, -1).expand(frames, height, width, -1),

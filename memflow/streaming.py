@@ -21,6 +21,7 @@ the stepper too, before the call, so the model never decides stream policy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -28,7 +29,8 @@ from .attention import AttentionKernel, attention
 from .config import DiTConfig, StreamConfig
 from .kv_cache import CachePlan, KVCache
 from .memory_bank import sma_select
-from .memory_sources import Commit, MemorySource, Segment, SourceLayout, memory_layout
+from .memory_sources import Commit, MemorySource, Piece, Segment, SourceLayout, memory_layout
+from .rope import apply_rope
 from .stream_call import StreamCall
 from .text_cache import TextCache
 
@@ -195,8 +197,15 @@ class CallContext:
     def start_frame(self) -> int:
         return self.call.start_frame
 
-    def layer(self, index: int, kernel: AttentionKernel | None = None) -> "ChunkAttention":
-        """Layer `index`'s self-attention over the context, computed by `kernel` (the model's)."""
+    @property
+    def places_frames(self) -> bool:
+        """Whether this call lays out positions itself (`positions: relative`)."""
+        return self.state.config.positions == "relative"
+
+    def layer(self, index: int, kernel: AttentionKernel | None = None,
+              phases: Callable[[int, int], torch.Tensor] | None = None) -> "ChunkAttention":
+        """Layer `index`'s self-attention over the context, computed by `kernel` (the model's);
+        `phases`: the call's RoPE by frame index, given when it places frames itself."""
         segments = []
         for source in self.state.sources:
             segment = source.read(index, self.plan)
@@ -204,7 +213,7 @@ class CallContext:
                 segments.append(segment)
         return ChunkAttention(
             tuple(segments), self.sma_top_k, self.state.frame_len, context=self, index=index,
-            kernel=kernel,
+            kernel=kernel, phases=phases,
         )
 
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_tokens: int) -> None:
@@ -222,6 +231,14 @@ class ChunkAttention:
     new K/V. With SMA (`sma_top_k`), the frames of the selectable segments (sink and bank) are
     first narrowed to the top k per head (spec §4), in the place of the first of them.
 
+    Positions (`phases`): None, absolute: queries and keys arrive rotated by their frames' places
+    in the video, and committed keys were stored so. Given (`positions: relative`): everything
+    arrives and is stored un-rotated, and each call lays the attended frames out compactly in key
+    order: frame slot i is the i-th attended frame (SMA's candidates all count, so the window's
+    slots do not depend on the selection), and each query takes the slot of its own key (a query
+    whose key is not attended, the protected sink of a recache, the slot its frame would have).
+    Before the cache rolls, slot and frame index coincide and the two modes give the same numbers.
+
     The committed tensors are never changed in place afterwards (copy-on-write cache and bank),
     so an activation checkpoint that re-runs this attention in backward sees exactly what the
     forward saw."""
@@ -232,27 +249,63 @@ class ChunkAttention:
     context: CallContext
     index: int
     kernel: AttentionKernel | None = None
+    phases: Callable[[int, int], torch.Tensor] | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        mem_k: list[torch.Tensor] = []
-        mem_v: list[torch.Tensor] = []
-        at = 0  # where the SMA selection goes: the place of the first selectable segment
+        before: list[Piece] = []  # in key order: what precedes the SMA candidates, ...
+        candidates: list[Piece] = []
+        after: list[Piece] = []  # ... and what follows them
         for segment in self.segments:
+            pieces = segment.pieces(k, v)
             if self.sma_top_k is not None and segment.selectable:
-                if not mem_k:
-                    at = len(keys)
-                segment.extend(mem_k, mem_v, k, v)
+                candidates += pieces
+            elif candidates:
+                after += pieces
             else:
-                segment.extend(keys, values, k, v)
-        if mem_k:
+                before += pieces
+        if self.phases is not None:
+            q, before, candidates, after = self._placed(q, before, candidates, after)
+        keys = [p.k for p in before]
+        values = [p.v for p in before]
+        if candidates:
             sel_k, sel_v = sma_select(
-                q, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), self.frame_len,
-                self.sma_top_k,
+                q, torch.cat([p.k for p in candidates], dim=1),
+                torch.cat([p.v for p in candidates], dim=1), self.frame_len, self.sma_top_k,
             )
-            keys.insert(at, sel_k)
-            values.insert(at, sel_v)
+            keys.append(sel_k)
+            values.append(sel_v)
+        keys += [p.k for p in after]
+        values += [p.v for p in after]
         all_k, all_v = torch.cat(keys, dim=1), torch.cat(values, dim=1)
         self.context.record(self.index, k, v, all_k.shape[1])
         return attention(q, all_k, all_v, kernel=self.kernel)
+
+    def _placed(self, q: torch.Tensor, *groups: list[Piece]) -> tuple:
+        """Relative positions: each piece's keys rotated by their slots, in key order, and the
+        queries by the slots of their own keys."""
+        fl = self.frame_len
+        slot, placed, own = 0, [], {}  # own: the call's frame -> its slot
+        for group in groups:
+            rotated = []
+            for piece in group:
+                frames = piece.k.shape[1] // fl
+                if frames == 0:
+                    rotated.append(piece)
+                    continue
+                if piece.new is not None:
+                    own.update({piece.new.start // fl + j: slot + j for j in range(frames)})
+                rotated.append(piece._replace(k=apply_rope(piece.k, self.phases(slot, frames))))
+                slot += frames
+            placed.append(rotated)
+        q_frames = q.shape[1] // fl
+        first = min(own, default=0)
+        base = own.get(first, slot) - first  # a frame without a key sits where its run would
+        slots = [own.get(j, base + j) for j in range(q_frames)]
+        runs = []  # consecutive slots in one phases call
+        for j, s_j in enumerate(slots):
+            if runs and s_j == runs[-1][0] + runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([s_j, 1])
+        q_phases = torch.cat([self.phases(start, n) for start, n in runs])
+        return (apply_rope(q, q_phases), *placed)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from config.inference import InferenceSettings
+from config.inference import InferenceSettings, check_rope_table
 from config.schema import InferenceConfig
 from memflow.errors import InputError
 from memflow.noise import NoiseOrder, SeededNoise
@@ -158,6 +158,7 @@ def run(c: InferenceConfig, dist: DistInfo) -> RunResult:
     `plan_run` makes the output folder, so bad input leaves nothing on disk."""
     interactive = is_interactive(c)
     setup = prepare_inference(c, interactive, dist.local_rank)
+    check_rope_table(c, setup.settings.num_frames)  # a live session has no length to check
     warn_unused_switches(c, interactive)
     with removed_if_left_empty(c.output_folder if dist.is_main else None):
         return _run_planned(c, dist, interactive, setup)

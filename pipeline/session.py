@@ -22,8 +22,9 @@ Same seed, prompts and switch frames give the same latents as `interactive_infer
 * the KV cache must have a finite window (`model_kwargs.local_attn_size` > 0): a global cache
   (-1) is sized by the video length, which a session does not have (sizing it to the RoPE limit
   would hold K/V of every frame up to 1024, hundreds of GB at 480x832);
-* it stops at the RoPE position limit, `rope_max_frames` latent frames (1024 for Wan2.1: about
-  4.3 minutes at 16 fps), with `SessionLimitReached`, instead of wrapping positions around.
+* with `positions: absolute` it stops at the RoPE position limit, `rope_max_frames` latent
+  frames (1024 for Wan2.1: about 4.3 minutes at 16 fps), with `SessionLimitReached`, instead of
+  wrapping positions around; with `positions: relative` it has no end.
 
 Memory stays bounded: the stream keeps the window's latents on the device and the decoded
 frames in a temporary file on disk (what `save_mp4` writes and `thumbnail` reads).
@@ -219,7 +220,8 @@ class _Video:
     def __init__(self, session: "Session", prompt: str, context: torch.Tensor, seed: int):
         s = session
         self.seed = seed
-        state = s.stepper.new_state(1, s.settings.latent_hw, s.max_latent_frames,
+        window = s.settings.stream.local_attn_size  # a session's cache is its window
+        state = s.stepper.new_state(1, s.settings.latent_hw, window,
                                     track_frames=True)
         gen = s.stepper.generator
         noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
@@ -327,8 +329,12 @@ class Session:
         return self.stepper.frames_per_block
 
     @property
-    def max_latent_frames(self) -> int:
-        """The most latent frames a session can generate: whole chunks within `rope_max_frames`."""
+    def max_latent_frames(self) -> int | None:
+        """The most latent frames a session can generate: with `positions: absolute`, whole
+        chunks within the RoPE table (`rope_max_frames`); None with `positions: relative`, which
+        has no end."""
+        if self.settings.stream.positions == "relative":
+            return None
         limit = self.stepper.generator.config.rope_max_frames
         return limit // self.frames_per_chunk * self.frames_per_chunk
 
@@ -452,12 +458,14 @@ class Session:
 
     def _check_limit(self, start: int) -> None:
         end = start + self.frames_per_chunk
-        limit = self.stepper.generator.config.rope_max_frames
-        if end > limit:
+        limit = self.max_latent_frames
+        if limit is not None and end > limit:
             raise SessionLimitReached(
                 f"the next chunk would need latent frames {start}..{end - 1}, past the RoPE "
-                f"position limit rope_max_frames={limit}; the session generated {start} latent "
-                f"frames ({self.frames_generated} video frames). Save it and start a new one"
+                f"position limit rope_max_frames={self.stepper.generator.config.rope_max_frames} "
+                f"of positions: absolute; the session generated {start} latent frames "
+                f"({self.frames_generated} video frames). Save it and start a new one (or run "
+                "with positions: relative, which has no such limit)"
             )
 
     def _decode(self, video: _Video, chunk: int, x0: torch.Tensor) -> np.ndarray:

@@ -46,8 +46,9 @@ class DenseMask:
 
     mask: torch.Tensor
     start_frame: int = 0
+    places_frames: bool = False
 
-    def layer(self, index: int, kernel: AttentionKernel):
+    def layer(self, index: int, kernel: AttentionKernel, phases=None):
         return partial(attention, mask=self.mask, kernel=kernel)
 
 

@@ -120,7 +120,8 @@ def test_a_video_past_the_rope_table_is_refused_before_loading(tmp_path, capsys)
                                f"num_output_frames={frames}"])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, err
-        assert f"num_output_frames ({frames}) is past the RoPE position table: at most 1024" in err
+        assert f"num_output_frames ({frames}) is past the RoPE position table: with positions: absolute at most 1024" in err
+        assert "positions: relative has no such limit" in err
     assert not out.exists()
 
 

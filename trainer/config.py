@@ -324,7 +324,7 @@ def _stream_and_sampling(c: TrainConfig, compat: bool, stage: int) -> tuple[Stre
     """The library's stream and sampler settings, built by the same functions as inference's
     from the shared schema sections (`model_kwargs:`, the step list, `memory:`)."""
     memory = with_overrides(memory_preset(compat, f"stage{stage}"), c.memory, "memory")
-    return (stream_config(c.model_kwargs, c.num_frame_per_block, memory),
+    return (stream_config(c, memory),
             sampling_config(c, c.model_kwargs))
 
 
