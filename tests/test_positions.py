@@ -99,3 +99,37 @@ def test_a_relative_stream_runs_twenty_tables_with_bounded_indices_and_memory():
     steady = calls[5:-1]  # from chunk 5 on the bank and the window are full
     assert all(chunk == steady[0] for chunk in steady)
     assert len(set(sizes[5:])) == 1
+
+
+def test_inference_past_the_table_needs_relative_positions(tmp_path, capsys):
+    """inference.py with a 6-frame table and 12 frames: refused in one line with absolute
+    positions (naming relative), written in full with relative ones."""
+    from conftest import TINY_YAML
+
+    import inference
+    from utils.video_writer import read_video_info
+
+    args = ["--config_path", TINY_YAML, "tiny.rope_max_frames=6", "num_output_frames=12",
+            "height=48", "width=64"]
+    assert inference.main([*args, f"output_folder={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "positions: relative has no such limit" in err
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "r"
+    assert inference.main([*args, "positions=relative", f"output_folder={out}"]) == 0
+    videos = sorted(out.glob("*.mp4"))
+    assert videos and all(read_video_info(v)[0] == 1 + 4 * 11 for v in videos)
+
+
+def test_stage1_training_runs_relative_past_the_table(tmp_path):
+    """A stage-1 step with 6-frame rollouts on a 3-frame RoPE table: absolute positions refuse
+    the config in one line, relative ones train (the same policy the LoRA is long-tuned for)."""
+    from conftest import REPO
+
+    import train
+
+    args = ["--config_path", str(REPO / "configs" / "tiny_train_init.yaml"), "max_iters=1",
+            "tiny.rope_max_frames=3", "vis_video_lengths=[6]"]
+    assert train.main([*args, "--logdir", str(tmp_path / "a")]) == 2
+    assert train.main([*args, "positions=relative", "--logdir", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "checkpoint_model_000001" / "model.pt").is_file()

@@ -366,3 +366,26 @@ def test_a_hook_of_the_inference_stepper_reaches_offline_and_live_alike(threads,
         (kind, n) for n in range(3) for kind in ("before", "x0")]
     for mine, theirs in zip(live, seen):
         assert mine[2] == theirs[2] if mine[0] == "before" else torch.equal(mine[2], theirs[2])
+
+
+def test_a_relative_session_runs_past_the_rope_table_and_replays_offline(threads, tmp_path: Path,
+                                                                         ) -> None:
+    """positions: relative with a 6-frame RoPE table: a session goes on past it (a switch
+    included) and its sidecar's replay through interactive inference gives the same latents."""
+    overrides = [*SMALL, "tiny.rope_max_frames=6", "positions=relative"]
+    s = Session.from_config(CONFIG, overrides)
+    assert s.max_latent_frames is None
+    s.start(PROMPTS[0], seed=SEED)
+    results = []
+    for n in range(6):  # 18 latent frames: three tables
+        if n == 3:
+            s.set_prompt(PROMPTS[1])
+        results.append(s.next_chunk())
+    _, sidecar = s.save_mp4(tmp_path / "long.mp4")
+    meta = json.loads(sidecar.read_text())
+    assert "positions=relative" in meta["replay"]["overrides"]
+    line = tmp_path / meta["replay"]["data_path"]
+    line.write_text(json.dumps(meta["interactive_jsonl"]) + "\n")
+    replay = [o for o in meta["replay"]["overrides"] if not o.startswith("data_path=")]
+    offline, _ = run_offline(tmp_path, [*replay, f"data_path={line}"])
+    assert torch.equal(offline.cpu(), torch.cat([r.latents for r in results], dim=1))

@@ -186,12 +186,18 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> float:
     return worst
 
 
-def test_resume_with_a_sequence_in_flight_is_exact(tmp_path):
+# relative positions with a 12-frame RoPE table: the 18-frame sequences run past it
+POSITIONS = {"absolute": {}, "relative": {"positions": "relative", "tiny.rope_max_frames": 12}}
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_resume_with_a_sequence_in_flight_is_exact(tmp_path, positions):
     """Checkpoints every 2 iterations; at step 2 the first sequence is 12 of 18 frames in (3
     windows used). Run B stops after 3 iterations, a new trainer resumes from step 2 (weights,
     Adam moments, data position, the sequence's cache/bank/latents) and finishes: everything
-    equals the uninterrupted run A, bitwise."""
-    overrides = dict(max_iters=5, log_iters=2)
+    equals the uninterrupted run A, bitwise. In relative positions the sequences are longer
+    than the generator's RoPE table."""
+    overrides = dict(max_iters=5, log_iters=2, **POSITIONS[positions])
     a = make_trainer(make_settings(tmp_path / "a", **overrides))
     a.run()
     b1 = make_trainer(make_settings(tmp_path / "b", **overrides))
@@ -234,6 +240,12 @@ def test_stage2_visualisation_writes_a_switch_video(tmp_path):
 def test_bad_stage2_config_is_one_line(overrides, message):
     with pytest.raises(InputError, match=message):
         make_settings(**overrides)
+
+
+def test_absolute_positions_refuse_sequences_past_the_table():
+    with pytest.raises(InputError, match=r"18 latent frames are past the generator's RoPE table "
+                                         r"\(12 frames\) with positions: absolute; positions: relative"):
+        make_settings(**{"tiny.rope_max_frames": 12})
 
 
 def test_switch_prompt_file_of_another_length_is_refused(tmp_path):

@@ -36,8 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from config.checker import check_known_keys, check_section, unknown_key_error
 from config.loader import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
 from config.schema import TrainConfig, settings_from_config
-from config.stream import (PATCH, check_tiny_shape, memory_preset, sampling_config, stream_config,
-                           with_overrides)
+from config.stream import (
+    PATCH,
+    check_tiny_shape,
+    memory_preset,
+    sampling_config,
+    stream_config,
+    with_overrides,
+)
 from memflow.config import DiTConfig, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.lora import LoraSettings
@@ -427,15 +433,21 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     channels, latent_hw = _latent_shape(c)
     stream, sampling = _stream_and_sampling(c, compat, stage)
     lora = _adapter(c)
+    models = _models(c, check_files, lora)
+    rollout = RolloutConfig.from_config(c, stage)
+    streaming = LongTuningConfig.from_config(c, compat) if stage == 2 else None
+    longest = max(rollout.num_training_frames, *c.vis_video_lengths,
+                  *((streaming.max_length, *streaming.possible_max_lengths) if streaming else ()))
+    _check_rope_table(c, models["tiny"], longest)
     return TrainSettings(
         config=c,
         compat=compat,
         stage=stage,
-        **_models(c, check_files, lora),
+        **models,
         stream=stream,
         sampling=sampling,
-        rollout=RolloutConfig.from_config(c, stage),
-        streaming=LongTuningConfig.from_config(c, compat) if stage == 2 else None,
+        rollout=rollout,
+        streaming=streaming,
         lora=lora,
         lora_on_critic=lora is not None and c.adapter.apply_to_critic,
         inherit_base_step=compat,
@@ -447,6 +459,19 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
         **_data(c, stage, compat, check_files),
         **_output(c, str(cfg.get("config_name", "train")), fpb),
     )
+
+
+def _check_rope_table(c: TrainConfig, tiny: TinyModels | None, longest: int) -> None:
+    """With `positions: absolute` every generated sequence (rollouts, stage-2 sequences,
+    training videos) must fit the generator's RoPE table: the reference has no position past
+    it. `positions: relative` has no such limit."""
+    table = DiTConfig.rope_max_frames
+    if tiny is not None:
+        table = int(tiny.generator.get("rope_max_frames", table))
+    if c.positions == "absolute" and longest > table:
+        raise InputError(
+            f"sequences of {longest} latent frames are past the generator's RoPE table ({table} "
+            "frames) with positions: absolute; positions: relative has no such limit")
 
 
 def _adapter(c: TrainConfig) -> LoraSettings | None:
