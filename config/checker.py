@@ -96,6 +96,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if origin in (list, tuple):
         return f"a list of {_describe(typing.get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return "a mapping of names to values"
     if dataclasses.is_dataclass(annotation):
         return "a mapping"
     return str(annotation)
@@ -124,6 +126,10 @@ def _matches(value: Any, annotation: Any) -> bool:
     if origin in (list, tuple):
         item = typing.get_args(annotation)[0]
         return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(annotation)
+        return isinstance(value, dict) and all(
+            _matches(k, key) and _matches(v, item) for k, v in value.items())
     if dataclasses.is_dataclass(annotation):
         return isinstance(value, dict)
     raise TypeError(f"config.checker: unsupported annotation {annotation!r}")

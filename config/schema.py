@@ -73,6 +73,8 @@ def _library(cls: type, name: str, **metadata: Any) -> Any:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -89,6 +91,7 @@ class ModelKwargs:
     sma: bool = _library(StreamConfig, "sma", alias="SMA")  # sparse memory activation
     sma_top_k: int = _library(StreamConfig, "sma_top_k", minimum=1)
     memory_layout: str = _library(StreamConfig, "memory_layout")  # memflow.memory_sources
+    memory_options: dict[str, Any] = _library(StreamConfig, "memory_options")  # the layout's
 
 
 @dataclass

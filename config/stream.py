@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from memflow.config import DiTConfig, MemoryOptions, SamplingConfig, StreamConfig
 from memflow.errors import InputError
-from memflow.memory_sources import memory_layouts
+from memflow.memory_sources import check_memory_layout, memory_layouts
 from memflow.vae import VAE_STRIDE
 
 from .schema import ModelKwargs, SamplingKeys, StreamKeys
@@ -91,7 +91,7 @@ def stream_config(c: StreamKeys, memory: MemoryOptions) -> StreamConfig:
     ...) are checked by `StreamConfig` and named here."""
     mk = c.model_kwargs or ModelKwargs()
     try:
-        return StreamConfig(
+        stream = StreamConfig(
             num_frame_per_block=int(c.num_frame_per_block),
             positions=c.positions,
             local_attn_size=int(mk.local_attn_size),
@@ -102,9 +102,11 @@ def stream_config(c: StreamKeys, memory: MemoryOptions) -> StreamConfig:
             sma_top_k=int(mk.sma_top_k),
             memory=memory,
             memory_layout=memory_layout_name(mk.memory_layout),
+            memory_options=dict(mk.memory_options or {}),
         )
     except ValueError as err:
         raise InputError(f"config key `model_kwargs`: {err}") from None
+    return checked_layout(stream)
 
 
 def memory_layout_name(name: str) -> str:
@@ -113,6 +115,15 @@ def memory_layout_name(name: str) -> str:
         raise InputError(f"config key `model_kwargs.memory_layout` must be one of "
                          f"{', '.join(memory_layouts())}; got {name!r}")
     return name
+
+
+def checked_layout(stream: StreamConfig) -> StreamConfig:
+    """`stream` if its memory layout works with its positions and knows its options."""
+    try:
+        check_memory_layout(stream.memory_layout, stream.positions, stream.memory_options)
+    except ValueError as err:
+        raise InputError(f"config key `model_kwargs.memory_layout`: {err}") from None
+    return stream
 
 
 def sampling_config(c: SamplingKeys, mk: ModelKwargs) -> SamplingConfig:

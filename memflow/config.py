@@ -161,6 +161,8 @@ class StreamConfig:
     # The attended memory: a layout registered by name in memflow/memory_sources.py
     # (`standard`: sink, bank, window).
     memory_layout: str = "standard"
+    # Options of that layout (names it declares; e.g. the EMA memory's rates).
+    memory_options: Mapping[str, Any] = field(default_factory=dict)
     # RoPE frame positions of a streaming call: `absolute` (the reference: each key keeps the
     # rotation of its frame in the video, so a stream ends at the RoPE table) or `relative` (keys
     # are kept un-rotated and placed, at every call, at their index in the attended context:

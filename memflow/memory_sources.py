@@ -33,8 +33,9 @@ reference's. A new policy (an EMA memory, a retrieved sink, ...) is its source c
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -224,23 +225,54 @@ class SourceHost(Protocol):
 
 
 SourceLayout = Callable[[SourceHost], Sequence[MemorySource]]
-_LAYOUTS: dict[str, SourceLayout] = {}
 
 
-def register_memory_layout(name: str, layout: SourceLayout) -> None:
-    """Make `layout` (state -> its sources in key order) available as
-    `model_kwargs.memory_layout: <name>`."""
-    _LAYOUTS[name] = layout
+@dataclass(frozen=True)
+class _Layout:
+    build: SourceLayout | str  # a function, or "module:function" imported when first used
+    positions: tuple[str, ...]  # the position policies it works with
+    options: tuple[str, ...]  # the names of its `memory_options`
+
+
+_LAYOUTS: dict[str, _Layout] = {}
+
+
+def register_memory_layout(name: str, layout: SourceLayout | str, *,
+                           positions: Sequence[str] = ("absolute", "relative"),
+                           options: Sequence[str] = ()) -> None:
+    """Make `layout` (state -> its sources in key order; or "module:function", imported when a
+    stream first uses it) available as `model_kwargs.memory_layout: <name>`. `positions`: the
+    position policies it works with; `options`: the names it reads from
+    `StreamConfig.memory_options` (its defaults are its own)."""
+    _LAYOUTS[name] = _Layout(layout, tuple(positions), tuple(options))
 
 
 def memory_layouts() -> tuple[str, ...]:
     return tuple(_LAYOUTS)
 
 
+def check_memory_layout(name: str, positions: str, options: Mapping[str, Any]) -> None:
+    """ValueError unless layout `name` is registered, works with `positions` and reads every
+    option of `options` (a config's, checked before anything is built)."""
+    if name not in _LAYOUTS:
+        raise ValueError(f"unknown memory layout {name!r}; registered: {', '.join(_LAYOUTS)}")
+    entry = _LAYOUTS[name]
+    if positions not in entry.positions:
+        raise ValueError(f"memory layout {name!r} needs positions: {' or '.join(entry.positions)}")
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        known = ", ".join(entry.options) or "none"
+        raise ValueError(f"memory layout {name!r} has no option {unknown[0]!r} (its options: {known})")
+
+
 def memory_layout(name: str) -> SourceLayout:
     if name not in _LAYOUTS:
         raise ValueError(f"unknown memory layout {name!r}; registered: {', '.join(_LAYOUTS)}")
-    return _LAYOUTS[name]
+    build = _LAYOUTS[name].build
+    if isinstance(build, str):
+        module, _, function = build.partition(":")
+        build = getattr(importlib.import_module(module), function)
+    return build
 
 
 def new_bank(state: SourceHost) -> MemoryBank:
