@@ -292,3 +292,7 @@ def standard_sources(state: SourceHost) -> list[MemorySource]:
 
 
 register_memory_layout("standard", standard_sources)
+register_memory_layout("ema", "memflow.ema_memory:ema_sources", positions=("relative",),
+                       options=("ema_rates",))
+register_memory_layout("nam_ema", "memflow.ema_memory:nam_ema_sources", positions=("relative",),
+                       options=("ema_rates",))
