@@ -329,6 +329,11 @@ class Session:
         return self.stepper.frames_per_block
 
     @property
+    def positions(self) -> str:
+        """The stream's position policy (`positions`: absolute or relative)."""
+        return self.settings.stream.positions
+
+    @property
     def max_latent_frames(self) -> int | None:
         """The most latent frames a session can generate: with `positions: absolute`, whole
         chunks within the RoPE table (`rope_max_frames`); None with `positions: relative`, which

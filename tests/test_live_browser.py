@@ -46,6 +46,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from memflow.vae import video_frames  # noqa: E402
 
 PATIENCE_S = 240  # a safety net for a stuck run; every wait below ends on its condition
+ROPE_TABLE = 6  # latent frames: the page's video runs past it (positions: relative)
 
 
 def read_url(proc: subprocess.Popen, lines: list[str]) -> str:
@@ -71,8 +72,10 @@ def wait_http(url: str) -> None:
 
 @pytest.fixture
 def server():
+    # relative positions with a 6-latent-frame RoPE table: the video runs past it
     command = [sys.executable, "serve.py", "--config_path", "configs/tiny_interactive.yaml",
-               "--port", "0", f"height={SIZE[0]}", f"width={SIZE[1]}", "cpu_threads=1"]
+               "--port", "0", f"height={SIZE[0]}", f"width={SIZE[1]}", "cpu_threads=1",
+               "positions=relative", f"tiny.rope_max_frames={ROPE_TABLE}"]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines: list[str] = []
@@ -189,6 +192,10 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
           "playback did not cross three more chunk boundaries")
     stalls = browser.find_element(By.ID, "stalls")
     assert stalls.text == "0", f"{stalls.text} stalls, longest gap {stalls.get_attribute('data-longest')} ms"
+    # past the RoPE table, shown as endless
+    assert text(browser, "positions") == "relative (endless)"
+    until(browser, lambda d: int(text(d, "frame-shown")) > video_frames(2 * ROPE_TABLE),
+          "the video did not run to twice its RoPE table")
 
     browser.find_element(By.ID, "stop").click()
     until(browser, lambda d: text(d, "state") == "stopped", "stop was not acknowledged")

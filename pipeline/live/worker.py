@@ -307,6 +307,8 @@ class GenerationWorker(threading.Thread):
             "seed": getattr(session, "seed", None), "chunks": self._chunks_done(),
             "frames_generated": self._frames_generated(),
             "fps": getattr(session, "fps", None), "gen_fps": last.get("gen_fps"),
+            "positions": getattr(session, "positions", None),
+            "max_latent_frames": getattr(session, "max_latent_frames", None),
             "chunk_ms": (last["generate_s"] + last["decode_s"]) * 1000 if last else None,
         })
 

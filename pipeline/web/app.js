@@ -129,6 +129,10 @@ function onStatus(m) {
   if (m.gen_fps) $("gen-fps").textContent = m.gen_fps.toFixed(1);
   if (m.chunk_ms) $("chunk-ms").textContent = `${m.chunk_ms.toFixed(0)} ms`;
   if (m.frames_generated !== undefined) live.framesGenerated = m.frames_generated;
+  if (m.positions) {
+    $("positions").textContent = m.max_latent_frames == null ? `${m.positions} (endless)`
+      : `${m.positions} (ends at latent frame ${m.max_latent_frames})`;
+  }
   if (m.state === "queued") $("overlay").textContent = `busy: number ${m.position} of ${m.queue} in the queue`;
   drawTimeline();
 }
