@@ -36,14 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from config.checker import check_known_keys, check_section, unknown_key_error
 from config.loader import DTYPES, _load_yaml, load_config, require_path, require_wan_folder
 from config.schema import TrainConfig, settings_from_config
-from config.stream import (
-    PATCH,
-    check_tiny_shape,
-    memory_preset,
-    sampling_config,
-    stream_config,
-    with_overrides,
-)
+from config.stream import (PATCH, check_tiny_shape, memory_preset, sampling_config, stream_config,
+                           with_overrides)
 from memflow.config import DiTConfig, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.lora import LoraSettings
@@ -440,14 +434,8 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
                   *((streaming.max_length, *streaming.possible_max_lengths) if streaming else ()))
     _check_rope_table(c, models["tiny"], longest)
     return TrainSettings(
-        config=c,
-        compat=compat,
-        stage=stage,
-        **models,
-        stream=stream,
-        sampling=sampling,
-        rollout=rollout,
-        streaming=streaming,
+        config=c, compat=compat, stage=stage, **models, stream=stream, sampling=sampling,
+        rollout=rollout, streaming=streaming,
         lora=lora,
         lora_on_critic=lora is not None and c.adapter.apply_to_critic,
         inherit_base_step=compat,
