@@ -301,8 +301,8 @@ class ChunkAttention:
         first = min(own, default=0)
         base = own.get(first, slot) - first  # a frame without a key sits where its run would
         slots = [own.get(j, base + j) for j in range(q_frames)]
-        runs = []  # consecutive slots in one phases call
-        for j, s_j in enumerate(slots):
+        runs: list[list[int]] = []  # [first slot, frames]: consecutive slots, one phases call
+        for s_j in slots:
             if runs and s_j == runs[-1][0] + runs[-1][1]:
                 runs[-1][1] += 1
             else:
