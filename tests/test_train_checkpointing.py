@@ -545,6 +545,9 @@ def _fsdp_worker(rank: int, port: int, logdir: str) -> None:
         _step(gen2, gopt2, 77 + rank)
         checks["continued"] = _same(full(gen2), full(gen))
         torch.save(checks, Path(logdir) / f"rank{rank}.result")
+        # every rank's collectives are done before any tears its Gloo pairs down (a rank that
+        # exits first can leave the other's transport threads to std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
