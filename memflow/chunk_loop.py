@@ -340,7 +340,6 @@ class ChunkStepper:
             upfront = noise.initial(shape).to(self.generator.device, self.dtype)
         stream = Stream(self, context, noise, latent_hw=latent_hw, num_frames=num_frames,
                         state=state, first_chunk=first_chunk, switch=switch,
-                        recent_frames=self.recent_frames(recache_frames),
                         recache_frames=recache_frames, recent=recent)
         fpb = self.frames_per_block
         chunks: list[torch.Tensor] = []

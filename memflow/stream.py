@@ -17,7 +17,8 @@ latents; before chunk 0 the new prompt simply replaces the first. The stream rec
 prompt took effect (`timeline`).
 
 Invariants: `chunk` is the next chunk to generate; `recent` holds the last committed latents
-(at most `recent_frames`, all of them when None); the state's cache holds chunks < `chunk`.
+(at most `recent_frames`: the attention window, all of them under global attention); the state's
+cache holds chunks < `chunk`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class ChunkRunner(Protocol):
     def step(self, state: StreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
              noise: NoiseSource, exit_step: int | None, grad: bool,
              hooks: Any) -> torch.Tensor: ...
+
+    def recent_frames(self, recache_frames: int | None = None) -> int | None: ...
 
     def switch_prompt(self, state: StreamState, chunk: int, recent: torch.Tensor,
                       context: torch.Tensor, switch: SwitchOptions,
@@ -92,14 +95,14 @@ class Stream:
         first_chunk: int = 0,
         label: Hashable = None,
         switch: SwitchOptions | None = None,
-        recent_frames: int | None = None,
         recache_frames: int | None = None,
         recent: torch.Tensor | None = None,
     ):
         """`state`: the stream's `StreamState`, or None for a fresh one of `num_frames` frames
-        (then `first_chunk` must be 0). `recent_frames`: latents kept for a switch's recache
-        (None: all). `recache_frames`: frames a switch re-encodes (None: the attention window,
-        see `ChunkStepper.switch_prompt`). `recent`: latents committed before `first_chunk`
+        (then `first_chunk` must be 0). `recache_frames`: frames a switch re-encodes (None: the
+        attention window, see `ChunkStepper.switch_prompt`); the stream keeps that many latents
+        for it (`ChunkStepper.recent_frames`: all of them only under global attention).
+        `recent`: latents committed before `first_chunk`
         (a stage-2 window continuing a sequence)."""
         if state is None:
             if first_chunk:
@@ -112,7 +115,8 @@ class Stream:
         self.batch_size = context.shape[0]
         self.context, self.label = context, label
         self.switch = switch or SwitchOptions()
-        self.recent_frames, self.recache_frames = recent_frames, recache_frames
+        self.recent_frames = stepper.recent_frames(recache_frames)
+        self.recache_frames = recache_frames
         self.recent = recent
         self.first_chunk = first_chunk
         self.chunk = first_chunk

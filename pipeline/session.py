@@ -226,8 +226,7 @@ class _Video:
         gen = s.stepper.generator
         noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
         self.stream = Stream(s.stepper, context, noise, latent_hw=s.settings.latent_hw,
-                             state=state, label=prompt, switch=s.settings.switch,
-                             recent_frames=s.stepper.recent_frames())
+                             state=state, label=prompt, switch=s.settings.switch)
         self.decoder = s.components.vae.stream()
         self.spool = FrameSpool(s.height, s.width)
         self.memory = MemoryView([], [], [], [])

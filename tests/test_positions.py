@@ -133,3 +133,19 @@ def test_stage1_training_runs_relative_past_the_table(tmp_path):
     assert train.main([*args, "--logdir", str(tmp_path / "a")]) == 2
     assert train.main([*args, "positions=relative", "--logdir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "checkpoint_model_000001" / "model.pt").is_file()
+
+
+@torch.no_grad()
+def test_a_stream_keeps_only_the_window_of_its_latents():
+    """Driven chunk by chunk (as the live session and the benchmarks do), a stream keeps the
+    window's latents for a switch's recache, not the whole video."""
+    from memflow.stream import Stream
+
+    stepper = _stepper(StreamConfig(local_attn_size=9, sink_size=3, bank_size=2,
+                                    positions="relative"))
+    stream = Stream(stepper, tiny_prompt(), SeededNoise(0, dtype=torch.float32, order="per_chunk"),
+                    latent_hw=HW,
+                    num_frames=9)
+    for _ in range(8):
+        stream.next_chunk()
+    assert stream.recent.shape[1] == 9
