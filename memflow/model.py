@@ -7,8 +7,9 @@ One module serves every use:
 * `model(x, t, context)`: full bidirectional attention (the Wan teacher / critic);
 * `model(x, t, context, stream=ctx)`: one streaming call; `ctx` (a `CallContext` opened by the
   stepper on a `StreamState`, or anything else with its `LayerAttention` shape) fixes what every
-  layer attends to. The model only reads it: cache commits, bank refreshes and the text cache
-  are the stepper's business.
+  layer attends to, and with relative positions also where each frame sits (the model then
+  hands it un-rotated queries and keys). The model only reads it: cache commits, bank refreshes
+  and the text cache are the stepper's business.
 
 Text K/V: by default every layer projects the embedded prompt itself (so the text embedding and
 `cross_attn.k/v/norm_k` get gradients); `text_kv=` passes cached per-layer K/V instead.
@@ -55,6 +56,8 @@ class LayerAttention(Protocol):
 
     def layer(self, index: int, kernel: AttentionKernel,
               phases: FramePhases | None = None) -> AttendFn: ...
+
+
 TextKV = tuple[torch.Tensor, torch.Tensor]
 
 
