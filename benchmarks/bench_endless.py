@@ -2,8 +2,9 @@
 
 Streams one video per memory mode with `positions: relative` (default 14,400 latent frames: one
 hour at 16 fps) chunk by chunk through the real `Stream`, DiT only, and reports the median time
-per chunk of the last tenth over the first tenth (flat: <= 1.05) and the process memory at the
-end of the first and the last tenth. `positions: absolute` runs the same up to its end, the RoPE
+per chunk of the last tenth over the first tenth (flat: <= 1.05), corrected for the machine's
+drift by a young reference stream timed in between, and the process memory at the end of the
+first and the last tenth. `positions: absolute` runs the same up to its end, the RoPE
 table. Then the cost of the per-call re-rotation: relative against absolute on another preset,
 chunks interleaved in one run (a shared machine's load hits both alike).
 
@@ -68,25 +69,42 @@ def _stream(stepper: ChunkStepper, preset: C.Preset) -> Stream:
     return Stream(stepper, ctx, noise, latent_hw=preset.latent_hw, num_frames=12)
 
 
+REFERENCE_EVERY = 10  # a reference chunk after every 10th chunk of the long stream
+REFERENCE_SPAN = (8, 30)  # the reference stream's chunks that count (steady), then it restarts
+
+
 @torch.no_grad()
 def run_stream(preset: C.Preset, mode: str, positions: str, frames: int,
                steps: tuple[int, ...]) -> dict:
-    """Time every chunk and sample the RSS at the end of every tenth of the stream."""
+    """Time every chunk of one long stream and, interleaved, chunks of a young reference stream
+    of the same mode (restarted before it ages): the long stream's time relative to the
+    reference in the same tenth cancels what the machine's speed does over the run (a shared
+    host drifts by tens of percent over minutes). RSS is sampled at the end of every tenth."""
     stepper = _stepper(preset, mode, positions, steps)
-    stream = _stream(stepper, preset)
+    stream, reference = _stream(stepper, preset), _stream(stepper, preset)
     chunks = frames // stepper.frames_per_block
     tenth = max(1, chunks // 10)
-    times, rss = [], []
+    times, ref_times, rss = [], [[] for _ in range(10)], []
     for n in range(chunks):
         began = time.perf_counter()
         stream.next_chunk()
         times.append(time.perf_counter() - began)
+        if n % REFERENCE_EVERY == 0:
+            if reference.chunk >= REFERENCE_SPAN[1]:
+                reference = _stream(stepper, preset)
+            while reference.chunk < REFERENCE_SPAN[0]:  # warm-up, not timed
+                reference.next_chunk()
+            began = time.perf_counter()
+            reference.next_chunk()
+            ref_times[min(n // tenth, 9)].append(time.perf_counter() - began)
         if (n + 1) % tenth == 0:
             rss.append(C.rss_bytes())
     first, last = times[:tenth], times[-tenth:]
+    raw = statistics.median(last) / statistics.median(first)
+    drift = statistics.median(ref_times[-1]) / statistics.median(ref_times[0])
     return {"mode": mode, "positions": positions, "frames": frames, "chunks": chunks,
             "first_ms": statistics.median(first) * 1e3, "last_ms": statistics.median(last) * 1e3,
-            "ratio": statistics.median(last) / statistics.median(first),
+            "raw_ratio": raw, "machine_drift": drift, "ratio": raw / drift,
             "rss_first": rss[0], "rss_last": rss[-1]}
 
 
@@ -125,8 +143,9 @@ def main(argv=None) -> None:
             r = run_stream(preset, mode, positions, frames, steps)
             records.append(r)
             rows.append([ENDLESS_MODES[mode][0], positions, f"{frames:,}", f"{r['first_ms']:.1f}",
-                         f"{r['last_ms']:.1f}", f"{r['ratio']:.3f}", C.mib(r["rss_first"]),
-                         C.mib(r["rss_last"])])
+                         f"{r['last_ms']:.1f}", f"{r['raw_ratio']:.3f}",
+                         f"{r['machine_drift']:.3f}", f"**{r['ratio']:.3f}**",
+                         C.mib(r["rss_first"]), C.mib(r["rss_last"])])
             print(rows[-1], file=sys.stderr, flush=True)
     rot = rotation_cost(C.PRESETS[args.rotation_preset], args.rotation_chunks, steps)
     records.append(rot)
@@ -138,8 +157,9 @@ def main(argv=None) -> None:
         f"- preset: {preset.note}; chunks of 3 latent frames, `local_attn_size` 12, steps {list(steps)}",
         "",
         C.table(["memory", "positions", "latent frames", "first tenth ms/chunk (median)",
-                 "last tenth ms/chunk (median)", "last / first", "RSS after first tenth",
-                 "RSS after last tenth"], rows),
+                 "last tenth ms/chunk (median)", "last / first", "reference stream last / "
+                 "first (machine drift)", "last / first, drift removed", "RSS MiB after first "
+                 "tenth", "RSS MiB after last tenth"], rows),
         "",
         f"Re-rotation cost (`{rot['preset']}` preset, NAM + SMA, {rot['chunks']} steady chunks "
         f"each, interleaved): absolute {rot['absolute_ms']:.1f} ms/chunk, relative "
