@@ -455,6 +455,32 @@ def test_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_inside_torch_save_is_a_stop_not_a_write_failure(tmp_path, monkeypatch):
+    """SIGTERM while torch.save writes: the handler's Terminated, raised inside the zip writer,
+    comes out as its "unexpected pos" RuntimeError. It is still a stop (exit 143, resume from the
+    previous checkpoint), not a failed write (exit 2), and no folder is left behind."""
+    import os
+    import signal
+
+    from utils.signals import Terminated, sigterm_raises
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated here
+        except Terminated:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 "
+                               "vs 598") from None  # as the C++ writer reports it
+
+    run = Run(steps=0)
+    monkeypatch.setattr(torch, "save", save)
+    with sigterm_raises(), pytest.raises(Terminated):
+        run.save(tmp_path, 3)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_other_torch_save_failures_keep_their_traceback(tmp_path, monkeypatch):
     """A zip-writer failure with plenty of free space is named as a failed write; any other
     RuntimeError of torch.save is a bug and propagates unchanged."""

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from memflow.checkpoint import WRAPPER_PREFIX, CheckpointError
 from utils.distributed import current_rank, current_world_size, is_main_rank, on_main
+from utils.signals import check_terminated
 
 from .checkpoint_files import (
     LORA_ENTRIES,
@@ -102,6 +103,9 @@ def _write_file(path: Path, payload: Any, shown: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as err:
+        # SIGTERM raised inside torch.save's writer comes out as its "unexpected pos" error:
+        # it is a stop (exit 143, resume from the previous checkpoint), not a write failure
+        check_terminated()
         reason = _write_failure(err, path.parent)
         if reason is None:
             raise
