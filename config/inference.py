@@ -16,8 +16,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memflow.config import DiTConfig, SamplingConfig, StreamConfig, SwitchOptions
+from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
 from memflow.errors import InputError
+from memflow.tiny import tiny_rope_frames
 from memflow.vae import video_frames
 
 from .loader import load_config
@@ -59,8 +60,7 @@ def switch_options(c: InferenceConfig, compat: bool) -> SwitchOptions:
 def rope_table_frames(c: InferenceConfig) -> int:
     """The model's RoPE table in latent frames: the tiny preset's `tiny.rope_max_frames`, else
     Wan2.1's (`DiTConfig.rope_max_frames`, 1024)."""
-    tiny = c.tiny if c.preset == "tiny" and c.tiny else {}
-    return int(tiny.get("rope_max_frames", DiTConfig.rope_max_frames))
+    return tiny_rope_frames(c.tiny if c.preset == "tiny" and c.tiny else {})
 
 
 def check_rope_table(c: InferenceConfig, num_frames: int) -> None:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from config.checker import check_known_keys, check_override, check_section, did_you_mean
 from memflow.checkpoint import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER, WAN_VAE_CHECKPOINT
 from memflow.errors import InputError
+from memflow.files import reading
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -31,13 +32,8 @@ _OVERRIDE = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(.*)", re.DOTALL)
 
 def _load_yaml(path: Path) -> DictConfig:
     try:
-        cfg = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise InputError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"config file is a directory: {path}") from None
-    except OSError as e:
-        raise InputError(f"cannot read config file {path}: {e.strerror}") from None
+        with reading(path, "config file"):
+            cfg = OmegaConf.load(path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+from .errors import InputError
 
 PathLike = str | os.PathLike[str]
 
@@ -35,3 +39,17 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """`atomic_write` of `text` in UTF-8."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def reading(path: PathLike, what: str) -> Iterator[None]:
+    """Around a read of `path`: the OS's refusal becomes one `InputError` naming `what` (e.g.
+    "config file") and the path: not found, a directory, or the OS's reason."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} is a directory: {path}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror}") from None

@@ -146,6 +146,12 @@ def tiny_text_len(tiny: Mapping[str, Any]) -> int:
     return int(tiny.get("text_len", TINY_TEXT_LEN))
 
 
+def tiny_rope_frames(tiny: Mapping[str, Any]) -> int:
+    """The RoPE table in latent frames of a `tiny:` section's DiT: its `rope_max_frames`, else
+    Wan2.1's (`DiTConfig.rope_max_frames`, 1024)."""
+    return int(tiny.get("rope_max_frames", DiTConfig.rope_max_frames))
+
+
 def tiny_seed(tiny: Mapping[str, Any]) -> int:
     """The seed of every random tiny component of a `tiny:` section (default 0)."""
     return int(tiny.get("seed", 0))

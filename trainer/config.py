@@ -41,7 +41,7 @@ from config.stream import (PATCH, check_tiny_shape, memory_preset, sampling_conf
 from memflow.config import DiTConfig, SamplingConfig, StreamConfig
 from memflow.errors import InputError
 from memflow.lora import LoraSettings
-from memflow.tiny import tiny_seed, tiny_text_len
+from memflow.tiny import tiny_rope_frames, tiny_seed, tiny_text_len
 from trainer.long_sequence import LongTuningConfig
 from trainer.rollout import RolloutConfig
 from trainer.score import ScoreConfig
@@ -453,9 +453,7 @@ def _check_rope_table(c: TrainConfig, tiny: TinyModels | None, longest: int) -> 
     """With `positions: absolute` every generated sequence (rollouts, stage-2 sequences,
     training videos) must fit the generator's RoPE table: the reference has no position past
     it. `positions: relative` has no such limit."""
-    table = DiTConfig.rope_max_frames
-    if tiny is not None:
-        table = int(tiny.generator.get("rope_max_frames", table))
+    table = tiny_rope_frames(tiny.generator if tiny is not None else {})
     if c.positions == "absolute" and longest > table:
         raise InputError(
             f"sequences of {longest} latent frames are past the generator's RoPE table ({table} "

@@ -18,6 +18,7 @@ from typing import Any
 
 from config.checker import did_you_mean
 from memflow.errors import InputError
+from memflow.files import reading
 
 _INT = re.compile(r"-?\d+")
 # Fields a line of a .jsonl prompt file may carry; any other is an error naming it (a field this
@@ -39,14 +40,8 @@ def prompt_problem(text: str) -> str | None:
 
 def _read_lines(path: Path) -> list[str]:
     """The file's lines without line terminators (``\\r\\n`` files included)."""
-    try:
+    with reading(path, "prompt file"):
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"prompt file not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"prompt file is a directory: {path}") from None
-    except OSError as e:
-        raise InputError(f"cannot read prompt file {path}: {e.strerror}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
