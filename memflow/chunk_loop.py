@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from .config import SamplingConfig, StreamConfig, SwitchOptions
 from .model import WanDiT, text_mask
 from .noise import NoiseSource
-from .scheduler import FlowMatchScheduler
+from .scheduler import FlowMatchScheduler, noised, x0_from_flow
 from .stream import Stream
 from .stream_call import StreamCall
+from .static_stream import StaticStreamState
 from .streaming import StreamState
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
@@ -85,6 +86,17 @@ class ChunkStepper:
         self.timesteps = self.scheduler.denoising_timesteps(
             sampling.denoising_step_list, warp=sampling.warp_denoising_step
         )
+        # the hot loop reads timesteps as host numbers and sigmas as device tensors, so a
+        # denoising step never waits for the device to hand a value back
+        self.step_times = tuple(float(t) for t in self.timesteps)
+        self._step_sigmas = self.scheduler.step_sigmas(self.timesteps)
+        self._sigmas_on: dict[torch.device, list[torch.Tensor]] = {}
+
+    def step_sigmas(self, device: torch.device) -> list[torch.Tensor]:
+        """Each denoising step's sigma ([1], float32) on `device`, moved there once."""
+        if device not in self._sigmas_on:
+            self._sigmas_on[device] = [s.to(device) for s in self._step_sigmas]
+        return self._sigmas_on[device]
 
     @property
     def frames_per_block(self) -> int:
@@ -101,6 +113,12 @@ class ChunkStepper:
     ) -> StreamState:
         """Fresh cache, bank and text cache for one video (`cache_frames` and the bookkeeping
         flags: see StreamState)."""
+        if self.stream_config.static_shapes:
+            return StaticStreamState(
+                self.generator.config, self.stream_config, batch_size, *latent_hw,
+                num_frames=num_frames, dtype=self.dtype, device=self.generator.device,
+                debug=debug, track_frames=track_frames,
+            )
         return StreamState(
             self.generator.config, self.stream_config, batch_size, *latent_hw,
             num_frames=num_frames, dtype=self.dtype, device=self.generator.device,
@@ -120,7 +138,7 @@ class ChunkStepper:
         self,
         state: StreamState,
         x: torch.Tensor,
-        t: float | torch.Tensor,
+        t: float,
         context: torch.Tensor,
         call: StreamCall,
     ) -> torch.Tensor:
@@ -137,12 +155,15 @@ class ChunkStepper:
         if not torch.is_grad_enabled():
             self.prepare_text(state, context)
         b, f = x.shape[:2]
-        timestep = torch.full((b, f), float(t), dtype=torch.float32, device=x.device)
+        carried = state.call_frames(call, f)
+        if carried > f:  # a static state's fixed shape: padding frames, computed and dropped
+            x = torch.cat([x, x.new_zeros(b, carried - f, *x.shape[2:])], dim=1)
+        timestep = torch.full((b, carried), t, dtype=torch.float32, device=x.device)
         text = {"context": context} if torch.is_grad_enabled() else {"text_kv": state.text.kv}
         ctx = state.begin(call, f)
         flow = self.generator(x.permute(0, 2, 1, 3, 4), timestep, stream=ctx, **text)
         state.finish(ctx)
-        return flow.permute(0, 2, 1, 3, 4)
+        return flow.permute(0, 2, 1, 3, 4)[:, :f]
 
     def prepare_text(self, state: StreamState, context: torch.Tensor) -> None:
         """Build the text cache for this prompt unless it holds one (never with a graph)."""
@@ -167,21 +188,21 @@ class ChunkStepper:
         (`exit_step`, default the last of the list). With `grad`, that call records a graph and
         every earlier one runs without. Never writes the cache; remembers the exit step on the
         state for the commit."""
-        steps = self.timesteps
+        steps = self.step_times
         last = len(steps) - 1 if exit_step is None else exit_step
         if not 0 <= last < len(steps):
             raise ValueError(f"exit step {exit_step} is outside the {len(steps)} denoising steps")
         start = chunk * self.frames_per_block
         b, f = x.shape[:2]
+        sigmas = self.step_sigmas(x.device)
         for i in range(last + 1):
-            t_all = steps[i].expand(b * f)
             with torch.set_grad_enabled(grad and i == last):
                 call = StreamCall.denoise(start, refresh_memory=(i == 0))
                 flow = self.dit(state, x, steps[i], context, call)
-                x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t_all)
+                x0 = x0_from_flow(flow.flatten(0, 1), x.flatten(0, 1), sigmas[i])
             if i < last:
                 eps = noise.step(chunk, i, tuple(x0.shape)).to(x0.device, x0.dtype)
-                x = self.scheduler.add_noise(x0, eps, steps[i + 1].expand(b * f)).unflatten(0, (b, f))
+                x = noised(x0, eps, sigmas[i + 1]).unflatten(0, (b, f))
         state.exit_step = last
         return x0.unflatten(0, (b, f))
 
@@ -256,7 +277,7 @@ class ChunkStepper:
         """
         start = chunk * self.frames_per_block
         if not switch.global_sink:
-            state.kv.clear_values()
+            state.clear_cache_values()
         state.text.reset()
         if start == 0:
             return

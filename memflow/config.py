@@ -168,6 +168,18 @@ class StreamConfig:
     # are kept un-rotated and placed, at every call, at their index in the attended context:
     # sink, memory, window, the call's own frames last; no end). memflow/streaming.py.
     positions: Positions = "absolute"
+    # Fixed shapes for compiled and graph-captured inference (`compile: true`): the stream keeps
+    # its context in one preallocated arena per layer (memflow/static_stream.py).
+    static_shapes: bool = False
+
+    def check_static(self) -> None:
+        """ValueError unless a static stream can hold this one: the standard memory layout and a
+        rolling window (`local_attn_size` != -1)."""
+        if self.memory_layout != "standard":
+            raise ValueError(f"fixed shapes (compile) need memory_layout: standard, "
+                             f"not {self.memory_layout}")
+        if self.local_attn_size == -1:
+            raise ValueError("fixed shapes (compile) need a rolling window: set local_attn_size")
 
     def __post_init__(self) -> None:
         if self.num_frame_per_block < 1:

@@ -114,8 +114,9 @@ class MemoryBank:
     `opened` counts slots opened so far (the reference's W / frame_len); it grows past `slots`
     once the bank is saturated, after which refreshes compress instead of inserting. With
     `track_frames`, `slot_frames[layer]` and `prototype_frame` record which absolute latent frame
-    each slot holds (batch element 0), for tests and debugging; it costs a host sync per
-    compression, so it is off by default.
+    each slot holds (batch element 0), for readouts (the live memory view) and tests. A
+    compression's choice stays on the device until `slot_frames` is read: that readout pays one
+    host sync for every compression since the last, and generation pays none.
     """
 
     def __init__(
@@ -140,13 +141,43 @@ class MemoryBank:
         return min(self.opened, self.slots)
 
     def reset(self) -> None:
+        self._reset_storage()
+        self.opened, self.fresh, self.prototype_frame = 0, False, None
+        self._slot_frames: list[list[int | None]] = [[] for _ in range(self.num_layers)]
+        # compressions not yet read back: (kept slots [layers, B, keep] on the device, the
+        # prototype frame appended after them)
+        self._unread: list[tuple[torch.Tensor, int | None]] = []
+        self._last_selection: list[list[list[int]]] | None = None
+
+    @property
+    def slot_frames(self) -> list[list[int | None]]:
+        """Per layer, the latent frame each slot holds (needs `track_frames`); reading it brings
+        the compressions' choices to the host (one transfer for all of them)."""
+        self._read_back()
+        return self._slot_frames
+
+    @property
+    def last_selection(self) -> list[list[list[int]]] | None:
+        """The last compression's kept slots, [layer][batch][kept slot] (with `track_frames`)."""
+        self._read_back()
+        return self._last_selection
+
+    def _reset_storage(self) -> None:
         self.k: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self.v: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self.proto_k: list[torch.Tensor | None] = [None] * self.num_layers
         self.proto_v: list[torch.Tensor | None] = [None] * self.num_layers
-        self.opened, self.fresh, self.prototype_frame = 0, False, None
-        self.slot_frames: list[list[int | None]] = [[] for _ in range(self.num_layers)]
-        self.last_selection: list[list[list[int]]] | None = None  # [layer][batch][kept slot]
+
+    def _read_back(self) -> None:
+        if not self._unread:
+            return
+        chosen = torch.stack([idx for idx, _ in self._unread]).cpu().tolist()
+        for per_layer, (_, prototype) in zip(chosen, self._unread):
+            for layer, per_batch in enumerate(per_layer):
+                old = self._slot_frames[layer]
+                self._slot_frames[layer] = [old[i] for i in per_batch[0]] + [prototype]
+            self._last_selection = per_layer
+        self._unread = []
 
     def state_dict(self) -> dict:
         """Slots, staged prototype and counters (plain containers of tensors), for resuming a
@@ -170,7 +201,8 @@ class MemoryBank:
         self.proto_v = [put(t) for t in state["proto_v"]]
         self.opened, self.fresh = int(state["opened"]), bool(state["fresh"])
         self.prototype_frame = state["prototype_frame"]
-        self.slot_frames = [list(frames) for frames in state["slot_frames"]]
+        self._slot_frames = [list(frames) for frames in state["slot_frames"]]
+        self._unread = []
 
     def wants_prototype(self, chunk_index: int) -> bool:
         """Whether the commit of this chunk stages a prototype (the record policy, spec Q1)."""
@@ -216,23 +248,25 @@ class MemoryBank:
         if action == "insert":
             slot = self.opened - 1
             for layer in range(self.num_layers):
-                self.k[layer] = _put(self.k[layer], slot, self.proto_k[layer])
-                self.v[layer] = _put(self.v[layer], slot, self.proto_v[layer])
+                self._insert_layer(layer, slot)
                 if self.track_frames:
-                    self.slot_frames[layer] = _put(self.slot_frames[layer], slot, self.prototype_frame)
+                    self._read_back()  # earlier compressions first: the slots are in order
+                    self._slot_frames[layer] = _put(self._slot_frames[layer], slot,
+                                                    self.prototype_frame)
         else:
             chosen = [
                 self._compress_layer(layer, text_keys(layer), text_mask)
                 for layer in range(self.num_layers)
             ]
             if self.track_frames:
-                # one device->host transfer for the bookkeeping, not one per layer
-                self.last_selection = torch.stack(chosen).cpu().tolist()  # [layers, B, keep]
-                for layer, per_batch in enumerate(self.last_selection):
-                    old = self.slot_frames[layer]
-                    self.slot_frames[layer] = [old[i] for i in per_batch[0]] + [self.prototype_frame]
+                self._unread.append((torch.stack(chosen), self.prototype_frame))
         self.fresh = False
         return action
+
+    def _insert_layer(self, layer: int, slot: int) -> None:
+        """Put the prototype into `slot` of one layer (a new slot list: copy on write)."""
+        self.k[layer] = _put(self.k[layer], slot, self.proto_k[layer])
+        self.v[layer] = _put(self.v[layer], slot, self.proto_v[layer])
 
     def _compress_layer(
         self, layer: int, text_keys: torch.Tensor, text_mask: torch.Tensor | None

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionKernel, attention
 from .config import DiTConfig
-from .rope import RotaryEmbedding, apply_rope
+from .rope import RopePrecision, RotaryEmbedding, apply_rope
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -238,6 +238,13 @@ class WanDiT(nn.Module):
         """The attention kernel of this model's calls, by a name of `attention.backend_names()`
         (InputError for an unknown or uninstalled one); other models keep theirs."""
         self.attention_kernel = AttentionKernel(name)
+
+    def set_rope_precision(self, precision: RopePrecision) -> None:
+        """How this model applies RoPE (memflow/rope.py): "float64", the reference's and the
+        default, or "float32" (`behaviour: clean`)."""
+        cfg = self.config
+        self.rope = RotaryEmbedding(cfg.head_dim, max_frames=cfg.rope_max_frames,
+                                    precision=precision)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,10 +5,20 @@ is an index: the frame's place in the video (`positions: absolute`, the referenc
 the rotation of the frame it came from) or its slot in the attended context of one call
 (`positions: relative`, memflow/streaming.py). Frame angles come from a float64 table of
 `max_frames` rows, and past it are computed the same way on the fly, so no index is too large.
+
+Precision: angles are always float64. `float64` applies them as the reference does (queries and
+keys cast to float64, complex128 multiply); `float32` takes cos/sin of the float64 angles in
+float32 and rotates in float32 real arithmetic: half the bytes, no complex dtype (which neither
+inductor nor the fast attention kernels handle well), and within float32 round-off of the other.
+`behaviour: clean` uses float32, `compat` float64.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+RopePrecision = Literal["float64", "float32"]
 
 
 def rope_sections(head_dim: int) -> tuple[int, int, int]:
@@ -30,7 +40,11 @@ class RotaryEmbedding:
     """Complex128 phase tables, kept off the module's parameters so casting the model to bf16
     never rounds them."""
 
-    def __init__(self, head_dim: int, max_frames: int = 1024, max_side: int = 1024):
+    def __init__(self, head_dim: int, max_frames: int = 1024, max_side: int = 1024,
+                 precision: RopePrecision = "float64"):
+        if precision not in ("float64", "float32"):
+            raise ValueError(f"RoPE precision must be float64 or float32, got {precision!r}")
+        self.precision = precision
         f, h, w = rope_sections(head_dim)
         self.frame_pairs = f
         self.frame = _axis_phases(0, max_frames, f)
@@ -45,8 +59,9 @@ class RotaryEmbedding:
     def phases(
         self, start_frame: int, frames: int, height: int, width: int, device: torch.device
     ) -> torch.Tensor:
-        """Per-token phases [frames*height*width, 1, pairs] for tokens in (f, h, w) order, frames
-        at indices start_frame..start_frame+frames-1."""
+        """Per-token phases for tokens in (f, h, w) order, frames at indices
+        start_frame..start_frame+frames-1: complex128 [frames*height*width, 1, pairs] in float64
+        precision, float32 (cos, sin) pairs [frames*height*width, 1, pairs, 2] in float32."""
         key = (start_frame, frames, height, width, str(device))
         if key not in self._cache:
             if len(self._cache) > 64:
@@ -62,12 +77,21 @@ class RotaryEmbedding:
                 ],
                 dim=-1,
             )
-            self._cache[key] = table.reshape(frames * height * width, 1, -1).to(device)
+            table = table.reshape(frames * height * width, 1, -1)
+            if self.precision == "float32":
+                table = torch.view_as_real(table).to(torch.float32)
+            self._cache[key] = table.to(device)
         return self._cache[key]
 
 
 def apply_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, L, H, D] queries or keys by [L, 1, D/2] phases, in float64 like the reference."""
+    """Rotate [B, L, H, D] queries or keys by `RotaryEmbedding.phases`: complex128 ones in
+    float64 like the reference, (cos, sin) float32 ones in float32."""
     b, length, heads, dim = x.shape
-    rotated = torch.view_as_complex(x.to(torch.float64).reshape(b, length, heads, dim // 2, 2))
-    return torch.view_as_real(rotated * phases).flatten(3).type_as(x)
+    pairs = x.reshape(b, length, heads, dim // 2, 2)
+    if phases.is_complex():
+        rotated = torch.view_as_complex(pairs.to(torch.float64)) * phases
+        return torch.view_as_real(rotated).flatten(3).type_as(x)
+    re, im = pairs.float().unbind(-1)
+    cos, sin = phases.unbind(-1)
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(3).type_as(x)

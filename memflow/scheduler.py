@@ -59,9 +59,7 @@ class FlowMatchScheduler:
         """x0 = x_t - sigma(t) * flow, in float64, returned in the flow's dtype.
 
         flow and x_t are [N, ...] with one timestep per leading index."""
-        sigma = self.sigma(timestep).double().to(flow.device)
-        sigma = sigma.view(-1, *([1] * (flow.dim() - 1)))
-        return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+        return x0_from_flow(flow, x_t, self.sigma(timestep).to(flow.device))
 
     def x0_to_flow(self, x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """flow = (x_t - x0) / sigma(t), in float64, returned in x0's dtype (the inverse of
@@ -74,5 +72,26 @@ class FlowMatchScheduler:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """(1 - sigma) * x0 + sigma * noise with the float32 sigma, cast to x0's dtype."""
-        sigma = self.sigma(timestep).to(x0.device).view(-1, *([1] * (x0.dim() - 1)))
-        return ((1 - sigma) * x0 + sigma * noise).type_as(x0)
+        return noised(x0, noise, self.sigma(timestep).to(x0.device))
+
+    def step_sigmas(self, timesteps: torch.Tensor) -> list[torch.Tensor]:
+        """The float32 sigma of each timestep of a sampling list, one [1] tensor each: a stepper
+        puts them on its device once, so denoising never looks a sigma up on the host."""
+        return [self.sigma(t.reshape(1)) for t in timesteps]
+
+
+def _per_row(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.view(-1, *([1] * (like.dim() - 1)))
+
+
+def x0_from_flow(flow: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_t - sigma * flow in float64, in the flow's dtype; `sigma`: float32, one per leading
+    index of flow/x_t or a single [1] one for all (the reference's float64 conversion)."""
+    return (x_t.double() - _per_row(sigma.double(), flow) * flow.double()).to(flow.dtype)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """(1 - sigma) * x0 + sigma * noise with a float32 `sigma` (per leading index, or [1]),
+    cast to x0's dtype."""
+    sigma = _per_row(sigma, x0)
+    return ((1 - sigma) * x0 + sigma * noise).type_as(x0)

@@ -152,6 +152,23 @@ class StreamState:
         """The source of that name, or None (a layout without it)."""
         return next((s for s in self.sources if s.name == name), None)
 
+    def call_frames(self, call: StreamCall, num_frames: int) -> int:
+        """Frames the DiT call carries: its own (a static state pads some)."""
+        return num_frames
+
+    def clear_cache_values(self) -> None:
+        """Zero the cached K/V, keeping the pointers: the reference's prompt switch without a
+        global sink (spec K2, compat only)."""
+        self.kv.clear_values()
+
+    def cache_frames(self) -> tuple[list[int], list[int]]:
+        """(sink frames, window frames) the KV cache holds now: the sink, then the newest
+        window frames."""
+        fl, kv = self.frame_len, self.kv
+        end, fill, sink = kv.end // fl, kv.fill // fl, kv.sink // fl
+        in_sink = min(sink, fill)
+        return list(range(in_sink)), list(range(end - (fill - in_sink), end))
+
     def begin(self, call: StreamCall, num_frames: int) -> "CallContext":
         plan = self.kv.plan(
             call.start_frame * self.frame_len,

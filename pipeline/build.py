@@ -116,6 +116,7 @@ def build_components(
     if lora is not None:
         generator = apply_lora(generator, lora, paths.lora_ckpt, trust=c.trust_checkpoints)
     generator.set_attention_backend(c.attn_backend)
+    generator.set_rope_precision("float64" if compat else "float32")
     generator = finalize_for_inference(
         generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
     )

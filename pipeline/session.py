@@ -569,13 +569,9 @@ def memory_view(state: StreamState) -> MemoryView:
     """Which latent frames a video state's sink, window and bank hold (bank frames need
     `track_frames`). The KV buffer holds the sink, then the newest window frames; every other
     source says what it holds."""
-    frame_len = state.frame_len
-    kv = state.kv
-    end, fill, sink = kv.end // frame_len, kv.fill // frame_len, kv.sink // frame_len
-    in_sink = min(sink, fill)
-    window = list(range(end - (fill - in_sink), end))
+    sink, window = state.cache_frames()
     held = [frames for s in state.sources if (frames := s.held_frames()) is not None]
     layers = [sorted(set().union(*per_layer)) if len(held) > 1 else list(per_layer[0])
               for per_layer in zip(*held)] if held else []
     bank = sorted(set().union(*layers)) if layers else []
-    return MemoryView(list(range(in_sink)), bank, window, layers)
+    return MemoryView(sink, bank, window, layers)

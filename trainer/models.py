@@ -78,6 +78,7 @@ def build_train_models(settings: TrainSettings, device: torch.device) -> TrainMo
         )
     for model in models:
         model.to(settings.param_dtype)
+        model.set_rope_precision("float64" if settings.compat else "float32")
         model.train()
     teacher.requires_grad_(False)
     text_encoder.requires_grad_(False)
