@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Protocol, Sequence
+from types import FunctionType
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -233,11 +234,38 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RotaryEmbedding(cfg.head_dim, max_frames=cfg.rope_max_frames)
         self.attention_kernel = AttentionKernel("auto")
+        self._compile_options: dict[str, Any] | None = None  # see compile_blocks
+        self._compiled_blocks: dict[tuple, Callable] = {}
 
     def set_attention_backend(self, name: str) -> None:
         """The attention kernel of this model's calls, by a name of `attention.backend_names()`
         (InputError for an unknown or uninstalled one); other models keep theirs."""
         self.attention_kernel = AttentionKernel(name)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """Run every block through `torch.compile` (`options`: its keyword arguments, e.g.
+        `mode`, `fullgraph`); None: eager again. Each token count of a call gets its own compiled
+        entry, shared by all blocks (their parameters are graph inputs), so a stream's two call
+        shapes (a chunk; a recache) compile once each and nothing is ever recompiled. Parameter
+        names do not change (checkpoints and FSDP are unaffected). A streaming attention that
+        is not traceable (the dynamic `StreamState`'s, which slices by host numbers) runs eagerly
+        between compiled pieces; the static arena's is traced with the block."""
+        self._compile_options = None if options.get("disable") else options
+        self._compiled_blocks: dict[tuple, Callable] = {}
+
+    def _block_runner(self, tokens: torch.Tensor) -> Callable:
+        """The (compiled, when `compile_blocks` asked for it) function that runs a block on
+        these tokens."""
+        if self._compile_options is None:
+            return _run_block
+        key = (tuple(tokens.shape), tokens.dtype, torch.is_grad_enabled())
+        if key not in self._compiled_blocks:
+            # a code object of its own per shape: dynamo caches compiled code per code object,
+            # so a new shape is a first compilation, never a recompilation of another's
+            code = _run_block.__code__.replace(co_name=f"run_block_{len(self._compiled_blocks)}")
+            runner = FunctionType(code, _run_block.__globals__, code.co_name)
+            self._compiled_blocks[key] = torch.compile(runner, **self._compile_options)
+        return self._compiled_blocks[key]
 
     def set_rope_precision(self, precision: RopePrecision) -> None:
         """How this model applies RoPE (memflow/rope.py): "float64", the reference's and the
@@ -314,11 +342,12 @@ class WanDiT(nn.Module):
             attend: AttendFn = (bidirectional if stream is None else
                                 stream.layer(i, kernel, frame_phases if frames_placed else None))
             text = text_kv[i] if text_kv is not None else text_emb
-            args = (tokens, e0, phases, attend, text, bidirectional)
+            args = (block, tokens, e0, phases, attend, text, bidirectional)
+            run = self._block_runner(tokens)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, *args, use_reentrant=False)
+                tokens = checkpoint(run, *args, use_reentrant=False)
             else:
-                tokens = block(*args)
+                tokens = run(*args)
 
         out = self.head(tokens, e.unflatten(0, (b, frames)).unsqueeze(2))
         return self.unpatchify(out, grid)
@@ -332,6 +361,10 @@ class WanDiT(nn.Module):
         out = out.reshape(b, f, gh, gw, pt, ph, pw, c)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, c, f * pt, gh * ph, gw * pw)
+
+
+def _run_block(block: DiTBlock, *args: Any) -> torch.Tensor:
+    return block(*args)
 
 
 def text_mask(context: torch.Tensor, text_len: int) -> torch.Tensor:

@@ -268,6 +268,7 @@ class ChunkAttention:
     kernel: AttentionKernel | None = None
     phases: Callable[[int, int], torch.Tensor] | None = None
 
+    @torch.compiler.disable  # slices by host numbers: a compiled block calls it eagerly
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         before: list[Piece] = []  # in key order: what precedes the SMA candidates, ...
         candidates: list[Piece] = []
