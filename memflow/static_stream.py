@@ -304,8 +304,10 @@ class StaticStreamState:
 
     def begin(self, call: StreamCall, num_frames: int) -> "StaticCallContext":
         plan = self._plan(call, num_frames)
-        if self.debug is not None:
-            self.debug.key_frames.append(sum(plan.valid))
+        if self.debug is not None:  # frames attended: SMA's choice in place of its candidates
+            candidates = sum(plan.valid[: self.layout.candidates])
+            chosen = min(candidates, self.layout.selection) if self.layout.selection else candidates
+            self.debug.key_frames.append(sum(plan.valid) - candidates + chosen)
         return StaticCallContext(self, call, plan)
 
     def finish(self, ctx: "StaticCallContext") -> None:
@@ -340,7 +342,8 @@ class StaticStreamState:
         recompute = end <= self.end and (s > 0 or (call.protect_sink and self.end > 0))
         if call.recache and not recompute and s > 0:
             raise ValueError("a recache call must cover frames that are already committed")
-        if not recompute and s != self.end:
+        if not recompute and s != self.end and not call.recache:  # (a recache from frame 0
+            # without sink protection rewrites the sink: the reference's, spec K3)
             raise ValueError(f"a static stream continues at frame {self.end}, not {s}")
         new_end = max(self.end, end)
         window_lo = max(lay.sink, new_end - lay.ring)
