@@ -12,9 +12,10 @@ live session take an `InferenceConfig` and never see the YAML mapping.
 """
 from __future__ import annotations
 
+
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memflow.config import SamplingConfig, StreamConfig, SwitchOptions
 from memflow.errors import InputError
@@ -93,6 +94,12 @@ def parse_settings(c: InferenceConfig, interactive: bool) -> InferenceSettings:
     memory = with_overrides(memory_preset(compat, "interactive" if interactive else "single"),
                             c.memory, "memory")
     stream = stream_config(c, memory)
+    if c.compile or c.cuda_graphs:
+        stream = replace(stream, static_shapes=True)
+        try:
+            stream.check_static()
+        except ValueError as err:
+            raise InputError(f"config key `compile`: {err}") from None
     sampling = sampling_config(c, mk)
     switch = switch_options(c, compat)
     return InferenceSettings(stream, sampling, switch, latent_hw, num_frames, compat)

@@ -253,6 +253,11 @@ class WanDiT(nn.Module):
         self._compile_options = None if options.get("disable") else options
         self._compiled_blocks: dict[tuple, Callable] = {}
 
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile_blocks` asked for compiled blocks."""
+        return self._compile_options is not None
+
     def _block_runner(self, tokens: torch.Tensor) -> Callable:
         """The (compiled, when `compile_blocks` asked for it) function that runs a block on
         these tokens."""

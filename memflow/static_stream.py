@@ -255,6 +255,9 @@ class StaticStreamState:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # fixed addresses: a captured CUDA graph replays on them
+            for arena in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(arena)
         bank_slice = slice(self.layout.bank_start * fl, self.layout.candidates * fl)
         self.bank = StaticBank(
             [k[:, bank_slice] for k in self.k], [v[:, bank_slice] for v in self.v],

@@ -120,6 +120,8 @@ def build_components(
     generator = finalize_for_inference(
         generator, merge_lora=merge and lora is not None, device=device, dtype=dtype
     )
+    if c.compile or c.cuda_graphs:
+        generator.compile_blocks(fullgraph=True, mode="reduce-overhead" if c.cuda_graphs else None)
     return Components(generator, text_encoder, vae.to(device), model_type(c))
 
 
@@ -202,7 +204,10 @@ def prepare_inference(c: InferenceConfig, interactive: bool, local_rank: int = 0
     paths = check_paths(c)
     warn_ignored_settings(c, paths)
     AttentionKernel(c.attn_backend)  # an uninstalled kernel is bad input
-    return InferenceSetup(settings, paths, pick_device(c.device, local_rank))
+    device = pick_device(c.device, local_rank)
+    if c.cuda_graphs and device.type != "cuda":
+        raise InputError(f"cuda_graphs: true needs a CUDA device; this run is on {device.type}")
+    return InferenceSetup(settings, paths, device)
 
 
 def load_components(c: InferenceConfig, setup: InferenceSetup, seed: int) -> Components:

@@ -261,3 +261,19 @@ def test_cli_script_style_parse_from_env_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_train_config(os.path.join("configs", "tiny_train_init.yaml"))
     assert TrainSettings.from_config(cfg).data_path == Path("prompts/tiny_train_prompts.txt")
+
+
+def test_cuda_graphs_are_refused_in_training(tmp_path):
+    from conftest import train_settings
+
+    with pytest.raises(InputError, match="CUDA graphs are for inference"):
+        train_settings(TINY, tmp_path, cuda_graphs="true")
+
+
+def test_compile_reaches_every_trained_model(tmp_path):
+    """`compile: true` in training compiles the generator, critic and teacher blocks."""
+    from conftest import make_trainer, train_settings
+
+    trainer = make_trainer(train_settings(TINY, tmp_path, compile="true"))
+    for model in (trainer.generator, trainer.critic, trainer.teacher):
+        assert model.compiled

@@ -288,6 +288,12 @@ def _typed(cfg: DictConfig) -> TrainConfig:
     return settings_from_config(values, TrainConfig)
 
 
+def _check_compile(c: TrainConfig) -> None:
+    if c.cuda_graphs:
+        raise InputError("config key `cuda_graphs`: CUDA graphs are for inference (a training "
+                         "rollout's shapes and graph change every step); use compile: true")
+
+
 def _stage(c: TrainConfig) -> tuple[bool, int]:
     """(compat, stage) from `behaviour` and the loss; the unsupported reference switches fail."""
     streaming = c.streaming_training
@@ -423,6 +429,7 @@ def _parse(cfg: DictConfig, check_files: bool) -> TrainSettings:
     """`TrainSettings` from a loaded config: the typed config, composed section by section."""
     c = _typed(cfg)
     compat, stage = _stage(c)
+    _check_compile(c)
     fpb = c.num_frame_per_block
     channels, latent_hw = _latent_shape(c)
     stream, sampling = _stream_and_sampling(c, compat, stage)

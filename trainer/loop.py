@@ -170,6 +170,8 @@ class DistillationTrainer:
         m = models or build_train_models(s, device)
         for model in (m.generator, m.critic, m.teacher):  # each model holds its kernel
             model.set_attention_backend(s.config.attn_backend)
+            if s.config.compile:
+                model.compile_blocks()
         self.text_encoder = m.text_encoder
         self._vae = m.vae
         self.draws: RunDraws = draws or SeededRunDraws(s.seed, s.compute_dtype, device)
