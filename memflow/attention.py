@@ -10,6 +10,8 @@ config's `attn_backend` uses:
   every call (masks, any device and dtype);
 * ``flash2``: flash-attn 2 (`flash_attn.flash_attn_func`), CUDA on Ampere or newer;
 * ``flash3``: the flash-attn 3 interface (`flash_attn_interface.flash_attn_func`), Hopper;
+* ``flash4``: flash-attn 4 (`flash_attn.cute.flash_attn_func`, the pure-Python CuTe-DSL wheel
+  `flash-attn-4`), Hopper and Blackwell; `auto` prefers flash3 where both run;
 
 and two selectors: ``auto`` (the highest-priority installed backend that supports the call,
 else SDPA) and ``flash`` (flash3 if installed, else flash2; the name earlier configs used).
@@ -101,6 +103,13 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: None) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func  # type: ignore
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
 def _flash_supports(min_arch: int, max_arch: int = 99) -> Callable[..., bool]:
     """Flash kernels take fp16/bf16 CUDA calls without a mask, head dim a multiple of 8 up to
     256, on a GPU whose compute capability (major) lies in [min_arch, max_arch]."""
@@ -140,6 +149,12 @@ register_backend(AttentionBackend(
 register_backend(AttentionBackend(
     "flash3", "flash-attn 3", _flash3, _flash_supports(9, 9), priority=30,
     module="flash_attn_interface", package="flash-attn 3, Hopper",
+))
+
+
+register_backend(AttentionBackend(
+    "flash4", "flash-attn 4", _flash4, _flash_supports(9, 12), priority=25,
+    module="flash_attn.cute", package="flash-attn-4, Hopper or Blackwell",
 ))
 
 

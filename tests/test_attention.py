@@ -54,8 +54,8 @@ def _fake(calls: list, module: str | None = None, priority: int = 100) -> attn.A
 
 
 def test_registry_names():
-    assert tuple(attn.BACKENDS) == ("sdpa", "flash2", "flash3")
-    assert attn.backend_names() == ("auto", "sdpa", "flash2", "flash3", "flash")
+    assert tuple(attn.BACKENDS) == ("sdpa", "flash2", "flash3", "flash4")
+    assert attn.backend_names() == ("auto", "sdpa", "flash2", "flash3", "flash4", "flash")
     assert all(name == b.name for name, b in attn.BACKENDS.items())
 
 
@@ -86,6 +86,20 @@ def test_flash_alias_and_auto_prefer_flash3(registry, monkeypatch, installed, ex
     assert chain[0].name == expected and chain[-1] is attn.SDPA
 
 
+def test_auto_takes_flash4_after_flash3_and_before_flash2(registry, monkeypatch):
+    _installed(monkeypatch, "flash_attn", "flash_attn_interface", "flash_attn.cute")
+    assert [b.name for b in attn.AttentionKernel("auto").chain] == [
+        "flash3", "flash4", "flash2", "sdpa"]
+    _installed(monkeypatch, "flash_attn.cute")
+    assert [b.name for b in attn.AttentionKernel("auto").chain] == ["flash4", "sdpa"]
+
+
+def test_flash4_takes_only_unmasked_half_precision_cuda_calls():
+    flash4 = attn.BACKENDS["flash4"]
+    q, k, v = _qkv(1, 4)
+    assert not flash4.supports(q.half(), k.half(), v.half(), None)  # on the CPU
+
+
 @pytest.mark.parametrize(
     "name,message",
     [
@@ -93,6 +107,8 @@ def test_flash_alias_and_auto_prefer_flash3(registry, monkeypatch, installed, ex
                    "(flash-attn 3, Hopper); install it or use attn_backend: sdpa"),
         ("flash2", "attention backend 'flash2' needs the flash_attn package "
                    "(flash-attn 2, Ampere or newer); install it or use attn_backend: sdpa"),
+        ("flash4", "attention backend 'flash4' needs the flash_attn.cute package "
+                   "(flash-attn-4, Hopper or Blackwell); install it or use attn_backend: sdpa"),
         ("flash", "attention backend 'flash' needs the flash_attn_interface package "
                   "(flash-attn 3, Hopper) or the flash_attn package (flash-attn 2, Ampere or "
                   "newer); install it or use attn_backend: sdpa"),
@@ -111,7 +127,7 @@ def test_explicit_unavailable_backend_names_the_package(registry, monkeypatch, n
 
 def test_unknown_backend_lists_the_names(registry):
     with pytest.raises(InputError, match="unknown attention backend 'xformers'; use one of "
-                                         "auto, sdpa, flash2, flash3, flash$"):
+                                         "auto, sdpa, flash2, flash3, flash4, flash$"):
         attn.AttentionKernel("xformers")
 
 
@@ -181,10 +197,10 @@ def test_schema_and_train_config_accept_each_registry_name_and_reject_others():
         cfg = load_train_config(TINY_TRAIN, [f"attn_backend={name}"])
         assert TrainSettings.from_config(cfg, check_files=False).config.attn_backend == name
     allowed = ", ".join(attn.backend_names())
-    with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash4'"):
-        load_inference_config(TINY, ["attn_backend=flash4"])
-    with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash4'"):
-        TrainSettings.from_config(load_train_config(TINY_TRAIN, ["attn_backend=flash4"]),
+    with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash9'"):
+        load_inference_config(TINY, ["attn_backend=flash9"])
+    with pytest.raises(InputError, match=f"`attn_backend` must be one of {allowed}; got 'flash9'"):
+        TrainSettings.from_config(load_train_config(TINY_TRAIN, ["attn_backend=flash9"]),
                                   check_files=False)
 
 
