@@ -85,12 +85,12 @@ def installed_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
 class Check:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.preset = PRESETS["tiny" if args.dry_run else "wan1.3b"]
+        self.preset = PRESETS[args.preset or ("tiny" if args.dry_run else "wan1.3b")]
         self.device = torch.device("cpu" if args.dry_run else "cuda")
         self.dtype = torch.float32 if args.dry_run else torch.bfloat16
         self.started = time.perf_counter()
-        decoder, self.decoder_label = make_decoder("tiny" if args.dry_run else "wan", self.preset,
-                                                   self.device, self.dtype)
+        vae = args.vae or ("tiny" if args.dry_run else "wan")
+        decoder, self.decoder_label = make_decoder(vae, self.preset, self.device, self.dtype)
         self.decoder = decoder
 
     def spent(self) -> float:
@@ -190,6 +190,10 @@ def main() -> None:
     parser.add_argument("--modes", default="sink,nam,nam_sma")
     parser.add_argument("--executions", default=",".join(EXECUTIONS))
     parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="default wan1.3b on a GPU, tiny in a dry run")
+    parser.add_argument("--vae", choices=("tiny", "wan", "none"), default=None,
+                        help="end-to-end decoder (default wan on a GPU, tiny in a dry run)")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; run with --dry-run to check the script on a CPU")
