@@ -66,15 +66,12 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class HostReads:
-    """`with HostReads() as reads: ...` then `reads.seen`: where each host read happened, and
-    how often (a function call and the aten op under it both count)."""
+class _Probe:
+    """Enters its torch modes in order and leaves them in reverse."""
 
-    def __init__(self):
-        self.seen: Counter = Counter()
-        self._modes = (_Functions(self.seen), _Ops(self.seen))
+    _modes: tuple
 
-    def __enter__(self) -> "HostReads":
+    def __enter__(self):
         for mode in self._modes:
             mode.__enter__()
         return self
@@ -82,6 +79,15 @@ class HostReads:
     def __exit__(self, *exc) -> None:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
+
+
+class HostReads(_Probe):
+    """`with HostReads() as reads: ...` then `reads.seen`: where each host read happened, and
+    how often (a function call and the aten op under it both count)."""
+
+    def __init__(self):
+        self.seen: Counter = Counter()
+        self._modes = (_Functions(self.seen), _Ops(self.seen))
 
     @property
     def total(self) -> int:
@@ -122,7 +128,7 @@ def _is_view(func) -> bool:
     return any(r.alias_info is not None for r in schema.returns) or func.is_view
 
 
-class AllocatedBytes:
+class AllocatedBytes(_Probe):
     """`with AllocatedBytes() as alloc: ...` then `alloc.total` (bytes of new tensors) and
     `alloc.by_op` (bytes per aten op, largest first)."""
 
@@ -135,15 +141,6 @@ class AllocatedBytes:
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if torch.is_tensor(t):
                 self.by_op[name] += t.numel() * t.element_size()
-
-    def __enter__(self) -> "AllocatedBytes":
-        for mode in self._modes:
-            mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
 
     @property
     def total(self) -> int:
