@@ -24,12 +24,20 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MODES, PRESETS, build_model, machine_info, machine_md,  # noqa: E402
-                    mib, prompt_embeds, sync, table)
-from timed_video import make_decoder  # noqa: E402
-
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
+from common import (  # noqa: E402
+    MODES,
+    PRESETS,
+    build_model,
+    machine_info,
+    machine_md,
+    mib,
+    prompt_embeds,
+    sync,
+    table,
+)
+from timed_video import make_decoder  # noqa: E402
 
 from memflow.attention import BACKENDS  # noqa: E402
 from memflow.chunk_loop import ChunkStepper  # noqa: E402

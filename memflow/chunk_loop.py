@@ -37,9 +37,9 @@ from .config import SamplingConfig, StreamConfig, SwitchOptions
 from .model import WanDiT, text_mask
 from .noise import NoiseSource
 from .scheduler import FlowMatchScheduler, noised, x0_from_flow
+from .static_stream import AnyStreamState, StaticStreamState
 from .stream import Stream
 from .stream_call import StreamCall
-from .static_stream import StaticStreamState
 from .streaming import StreamState
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
@@ -110,7 +110,7 @@ class ChunkStepper:
         cache_frames: int | None = None,
         debug: bool = False,
         track_frames: bool = False,
-    ) -> StreamState:
+    ) -> AnyStreamState:
         """Fresh cache, bank and text cache for one video (`cache_frames` and the bookkeeping
         flags: see StreamState)."""
         if self.stream_config.static_shapes:
@@ -136,7 +136,7 @@ class ChunkStepper:
 
     def dit(
         self,
-        state: StreamState,
+        state: AnyStreamState,
         x: torch.Tensor,
         t: float,
         context: torch.Tensor,
@@ -165,7 +165,7 @@ class ChunkStepper:
         state.finish(ctx)
         return flow.permute(0, 2, 1, 3, 4)[:, :f]
 
-    def prepare_text(self, state: StreamState, context: torch.Tensor) -> None:
+    def prepare_text(self, state: AnyStreamState, context: torch.Tensor) -> None:
         """Build the text cache for this prompt unless it holds one (never with a graph)."""
         if state.text.complete:
             return
@@ -176,7 +176,7 @@ class ChunkStepper:
 
     def denoise(
         self,
-        state: StreamState,
+        state: AnyStreamState,
         chunk: int,
         x: torch.Tensor,
         context: torch.Tensor,
@@ -209,7 +209,7 @@ class ChunkStepper:
     @torch.no_grad()
     def commit(
         self,
-        state: StreamState,
+        state: AnyStreamState,
         chunk: int,
         x0: torch.Tensor,
         context: torch.Tensor,
@@ -239,7 +239,7 @@ class ChunkStepper:
         )
         self.dit(state, x, t, context, call)
 
-    def step(self, state: StreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
+    def step(self, state: AnyStreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
              noise: NoiseSource, exit_step: int | None = None, grad: bool = False,
              hooks: ChunkHooks | None = None) -> torch.Tensor:
         """One chunk from its initial noise `x`: `denoise`, `hooks.on_chunk`, `commit`,
@@ -259,7 +259,7 @@ class ChunkStepper:
     @torch.no_grad()
     def switch_prompt(
         self,
-        state: StreamState,
+        state: AnyStreamState,
         chunk: int,
         recent: torch.Tensor,
         context: torch.Tensor,
@@ -330,7 +330,7 @@ class ChunkStepper:
         grad: GradRule = False,
         hooks: ChunkHooks | None = None,
         progress: bool = False,
-        state: StreamState | None = None,
+        state: AnyStreamState | None = None,
         switch: SwitchOptions | None = None,
         recache_frames: int | None = None,
         recent: torch.Tensor | None = None,

@@ -249,8 +249,7 @@ class MemoryBank:
             slot = self.opened - 1
             for layer in range(self.num_layers):
                 self._insert_layer(layer, slot)
-                if self.track_frames:
-                    self._read_back()  # earlier compressions first: the slots are in order
+                if self.track_frames:  # (no compression is unread: inserts come first)
                     self._slot_frames[layer] = _put(self._slot_frames[layer], slot,
                                                     self.prototype_frame)
         else:

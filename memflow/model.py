@@ -244,14 +244,14 @@ class WanDiT(nn.Module):
 
     def compile_blocks(self, **options: Any) -> None:
         """Run every block through `torch.compile` (`options`: its keyword arguments, e.g.
-        `mode`, `fullgraph`); None: eager again. Each token count of a call gets its own compiled
+        `mode`, `fullgraph`; `disable=True`: eager again). Each token count of a call gets its own compiled
         entry, shared by all blocks (their parameters are graph inputs), so a stream's two call
         shapes (a chunk; a recache) compile once each and nothing is ever recompiled. Parameter
         names do not change (checkpoints and FSDP are unaffected). A streaming attention that
         is not traceable (the dynamic `StreamState`'s, which slices by host numbers) runs eagerly
         between compiled pieces; the static arena's is traced with the block."""
         self._compile_options = None if options.get("disable") else options
-        self._compiled_blocks: dict[tuple, Callable] = {}
+        self._compiled_blocks = {}
 
     @property
     def compiled(self) -> bool:
@@ -343,12 +343,12 @@ class WanDiT(nn.Module):
 
         kernel = self.attention_kernel
         bidirectional = partial(attention, kernel=kernel)
+        run = self._block_runner(tokens)  # every block sees tokens of this shape
         for i, block in enumerate(self.blocks):
             attend: AttendFn = (bidirectional if stream is None else
                                 stream.layer(i, kernel, frame_phases if frames_placed else None))
             text = text_kv[i] if text_kv is not None else text_emb
             args = (block, tokens, e0, phases, attend, text, bidirectional)
-            run = self._block_runner(tokens)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(run, *args, use_reentrant=False)
             else:

@@ -43,11 +43,10 @@ import torch
 from .attention import AttentionKernel, attention
 from .config import DiTConfig, StreamConfig
 from .memory_bank import MemoryBank, nam_scores, nam_select
-from .memory_sources import BankSource, MemorySource
+from .memory_sources import BankSource
 from .rope import apply_rope
 from .stream_call import StreamCall
-from .streaming import StreamDebug
-from .text_cache import TextCache
+from .streaming import StreamState, StreamStateBase
 
 
 @dataclass(frozen=True)
@@ -128,9 +127,6 @@ class StaticBank(MemoryBank):
             frames[:, :keep].copy_(kept)
             frames[:, keep].copy_(proto)
         return idx
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError("a static stream state is not saved (inference only)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +213,7 @@ class _CallPlan:
     end: int
 
 
-class StaticStreamState:
+class StaticStreamState(StreamStateBase):
     """`StreamState`'s interface (begin/finish, refresh_memory, text cache, bank) on a static
     arena; see the module docstring. Built by `ChunkStepper.new_state` when the stream config
     asks for `static_shapes`."""
@@ -236,20 +232,15 @@ class StaticStreamState:
         track_frames: bool = False,
     ):
         stream_config.check_static()
-        cfg = stream_config
-        self.config = cfg
-        self.num_layers = model_config.num_layers
-        self.track_frames = track_frames
-        self.frame_len = fl = model_config.tokens_per_frame(latent_height, latent_width)
-        self.frames_per_block = cfg.num_frame_per_block
-        self.num_frames = num_frames
+        super().__init__(model_config, stream_config, latent_height, latent_width, num_frames,
+                         debug, track_frames)
+        cfg, fl = stream_config, self.frame_len
         self.window = cfg.local_attn_size
-        bank_read = cfg.sink_size > 0 or not cfg.memory.bank_requires_sink
+        self.bank_read = cfg.sink_size > 0 or not cfg.memory.bank_requires_sink
         candidates = cfg.sink_size + cfg.bank_size
         selection = cfg.sma_top_k if cfg.sma and cfg.sma_top_k < candidates else 0
         self.layout = ArenaLayout(cfg.sink_size, cfg.bank_size, selection,
                                   cfg.local_attn_size - cfg.sink_size)
-        self.bank_read = bank_read
         shape = (batch_size, self.layout.frames * fl, model_config.num_heads,
                  model_config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
@@ -263,23 +254,8 @@ class StaticStreamState:
             [k[:, bank_slice] for k in self.k], [v[:, bank_slice] for v in self.v],
             slots=cfg.bank_size, frame_len=fl, record_interval=cfg.record_interval,
             options=cfg.memory, track_frames=track_frames)
-        self.sources: tuple[MemorySource, ...] = (BankSource(self.bank, attended=bank_read),)
-        self.text = TextCache(self.num_layers)
-        self.debug = StreamDebug() if debug else None
-        self.exit_step: int | None = None
+        self._use_sources([BankSource(self.bank, attended=self.bank_read)])
         self.end = 0  # frames committed
-
-    # -- the interface the stepper drives --------------------------------------------------------
-    def refresh_memory(self, call: StreamCall) -> None:
-        action = self.bank.refresh(self.text.keys, self.text.mask)
-        if self.debug is not None:
-            self.debug.memory_refreshes.append((call, {"bank": action} if action else {}))
-
-    def wants_record(self, chunk: int) -> bool:
-        return self.bank.wants_prototype(chunk)
-
-    def source(self, name: str) -> MemorySource | None:
-        return next((s for s in self.sources if s.name == name), None)
 
     def call_frames(self, call: StreamCall, num_frames: int) -> int:
         """Frames the DiT call carries: a recache is padded to the attention window, so every
@@ -425,3 +401,7 @@ class StaticCallContext:
             self._tensors = self.state.call_tensors(self.plan, phases)
         return StaticAttention(self.state.k[index], self.state.v[index], self._tensors,
                                self.state.layout, self.state.frame_len, kernel)
+
+
+# either state: what the chunk loop and a stream drive
+AnyStreamState = StreamState | StaticStreamState

@@ -30,7 +30,7 @@ import torch
 
 from .config import SwitchOptions
 from .noise import NoiseSource
-from .streaming import StreamState
+from .static_stream import AnyStreamState
 
 PromptInput = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -43,18 +43,18 @@ class ChunkRunner(Protocol):
     hooks: list[Any]  # the stepper-wide `ChunkHooks`
 
     def new_state(self, batch_size: int, latent_hw: tuple[int, int],
-                  num_frames: int) -> StreamState: ...
+                  num_frames: int) -> AnyStreamState: ...
 
     def chunk_noise(self, noise: NoiseSource, chunk: int, batch_size: int,
                     latent_hw: tuple[int, int]) -> torch.Tensor: ...
 
-    def step(self, state: StreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
+    def step(self, state: AnyStreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
              noise: NoiseSource, exit_step: int | None, grad: bool,
              hooks: Any) -> torch.Tensor: ...
 
     def recent_frames(self, recache_frames: int | None = None) -> int | None: ...
 
-    def switch_prompt(self, state: StreamState, chunk: int, recent: torch.Tensor,
+    def switch_prompt(self, state: AnyStreamState, chunk: int, recent: torch.Tensor,
                       context: torch.Tensor, switch: SwitchOptions,
                       frames: int | None = None) -> None: ...
 
@@ -91,7 +91,7 @@ class Stream:
         *,
         latent_hw: tuple[int, int],
         num_frames: int | None = None,
-        state: StreamState | None = None,
+        state: AnyStreamState | None = None,
         first_chunk: int = 0,
         label: Hashable = None,
         switch: SwitchOptions | None = None,

@@ -21,7 +21,7 @@ the stepper too, before the call, so the model never decides stream policy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -50,20 +50,14 @@ class StreamDebug:
         return self.key_frames[-1] if self.key_frames else 0
 
 
-class StreamState:
-    """Everything a streaming video carries between DiT calls, sized from the configs.
+class StreamStateBase:
+    """What every stream state shares: the geometry, the text cache, the debug record, the exit
+    step and the memory sources (their refresh before a call, their wish to record a commit,
+    lookup by name). `StreamState` stores the context as exactly what each call attends;
+    `StaticStreamState` (memflow/static_stream.py) in fixed-shape buffers.
 
-    Geometry: `frame_len` tokens per latent frame (from the latent size and patch size), chunks
-    of `num_frame_per_block` frames, attention over at most `local_attn_size` frames including a
-    sink of `sink_size` frames, and a bank of `bank_size` one-frame slots (not counted in the
-    window). `cache_frames` is the KV buffer size: by default the window itself (a rolling
-    cache); a training rollout passes its length so that nothing is evicted or copied during it
-    (the reference's min(local_attn_size + slice_last_frames, num_training_frames)).
-
-    `sources` is the layout of the attended context in key order (default: the layout that
-    `stream_config.memory_layout` names, `standard`: sink, bank, window; memflow/memory_sources.py).
-    `track_frames`: sources record which latent frames they hold (for readouts; the bank pays a
-    host sync per compression for it).
+    `track_frames`: sources record which latent frames they hold, for readouts (the bank's
+    compression choices are read back to the host when a readout asks, never by generation).
 
     `exit_step` is the last denoising step run on the chunk in flight (set by the stepper's
     denoise, cleared by its commit): the reference's commit inherits that step's bank-refresh
@@ -71,67 +65,25 @@ class StreamState:
     chunks.
     """
 
-    def __init__(
-        self,
-        model_config: DiTConfig,
-        stream_config: StreamConfig,
-        batch_size: int,
-        latent_height: int,
-        latent_width: int,
-        num_frames: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        cache_frames: int | None = None,
-        debug: bool = False,
-        track_frames: bool = False,
-        sources: SourceLayout | None = None,
-    ):
+    sources: tuple[MemorySource, ...]
+
+    def __init__(self, model_config: DiTConfig, stream_config: StreamConfig, latent_height: int,
+                 latent_width: int, num_frames: int, debug: bool, track_frames: bool):
         self.config = stream_config
         self.num_layers = model_config.num_layers
         self.track_frames = track_frames
         self.frame_len = model_config.tokens_per_frame(latent_height, latent_width)
         self.frames_per_block = stream_config.num_frame_per_block
         self.num_frames = num_frames
-        window = num_frames if stream_config.local_attn_size == -1 else stream_config.local_attn_size
-        capacity = max(window, cache_frames or 0)
-        self.kv = KVCache(
-            num_layers=model_config.num_layers,
-            batch_size=batch_size,
-            capacity=capacity * self.frame_len,
-            sink_tokens=stream_config.sink_size * self.frame_len,
-            max_attention_tokens=window * self.frame_len,
-            num_heads=model_config.num_heads,
-            head_dim=model_config.head_dim,
-            rolling=stream_config.local_attn_size != -1,
-            dtype=dtype,
-            device=device,
-        )
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None
         self.exit_step: int | None = None
-        layout = sources or memory_layout(stream_config.memory_layout)
-        self.sources: tuple[MemorySource, ...] = tuple(layout(self))
-        names = [source.name for source in self.sources]
+
+    def _use_sources(self, sources: Sequence[MemorySource]) -> None:
+        names = [source.name for source in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"memory source names must be unique, got {names}")
-
-    def state_dict(self) -> dict:
-        """Cache, memory sources (the bank) and text cache as plain containers of tensors
-        (`torch.save`-able with weights_only loading): a training sequence in flight survives a
-        checkpoint with it."""
-        return {"kv": self.kv.state_dict(), "text": self.text.state_dict(),
-                "sources": {source.name: source.state_dict() for source in self.sources}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` into a state built with the same configs, sizes and sources."""
-        saved, names = list(state["sources"]), [source.name for source in self.sources]
-        if saved != names:
-            raise ValueError(f"saved stream has memory sources {saved}, this one {names}")
-        device = self.kv.k[0].device if self.kv.k else "cpu"
-        self.kv.load_state_dict(state["kv"])
-        for source in self.sources:
-            source.load_state_dict(state["sources"][source.name], device)
-        self.text.load_state_dict(state["text"], device)
+        self.sources = tuple(sources)
 
     def refresh_memory(self, call: StreamCall) -> None:
         """Memory maintenance before `call` (the bank inserts its prototype or compresses, spec
@@ -155,6 +107,75 @@ class StreamState:
     def call_frames(self, call: StreamCall, num_frames: int) -> int:
         """Frames the DiT call carries: its own (a static state pads some)."""
         return num_frames
+
+
+class StreamState(StreamStateBase):
+    """Everything a streaming video carries between DiT calls, sized from the configs.
+
+    Geometry: `frame_len` tokens per latent frame (from the latent size and patch size), chunks
+    of `num_frame_per_block` frames, attention over at most `local_attn_size` frames including a
+    sink of `sink_size` frames, and a bank of `bank_size` one-frame slots (not counted in the
+    window). `cache_frames` is the KV buffer size: by default the window itself (a rolling
+    cache); a training rollout passes its length so that nothing is evicted or copied during it
+    (the reference's min(local_attn_size + slice_last_frames, num_training_frames)).
+
+    `sources` is the layout of the attended context in key order (default: the layout that
+    `stream_config.memory_layout` names, `standard`: sink, bank, window; memflow/memory_sources.py).
+    `track_frames`: sources record which latent frames they hold (for readouts; see
+    `StreamStateBase`).
+    """
+
+    def __init__(
+        self,
+        model_config: DiTConfig,
+        stream_config: StreamConfig,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        num_frames: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        cache_frames: int | None = None,
+        debug: bool = False,
+        track_frames: bool = False,
+        sources: SourceLayout | None = None,
+    ):
+        super().__init__(model_config, stream_config, latent_height, latent_width, num_frames,
+                         debug, track_frames)
+        window = num_frames if stream_config.local_attn_size == -1 else stream_config.local_attn_size
+        capacity = max(window, cache_frames or 0)
+        self.kv = KVCache(
+            num_layers=model_config.num_layers,
+            batch_size=batch_size,
+            capacity=capacity * self.frame_len,
+            sink_tokens=stream_config.sink_size * self.frame_len,
+            max_attention_tokens=window * self.frame_len,
+            num_heads=model_config.num_heads,
+            head_dim=model_config.head_dim,
+            rolling=stream_config.local_attn_size != -1,
+            dtype=dtype,
+            device=device,
+        )
+        layout = sources or memory_layout(stream_config.memory_layout)
+        self._use_sources(layout(self))
+
+    def state_dict(self) -> dict:
+        """Cache, memory sources (the bank) and text cache as plain containers of tensors
+        (`torch.save`-able with weights_only loading): a training sequence in flight survives a
+        checkpoint with it."""
+        return {"kv": self.kv.state_dict(), "text": self.text.state_dict(),
+                "sources": {source.name: source.state_dict() for source in self.sources}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` into a state built with the same configs, sizes and sources."""
+        saved, names = list(state["sources"]), [source.name for source in self.sources]
+        if saved != names:
+            raise ValueError(f"saved stream has memory sources {saved}, this one {names}")
+        device = self.kv.k[0].device if self.kv.k else "cpu"
+        self.kv.load_state_dict(state["kv"])
+        for source in self.sources:
+            source.load_state_dict(state["sources"][source.name], device)
+        self.text.load_state_dict(state["text"], device)
 
     def clear_cache_values(self) -> None:
         """Zero the cached K/V, keeping the pointers: the reference's prompt switch without a

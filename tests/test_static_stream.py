@@ -50,13 +50,18 @@ def _frames_seen(static: bool):
     step.hooks.append(ChunkHooks(
         on_chunk=lambda n, x0: banks.append([list(f) for f in bank_of(state).slot_frames])))
     video(step, 45, 5, state=state)
-    return state.debug.key_frames, banks, state.cache_frames()
+    keys = [torch.cat(bank_of(state).read(layer)[0], dim=1) for layer in range(state.num_layers)]
+    return (state.debug.key_frames, banks, state.cache_frames()), keys
 
 
 def test_static_state_attends_and_remembers_the_same_frames():
     """Per call the same number of attended frames, per chunk the same bank slots (every
-    layer: NAM's choice), and the same sink and window at the end."""
-    assert _frames_seen(static=True) == _frames_seen(static=False)
+    layer: NAM's choice), the same sink and window at the end, and bank slots holding the same
+    keys."""
+    (static_frames, static_keys), (frames, keys) = _frames_seen(True), _frames_seen(False)
+    assert static_frames == frames
+    for static_layer, layer in zip(static_keys, keys):
+        assert static_layer.shape == layer.shape and (static_layer - layer).abs().max() < TOL
 
 
 def test_static_state_after_a_switch_without_a_global_sink():
