@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from types import FunctionType
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,13 +47,17 @@ class LayerAttention(Protocol):
     `places_frames` False: the model rotates the call's queries and keys by their frames'
     indices from `start_frame` (absolute positions). True: the model hands them over un-rotated
     with `phases` (this call's RoPE for any frame indices), and the attention places every key and
-    query itself (relative positions)."""
+    query itself (relative positions). `graph_variant`: calls with the same token shape and
+    variant trace the same compiled graph (a static stream's masked and dense calls differ)."""
 
     @property
     def start_frame(self) -> int: ...
 
     @property
     def places_frames(self) -> bool: ...
+
+    @property
+    def graph_variant(self) -> Hashable: ...
 
     def layer(self, index: int, kernel: AttentionKernel,
               phases: FramePhases | None = None) -> AttendFn: ...
@@ -258,12 +262,12 @@ class WanDiT(nn.Module):
         """Whether `compile_blocks` asked for compiled blocks."""
         return self._compile_options is not None
 
-    def _block_runner(self, tokens: torch.Tensor) -> Callable:
+    def _block_runner(self, tokens: torch.Tensor, variant: Hashable = None) -> Callable:
         """The (compiled, when `compile_blocks` asked for it) function that runs a block on
-        these tokens."""
+        these tokens, for a call of this graph variant."""
         if self._compile_options is None:
             return _run_block
-        key = (tuple(tokens.shape), tokens.dtype, torch.is_grad_enabled())
+        key = (tuple(tokens.shape), tokens.dtype, torch.is_grad_enabled(), variant)
         if key not in self._compiled_blocks:
             # a code object of its own per shape: dynamo caches compiled code per code object,
             # so a new shape is a first compilation, never a recompilation of another's
@@ -343,7 +347,8 @@ class WanDiT(nn.Module):
 
         kernel = self.attention_kernel
         bidirectional = partial(attention, kernel=kernel)
-        run = self._block_runner(tokens)  # every block sees tokens of this shape
+        # every block sees tokens of this shape
+        run = self._block_runner(tokens, None if stream is None else stream.graph_variant)
         for i, block in enumerate(self.blocks):
             attend: AttendFn = (bidirectional if stream is None else
                                 stream.layer(i, kernel, frame_phases if frames_placed else None))

@@ -14,17 +14,20 @@ policy, the same positions) in one preallocated *arena* per layer:
   window frames a call attends, so a chunk's frames overwrite the frames it no longer attends).
   Frames that are not written (a recache's protected sink, frames older than the window, a
   recache's padding) go to the scratch frame, which is never attended.
-* Attention reads one slice of the arena with a boolean key mask of fixed length: the frames a
-  call of `StreamState` would attend are exactly the valid ones (slots not yet filled are
-  masked), so the two states agree up to the order of the keys (floating-point round-off).
+* Attention reads one slice of the arena (scratch excluded) with a boolean key mask of fixed
+  length: the frames a call of `StreamState` would attend are exactly the valid ones (slots not
+  yet filled are masked), so the two states agree up to the order of the keys (floating-point
+  round-off). Once every key of the slice is valid (the steady state, known on the host) a call
+  passes no mask, so a flash kernel can take it; masked and dense calls are two graph variants.
 * SMA (`sma_top_k` < S + M) writes each head's top-k sink/bank frames into the selection slots
-  and attention reads [selection | window | scratch]; invalid candidates score -inf.
+  and attention reads [selection | window]; invalid candidates score -inf.
 * The bank (`StaticBank`) is the same policy as `MemoryBank`, stored in the arena's bank slots.
 * Positions: absolute keys are stored rotated (as in `StreamState`). Relative keys are stored
   un-rotated and the attended slice is rotated per call by each frame's place in the context (the
   one allocation that grows with the context here: a rotated copy of the keys).
 * Every call has one of two shapes: a chunk, or a recache padded to the attention window (its
-  padding frames are computed and discarded; the SMA query mean counts only real frames).
+  padding frames are computed and discarded; the SMA query mean counts only real frames), each
+  masked or dense: at most four compiled graphs.
 
 Everything a call varies by (write slots, masks, phases) is a small tensor made from host-side
 counters, never read back from the device, so a compiled block (`WanDiT.compile_blocks`) sees the
@@ -84,6 +87,11 @@ class ArenaLayout:
         """First slot attention reads: past the candidates when SMA selects among them."""
         return self.candidates if self.selection else 0
 
+    @property
+    def read_end(self) -> int:
+        """Slot past the last one attention reads: the scratch frame is never read."""
+        return self.scratch
+
 
 class StaticBank(MemoryBank):
     """`MemoryBank`'s policy with its slots in the arena (views [B, M*frame_len, H, D] per
@@ -134,12 +142,12 @@ class CallTensors:
     """What one call varies by, as device tensors shared by its layers.
 
     `write`: arena token of each of the call's tokens [Lq]; `key_mask`: attended arena tokens
-    from the read start [Lk]; `candidate_mask` [S + M] frames SMA may choose; `query_weight`
+    of the read slice [Lk] (None: all of them); `candidate_mask` [S + M] frames SMA may choose; `query_weight`
     [Lq]: 1/n on the call's real tokens (the SMA query mean); `query_phases` / `key_phases`:
     relative positions only (None: absolute, the model rotated q and k)."""
 
     write: torch.Tensor
-    key_mask: torch.Tensor
+    key_mask: torch.Tensor | None
     candidate_mask: torch.Tensor
     query_weight: torch.Tensor
     query_phases: torch.Tensor | None = None
@@ -167,17 +175,18 @@ class StaticAttention:
         if c.key_phases is not None:  # relative: the stored keys are placed for this call
             q = apply_rope(q, c.query_phases)
             keys = apply_rope(keys, c.key_phases)
-        mask = c.key_mask.view(1, 1, 1, -1)
+        mask = None if c.key_mask is None else c.key_mask.view(1, 1, 1, -1)
         if lay.selection:
             mask = self._select(q, keys, values, mask)
-        start = lay.read_start * fl
-        return attention(q, keys[:, start:], values[:, start:], mask, kernel=self.kernel)
+        start, end = lay.read_start * fl, lay.read_end * fl
+        return attention(q, keys[:, start:end], values[:, start:end], mask, kernel=self.kernel)
 
     def _select(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor | None) -> torch.Tensor | None:
         """SMA: each head's top-k candidate frames into the selection slots (spec §4: the
         query chunk's token mean against each frame's key mean); returns the key mask with the
-        selection's validity per head [B, H, 1, Lk]."""
+        selection's validity per head [B, H, 1, Lk] (None on a dense call: every candidate, so
+        every chosen frame, is valid)."""
         lay, fl = self.layout, self.frame_len
         b, _, h, d = keys.shape
         n, top = lay.candidates, lay.selection
@@ -192,6 +201,8 @@ class StaticAttention:
             chosen = torch.gather(per_head, 2, gather_idx)  # [B, H, K, fl, D]
             sel = arena[:, n * fl : (n + top) * fl].view(b, top, fl, h, d)
             sel.copy_(chosen.permute(0, 2, 3, 1, 4))
+        if mask is None:
+            return None
         chosen_valid = self.call.candidate_mask.expand(b, h, n).gather(2, idx)  # [B, H, K]
         sel_mask = chosen_valid[..., None].expand(-1, -1, -1, fl).reshape(b, h, 1, top * fl)
         rest = mask[..., top * fl :].expand(b, h, 1, -1)
@@ -205,6 +216,7 @@ class _CallPlan:
 
     write_slots: list[int]
     valid: list[bool]  # per arena frame
+    dense: bool  # every frame attention reads is valid: the call needs no key mask
     key_place: list[int]  # per arena frame: its slot in the attended context (relative)
     query_place: list[int]  # per call frame
     real_frames: int
@@ -349,7 +361,11 @@ class StaticStreamState(StreamStateBase):
         first = min(own, default=0)
         base = own.get(first, first_window_place + new_end - window_lo) - first
         query_place = [own.get(j, base + j) for j in range(padded)]
-        return _CallPlan(write, valid, place, query_place, num_frames,
+        # with SMA the selection slots are as valid as the candidates they are chosen from
+        read = valid[: lay.candidates] + valid[lay.ring_start : lay.read_end] if lay.selection \
+            else valid[lay.read_start : lay.read_end]
+        dense = all(read)
+        return _CallPlan(write, valid, dense, place, query_place, num_frames,
                          commits=call.commit and not recompute, first_frame=s, end=end)
 
     def call_tensors(self, plan: _CallPlan, phases: Callable[[int, int], torch.Tensor] | None
@@ -364,7 +380,7 @@ class StaticStreamState(StreamStateBase):
         def per_token(values: list) -> torch.Tensor:
             return torch.tensor(values, device=dev).repeat_interleave(fl)
 
-        key_mask = per_token(plan.valid[lay.read_start :])
+        key_mask = None if plan.dense else per_token(plan.valid[lay.read_start : lay.read_end])
         weights = [1.0 / plan.real_frames / fl] * plan.real_frames
         query_weight = per_token(weights + [0.0] * (len(plan.write_slots) - plan.real_frames))
         candidates = torch.tensor(plan.valid[: lay.candidates], device=dev)
@@ -394,6 +410,11 @@ class StaticCallContext:
     @property
     def places_frames(self) -> bool:
         return self.state.config.positions == "relative"
+
+    @property
+    def graph_variant(self) -> str:
+        """A masked call (warm-up) and a dense one (steady state) trace different graphs."""
+        return "dense" if self.plan.dense else "masked"
 
     def layer(self, index: int, kernel: AttentionKernel | None = None,
               phases: Callable[[int, int], torch.Tensor] | None = None) -> StaticAttention:

@@ -240,6 +240,11 @@ class CallContext:
         """Whether this call lays out positions itself (`positions: relative`)."""
         return self.state.config.positions == "relative"
 
+    @property
+    def graph_variant(self) -> None:
+        """One variant: compiled blocks run this state's attention eagerly."""
+        return None
+
     def layer(self, index: int, kernel: AttentionKernel | None = None,
               phases: Callable[[int, int], torch.Tensor] | None = None) -> "ChunkAttention":
         """Layer `index`'s self-attention over the context, computed by `kernel` (the model's);

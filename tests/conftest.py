@@ -47,6 +47,7 @@ class DenseMask:
     mask: torch.Tensor
     start_frame: int = 0
     places_frames: bool = False
+    graph_variant: None = None
 
     def layer(self, index: int, kernel: AttentionKernel, phases=None):
         return partial(attention, mask=self.mask, kernel=kernel)

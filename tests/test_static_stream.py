@@ -120,3 +120,35 @@ def test_static_state_allocates_nothing_that_grows_with_the_context():
     calls, layers, heads = 5, 2, 2  # 4 denoising steps and the commit; the tiny DiT
     assert static <= added_keys * calls * (1 + layers * heads)
     assert dynamic > 100 * static
+
+
+class _MaskSpy:
+    """An attention kernel that records whether each self-attention call carried a key mask
+    (cross-attention calls, over the `text_len` prompt keys, are not recorded)."""
+
+    def __init__(self, kernel, text_len: int):
+        self.kernel, self.text_len, self.masked = kernel, text_len, []
+
+    def __call__(self, q, k, v, mask=None):
+        if k.shape[1] != self.text_len:
+            self.masked.append(mask is not None)
+        return self.kernel(q, k, v, mask)
+
+
+def test_steady_chunks_attend_without_a_mask():
+    """Once the sink, bank and window are full every key of the arena slice is valid: the
+    calls pass no mask, so a flash kernel (which takes no mask) can run them; the warm-up's
+    calls are masked."""
+    step = stepper(FULL, static=True)
+    spy = _MaskSpy(step.generator.attention_kernel, step.generator.config.text_len)
+    step.generator.attention_kernel = spy
+    state = step.new_state(1, HW, 60)
+    video(step, 6, state=state)  # two chunks: the window and the bank are still filling
+    assert spy.masked and all(spy.masked)
+    spy.masked.clear()
+    steady = Stream(step, tiny_prompt(seed=1), noise(), latent_hw=HW, state=state,
+                    first_chunk=2)
+    with torch.no_grad():
+        for _ in range(8):
+            steady.next_chunk()
+    assert spy.masked[-10:] == [False] * 10  # the last chunk: 5 calls x 2 layers
