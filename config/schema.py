@@ -189,7 +189,7 @@ class RuntimeKeys:
     # the registry's names when checked, so a backend added by `register_backend` is selectable
     attn_backend: str = field(default="auto", metadata={"choices": backend_names})
     # torch.compile the DiT's blocks; inference then keeps the stream in fixed-shape buffers
-    # (memflow/static_stream.py: two graphs, never a recompilation)
+    # (memflow/static_stream.py: a few graphs, never a recompilation)
     compile: bool = False
     # inference on CUDA: also capture each compiled call as a CUDA graph and replay it
     cuda_graphs: bool = False

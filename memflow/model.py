@@ -248,9 +248,10 @@ class WanDiT(nn.Module):
 
     def compile_blocks(self, **options: Any) -> None:
         """Run every block through `torch.compile` (`options`: its keyword arguments, e.g.
-        `mode`, `fullgraph`; `disable=True`: eager again). Each token count of a call gets its own compiled
-        entry, shared by all blocks (their parameters are graph inputs), so a stream's two call
-        shapes (a chunk; a recache) compile once each and nothing is ever recompiled. Parameter
+        `mode`, `fullgraph`; `disable=True`: eager again). Each token shape and graph variant of
+        a call (`LayerAttention.graph_variant`) gets its own compiled entry, shared by all blocks
+        (their parameters are graph inputs), so a static stream's calls (a chunk, a recache;
+        masked or dense) compile once each and nothing is ever recompiled. Parameter
         names do not change (checkpoints and FSDP are unaffected). A streaming attention that
         is not traceable (the dynamic `StreamState`'s, which slices by host numbers) runs eagerly
         between compiled pieces; the static arena's is traced with the block."""
