@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run_prints_the_table():
     done = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--modes", "nam_sma", "--chunks", "2"],
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--modes", "nam_sma", "--chunks", "2",
+         "--warmup-chunks", "2"],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
