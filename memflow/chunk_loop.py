@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .config import SamplingConfig, StreamConfig, SwitchOptions
 from .model import WanDiT, text_mask
 from .noise import NoiseSource
+from .prompt_blend import Transition
 from .scheduler import FlowMatchScheduler, noised, x0_from_flow
 from .static_stream import AnyStreamState, StaticStreamState
 from .stream import Stream
@@ -302,13 +303,16 @@ class ChunkStepper:
         shape = (batch_size, self.frames_per_block, self.generator.config.in_dim, *latent_hw)
         return noise.chunk_initial(chunk, shape).to(self.generator.device, self.dtype)
 
-    def prompt_switches(self, contexts: Mapping[int, torch.Tensor]) -> BeforeChunk:
+    def prompt_switches(self, contexts: Mapping[int, torch.Tensor],
+                        transitions: Mapping[int, Transition] | None = None) -> BeforeChunk:
         """A `before_chunk` hook that asks for `contexts[n]` from chunk n on, as interactive
-        inference does (the stream switches with recache); other chunks keep their prompt."""
+        inference does: at once (the stream switches with recache) or as `transitions[n]` says;
+        other chunks keep their prompt."""
+        transitions = transitions or {}
 
         def before_chunk(n: int, stream: Stream) -> None:
             if n in contexts:
-                stream.set_prompt(contexts[n])
+                stream.set_prompt(contexts[n], transition=transitions.get(n, Transition()))
 
         return before_chunk
 

@@ -16,6 +16,13 @@ committed frames re-encoded under the new prompt), for which the stream keeps it
 latents; before chunk 0 the new prompt simply replaces the first. The stream records when each
 prompt took effect (`timeline`).
 
+A change with a `Transition` of N > 0 chunks moves the conditioning instead: chunk k of the
+transition (k = 1..N) is conditioned on `blend_embeddings(old, new, k / N)`, so the N chunks get
+N distinct conditionings and the last is exactly the new prompt's. Only the text cache is
+rebuilt at each of those chunks; nothing is re-encoded (no recache): the window keeps the K/V it
+was generated with, which is what a gradual change wants. A change asked for during a transition
+starts from the conditioning of the last chunk.
+
 Invariants: `chunk` is the next chunk to generate; `recent` holds the last committed latents
 (at most `recent_frames`: the attention window, all of them under global attention); the state's
 cache holds chunks < `chunk`.
@@ -30,6 +37,7 @@ import torch
 
 from .config import SwitchOptions
 from .noise import NoiseSource
+from .prompt_blend import Transition, blend_embeddings
 from .static_stream import AnyStreamState
 
 PromptInput = torch.Tensor | Callable[[], torch.Tensor]
@@ -69,6 +77,7 @@ class PromptChange:
     latent_frame: int
     label: Hashable
     request: Any = field(default=None, compare=False)
+    transition: Transition = Transition()
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,17 @@ class _Wish:
     prompt: PromptInput
     label: Hashable
     request: Any
+    transition: Transition
+
+
+@dataclass
+class _Moving:
+    """A transition in progress: `done` of its chunks have been conditioned so far."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    transition: Transition
+    done: int = 0
 
 
 class Stream:
@@ -124,16 +144,18 @@ class Stream:
         self.switched = False  # the last chunk began with a prompt switch (with recache)
         self.last_change: PromptChange | None = None  # the change the last chunk began with
         self._wish: _Wish | None = None
+        self._moving: _Moving | None = None
         self._lock = threading.Lock()
 
     # -- prompts --------------------------------------------------------------------------------
-    def set_prompt(self, prompt: PromptInput, label: Hashable = None, request: Any = None) -> None:
+    def set_prompt(self, prompt: PromptInput, label: Hashable = None, request: Any = None,
+                   transition: Transition = Transition()) -> None:
         """Ask for `prompt` (an embedding, or a function that makes one when the switch happens:
         a live caller's text encoder runs on the generation thread) from the next chunk boundary
-        on; `request` comes back on the `PromptChange` it becomes. Any thread; never waits for a
-        chunk."""
+        on, at once or over `transition.chunks` chunks; `request` comes back on the
+        `PromptChange` it becomes. Any thread; never waits for a chunk."""
         with self._lock:
-            self._wish = _Wish(prompt, label, request)
+            self._wish = _Wish(prompt, label, request, transition)
 
     @property
     def pending_label(self) -> Hashable:
@@ -154,16 +176,40 @@ class Stream:
             return None
         context = wish.prompt() if callable(wish.prompt) else wish.prompt
         n = self.chunk
-        if n > 0:
+        transition = wish.transition if n > 0 else Transition()  # nothing to move from yet
+        self._moving = None
+        if transition.chunks:
+            self._moving = _Moving(self.context, context, transition)
+        elif n > 0:
             self.stepper.switch_prompt(self.state, n, self.recent, context, self.switch,
                                        frames=self.recache_frames)
-        self.context, self.label = context, wish.label
-        change = PromptChange(n, n * self.stepper.frames_per_block, wish.label, wish.request)
+        if not transition.chunks:
+            self.context = context
+        self.label = wish.label
+        change = PromptChange(n, n * self.stepper.frames_per_block, wish.label, wish.request,
+                              transition)
         if n == self.timeline[-1].chunk:  # before any chunk under the last prompt: replace it
             self.timeline = [*self.timeline[:-1], change]
         else:
             self.timeline = [*self.timeline, change]
         return change
+
+    def _move_conditioning(self) -> None:
+        """In a transition: this chunk's conditioning, and a text cache rebuilt for it."""
+        moving = self._moving
+        if moving is None:
+            return
+        moving.done += 1
+        t = moving.transition
+        self.context = blend_embeddings(moving.source, moving.target, t.weight(moving.done), t.blend)
+        self.state.text.reset()
+        if moving.done == t.chunks:
+            self._moving = None
+
+    @property
+    def in_transition(self) -> bool:
+        """Whether the next chunk is still part of a transition."""
+        return self._moving is not None
 
     # -- generation -----------------------------------------------------------------------------
     def next_chunk(
@@ -182,6 +228,7 @@ class Stream:
             if h.before_chunk is not None:
                 h.before_chunk(self.chunk, self)
         self.last_change = self._apply_wish()
+        self._move_conditioning()
         n = self.chunk
         self.switched = self.last_change is not None and n > 0
         if x is None:

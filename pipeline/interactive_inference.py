@@ -19,7 +19,8 @@ import torch
 from memflow.chunk_loop import ChunkCallback, ChunkHooks
 from memflow.config import SwitchOptions
 from memflow.noise import NoiseSource
-from memflow.streaming import StreamState
+from memflow.prompt_blend import Transition
+from memflow.static_stream import AnyStreamState
 
 from .causal_inference import CausalInferencePipeline
 
@@ -38,10 +39,12 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
         switch: SwitchOptions = SwitchOptions(),
         on_chunk: ChunkCallback | None = None,
         progress: bool = False,
-        state: StreamState | None = None,
+        state: AnyStreamState | None = None,
+        transitions: Sequence[Transition] | None = None,
     ) -> torch.Tensor:
         """Generate [B, num_frames, C, h, w] latents; segment k+1's prompt starts at chunk
-        `switch_chunks[k]` (one chunk index per switch, strictly increasing)."""
+        `switch_chunks[k]` (one chunk index per switch, strictly increasing), at once or as
+        `transitions[k]` says (memflow/stream.py: over that many chunks, no recache)."""
         num_chunks = self.check_num_frames(num_frames)
         if len(switch_chunks) != len(segment_embeds) - 1:
             raise ValueError(
@@ -57,7 +60,11 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
             )
         device, dtype = self.generator.device, self.generator.dtype
         contexts = [e.to(device, dtype) for e in segment_embeds]
-        switches = self.stepper.prompt_switches(dict(zip(switch_chunks, contexts[1:])))
+        if transitions is not None and len(transitions) != len(switch_chunks):
+            raise ValueError(f"{len(switch_chunks)} switches need as many transitions, got "
+                             f"{len(transitions)}")
+        switches = self.stepper.prompt_switches(dict(zip(switch_chunks, contexts[1:])),
+                                                dict(zip(switch_chunks, transitions or ())))
         return self.stepper.rollout(
             contexts[0], num_frames, latent_hw, noise,
             hooks=ChunkHooks(before_chunk=switches, on_chunk=on_chunk), progress=progress,

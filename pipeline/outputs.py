@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memflow.errors import InputError
+from memflow.prompt_blend import Transition
 from utils.distributed import shard_indices
 from utils.naming import video_filename
+from utils.prompts import Segment, segment_texts
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ log = logging.getLogger(__name__)
 class Job:
     index: int  # position in the prompt file (what `save_with_index` names)
     line: int  # 1-based line in the prompt file, for messages
-    prompts: list[str]  # one prompt, or the segments of an interactive story
+    prompts: list[Segment]  # one prompt, or the segments of an interactive story
     switch_chunks: tuple[int, ...] = ()  # interactive: the chunk at which each next prompt starts
+    transitions: tuple[Transition, ...] | None = None  # interactive: how each switch moves
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ def plan_videos(
 
     def name(i: int, suffix: str = "") -> str:
         return video_filename(rank_of[i] if rank_in_names else None, jobs[i].index, 0, model_type,
-                              prompt=jobs[i].prompts[0], save_with_index=save_with_index,
+                              prompt=segment_texts(jobs[i].prompts[0])[0],
+                              save_with_index=save_with_index,
                               suffix=suffix)
 
     planned = {i for _, i in order}

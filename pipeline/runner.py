@@ -27,14 +27,17 @@ from config.inference import InferenceSettings, check_rope_table
 from config.schema import InferenceConfig
 from memflow.errors import InputError
 from memflow.noise import NoiseOrder, SeededNoise
+from memflow.prompt_blend import weighted_embedding
 from memflow.text_encoder import TextEncoder, clean_prompt
 from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
 from utils.prompts import (
     InteractiveStory,
+    Segment,
     effective_switch_chunks,
     load_interactive_stories,
     load_prompt_lines,
     parse_switch_frame_indices,
+    segment_texts,
 )
 from utils.video_writer import Mp4Writer, prepare_output_folder, removed_if_left_empty
 
@@ -77,7 +80,8 @@ def load_jobs(c: InferenceConfig, interactive: bool, settings: InferenceSettings
         raise InputError("config key `data_path` is not set")
     if not interactive:
         return [Job(i, line, [p]) for i, (line, p) in enumerate(load_prompt_lines(data_path))]
-    return [Job(i, story.line, story.prompts, story_switch_chunks(c, story, settings, data_path))
+    return [Job(i, story.line, story.prompts, story_switch_chunks(c, story, settings, data_path),
+                None if story.transitions is None else tuple(story.transitions))
             for i, story in enumerate(load_interactive_stories(data_path))]
 
 
@@ -97,6 +101,15 @@ def story_switch_chunks(
             raise
         raise InputError(f"{data_path}:{story.line}: {err}") from None
     return tuple(effective_switch_chunks(frames, fpb, settings.num_frames // fpb))
+
+
+def encode_segment(encoder: TextEncoder, segment: Segment) -> torch.Tensor:
+    """A segment's conditioning: its prompt's embedding, or a weighted prompt's mix of its
+    texts' embeddings (memflow.prompt_blend.weighted_embedding)."""
+    if isinstance(segment, str):
+        return encoder.encode([segment])
+    texts, weights = zip(*segment)
+    return weighted_embedding([encoder.encode([t]) for t in texts], weights)
 
 
 def noise_order(settings: InferenceSettings) -> NoiseOrder:
@@ -119,7 +132,8 @@ def warn_long_prompts(encoder: TextEncoder, plan: list[PlannedVideo], data_path:
     """Name the file line of each prompt that the encoder will truncate (its own warning can
     only count prompts within one call)."""
     for video in plan:
-        for segment, prompt in enumerate(video.job.prompts):
+        for segment, prompt in ((k, text) for k, seg in enumerate(video.job.prompts)
+                                for text in segment_texts(seg)):
             tokens = len(encoder.tokenizer([clean_prompt(prompt)], add_special_tokens=True,
                                            verbose=False)["input_ids"][0])
             if tokens > encoder.text_len:
@@ -215,7 +229,7 @@ def _generate_one(
 ) -> None:
     with warnings.catch_warnings():  # `warn_long_prompts` named the lines already
         warnings.filterwarnings("ignore", message=r"prompt \d+ has \d+ tokens; truncated")
-        embeds = [parts.text_encoder.encode([p]) for p in job.prompts]
+        embeds = [encode_segment(parts.text_encoder, p) for p in job.prompts]
     decoder = parts.vae.stream()
     fpb = settings.stream.num_frame_per_block
     num_chunks = settings.num_frames // fpb
@@ -235,6 +249,7 @@ def _generate_one(
             pipe.generate_latents_interactive(
                 embeds, list(job.switch_chunks), settings.num_frames, settings.latent_hw, noise,
                 switch=settings.switch, on_chunk=on_chunk, progress=True,
+                transitions=job.transitions,
             )
         else:
             pipe.generate_latents(

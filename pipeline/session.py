@@ -51,16 +51,17 @@ from config.schema import SEED_RANGE, InferenceConfig
 from memflow.errors import InputError
 from memflow.files import atomic_write_text
 from memflow.noise import SeededNoise
+from memflow.prompt_blend import Transition
 from memflow.stream import Stream
 from memflow.streaming import StreamState
 from memflow.vae import VAE_STRIDE, latent_frames_within, video_frames
 from utils.distributed import rank_seed
-from utils.prompts import prompt_problem
+from utils.prompts import Segment, prompt_problem, segment_label
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
 from .build import Components, load_components, prepare_inference
 from .causal_inference import inference_stepper
-from .runner import NonFiniteVideo
+from .runner import NonFiniteVideo, encode_segment
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,16 @@ class ChunkResult:
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    """From `latent_frame` (video frame `pixel_frame`) on, the video follows `prompt`."""
+    """From `latent_frame` (video frame `pixel_frame`) on, the video follows `prompt` (its
+    text: a weighted prompt as "text:weight | ..."; `segment`: the prompt as a prompt file
+    holds it), reached over `transition_chunks` chunks by `blend` (0: at once)."""
 
     latent_frame: int
     pixel_frame: int
     prompt: str
+    transition_chunks: int = 0
+    blend: str = "linear"
+    segment: Segment | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,27 @@ def check_prompt(text: object) -> str:
     if problem is not None:
         raise ValueError(f"the prompt {problem}")
     return text
+
+
+def check_segment(prompt: object) -> Segment:
+    """A prompt, or a weighted prompt: a non-empty sequence of (text, weight) pairs with finite
+    weights >= 0, not all 0."""
+    if isinstance(prompt, str):
+        return check_prompt(prompt)
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError("a prompt must be a string or a list of (text, weight) pairs")
+    parts = []
+    for pair in prompt:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"a weighted prompt's parts are (text, weight) pairs, got {pair!r}")
+        text, weight = check_prompt(pair[0]), pair[1]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
+                or weight == float("inf"):
+            raise ValueError(f"a prompt weight must be a finite number >= 0, got {weight!r}")
+        parts.append((text, float(weight)))
+    if sum(w for _, w in parts) <= 0:
+        raise ValueError("a weighted prompt's weights are all 0")
+    return tuple(parts)
 
 
 class FrameSpool:
@@ -217,7 +244,7 @@ class _Video:
     """Everything one session video carries between chunks besides the stream itself (its
     decoder, frames on disk, seed, memory readout); `reset` drops it whole."""
 
-    def __init__(self, session: "Session", prompt: str, context: torch.Tensor, seed: int):
+    def __init__(self, session: "Session", prompt: Segment, context: torch.Tensor, seed: int):
         s = session
         self.seed = seed
         window = s.settings.stream.local_attn_size  # a session's cache is its window
@@ -238,11 +265,13 @@ class _Video:
 
     @property
     def prompt(self) -> str:
-        return self.stream.label
+        return segment_label(self.stream.label)
 
     @property
     def timeline(self) -> list[TimelineEntry]:
-        return [TimelineEntry(c.latent_frame, video_frames(c.latent_frame), c.label)
+        return [TimelineEntry(c.latent_frame, video_frames(c.latent_frame),
+                              segment_label(c.label), c.transition.chunks, c.transition.blend,
+                              c.label)
                 for c in self.stream.timeline]
 
 
@@ -382,10 +411,11 @@ class Session:
         return None if video is None else video.seed
 
     # -- control ----------------------------------------------------------------------------------
-    def start(self, prompt: str, seed: int | None = None) -> None:
-        """Begin a fresh video under `prompt` (the previous one is dropped); `seed` defaults to
-        the config's `seed`. The first chunk comes from `next_chunk`."""
-        prompt = check_prompt(prompt)
+    def start(self, prompt: str | Sequence[tuple[str, float]], seed: int | None = None) -> None:
+        """Begin a fresh video under `prompt` (a text, or a weighted prompt: (text, weight)
+        pairs; the previous video is dropped); `seed` defaults to the config's `seed`. The first
+        chunk comes from `next_chunk`."""
+        prompt = check_segment(prompt)
         if seed is None:
             seed = self.default_seed
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -399,17 +429,22 @@ class Session:
             with self._view_lock:
                 self._video = video
 
-    def set_prompt(self, text: str, request: Any = None) -> None:
-        """Ask for `text` from the next chunk boundary on (any thread, never blocks on a chunk).
-        Several calls before a boundary: the last one wins (one switch per chunk). Asking for
-        the prompt already in effect cancels a pending switch. `request` (e.g. when the ask
-        arrived) comes back on the `ChunkResult` of the chunk it takes effect at."""
-        text = check_prompt(text)
+    def set_prompt(self, text: str | Sequence[tuple[str, float]], request: Any = None,
+                   transition_chunks: int = 0, blend: str = "linear") -> None:
+        """Ask for `text` (or a weighted prompt: (text, weight) pairs) from the next chunk
+        boundary on (any thread, never blocks on a chunk): at once, with the switch's recache,
+        or moving the conditioning there over `transition_chunks` chunks by `blend` ("linear" or
+        "slerp"; memflow/stream.py). Several calls before a boundary: the last one wins (one
+        switch per chunk). Asking for the prompt already in effect cancels a pending switch.
+        `request` (e.g. when the ask arrived) comes back on the `ChunkResult` of the chunk it
+        takes effect at."""
+        segment = check_segment(text)
+        transition = Transition(transition_chunks, blend)  # ValueError for bad values
         video = self._video
         if video is None:
             raise RuntimeError("the session is not started; call start(prompt) first")
         # encoded at the boundary, on the generation thread
-        video.stream.set_prompt(lambda: self._encode(text), text, request)
+        video.stream.set_prompt(lambda: self._encode(segment), segment, request, transition)
 
     def reset(self) -> None:
         """Drop the video (cache, bank, frames, timeline); the models stay. `start` again."""
@@ -422,9 +457,9 @@ class Session:
         if video is not None:
             video.spool.close()
 
-    def _encode(self, prompt: str) -> torch.Tensor:
+    def _encode(self, prompt: Segment) -> torch.Tensor:
         gen = self.stepper.generator
-        return self.components.text_encoder.encode([prompt]).to(gen.device, gen.dtype)
+        return encode_segment(self.components.text_encoder, prompt).to(gen.device, gen.dtype)
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -544,9 +579,16 @@ class Session:
     def _sidecar(self, video: _Video, video_name: str) -> dict:
         """The JSON written next to a saved video: timeline, replay line and settings."""
         latents = video.chunk * self.frames_per_chunk
-        timeline = [{**asdict(e), "time_s": e.pixel_frame / self.fps} for e in video.timeline]
-        line = {"prompts": [e.prompt for e in video.timeline],
-                "switch_frame_indices": [e.latent_frame for e in video.timeline[1:]]}
+        timeline = [{**{k: v for k, v in asdict(e).items() if k != "segment"},
+                     "time_s": e.pixel_frame / self.fps} for e in video.timeline]
+        line: dict[str, Any] = {
+            "prompts": [e.segment if isinstance(e.segment, str) else [list(p) for p in e.segment]
+                        for e in video.timeline],
+            "switch_frame_indices": [e.latent_frame for e in video.timeline[1:]]}
+        switches = video.timeline[1:]
+        if any(e.transition_chunks for e in switches):
+            line["transition_chunks"] = [e.transition_chunks for e in switches]
+            line["blend"] = [e.blend for e in switches]
         data_path = Path(video_name).with_suffix(".jsonl").name
         replay = [*self.overrides, "mode=interactive", f"data_path={data_path}",
                   f"num_output_frames={latents}", f"seed={video.seed}"]

@@ -19,12 +19,29 @@ from typing import Any
 from config.checker import did_you_mean
 from memflow.errors import InputError
 from memflow.files import reading
+from memflow.prompt_blend import Transition
 
 _INT = re.compile(r"-?\d+")
 # Fields a line of a .jsonl prompt file may carry; any other is an error naming it (a field this
 # project does not read would otherwise be dropped without a word).
 SINGLE_FIELDS = ("prompt", "prompts", "switch_frame_indices")
-INTERACTIVE_FIELDS = ("prompts", "switch_frame_indices")
+INTERACTIVE_FIELDS = ("prompts", "switch_frame_indices", "transition_chunks", "blend")
+
+# One segment of a story: a prompt, or a weighted prompt ((text, weight), ...) whose
+# conditioning is the weights' mix of its texts' (memflow.prompt_blend.weighted_embedding).
+Segment = str | tuple[tuple[str, float], ...]
+
+
+def segment_texts(segment: Segment) -> list[str]:
+    """The texts a segment's conditioning is made of."""
+    return [segment] if isinstance(segment, str) else [text for text, _ in segment]
+
+
+def segment_label(segment: Segment) -> str:
+    """A segment as one line of text: the prompt, or "text:weight | text:weight"."""
+    if isinstance(segment, str):
+        return segment
+    return " | ".join(f"{text}:{weight:g}" for text, weight in segment)
 
 
 def prompt_problem(text: str) -> str | None:
@@ -145,7 +162,7 @@ def load_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
     return prompts
 
 
-def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[str]]:
+def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[Segment]]:
     """Segment lists for interactive generation: one ``{"prompts": [s0, ..., sK]}`` per line.
 
     Every line without its own ``"switch_frame_indices"`` must have the same number of segments,
@@ -154,7 +171,7 @@ def load_interactive_prompts(path: str | os.PathLike[str]) -> list[list[str]]:
     return [segments for _, segments in load_interactive_prompt_lines(path)]
 
 
-def load_interactive_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, list[str]]]:
+def load_interactive_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, list[Segment]]]:
     """`load_interactive_prompts` with the 1-based line of each story."""
     return [(story.line, story.prompts) for story in load_interactive_stories(path)]
 
@@ -166,8 +183,9 @@ class InteractiveStory:
     way), or None when the config's `switch_frame_indices` applies."""
 
     line: int
-    prompts: list[str]
+    prompts: list[Segment]
     switch_frame_indices: list[int] | None = None
+    transitions: list[Transition] | None = None  # one per switch; None: all at once
 
 
 def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveStory]:
@@ -182,10 +200,11 @@ def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveSt
             raise InputError(f'{path}:{lineno}: missing key "prompts" (found keys {sorted(obj)})')
         _check_fields(obj, INTERACTIVE_FIELDS, path, lineno)
         segments = [
-            _check_text(s, path, lineno, f'"prompts"[{j}]')
+            _check_segment(s, path, lineno, f'"prompts"[{j}]')
             for j, s in enumerate(_prompt_list(obj, path, lineno))
         ]
-        story = InteractiveStory(lineno, segments, _line_switches(obj, path, lineno))
+        story = InteractiveStory(lineno, segments, _line_switches(obj, path, lineno),
+                                 _line_transitions(obj, len(segments) - 1, path, lineno))
         if story.switch_frame_indices is None:
             if first is None:
                 first = story
@@ -198,6 +217,54 @@ def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveSt
     if not stories:
         raise InputError(f"{path}: no prompts (the file is empty or has only blank lines)")
     return stories
+
+
+def _check_segment(value: Any, path: Path, lineno: int, where: str) -> Segment:
+    """A prompt string, or a weighted prompt: an array of [text, weight] pairs."""
+    if not isinstance(value, list):
+        return _check_text(value, path, lineno, where)
+    if not value:
+        raise InputError(f"{path}:{lineno}: {where} is an empty array")
+    parts = []
+    for k, pair in enumerate(value):
+        at = f"{where}[{k}]"
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise InputError(f"{path}:{lineno}: {at} must be a [text, weight] pair, got "
+                             f"{_json_type(pair)}")
+        text, weight = _check_text(pair[0], path, lineno, f"{at}[0]"), pair[1]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
+                or weight == float("inf"):
+            raise InputError(f"{path}:{lineno}: {at}[1] must be a finite weight >= 0, got "
+                             f"{weight!r}")
+        parts.append((text, float(weight)))
+    if sum(w for _, w in parts) <= 0:
+        raise InputError(f"{path}:{lineno}: {where}: the weights are all 0")
+    return tuple(parts)
+
+
+def _per_switch(obj: dict[str, Any], key: str, switches: int, path: Path, lineno: int) -> list:
+    """A line's `key`: one value for every switch, or an array of one per switch."""
+    value = obj[key]
+    values = value if isinstance(value, list) else [value] * switches
+    if len(values) != switches:
+        raise InputError(f'{path}:{lineno}: "{key}" has {len(values)} entries for {switches} '
+                         "switches")
+    return values
+
+
+def _line_transitions(obj: dict[str, Any], switches: int, path: Path,
+                      lineno: int) -> list[Transition] | None:
+    """A line's ``"transition_chunks"`` and ``"blend"`` (each one value or one per switch)."""
+    if "transition_chunks" not in obj and "blend" not in obj:
+        return None
+    chunks = _per_switch(obj, "transition_chunks", switches, path, lineno) \
+        if "transition_chunks" in obj else [0] * switches
+    blends = _per_switch(obj, "blend", switches, path, lineno) if "blend" in obj \
+        else ["linear"] * switches
+    try:
+        return [Transition(n, b) for n, b in zip(chunks, blends)]
+    except ValueError as err:
+        raise InputError(f"{path}:{lineno}: {err}") from None
 
 
 def _line_switches(obj: dict[str, Any], path: Path, lineno: int) -> list[int] | None:
