@@ -15,7 +15,7 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 from pipeline.live import ServerSettings, create_app
-from pipeline.session import SessionLimitReached
+from pipeline.session import SessionLimitReached, TimelineEntry
 
 
 # -- a stand-in with the Session API's shape, for protocol tests ----------------------------------
@@ -30,13 +30,6 @@ class _Chunk:
     request: object = None
     generate_s: float = 0.001
     decode_s: float = 0.001
-
-
-@dataclass
-class _Entry:
-    latent_frame: int
-    pixel_frame: int
-    prompt: str
 
 
 @dataclass
@@ -78,10 +71,10 @@ class FakeSession:
     def start(self, prompt, seed=None):
         self.reset()
         self.prompt, self.seed = prompt, seed
-        self.timeline = [_Entry(0, 0, prompt)]
+        self.timeline = [TimelineEntry(0, 0, prompt)]
 
-    def set_prompt(self, prompt, request=None):
-        self._next = (prompt, request)
+    def set_prompt(self, prompt, request=None, transition_chunks=0, blend="linear"):
+        self._next = (prompt, request, transition_chunks, blend)
 
     def next_chunk(self):
         if self.index >= self.limit:
@@ -92,7 +85,8 @@ class FakeSession:
         request = wish[1] if switched else None
         if switched:
             self.prompt = wish[0]
-            self.timeline.append(_Entry(3 * self.index, 4 * self.index, self.prompt))
+            self.timeline.append(TimelineEntry(3 * self.index, 4 * self.index, self.prompt,
+                                               wish[2], wish[3]))
         frames = np.full((4, 16, 24, 3), (self.index * 40) % 256, dtype=np.uint8)
         chunk = _Chunk(self.index, 3 * self.index, 4 * self.index, frames, self.prompt, switched,
                        request)

@@ -41,7 +41,7 @@ from selenium.common.exceptions import StaleElementReferenceException  # noqa: E
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from memflow.vae import video_frames  # noqa: E402
 
@@ -177,6 +177,10 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     box = browser.find_element(By.ID, "prompt")
     box.clear()
     box.send_keys("a blue whale under the sea")
+    over = browser.find_element(By.ID, "transition")  # a 2-chunk slerp transition
+    over.clear()
+    over.send_keys("2")
+    Select(browser.find_element(By.ID, "blend")).select_by_value("slerp")
     browser.find_element(By.ID, "switch").click()
     latent, frame = until(browser, lambda d: d.execute_script(SWITCH_ENTRY, "blue whale"),
                           "the switch never appeared on the timeline")
@@ -185,6 +189,7 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     markers = browser.execute_script(TIMELINE_MARKERS)
     assert markers == [0, frame]
     until(browser, lambda d: text(d, "switch-latency").endswith("ms"), "the new prompt was never shown")
+    assert "blue whale under the sea (over 2 chunks, slerp)" in text(browser, "switch-list")
 
     # playback is paced to the generation rate: no stall across three more chunk boundaries
     shown = int(text(browser, "frame-shown"))

@@ -71,6 +71,12 @@ def test_bad_messages_get_error_frames_and_the_connection_stays(fake_app):
             (lambda: ws.send_bytes(b'{"type": "ping"}'), "binary_message"),
             (lambda: ws.send_json({"type": "ack", "frames": 5}), "bad_field"),  # none sent yet
             (lambda: ws.send_json({"type": "prompt", "prompt": "a dog"}), "not_started"),
+            (lambda: ws.send_json({"type": "prompt", "prompt": "a", "transition_chunks": -1}),
+             "bad_field"),
+            (lambda: ws.send_json({"type": "prompt", "prompt": "a", "transition_chunks": 65}),
+             "bad_field"),
+            (lambda: ws.send_json({"type": "prompt", "prompt": "a", "blend": "cubic"}),
+             "bad_field"),
             (lambda: ws.send_json({"type": "plan", "switches": [{"prompt": "a"}]}), "bad_field"),
         ]
         for send, code in cases:
@@ -301,7 +307,8 @@ def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
             ws.send_json({"type": "start", "prompt": "a cat on a chair", "seed": 3})
             first = receive_until(ws, of_type("chunk"), frames=frames)
             assert (first["index"], first["latent_start"], first["prompt"]) == (0, 0, "a cat on a chair")
-            ws.send_json({"type": "prompt", "prompt": "a dog in the park"})
+            ws.send_json({"type": "prompt", "prompt": "a dog in the park", "transition_chunks": 2,
+                          "blend": "slerp"})
             switched = receive_until(ws, lambda m: m.get("type") == "chunk"
                                      and m["prompt"] == "a dog in the park", frames=frames)
             # at the next chunk boundary: at most the chunk in progress finished under the old prompt
@@ -313,7 +320,8 @@ def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
                                      and len(m["switches"]) == 2, frames=frames)
             assert timeline["switches"][1] == {"latent_frame": switched["latent_start"],
                                                "pixel_frame": switched["pixel_start"],
-                                               "prompt": "a dog in the park"}
+                                               "prompt": "a dog in the park",
+                                               "transition_chunks": 2, "blend": "slerp"}
             memory = receive_until(ws, of_type("memory"), frames=frames)
             assert {int(f) for f in memory["thumbs"]} == set(memory["sink"]) | set(memory["bank"])
             assert memory["sink"]
@@ -336,6 +344,7 @@ def test_stream_switch_and_download_with_the_tiny_session(tiny_session):
             sidecar = client.get(saved["timeline"]).json()
             assert [e["prompt"] for e in sidecar["timeline"]] == ["a cat on a chair", "a dog in the park"]
             assert sidecar["interactive_jsonl"]["switch_frame_indices"] == [switched["latent_start"]]
+            assert sidecar["interactive_jsonl"]["transition_chunks"] == [2]
         assert_released(app)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.schema import SEED_RANGE
+from memflow.prompt_blend import BLENDS
 from utils.prompts import prompt_problem
 
 from .settings import ServerSettings
@@ -30,6 +31,8 @@ CLOSE_TRY_LATER = 1013   # the queue or the unauthenticated connections are full
 CLOSE_UNAUTHORIZED = 4401  # missing or wrong access token
 CLOSE_FORBIDDEN_ORIGIN = 4403  # a page of another origin tried to connect
 CLOSE_HOLD_EXPIRED = 4408  # the holder's time with the device ended while others waited
+
+MAX_TRANSITION_CHUNKS = 64  # a prompt transition spreads over at most this many chunks
 
 # A binary message to the client: this header, then one JPEG image.
 FRAME_HEADER = struct.Struct(">II")  # pixel frame index, chunk index (big-endian uint32)
@@ -65,6 +68,8 @@ class Start:
 @dataclass(frozen=True)
 class SetPrompt:
     prompt: str
+    transition_chunks: int = 0  # 0: at once (with recache); N: the conditioning moves over N chunks
+    blend: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,13 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
     if kind == "start":
         return Start(_prompt(obj, settings), _seed(obj))
     if kind == "prompt":
-        return SetPrompt(_prompt(obj, settings))
+        chunks = 0 if obj.get("transition_chunks") is None else \
+            _int(obj, "transition_chunks", 0, MAX_TRANSITION_CHUNKS)
+        blend = obj.get("blend", "linear")
+        if blend not in BLENDS:
+            raise ProtocolError("bad_field", f"`blend` must be one of {', '.join(BLENDS)}; got "
+                                f"{blend!r:.40}")
+        return SetPrompt(_prompt(obj, settings), chunks, blend)
     if kind == "plan":
         return Plan(_plan(obj, settings, fps))
     if kind == "ack":

@@ -157,7 +157,8 @@ class GenerationWorker(threading.Thread):
         elif isinstance(command, Start):
             self._start(command)
         elif isinstance(command, SetPrompt):
-            self._set_prompt(command.prompt, received, chunks_done)
+            self._set_prompt(command.prompt, received, chunks_done,
+                             transition=(command.transition_chunks, command.blend))
         elif isinstance(command, Plan):
             self.plan = list(command.switches)
             self._post_timeline()
@@ -178,12 +179,14 @@ class GenerationWorker(threading.Thread):
         self._set_state(WorkerState.RUNNING, "generating")
 
     def _set_prompt(self, prompt: str, received: float, chunks_done: int,
-                    planned: bool = False) -> None:
+                    planned: bool = False, transition: tuple[int, str] = (0, "linear")) -> None:
         if self.state in (WorkerState.IDLE, WorkerState.LOADING, WorkerState.ERROR):
             self.outbox.put_message(error_frame("not_started", "start a video first; the "
                                                 "prompt of `start` is its first prompt"))
             return
-        self.session.set_prompt(prompt, SwitchRequest(received, chunks_done, planned))
+        chunks, blend = transition
+        self.session.set_prompt(prompt, SwitchRequest(received, chunks_done, planned),
+                                transition_chunks=chunks, blend=blend)
         self._post_status()
 
     def _pause(self, note: str = "stopped: resume to continue this video") -> None:
@@ -314,7 +317,8 @@ class GenerationWorker(threading.Thread):
 
     def _post_timeline(self) -> None:
         timeline = self.session.timeline if self.session is not None else []
-        switches = [{"latent_frame": e.latent_frame, "pixel_frame": e.pixel_frame, "prompt": e.prompt}
+        switches = [{"latent_frame": e.latent_frame, "pixel_frame": e.pixel_frame, "prompt": e.prompt,
+                     "transition_chunks": e.transition_chunks, "blend": e.blend}
                     for e in timeline]
         self.outbox.put_message({
             "type": "timeline", "switches": switches, "frames_generated": self._frames_generated(),

@@ -273,7 +273,8 @@ function drawTimeline() {
   live.switches.forEach((s) => {
     const li = document.createElement("li");
     li.dataset.frame = s.pixel_frame; li.dataset.latent = s.latent_frame;
-    li.textContent = `frame ${s.pixel_frame} (${(s.pixel_frame / live.fps).toFixed(2)} s, latent ${s.latent_frame}): ${s.prompt}`;
+    const over = s.transition_chunks ? ` (over ${s.transition_chunks} chunks, ${s.blend})` : "";
+    li.textContent = `frame ${s.pixel_frame} (${(s.pixel_frame / live.fps).toFixed(2)} s, latent ${s.latent_frame}): ${s.prompt}${over}`;
     list.append(li);
   });
   drawPlayhead();
@@ -391,7 +392,9 @@ function bind() {
   $("switch").onclick = () => {
     const prompt = promptText(); if (!prompt) return;
     live.switchAsked = { prompt, t: performance.now() };
-    send({ type: "prompt", prompt });
+    const chunks = parseInt($("transition").value, 10);
+    send({ type: "prompt", prompt, transition_chunks: Number.isFinite(chunks) && chunks > 0 ? chunks : 0,
+           blend: $("blend").value });
   };
   $("prompt").onkeydown = (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); (live.state === "running" || live.state === "stopped" ? $("switch") : $("start")).click(); }
