@@ -126,6 +126,30 @@ class ChunkStepper:
             cache_frames=cache_frames, debug=debug, track_frames=track_frames,
         )
 
+    def chunk_start(self, state: AnyStreamState, chunk: int) -> int:
+        """The first latent frame of chunk `chunk`: after the state's prefix (a start image or
+        video, `commit_prefix`), chunks of `frames_per_block` frames."""
+        return state.prefix_frames + chunk * self.frames_per_block
+
+    @torch.no_grad()
+    def commit_prefix(self, state: AnyStreamState, latents: torch.Tensor,
+                      context: torch.Tensor) -> None:
+        """Commit clean latents [B, P, C, h, w] (an encoded start image, P = 1, or the last
+        frames of a video) as the stream's first frames, before chunk 0: one clean call at
+        t = context_noise, as a generated chunk's commit, without a bank prototype (the bank
+        records generated chunks). The sink is their first frames; chunk 0 starts at frame P."""
+        if state.prefix_frames or state.text.complete:
+            raise ValueError("a prefix is committed first, into a fresh stream state")
+        window = self.stream_config.local_attn_size
+        frames = latents.shape[1]
+        if not 0 < frames or (window != -1 and frames > window):
+            raise ValueError(f"a start of {frames} latent frames does not fit the attention "
+                             f"window of {window}")
+        x = latents.to(self.generator.device, self.dtype)
+        self.dit(state, x, float(self.sampling.context_noise), context,
+                 StreamCall.commit_chunk(0, record_memory=False))
+        state.prefix_frames = frames
+
     def num_chunks(self, num_frames: int) -> int:
         """Number of chunks; the video must be a whole number of chunks."""
         if num_frames <= 0 or num_frames % self.frames_per_block:
@@ -193,7 +217,7 @@ class ChunkStepper:
         last = len(steps) - 1 if exit_step is None else exit_step
         if not 0 <= last < len(steps):
             raise ValueError(f"exit step {exit_step} is outside the {len(steps)} denoising steps")
-        start = chunk * self.frames_per_block
+        start = self.chunk_start(state, chunk)
         b, f = x.shape[:2]
         sigmas = self.step_sigmas(x.device)
         for i in range(last + 1):
@@ -235,7 +259,7 @@ class ChunkStepper:
         refresh = state.exit_step == 0 and state.config.memory.commit_refreshes_after_step0_exit
         state.exit_step = None
         call = StreamCall.commit_chunk(
-            chunk * self.frames_per_block, record_memory=state.wants_record(chunk),
+            self.chunk_start(state, chunk), record_memory=state.wants_record(chunk),
             refresh_memory=refresh,
         )
         self.dit(state, x, t, context, call)
@@ -276,7 +300,7 @@ class ChunkStepper:
         by default the attention window, min(local_attn_size, chunk start), as inference does
         (stage-2 training in compat mode passes the reference's 21-frame training window).
         """
-        start = chunk * self.frames_per_block
+        start = self.chunk_start(state, chunk)
         if not switch.global_sink:
             state.clear_cache_values()
         state.text.reset()
@@ -338,6 +362,7 @@ class ChunkStepper:
         switch: SwitchOptions | None = None,
         recache_frames: int | None = None,
         recent: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate `num_frames` latent frames [B, num_frames, C, h, w] for the prompt embedding
         `context` [B, T, text_dim], chunk by chunk from chunk `first_chunk`: a loop over a
@@ -352,7 +377,8 @@ class ChunkStepper:
         and `recache_frames` say how the stream switches (see `switch_prompt`). The initial
         noise is drawn in the source's `order`: for all of the rollout's frames before its first
         chunk (``upfront``, the reference's) or each chunk's as it starts (``per_chunk``, then
-        addressed by absolute chunk index).
+        addressed by absolute chunk index). `prefix`: clean latents a fresh stream starts from
+        (`Stream`; they are not part of the returned latents).
         """
         batch_size = context.shape[0]
         chunks_here = self.num_chunks(num_frames)
@@ -365,7 +391,7 @@ class ChunkStepper:
             upfront = noise.initial(shape).to(self.generator.device, self.dtype)
         stream = Stream(self, context, noise, latent_hw=latent_hw, num_frames=num_frames,
                         state=state, first_chunk=first_chunk, switch=switch,
-                        recache_frames=recache_frames, recent=recent)
+                        recache_frames=recache_frames, recent=recent, prefix=prefix)
         fpb = self.frames_per_block
         chunks: list[torch.Tensor] = []
         for j in tqdm(range(chunks_here), desc="chunks", disable=not progress, leave=False):

@@ -66,6 +66,9 @@ class ChunkRunner(Protocol):
                       context: torch.Tensor, switch: SwitchOptions,
                       frames: int | None = None) -> None: ...
 
+    def commit_prefix(self, state: AnyStreamState, latents: torch.Tensor,
+                      context: torch.Tensor) -> None: ...
+
 
 @dataclass(frozen=True)
 class PromptChange:
@@ -117,13 +120,16 @@ class Stream:
         switch: SwitchOptions | None = None,
         recache_frames: int | None = None,
         recent: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
     ):
         """`state`: the stream's `StreamState`, or None for a fresh one of `num_frames` frames
         (then `first_chunk` must be 0). `recache_frames`: frames a switch re-encodes (None: the
         attention window, see `ChunkStepper.switch_prompt`); the stream keeps that many latents
         for it (`ChunkStepper.recent_frames`: all of them only under global attention).
         `recent`: latents committed before `first_chunk`
-        (a stage-2 window continuing a sequence)."""
+        (a stage-2 window continuing a sequence). `prefix`: clean latents [B, P, C, h, w] the
+        fresh stream starts from (an encoded image, or a video's last frames), committed now as
+        its first frames (`ChunkStepper.commit_prefix`); chunks follow them."""
         if state is None:
             if first_chunk:
                 raise ValueError(f"a stream from chunk {first_chunk} continues a state: pass it")
@@ -141,6 +147,11 @@ class Stream:
         self.first_chunk = first_chunk
         self.chunk = first_chunk
         self.timeline = [PromptChange(first_chunk, first_chunk * stepper.frames_per_block, label)]
+        if prefix is not None:
+            if first_chunk or recent is not None:
+                raise ValueError("a prefix starts a fresh stream")
+            stepper.commit_prefix(self.state, prefix, context)
+            self.recent = prefix.to(context.device)
         self.switched = False  # the last chunk began with a prompt switch (with recache)
         self.last_change: PromptChange | None = None  # the change the last chunk began with
         self._wish: _Wish | None = None
@@ -180,7 +191,7 @@ class Stream:
         self._moving = None
         if transition.chunks:
             self._moving = _Moving(self.context, context, transition)
-        elif n > 0:
+        elif n > 0 or self.state.prefix_frames:  # committed frames speak the old prompt
             self.stepper.switch_prompt(self.state, n, self.recent, context, self.switch,
                                        frames=self.recache_frames)
         if not transition.chunks:

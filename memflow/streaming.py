@@ -63,6 +63,9 @@ class StreamStateBase:
     denoise, cleared by its commit): the reference's commit inherits that step's bank-refresh
     flag (MemoryOptions.commit_refreshes_after_step0_exit). Never saved: it is None between
     chunks.
+
+    `prefix_frames`: latent frames committed before chunk 0 (a start image or video); chunk n
+    covers frames prefix_frames + n * num_frame_per_block onwards.
     """
 
     sources: tuple[MemorySource, ...]
@@ -78,6 +81,7 @@ class StreamStateBase:
         self.text = TextCache(model_config.num_layers)
         self.debug = StreamDebug() if debug else None
         self.exit_step: int | None = None
+        self.prefix_frames = 0  # frames committed before chunk 0 (ChunkStepper.commit_prefix)
 
     def _use_sources(self, sources: Sequence[MemorySource]) -> None:
         names = [source.name for source in sources]

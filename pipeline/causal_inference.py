@@ -12,7 +12,7 @@ from memflow.chunk_loop import ChunkCallback, ChunkHooks, ChunkStepper
 from memflow.config import SamplingConfig, StreamConfig
 from memflow.model import WanDiT
 from memflow.noise import NoiseSource
-from memflow.streaming import StreamState
+from memflow.static_stream import AnyStreamState
 
 
 def inference_stepper(
@@ -39,7 +39,7 @@ class CausalInferencePipeline:
 
     def new_state(
         self, batch_size: int, latent_hw: tuple[int, int], num_frames: int, debug: bool = False
-    ) -> StreamState:
+    ) -> AnyStreamState:
         return self.stepper.new_state(batch_size, latent_hw, num_frames, debug=debug)
 
     def check_num_frames(self, num_frames: int) -> int:
@@ -54,9 +54,11 @@ class CausalInferencePipeline:
         noise: NoiseSource,
         on_chunk: ChunkCallback | None = None,
         progress: bool = False,
-        state: StreamState | None = None,
+        state: AnyStreamState | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Generate [B, num_frames, C, h, w] latents for one prompt embedding [B, T, text_dim].
+        """Generate [B, num_frames, C, h, w] latents for one prompt embedding [B, T, text_dim],
+        after the clean `prefix` latents if given (a start image or video, committed first).
 
         `on_chunk(chunk_index, x0)` is called as soon as each chunk is final (for streaming
         decode). Pass `state` to inspect the cache and bank afterwards.
@@ -64,5 +66,5 @@ class CausalInferencePipeline:
         context = prompt_embeds.to(self.generator.device, self.generator.dtype)
         return self.stepper.rollout(
             context, num_frames, latent_hw, noise,
-            hooks=ChunkHooks(on_chunk=on_chunk), progress=progress, state=state,
+            hooks=ChunkHooks(on_chunk=on_chunk), progress=progress, state=state, prefix=prefix,
         )

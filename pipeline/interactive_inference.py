@@ -41,10 +41,12 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
         progress: bool = False,
         state: AnyStreamState | None = None,
         transitions: Sequence[Transition] | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate [B, num_frames, C, h, w] latents; segment k+1's prompt starts at chunk
         `switch_chunks[k]` (one chunk index per switch, strictly increasing), at once or as
-        `transitions[k]` says (memflow/stream.py: over that many chunks, no recache)."""
+        `transitions[k]` says (memflow/stream.py: over that many chunks, no recache); after
+        the clean `prefix` latents if given (a start image or video)."""
         num_chunks = self.check_num_frames(num_frames)
         if len(switch_chunks) != len(segment_embeds) - 1:
             raise ValueError(
@@ -68,5 +70,5 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
         return self.stepper.rollout(
             contexts[0], num_frames, latent_hw, noise,
             hooks=ChunkHooks(before_chunk=switches, on_chunk=on_chunk), progress=progress,
-            state=state, switch=switch,
+            state=state, switch=switch, prefix=prefix,
         )
