@@ -209,6 +209,8 @@ class InferenceOnlyKeys:
     text_encoder_config: TextEncoderShape | None = None  # type: ignore[valid-type]
     vae_config: VaeShape | None = None  # type: ignore[valid-type]
     num_output_frames: int = field(default=120, metadata={"minimum": 1})
+    # a prompt line's "video" to continue: write the source clip before the new frames
+    prepend_source: bool = False
     switch_frame_indices: str | int | list[int] | None = None
     switch: SwitchOptions | None = field(default=None, metadata=_OVERRIDES)
     height: int = field(default=480, metadata=_POSITIVE)

@@ -216,6 +216,10 @@ class WanVAE(nn.Module):
     def z_dim(self) -> int:
         return self.model.config.z_dim
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(bf16(mean), 1 / bf16(std)) in the compute dtype, shaped to broadcast over [B, C, F, h, w].
 

@@ -24,6 +24,8 @@ from utils.distributed import shard_indices
 from utils.naming import video_filename
 from utils.prompts import Segment, segment_texts
 
+from .start import Start
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,7 @@ class Job:
     prompts: list[Segment]  # one prompt, or the segments of an interactive story
     switch_chunks: tuple[int, ...] = ()  # interactive: the chunk at which each next prompt starts
     transitions: tuple[Transition, ...] | None = None  # interactive: how each switch moves
+    start: Start | None = None  # the line's start image or video to continue
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,13 @@ from memflow.errors import InputError
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.prompt_blend import weighted_embedding
 from memflow.text_encoder import TextEncoder, clean_prompt
+from memflow.vae import VAE_STRIDE
 from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
 from utils.prompts import (
     InteractiveStory,
     Segment,
     effective_switch_chunks,
+    line_starts,
     load_interactive_stories,
     load_prompt_lines,
     parse_switch_frame_indices,
@@ -52,6 +54,7 @@ from .build import (
 from .causal_inference import CausalInferencePipeline
 from .interactive_inference import InteractiveInferencePipeline
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
+from .start import Start, encode_start
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,13 @@ def load_jobs(c: InferenceConfig, interactive: bool, settings: InferenceSettings
     data_path = c.data_path
     if not data_path:
         raise InputError("config key `data_path` is not set")
+    starts = {line: Start(kind, media) for line, (kind, media) in line_starts(data_path).items()}
     if not interactive:
-        return [Job(i, line, [p]) for i, (line, p) in enumerate(load_prompt_lines(data_path))]
+        return [Job(i, line, [p], start=starts.get(line))
+                for i, (line, p) in enumerate(load_prompt_lines(data_path))]
     return [Job(i, story.line, story.prompts, story_switch_chunks(c, story, settings, data_path),
-                None if story.transitions is None else tuple(story.transitions))
+                None if story.transitions is None else tuple(story.transitions),
+                starts.get(story.line))
             for i, story in enumerate(load_interactive_stories(data_path))]
 
 
@@ -206,7 +212,8 @@ def _run_planned(c: InferenceConfig, dist: DistInfo, interactive: bool,
             log.info("skip %s (exists; skip_existing is set)", video.path)
             continue
         try:
-            _generate_one(pipe, parts, settings, video.job, noise, video.path, fps, interactive)
+            _generate_one(pipe, parts, settings, video.job, noise, video.path, fps, interactive,
+                          c.prepend_source)
         except NonFiniteVideo as err:
             message = f"{data_path}:{video.job.line}: {err}; {video.path.name} was not written"
             log.error("%s", message)
@@ -226,6 +233,7 @@ def _generate_one(
     path: Path,
     fps: float,
     interactive: bool,
+    prepend_source: bool = False,
 ) -> None:
     with warnings.catch_warnings():  # `warn_long_prompts` named the lines already
         warnings.filterwarnings("ignore", message=r"prompt \d+ has \d+ tokens; truncated")
@@ -233,7 +241,20 @@ def _generate_one(
     decoder = parts.vae.stream()
     fpb = settings.stream.num_frame_per_block
     num_chunks = settings.num_frames // fpb
+    prefix = None
+    if job.start is not None:
+        height, width = (n * stride for n, stride in zip(settings.latent_hw, VAE_STRIDE[1:]))
+        start = encode_start(job.start, parts.vae, height, width,
+                             settings.stream.local_attn_size, fpb)
+        gen = parts.generator
+        prefix = start.latents.to(gen.device, gen.dtype)
     with Mp4Writer(path, fps=fps) as writer:
+        if prefix is not None:  # primes the decoder; an image's frame opens the video
+            context_frames = decoder.decode(prefix)[0]
+            if job.start.kind == "image":
+                writer.write(context_frames)
+            elif prepend_source:
+                writer.write(start.source_frames[0])
 
         def on_chunk(n: int, x0: torch.Tensor) -> None:
             frames = decoder.decode(x0[:1])[0]
@@ -249,10 +270,10 @@ def _generate_one(
             pipe.generate_latents_interactive(
                 embeds, list(job.switch_chunks), settings.num_frames, settings.latent_hw, noise,
                 switch=settings.switch, on_chunk=on_chunk, progress=True,
-                transitions=job.transitions,
+                transitions=job.transitions, prefix=prefix,
             )
         else:
             pipe.generate_latents(
                 embeds[0], settings.num_frames, settings.latent_hw, noise,
-                on_chunk=on_chunk, progress=True,
+                on_chunk=on_chunk, progress=True, prefix=prefix,
             )

@@ -31,6 +31,7 @@ frames in a temporary file on disk (what `save_mp4` writes and `thumbnail` reads
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -45,23 +46,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from config.inference import InferenceSettings, load_inference_config
 from config.schema import SEED_RANGE, InferenceConfig
 from memflow.errors import InputError
-from memflow.files import atomic_write_text
+from memflow.files import atomic_write, atomic_write_text
 from memflow.noise import SeededNoise
 from memflow.prompt_blend import Transition
 from memflow.stream import Stream
 from memflow.streaming import StreamState
 from memflow.vae import VAE_STRIDE, latent_frames_within, video_frames
 from utils.distributed import rank_seed
+from utils.media import Source
 from utils.prompts import Segment, prompt_problem, segment_label
 from utils.video_writer import Mp4Writer, to_uint8_frames
 
 from .build import Components, load_components, prepare_inference
 from .causal_inference import inference_stepper
 from .runner import NonFiniteVideo, encode_segment
+from .start import Start, encode_start
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ class ChunkResult:
     """One generated chunk, decoded. `latents` [1, F, C, h, w] on the CPU, for comparisons."""
 
     index: int  # chunk number in the session, from 0
-    latent_start: int  # first latent frame of the chunk
+    latent_start: int  # first latent frame of the chunk, counted from the first generated one
     pixel_start: int  # first video frame of the chunk
     frames: np.ndarray  # uint8 [T, H, W, 3]
     prompt: str  # the prompt the chunk was generated under
@@ -90,9 +94,10 @@ class ChunkResult:
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    """From `latent_frame` (video frame `pixel_frame`) on, the video follows `prompt` (its
-    text: a weighted prompt as "text:weight | ..."; `segment`: the prompt as a prompt file
-    holds it), reached over `transition_chunks` chunks by `blend` (0: at once)."""
+    """From generated latent frame `latent_frame` (video frame `pixel_frame`; a start image or
+    the continued video's context frames come first in the video) on, the video follows
+    `prompt` (its text: a weighted prompt as "text:weight | ..."; `segment`: the prompt as a
+    prompt file holds it), reached over `transition_chunks` chunks by `blend` (0: at once)."""
 
     latent_frame: int
     pixel_frame: int
@@ -219,9 +224,10 @@ class PendingSave:
     """A video and its sidecar taken at a chunk boundary, to be encoded by `write` (once)."""
 
     def __init__(self, path: Path, sidecar: dict, frames: SpoolSnapshot, fps: float,
-                 lock: threading.Lock):
+                 lock: threading.Lock, start_file: tuple[Path, bytes] | None = None):
         self.path, self.sidecar, self.fps = path, sidecar, fps
         self._frames, self._lock = frames, lock
+        self._start_file = start_file  # the start image or video, for the replay line
         self.video_frames = frames.count
 
     def write(self) -> tuple[Path, Path]:
@@ -233,6 +239,9 @@ class PendingSave:
                 for block in self._frames.blocks():
                     writer.write(block)
             try:
+                if self._start_file is not None:
+                    start_path, data = self._start_file
+                    atomic_write(start_path, lambda tmp: tmp.write_bytes(data))
                 atomic_write_text(json_path, json.dumps(self.sidecar, indent=2, ensure_ascii=False) + "\n")
             except BaseException:
                 self.path.unlink(missing_ok=True)  # a video without its timeline is half a save
@@ -244,7 +253,8 @@ class _Video:
     """Everything one session video carries between chunks besides the stream itself (its
     decoder, frames on disk, seed, memory readout); `reset` drops it whole."""
 
-    def __init__(self, session: "Session", prompt: Segment, context: torch.Tensor, seed: int):
+    def __init__(self, session: "Session", prompt: Segment, context: torch.Tensor, seed: int,
+                 start: Start | None = None):
         s = session
         self.seed = seed
         window = s.settings.stream.local_attn_size  # a session's cache is its window
@@ -252,10 +262,24 @@ class _Video:
                                     track_frames=True)
         gen = s.stepper.generator
         noise = SeededNoise(seed, dtype=gen.dtype, device=gen.device, order="per_chunk")
+        self.start = start
+        prefix = None
+        if start is not None:
+            encoded = encode_start(start, s.components.vae, s.height, s.width, window,
+                                   s.frames_per_chunk)
+            prefix = encoded.latents.to(gen.device, gen.dtype)
+            # the fitted image's own pixels (x = u / 255 exactly: rounding gives u back)
+            self.start_image = (encoded.source_frames[0, 0].permute(1, 2, 0) * 255).round() \
+                .to(torch.uint8) if start.kind == "image" else None
         self.stream = Stream(s.stepper, context, noise, latent_hw=s.settings.latent_hw,
-                             state=state, label=prompt, switch=s.settings.switch)
+                             state=state, label=prompt, switch=s.settings.switch, prefix=prefix)
         self.decoder = s.components.vae.stream()
         self.spool = FrameSpool(s.height, s.width)
+        if prefix is not None:  # the start opens the live video: the image, or the context
+            # frames of the continued video (decoded), so latent frame f is always video frame
+            # video_frames(f); it also primes the decoder for chunk 0
+            self.spool.append(to_uint8_frames(self.decoder.decode(prefix)[0]).cpu().contiguous()
+                              .numpy())
         self.memory = MemoryView([], [], [], [])
         self.broken: str | None = None  # why no further chunk can be generated
 
@@ -269,7 +293,8 @@ class _Video:
 
     @property
     def timeline(self) -> list[TimelineEntry]:
-        return [TimelineEntry(c.latent_frame, video_frames(c.latent_frame),
+        prefix = self.stream.state.prefix_frames
+        return [TimelineEntry(c.latent_frame, video_frames(prefix + c.latent_frame),
                               segment_label(c.label), c.transition.chunks, c.transition.blend,
                               c.label)
                 for c in self.stream.timeline]
@@ -411,11 +436,17 @@ class Session:
         return None if video is None else video.seed
 
     # -- control ----------------------------------------------------------------------------------
-    def start(self, prompt: str | Sequence[tuple[str, float]], seed: int | None = None) -> None:
+    def start(self, prompt: str | Sequence[tuple[str, float]], seed: int | None = None, *,
+              image: Source | None = None, video: Source | None = None) -> None:
         """Begin a fresh video under `prompt` (a text, or a weighted prompt: (text, weight)
-        pairs; the previous video is dropped); `seed` defaults to the config's `seed`. The first
-        chunk comes from `next_chunk`."""
+        pairs; the previous video is dropped); `seed` defaults to the config's `seed`. `image`
+        (a path or the file's bytes) is the video's first frame; `video` (likewise) is continued
+        from its last frames (pipeline/start.py). The first chunk comes from `next_chunk`."""
         prompt = check_segment(prompt)
+        if image is not None and video is not None:
+            raise ValueError("start from an image or a video, not both")
+        start = Start("image", image) if image is not None else \
+            Start("video", video) if video is not None else None
         if seed is None:
             seed = self.default_seed
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -425,7 +456,7 @@ class Session:
             raise ValueError(f"seed must be in [{low}, {high}] (what a torch generator takes), got {seed}")
         with self._run_lock:
             self._drop_stream()
-            video = _Video(self, prompt, self._encode(prompt), seed)
+            video = _Video(self, prompt, self._encode(prompt), seed, start)
             with self._view_lock:
                 self._video = video
 
@@ -471,7 +502,7 @@ class Session:
             video = self._require_video()
             n = video.chunk
             start = n * self.frames_per_chunk
-            self._check_limit(start)
+            self._check_limit(video.stream.state.prefix_frames + start)
             began = time.perf_counter()
             x0 = video.stream.next_chunk()  # a pending prompt switches first
             self._sync()
@@ -573,10 +604,26 @@ class Session:
             video = self._video
             if video is None or video.chunk == 0:
                 raise ValueError("nothing generated yet: start the session and generate a chunk first")
-            sidecar = self._sidecar(video, path.name)
-            return PendingSave(path, sidecar, video.spool.snapshot(), self.fps, self._save_lock)
+            start_file = self._start_file(video, path)
+            sidecar = self._sidecar(video, path.name, start_file and start_file[0].name)
+            return PendingSave(path, sidecar, video.spool.snapshot(), self.fps, self._save_lock,
+                               start_file)
 
-    def _sidecar(self, video: _Video, video_name: str) -> dict:
+    @staticmethod
+    def _start_file(video: _Video, path: Path) -> tuple[Path, bytes] | None:
+        """The start image (as the fitted frame, a PNG: reading it again gives the same pixels)
+        or video (its bytes) to save next to the clip, for the replay line."""
+        start = video.start
+        if start is None:
+            return None
+        if start.kind == "image":
+            buffer = io.BytesIO()
+            Image.fromarray(video.start_image.numpy()).save(buffer, format="PNG")
+            return path.with_suffix(".start.png"), buffer.getvalue()
+        data = start.source if isinstance(start.source, bytes) else Path(start.source).read_bytes()
+        return path.with_suffix(".start.mp4"), data
+
+    def _sidecar(self, video: _Video, video_name: str, start_name: str | None = None) -> dict:
         """The JSON written next to a saved video: timeline, replay line and settings."""
         latents = video.chunk * self.frames_per_chunk
         timeline = [{**{k: v for k, v in asdict(e).items() if k != "segment"},
@@ -589,6 +636,8 @@ class Session:
         if any(e.transition_chunks for e in switches):
             line["transition_chunks"] = [e.transition_chunks for e in switches]
             line["blend"] = [e.blend for e in switches]
+        if start_name is not None:
+            line[video.start.kind] = start_name
         data_path = Path(video_name).with_suffix(".jsonl").name
         replay = [*self.overrides, "mode=interactive", f"data_path={data_path}",
                   f"num_output_frames={latents}", f"seed={video.seed}"]

@@ -24,8 +24,10 @@ from memflow.prompt_blend import Transition
 _INT = re.compile(r"-?\d+")
 # Fields a line of a .jsonl prompt file may carry; any other is an error naming it (a field this
 # project does not read would otherwise be dropped without a word).
-SINGLE_FIELDS = ("prompt", "prompts", "switch_frame_indices")
-INTERACTIVE_FIELDS = ("prompts", "switch_frame_indices", "transition_chunks", "blend")
+SINGLE_FIELDS = ("prompt", "prompts", "switch_frame_indices", "image", "video")
+INTERACTIVE_FIELDS = ("prompts", "switch_frame_indices", "transition_chunks", "blend", "image",
+                      "video")
+START_FIELDS = ("image", "video")  # a line's start image or video to continue (pipeline/start.py)
 
 # One segment of a story: a prompt, or a weighted prompt ((text, weight), ...) whose
 # conditioning is the weights' mix of its texts' (memflow.prompt_blend.weighted_embedding).
@@ -265,6 +267,32 @@ def _line_transitions(obj: dict[str, Any], switches: int, path: Path,
         return [Transition(n, b) for n, b in zip(chunks, blends)]
     except ValueError as err:
         raise InputError(f"{path}:{lineno}: {err}") from None
+
+
+def line_starts(path: str | os.PathLike[str]) -> dict[int, tuple[str, Path]]:
+    """The ``"image"`` or ``"video"`` a ``.jsonl`` line starts from, by line: (kind, path), the
+    path relative to the prompt file's folder unless absolute. A file that is not there is an
+    error now, before anything is generated."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        return {}
+    starts = {}
+    for lineno, obj in _json_objects(path):
+        given = [key for key in START_FIELDS if key in obj]
+        if len(given) > 1:
+            raise InputError(f'{path}:{lineno}: a line starts from an "image" or a "video", '
+                             "not both")
+        if not given:
+            continue
+        kind, value = given[0], obj[given[0]]
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f'{path}:{lineno}: "{kind}" must be a file path, got '
+                             f"{_json_type(value)}")
+        media = Path(value) if Path(value).is_absolute() else path.parent / value
+        if not media.is_file():
+            raise InputError(f'{path}:{lineno}: the {kind} {media} does not exist or is not a file')
+        starts[lineno] = (kind, media)
+    return starts
 
 
 def _line_switches(obj: dict[str, Any], path: Path, lineno: int) -> list[int] | None:
