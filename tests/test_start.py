@@ -58,8 +58,6 @@ class PixelVAE:
         return F.pad(pooled, (0, 0, 0, 0, 0, self.z_dim - 3)) * 2 - 1
 
     def stream(self):
-        vae = self
-
         class Decoder:
             first = True
 
