@@ -566,6 +566,16 @@ class Session:
         with self._view_lock:
             return MemoryView([], [], [], []) if self._video is None else self._video.memory
 
+    def start_frames(self) -> np.ndarray:
+        """The frames the video opens with before chunk 0: a start image's, a continued clip's
+        context (decoded); none ([0, H, W, 3]) for a prompt-only start."""
+        with self._view_lock:
+            video = self._video
+            if video is None:
+                raise RuntimeError("the session is not started; call start(prompt) first")
+            opening = video_frames(video.stream.state.prefix_frames)
+            return video.spool.read(0, min(opening, video.spool.count))
+
     def thumbnail(self, latent_frame: int, max_side: int | None = None) -> np.ndarray:
         """The first video frame decoded from `latent_frame`, uint8 [H, W, 3]; with `max_side`
         subsampled by a whole stride so that neither side exceeds it (for memory readouts)."""

@@ -17,7 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -228,3 +230,28 @@ def test_page_streams_and_switches_at_a_chunk_boundary(server, browser, tmp_path
     print(f"\nbrowser saw: frame counter {first} -> {later} -> {text(browser, 'frames-received')}, "
           f"canvas {canvas}, switch at latent {latent} = frame {frame}, "
           f"latency {text(browser, 'switch-latency')}, timeline markers {markers}")
+
+
+def test_page_uploads_an_image_and_starts_from_it(server, browser, tmp_path):
+    """Choose an image in the page's file field, press Start: the page uploads its bytes and
+    the video opens with the image's frame, so frame counts are shifted by one: 1 + 4F per
+    chunk of F latent frames, where a prompt-only start has 1 + 4(F - 1) for its first."""
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :30] = (220, 40, 40)
+    path = tmp_path / "start.png"
+    Image.fromarray(image).save(path)
+    browser.get(server)
+    until(browser, lambda d: text(d, "state") == "idle", "the page never got the device")
+    browser.find_element(By.ID, "prompt").send_keys("a red barn in a field")
+    browser.find_element(By.ID, "start-file").send_keys(str(path))
+    browser.find_element(By.ID, "start").click()
+    until(browser, lambda d: "starting from the image start.png" in text(d, "log"),
+          "the image was not uploaded")
+    until(browser, lambda d: text(d, "state") == "running", "the video did not start")
+    until(browser, lambda d: int(text(d, "frames-received") or 0) > 1 + FRAMES_PER_CHUNK_PIXELS,
+          "no chunk after the image")
+    browser.find_element(By.ID, "stop").click()
+    until(browser, lambda d: text(d, "state") == "stopped", "stop was not acknowledged")
+    generated = until(browser, lambda d: d.execute_script("return live.framesGenerated"),
+                      "no frame count")
+    assert generated % FRAMES_PER_CHUNK_PIXELS == 1, generated  # the image frame, then chunks

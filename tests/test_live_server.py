@@ -381,3 +381,56 @@ def test_cli_refuses_bad_input_with_one_error_line():
     assert missing.returncode == 2 and "error: config file not found" in missing.stderr
     gpus = run_cli("bash", "serve.sh", env={"NUM_GPUS": "2"})
     assert gpus.returncode == 2 and "one process on one device" in gpus.stderr
+
+
+def _png_bytes() -> bytes:
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[:, :20] = (200, 30, 30)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_start_from_an_uploaded_image(tiny_session):
+    """The page's way: POST the image's bytes, then `start` names the upload; the video opens
+    with the image's frame (frame 0, before chunk 0) and chunk 0 follows it."""
+    app = create_app(lambda: tiny_session, settings())
+    frames: list[bytes] = []
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        up = client.post("/upload?kind=image", content=_png_bytes())
+        assert up.status_code == 200 and up.json()["kind"] == "image"
+        ws.send_json({"type": "start", "prompt": "a cat", "seed": 3, "image": up.json()["id"]})
+        first = receive_until(ws, of_type("chunk"), frames=frames)
+        assert (first["index"], first["pixel_start"]) == (0, 1)
+        receive_until(ws, lambda m: len(frames) > first["frames"], frames=frames)
+        assert decode_frame(frames[0])[:2] == (0, 0)  # the image's frame, sent first
+        ws.send_json({"type": "start", "prompt": "a cat", "image": up.json()["id"]})
+        error = receive_until(ws, of_type("error"), frames=frames)  # an upload starts one video
+        assert error["code"] == "bad_field" and "upload it first" in error["message"]
+        bad = client.post("/upload?kind=image", content=b"not an image").json()["id"]
+        ws.send_json({"type": "start", "prompt": "a cat", "image": bad})
+        error = receive_until(ws, of_type("error"), frames=frames)
+        assert error["code"] == "bad_upload" and "is not an image" in error["message"]
+    assert_released(app)
+
+
+def test_uploads_are_bytes_with_a_size_limit_never_a_path(fake_app):
+    token = "secret-0123456789"
+    app, _ = fake_app(max_upload_bytes=1000, token=token)
+    with TestClient(app) as client:
+        def upload(query: str, data: bytes) -> int:
+            return client.post(f"/upload?{query}", content=data).status_code
+
+        assert upload(f"kind=image&token={token}", b"x" * 1001) == 413
+        assert upload("kind=image", b"x") == 403
+        assert upload(f"kind=script&token={token}", b"x") == 400
+        assert upload(f"kind=video&token={token}", b"") == 400
+        assert upload(f"kind=video&token={token}", b"x" * 1000) == 200
+        with client.websocket_connect("/ws?token=secret-0123456789") as ws:
+            receive_until(ws, of_type("status", state="idle"))
+            for field in ({"image": "/etc/passwd"}, {"video": "../clip.mp4"},
+                          {"image": "0" * 32, "video": "0" * 32}):
+                ws.send_json({"type": "start", "prompt": "a", **field})
+                error = receive_until(ws, of_type("error"))
+                assert error["code"] == "bad_field", error

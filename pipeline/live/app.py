@@ -14,11 +14,12 @@ import os
 import socket
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -41,12 +42,15 @@ from .protocol import (
     Ping,
     ProtocolError,
     RateLimit,
+    Start,
     decode_text,
     error_frame,
     parse_message,
     type_of,
 )
 from .settings import ServerSettings, host_of
+from .uploads import KINDS as UPLOAD_KINDS
+from .uploads import UploadStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ def create_app(session_factory: Callable[[], Any], settings: ServerSettings | No
     settings = settings or ServerSettings()
     settings.check()
     downloads = DownloadStore(settings.max_saved)
-    hub = DeviceHub(session_factory, settings, downloads)
+    uploads = UploadStore(settings.max_uploads)
+    hub = DeviceHub(session_factory, settings, downloads, uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -106,6 +111,24 @@ def create_app(session_factory: Callable[[], Any], settings: ServerSettings | No
             _blocks(handle), media_type=MEDIA_TYPES[path.suffix],
             headers={"Content-Length": str(os.fstat(handle.fileno()).st_size),
                      "Content-Disposition": f'attachment; filename="memflow_live{path.suffix}"'})
+
+    @app.post("/upload")
+    async def upload(request: Request, kind: str = "", token: str | None = None):
+        """A start image or clip as the request's bytes (never a path); its id for `start`."""
+        if not token_ok(settings, token):
+            return JSONResponse({"error": "token required"}, status_code=403)
+        if kind not in UPLOAD_KINDS:
+            return JSONResponse({"error": f"kind must be one of {', '.join(UPLOAD_KINDS)}"},
+                                status_code=400)
+        data = bytearray()
+        async for block in request.stream():
+            data += block
+            if len(data) > settings.max_upload_bytes:
+                return JSONResponse({"error": f"the file is over {settings.max_upload_bytes} "
+                                              "bytes"}, status_code=413)
+        if not data:
+            return JSONResponse({"error": "the upload is empty"}, status_code=400)
+        return {"id": uploads.put(kind, bytes(data)), "kind": kind, "bytes": len(data)}
 
     @app.websocket("/ws")
     async def live(ws: WebSocket):
@@ -329,6 +352,12 @@ def handle(command: Command, client: Client, hub: DeviceHub) -> None:
             raise ProtocolError("bad_field", str(e)) from None
     elif isinstance(command, Ping):
         client.outbox.put_message({"type": "pong", "t": command.t, "server_time": time.time()})
+    elif isinstance(command, Start) and command.upload is not None:
+        data = hub.uploads.take(command.upload, command.kind)
+        if data is None:
+            raise ProtocolError("bad_field", f"no uploaded {command.kind} {command.upload}: upload "
+                                "it first (POST /upload), each upload starts one video")
+        hub.submit(client, replace(command, data=data))
     elif not isinstance(command, Hello):  # a later hello changes nothing
         hub.submit(client, command)
 

@@ -27,6 +27,7 @@ from .downloads import DownloadStore
 from .outbox import Outbox
 from .protocol import CLOSE_HOLD_EXPIRED, Command, error_frame
 from .settings import ServerSettings
+from .uploads import UploadStore
 from .worker import GenerationWorker
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,13 @@ class Reservation:
 
 class DeviceHub:
     def __init__(self, session_factory: Callable[[], Any], settings: ServerSettings,
-                 downloads: DownloadStore):
+                 downloads: DownloadStore, uploads: UploadStore):
         self._factory = session_factory
         self._session = None
         self._build_lock = threading.Lock()
         self.settings = settings
         self.downloads = downloads
+        self.uploads = uploads  # start files the page sent; a `start` takes its own
         self.owner: Client | None = None
         self.reserved: Reservation | None = None
         self.waiting: deque[Client] = deque()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from config.schema import SEED_RANGE
@@ -63,6 +64,9 @@ class Hello:
 class Start:
     prompt: str
     seed: int | None
+    upload: str | None = None  # the id of an uploaded start file (pipeline/live/uploads.py)
+    kind: str | None = None  # "image" or "video": what the upload is
+    data: bytes | None = field(default=None, repr=False)  # its bytes, once taken from the store
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
         token = obj.get("token")
         return Hello(token if isinstance(token, str) else None)
     if kind == "start":
-        return Start(_prompt(obj, settings), _seed(obj))
+        return Start(_prompt(obj, settings), _seed(obj), *_upload(obj))
     if kind == "prompt":
         chunks = 0 if obj.get("transition_chunks") is None else \
             _int(obj, "transition_chunks", 0, MAX_TRANSITION_CHUNKS)
@@ -187,6 +191,20 @@ def _int(obj: dict, key: str, low: int, high: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
         raise ProtocolError("bad_field", f"`{key}` must be an integer in {low}..{high}; got {v!r:.40}")
     return v
+
+
+def _upload(obj: dict) -> tuple[str | None, str | None]:
+    """A start's `image` or `video`: the id `POST /upload` returned (never a path)."""
+    given = [k for k in ("image", "video") if obj.get(k) is not None]
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise ProtocolError("bad_field", "start from an `image` or a `video`, not both")
+    upload = obj[given[0]]
+    if not isinstance(upload, str) or not re.fullmatch(r"[0-9a-f]{32}", upload):
+        raise ProtocolError("bad_field", f"`{given[0]}` must be the id an upload returned "
+                            "(POST /upload), not a path or anything else")
+    return upload, given[0]
 
 
 def _seed(obj: dict) -> int | None:

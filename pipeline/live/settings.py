@@ -38,6 +38,8 @@ class ServerSettings:
     max_unauthenticated: int = 8      # connections still owing their token; more are closed
     max_waiting: int = 16             # clients queued for the device; more are turned away
     max_saved: int = 8                # saved MP4s kept per client; its older ones are deleted
+    max_upload_bytes: int = 16 << 20  # a start image or clip (POST /upload) at most this big
+    max_uploads: int = 8              # uploads kept until a start takes them; older ones go
     # While others wait, a holder keeps the device at most `max_hold_s` in all and at most
     # `max_idle_s` without generating (0: no limit); alone it keeps it as long as it likes.
     max_hold_s: float = 1800.0
@@ -51,6 +53,7 @@ class ServerSettings:
         """Raise InputError for limits that cannot work or an exposure without a token."""
         for name in ("max_prompt_chars", "max_prompt_bytes", "max_message_bytes", "queue_frames",
                      "ack_window", "max_queued_messages", "message_burst", "max_saved",
+                     "max_upload_bytes", "max_uploads",
                      "max_unauthenticated", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InputError(f"server setting `{name}` must be >= 1; got {getattr(self, name)}")

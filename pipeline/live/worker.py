@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
+from memflow.errors import InputError
 from pipeline.session import SessionLimitReached
 
 from .downloads import DownloadStore
@@ -168,15 +169,28 @@ class GenerationWorker(threading.Thread):
 
     def _start(self, command: Start) -> None:
         plan = self.plan
-        try:
-            self.session.start(command.prompt, seed=command.seed)  # drops the previous video
+        start = {} if command.data is None else {command.kind: command.data}
+        try:  # drops the previous video
+            self.session.start(command.prompt, seed=command.seed, **start)
+        except InputError as e:  # an upload that is not a usable image or clip
+            self.outbox.put_message(error_frame("bad_upload", str(e)))
+            return
         except ValueError as e:  # a prompt or seed the session refuses
             self.outbox.put_message(error_frame("bad_field", str(e)))
             return
         self._clear_video()
         self.plan = plan  # a plan made before starting applies to the new video
+        self._send_start_frames()
         self._post_timeline()
         self._set_state(WorkerState.RUNNING, "generating")
+
+    def _send_start_frames(self) -> None:
+        """A video started from an image or a clip opens with their frames (before chunk 0)."""
+        count = self._frames_generated()
+        if not count:
+            return
+        for k, rgb in enumerate(self.session.start_frames()):
+            self.outbox.put_frame(frame_message(rgb, k, 0, self.settings.jpeg_quality))
 
     def _set_prompt(self, prompt: str, received: float, chunks_done: int,
                     planned: bool = False, transition: tuple[int, str] = (0, "linear")) -> None:

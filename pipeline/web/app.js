@@ -387,8 +387,29 @@ function bind() {
     clearVideo();
     sendPlan();
     const seed = parseInt($("seed").value, 10);
-    send({ type: "start", prompt, seed: Number.isFinite(seed) && seed >= 0 ? seed : 0 });
+    const start = { type: "start", prompt, seed: Number.isFinite(seed) && seed >= 0 ? seed : 0 };
+    const file = $("start-file").files[0] || live.droppedFile;
+    if (!file) { send(start); return; }
+    // the file goes up as bytes (the server never takes a path); `start` names the upload
+    const kind = file.type.startsWith("video/") ? "video" : "image";
+    const query = new URLSearchParams({ kind });
+    if (token) query.set("token", token);
+    fetch(`/upload?${query}`, { method: "POST", body: file })
+      .then((r) => r.json().then((body) => ({ ok: r.ok, body })))
+      .then(({ ok, body }) => {
+        if (!ok) { logLine(`the ${kind} was refused: ${body.error}`, "err"); return; }
+        logLine(`starting from the ${kind} ${file.name}`);
+        send({ ...start, [kind]: body.id });
+      })
+      .catch((e) => logLine(`upload failed: ${e}`, "err"));
   };
+  const stage = $("start-file").closest("main") || document.body;
+  stage.addEventListener("dragover", (e) => e.preventDefault());
+  stage.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer.files[0];
+    if (file) { live.droppedFile = file; logLine(`dropped ${file.name}: Start begins from it`); }
+  });
   $("switch").onclick = () => {
     const prompt = promptText(); if (!prompt) return;
     live.switchAsked = { prompt, t: performance.now() };
