@@ -28,7 +28,7 @@ commit after it); the model only computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -39,7 +39,7 @@ from .noise import NoiseSource
 from .prompt_blend import Transition
 from .scheduler import FlowMatchScheduler, noised, x0_from_flow
 from .static_stream import AnyStreamState, StaticStreamState
-from .stream import Stream
+from .stream import ControlChange, Stream
 from .stream_call import StreamCall
 from .streaming import StreamState
 
@@ -126,6 +126,18 @@ class ChunkStepper:
             cache_frames=cache_frames, debug=debug, track_frames=track_frames,
         )
 
+    def step_indices(self, steps: Sequence[int] | None) -> tuple[int, ...]:
+        """`steps` (indices into the step list) checked: increasing, within the list, at least
+        one; None: all of them."""
+        every = tuple(range(len(self.step_times)))
+        if steps is None:
+            return every
+        steps = tuple(steps)
+        if not steps or any(i not in every for i in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(f"denoising steps must be increasing indices into the "
+                             f"{len(every)}-step list, at least one; got {list(steps)}")
+        return steps
+
     def chunk_start(self, state: AnyStreamState, chunk: int) -> int:
         """The first latent frame of chunk `chunk`: after the state's prefix (a start image or
         video, `commit_prefix`), chunks of `frames_per_block` frames."""
@@ -208,22 +220,25 @@ class ChunkStepper:
         noise: NoiseSource,
         exit_step: int | None = None,
         grad: bool = False,
+        steps: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Denoise one chunk's noisy latents [B, F, C, h, w]; returns x0 of the last step run
         (`exit_step`, default the last of the list). With `grad`, that call records a graph and
-        every earlier one runs without. Never writes the cache; remembers the exit step on the
-        state for the commit."""
-        steps = self.step_times
-        last = len(steps) - 1 if exit_step is None else exit_step
-        if not 0 <= last < len(steps):
-            raise ValueError(f"exit step {exit_step} is outside the {len(steps)} denoising steps")
+        every earlier one runs without. `steps`: indices of the step list to run, in order (a
+        live session's fewer steps; default all). Never writes the cache; remembers the exit
+        step on the state for the commit."""
+        chosen = self.step_indices(steps)
+        times = [self.step_times[i] for i in chosen]
+        last = len(times) - 1 if exit_step is None else exit_step
+        if not 0 <= last < len(times):
+            raise ValueError(f"exit step {exit_step} is outside the {len(times)} denoising steps")
         start = self.chunk_start(state, chunk)
         b, f = x.shape[:2]
-        sigmas = self.step_sigmas(x.device)
+        sigmas = [self.step_sigmas(x.device)[i] for i in chosen]
         for i in range(last + 1):
             with torch.set_grad_enabled(grad and i == last):
                 call = StreamCall.denoise(start, refresh_memory=(i == 0))
-                flow = self.dit(state, x, steps[i], context, call)
+                flow = self.dit(state, x, times[i], context, call)
                 x0 = x0_from_flow(flow.flatten(0, 1), x.flatten(0, 1), sigmas[i])
             if i < last:
                 eps = noise.step(chunk, i, tuple(x0.shape)).to(x0.device, x0.dtype)
@@ -266,11 +281,12 @@ class ChunkStepper:
 
     def step(self, state: AnyStreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
              noise: NoiseSource, exit_step: int | None = None, grad: bool = False,
-             hooks: ChunkHooks | None = None) -> torch.Tensor:
-        """One chunk from its initial noise `x`: `denoise`, `hooks.on_chunk`, `commit`,
-        `hooks.after_commit`; returns its x0. The one per-chunk procedure: `rollout` runs it
-        for every chunk and a live session once per `next_chunk`, so both make the same calls."""
-        x0 = self.denoise(state, chunk, x, context, noise, exit_step, grad)
+             hooks: ChunkHooks | None = None, steps: Sequence[int] | None = None) -> torch.Tensor:
+        """One chunk from its initial noise `x`: `denoise` (over `steps` of the list, default
+        all), `hooks.on_chunk`, `commit`, `hooks.after_commit`; returns its x0. The one
+        per-chunk procedure: `rollout` runs it for every chunk and a live session once per
+        `next_chunk`, so both make the same calls."""
+        x0 = self.denoise(state, chunk, x, context, noise, exit_step, grad, steps)
         every = [*self.hooks, *([hooks] if hooks is not None else [])]
         for h in every:
             if h.on_chunk is not None:
@@ -337,6 +353,20 @@ class ChunkStepper:
         def before_chunk(n: int, stream: Stream) -> None:
             if n in contexts:
                 stream.set_prompt(contexts[n], transition=transitions.get(n, Transition()))
+
+        return before_chunk
+
+    def runtime_controls(self, changes: Sequence[ControlChange]) -> BeforeChunk:
+        """A `before_chunk` hook that replays a live session's runtime controls: at each
+        change's chunk, its denoising steps and / or its reseed."""
+        by_chunk = {change.chunk: change for change in changes}
+
+        def before_chunk(n: int, stream: Stream) -> None:
+            change = by_chunk.get(n)
+            if change is not None and change.steps is not None:
+                stream.set_steps(change.steps)
+            if change is not None and change.seed is not None:
+                stream.reseed(change.seed)
 
         return before_chunk
 

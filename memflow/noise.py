@@ -41,6 +41,10 @@ class NoiseSource:
         """Fresh noise for re-noising chunk `chunk` after denoising step `step`, [B*F, C, h, w]."""
         raise NotImplementedError
 
+    def reseed(self, seed: int) -> None:
+        """Draw what follows from `seed` (a live session's "seed for the next chunk")."""
+        raise ValueError(f"{type(self).__name__} cannot be reseeded")
+
     def context(self, chunk: int, shape: tuple[int, ...]) -> torch.Tensor | None:
         """Noise [B*F, C, h, w] that re-noises chunk `chunk`'s x0 to `context_noise` before its
         committing pass, or None to commit the clean x0 (inference, as the reference does)."""
@@ -75,6 +79,9 @@ class SeededNoise(NoiseSource):
         self.device = torch.device(device)
         self.draws_context_noise = context_noise
         self.order = order
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
 
     def _draw(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=self.dtype, device=self.device)

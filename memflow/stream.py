@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Protocol
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
@@ -58,7 +58,9 @@ class ChunkRunner(Protocol):
 
     def step(self, state: AnyStreamState, chunk: int, x: torch.Tensor, context: torch.Tensor,
              noise: NoiseSource, exit_step: int | None, grad: bool,
-             hooks: Any) -> torch.Tensor: ...
+             hooks: Any, steps: Sequence[int] | None = None) -> torch.Tensor: ...
+
+    def step_indices(self, steps: Sequence[int] | None) -> tuple[int, ...]: ...
 
     def recent_frames(self, recache_frames: int | None = None) -> int | None: ...
 
@@ -89,6 +91,16 @@ class _Wish:
     label: Hashable
     request: Any
     transition: Transition
+
+
+@dataclass(frozen=True)
+class ControlChange:
+    """At chunk `chunk` the stream began to denoise over `steps` (indices of the step list; None:
+    unchanged), and / or its noise was reseeded with `seed` (None: not)."""
+
+    chunk: int
+    steps: tuple[int, ...] | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -156,6 +168,9 @@ class Stream:
         self.last_change: PromptChange | None = None  # the change the last chunk began with
         self._wish: _Wish | None = None
         self._moving: _Moving | None = None
+        self.steps: tuple[int, ...] | None = None  # the step list's indices run (None: all)
+        self.controls: list[ControlChange] = []  # runtime changes of steps and seed, in order
+        self._control_wish: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     # -- prompts --------------------------------------------------------------------------------
@@ -217,6 +232,30 @@ class Stream:
         if moving.done == t.chunks:
             self._moving = None
 
+    def set_steps(self, steps: Sequence[int] | None) -> None:
+        """Denoise over these indices of the step list from the next chunk on (None: all).
+        Any thread; checked now."""
+        checked = None if steps is None else self.stepper.step_indices(steps)
+        with self._lock:
+            self._control_wish["steps"] = checked
+
+    def reseed(self, seed: int) -> None:
+        """Draw the next chunk's noise (and what follows) from `seed`. Any thread."""
+        with self._lock:
+            self._control_wish["seed"] = seed
+
+    def _apply_controls(self) -> None:
+        with self._lock:
+            wish, self._control_wish = self._control_wish, {}
+        if not wish:
+            return
+        if "steps" in wish:
+            self.steps = wish["steps"]
+        if "seed" in wish:
+            self.noise.reseed(wish["seed"])
+        steps = self.stepper.step_indices(self.steps) if "steps" in wish else None
+        self.controls.append(ControlChange(self.chunk, steps, wish.get("seed")))
+
     @property
     def in_transition(self) -> bool:
         """Whether the next chunk is still part of a transition."""
@@ -240,11 +279,13 @@ class Stream:
                 h.before_chunk(self.chunk, self)
         self.last_change = self._apply_wish()
         self._move_conditioning()
+        self._apply_controls()
         n = self.chunk
         self.switched = self.last_change is not None and n > 0
         if x is None:
             x = self.stepper.chunk_noise(self.noise, n, self.batch_size, self.latent_hw)
-        x0 = self.stepper.step(self.state, n, x, self.context, self.noise, exit_step, grad, hooks)
+        x0 = self.stepper.step(self.state, n, x, self.context, self.noise, exit_step, grad, hooks,
+                               self.steps)
         self._keep_recent(x0)
         self.chunk = n + 1
         return x0

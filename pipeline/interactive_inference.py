@@ -21,6 +21,7 @@ from memflow.config import SwitchOptions
 from memflow.noise import NoiseSource
 from memflow.prompt_blend import Transition
 from memflow.static_stream import AnyStreamState
+from memflow.stream import ControlChange, Stream
 
 from .causal_inference import CausalInferencePipeline
 
@@ -42,11 +43,13 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
         state: AnyStreamState | None = None,
         transitions: Sequence[Transition] | None = None,
         prefix: torch.Tensor | None = None,
+        controls: Sequence[ControlChange] = (),
     ) -> torch.Tensor:
         """Generate [B, num_frames, C, h, w] latents; segment k+1's prompt starts at chunk
         `switch_chunks[k]` (one chunk index per switch, strictly increasing), at once or as
         `transitions[k]` says (memflow/stream.py: over that many chunks, no recache); after
-        the clean `prefix` latents if given (a start image or video)."""
+        the clean `prefix` latents if given (a start image or video); `controls`: a live
+        session's runtime changes of steps and seed, replayed at their chunks."""
         num_chunks = self.check_num_frames(num_frames)
         if len(switch_chunks) != len(segment_embeds) - 1:
             raise ValueError(
@@ -67,8 +70,14 @@ class InteractiveInferencePipeline(CausalInferencePipeline):
                              f"{len(transitions)}")
         switches = self.stepper.prompt_switches(dict(zip(switch_chunks, contexts[1:])),
                                                 dict(zip(switch_chunks, transitions or ())))
+        replay = self.stepper.runtime_controls(controls)
+
+        def before_chunk(n: int, stream: Stream) -> None:
+            switches(n, stream)
+            replay(n, stream)
+
         return self.stepper.rollout(
             contexts[0], num_frames, latent_hw, noise,
-            hooks=ChunkHooks(before_chunk=switches, on_chunk=on_chunk), progress=progress,
+            hooks=ChunkHooks(before_chunk=before_chunk, on_chunk=on_chunk), progress=progress,
             state=state, switch=switch, prefix=prefix,
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from memflow.errors import InputError
 from memflow.prompt_blend import Transition
+from memflow.stream import ControlChange
 from utils.distributed import shard_indices
 from utils.naming import video_filename
 from utils.prompts import Segment, segment_texts
@@ -37,6 +38,7 @@ class Job:
     switch_chunks: tuple[int, ...] = ()  # interactive: the chunk at which each next prompt starts
     transitions: tuple[Transition, ...] | None = None  # interactive: how each switch moves
     start: Start | None = None  # the line's start image or video to continue
+    controls: tuple[ControlChange, ...] = ()  # interactive: a session's runtime controls
 
 
 @dataclass(frozen=True)

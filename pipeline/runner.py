@@ -28,6 +28,7 @@ from config.schema import InferenceConfig
 from memflow.errors import InputError
 from memflow.noise import NoiseOrder, SeededNoise
 from memflow.prompt_blend import weighted_embedding
+from memflow.stream import ControlChange
 from memflow.text_encoder import TextEncoder, clean_prompt
 from memflow.vae import VAE_STRIDE
 from utils.distributed import DistInfo, barrier, prompt_seed, rank_seed
@@ -87,8 +88,24 @@ def load_jobs(c: InferenceConfig, interactive: bool, settings: InferenceSettings
                 for i, (line, p) in enumerate(load_prompt_lines(data_path))]
     return [Job(i, story.line, story.prompts, story_switch_chunks(c, story, settings, data_path),
                 None if story.transitions is None else tuple(story.transitions),
-                starts.get(story.line))
+                starts.get(story.line), story_controls(story, settings, data_path))
             for i, story in enumerate(load_interactive_stories(data_path))]
+
+
+def story_controls(story: InteractiveStory, settings: InferenceSettings,
+                   data_path: str) -> tuple[ControlChange, ...]:
+    """A line's `chunk_steps` (values of the config's step list) and `chunk_seeds` as the
+    stream's runtime control changes."""
+    listed = list(settings.sampling.denoising_step_list)
+    changes = []
+    for chunk in sorted({*story.chunk_steps, *story.chunk_seeds}):
+        steps = story.chunk_steps.get(chunk)
+        if steps is not None and any(v not in listed for v in steps):
+            raise InputError(f"{data_path}:{story.line}: chunk_steps at chunk {chunk}: {steps} is "
+                             f"not a subset of the denoising_step_list {listed}")
+        indices = None if steps is None else tuple(listed.index(v) for v in steps)
+        changes.append(ControlChange(chunk, indices, story.chunk_seeds.get(chunk)))
+    return tuple(changes)
 
 
 def story_switch_chunks(
@@ -270,7 +287,7 @@ def _generate_one(
             pipe.generate_latents_interactive(
                 embeds, list(job.switch_chunks), settings.num_frames, settings.latent_hw, noise,
                 switch=settings.switch, on_chunk=on_chunk, progress=True,
-                transitions=job.transitions, prefix=prefix,
+                transitions=job.transitions, prefix=prefix, controls=job.controls,
             )
         else:
             pipe.generate_latents(

@@ -133,6 +133,16 @@ def check_prompt(text: object) -> str:
     return text
 
 
+def check_seed(seed: object) -> int:
+    """A seed a torch generator takes (the config's range)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
+    low, high = SEED_RANGE["minimum"], SEED_RANGE["maximum"]
+    if not low <= seed <= high:
+        raise ValueError(f"seed must be in [{low}, {high}] (what a torch generator takes), got {seed}")
+    return seed
+
+
 def check_segment(prompt: object) -> Segment:
     """A prompt, or a weighted prompt: a non-empty sequence of (text, weight) pairs with finite
     weights >= 0, not all 0."""
@@ -337,6 +347,8 @@ class Session:
         self._save_lock = threading.Lock()  # one save at a time (it encodes outside _run_lock)
         self._view_lock = threading.Lock()  # the snapshot other threads read
         self._video: _Video | None = None
+        # the memory view after each chunk (`memory()`): a readout the page may switch off
+        self.memory_view_enabled = True
         if settings.compat:
             log.warning("behaviour: compat draws a video's initial noise up front; a session draws "
                         "it per chunk, so interactive_inference.sh replays its timeline with other "
@@ -449,11 +461,7 @@ class Session:
             Start("video", video) if video is not None else None
         if seed is None:
             seed = self.default_seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
-        low, high = SEED_RANGE["minimum"], SEED_RANGE["maximum"]
-        if not low <= seed <= high:
-            raise ValueError(f"seed must be in [{low}, {high}] (what a torch generator takes), got {seed}")
+        seed = check_seed(seed)
         with self._run_lock:
             self._drop_stream()
             video = _Video(self, prompt, self._encode(prompt), seed, start)
@@ -476,6 +484,31 @@ class Session:
             raise RuntimeError("the session is not started; call start(prompt) first")
         # encoded at the boundary, on the generation thread
         video.stream.set_prompt(lambda: self._encode(segment), segment, request, transition)
+
+    def set_steps(self, steps: Sequence[int] | None) -> None:
+        """Denoise with these steps of the config's `denoising_step_list` (values, in the list's
+        order, at least one; None: all) from the next chunk on. Fewer steps: faster chunks."""
+        listed = list(self.settings.sampling.denoising_step_list)
+        if steps is not None:
+            if isinstance(steps, (str, bytes)) or any(
+                    isinstance(v, bool) or v not in listed for v in steps):
+                raise ValueError(f"steps must be values of the denoising_step_list {listed}, "
+                                 f"got {steps!r}")
+            steps = [listed.index(v) for v in steps]
+        self._require_video().stream.set_steps(steps)  # ValueError: not increasing, or none
+
+    @property
+    def steps(self) -> list[int] | None:
+        """The denoising steps (values) of the last chunk; None before a video."""
+        video = self._video
+        if video is None:
+            return None
+        listed = list(self.settings.sampling.denoising_step_list)
+        return [listed[i] for i in self.stepper.step_indices(video.stream.steps)]
+
+    def set_seed(self, seed: int) -> None:
+        """Draw the next chunk's noise, and what follows, from `seed`."""
+        self._require_video().stream.reseed(check_seed(seed))
 
     def reset(self) -> None:
         """Drop the video (cache, bank, frames, timeline); the models stay. `start` again."""
@@ -512,7 +545,8 @@ class Session:
             pixel_start = video.spool.count
             with self._view_lock:
                 video.spool.append(frames)
-                video.memory = memory_view(video.stream.state)
+                if self.memory_view_enabled:  # a readout: the bank's choices come to the host
+                    video.memory = memory_view(video.stream.state)
             change = video.stream.last_change
             return ChunkResult(n, start, pixel_start, frames, video.prompt, video.stream.switched,
                                None if change is None else change.request,
@@ -648,6 +682,13 @@ class Session:
             line["blend"] = [e.blend for e in switches]
         if start_name is not None:
             line[video.start.kind] = start_name
+        listed = list(self.settings.sampling.denoising_step_list)
+        controls = [c for c in video.stream.controls if c.chunk < video.chunk]
+        if any(c.steps is not None for c in controls):
+            line["chunk_steps"] = [[c.chunk, [listed[i] for i in c.steps]] for c in controls
+                                   if c.steps is not None]
+        if any(c.seed is not None for c in controls):
+            line["chunk_seeds"] = [[c.chunk, c.seed] for c in controls if c.seed is not None]
         data_path = Path(video_name).with_suffix(".jsonl").name
         replay = [*self.overrides, "mode=interactive", f"data_path={data_path}",
                   f"num_output_frames={latents}", f"seed={video.seed}"]

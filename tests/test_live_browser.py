@@ -8,6 +8,7 @@ chromedriver or selenium is missing (README "Setup" installs them).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -255,3 +256,15 @@ def test_page_uploads_an_image_and_starts_from_it(server, browser, tmp_path):
     generated = until(browser, lambda d: d.execute_script("return live.framesGenerated"),
                       "no frame count")
     assert generated % FRAMES_PER_CHUNK_PIXELS == 1, generated  # the image frame, then chunks
+
+    # a saved timeline JSON loaded back: its switches become the plan
+    saved = tmp_path / "clip.json"
+    saved.write_text(json.dumps({"timeline": [{"pixel_frame": 0, "prompt": "a red barn"},
+                                              {"pixel_frame": 45, "prompt": "night falls"},
+                                              {"pixel_frame": 90, "prompt": "snow"}]}))
+    browser.find_element(By.ID, "timeline-file").send_keys(str(saved))
+    until(browser, lambda d: text(d, "plan-note") == "2 planned", "the timeline was not planned")
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('#plan-rows tr')].map(tr => "
+        "[tr.querySelector('.plan-at').value, tr.querySelector('.plan-prompt').value])")
+    assert rows == [["45", "night falls"], ["90", "snow"]]

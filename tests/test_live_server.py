@@ -434,3 +434,28 @@ def test_uploads_are_bytes_with_a_size_limit_never_a_path(fake_app):
                 ws.send_json({"type": "start", "prompt": "a", **field})
                 error = receive_until(ws, of_type("error"))
                 assert error["code"] == "bad_field", error
+
+
+def test_runtime_controls_through_the_server(tiny_session):
+    """`controls`: fewer steps and a seed apply from the next chunk (the status shows the
+    steps), the memory view can be switched off; bad values are error frames."""
+    s = tiny_session
+    listed = list(s.settings.sampling.denoising_step_list)
+    app = create_app(lambda: s, settings())
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        ws.send_json({"type": "controls", "steps": listed[:1]})
+        assert receive_until(ws, of_type("error"))["code"] == "not_started"
+        ws.send_json({"type": "start", "prompt": "a cat", "seed": 3})
+        receive_until(ws, of_type("chunk"))
+        ws.send_json({"type": "controls", "steps": listed[:1], "seed": 9, "memory_view": False})
+        receive_until(ws, lambda m: m.get("type") == "status" and m.get("steps") == listed[:1])
+        assert s.memory_view_enabled is False
+        for bad in ({"steps": [123]}, {"steps": "all"}, {"memory_view": "yes"}):
+            ws.send_json({"type": "controls", **bad})
+            assert receive_until(ws, of_type("error"))["code"] == "bad_field", bad
+        ws.send_json({"type": "controls", "steps": None, "memory_view": True})
+        receive_until(ws, lambda m: m.get("type") == "status" and m.get("steps") == listed)
+        ws.send_json({"type": "stop"})
+        receive_until(ws, of_type("status", state="stopped"))
+    assert_released(app)

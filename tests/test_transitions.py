@@ -151,3 +151,39 @@ def test_a_session_with_weighted_prompts_and_transitions_replays_offline(tmp_pat
     replay = [o for o in meta["replay"]["overrides"] if not o.startswith("data_path=")]
     offline, _ = run_offline(tmp_path, [*replay, f"data_path={line}"])
     assert torch.equal(offline.cpu(), torch.cat([r.latents for r in results], dim=1))
+
+
+def test_runtime_steps_and_seed_apply_at_the_next_chunk_and_replay_offline(tmp_path: Path):
+    """Fewer denoising steps and a new seed, asked for between chunks, take effect at the next
+    chunk (other latents than without them) and the saved line replays them bit for bit."""
+    old = torch.get_num_threads()
+    try:
+        s = Session.from_config(CONFIG, SMALL)
+        listed = list(s.settings.sampling.denoising_step_list)
+        s.start("a cat", seed=SEED)
+        plain = [s.next_chunk().latents for _ in range(3)]
+        s.start("a cat", seed=SEED)
+        steered = [s.next_chunk().latents]
+        s.set_steps(listed[:1] + listed[-1:])
+        steered.append(s.next_chunk().latents)
+        s.set_seed(11)
+        s.set_steps(None)
+        steered.append(s.next_chunk().latents)
+        assert torch.equal(plain[0], steered[0])
+        assert not torch.equal(plain[1], steered[1]) and not torch.equal(plain[2], steered[2])
+        with pytest.raises(ValueError, match="values of the denoising_step_list"):
+            s.set_steps([123])
+        with pytest.raises(ValueError, match="increasing"):
+            s.set_steps(listed[::-1])
+        _, sidecar = s.save_mp4(tmp_path / "clip.mp4")
+    finally:
+        torch.set_num_threads(old)
+    meta = json.loads(sidecar.read_text())
+    line = meta["interactive_jsonl"]
+    assert line["chunk_steps"] == [[1, listed[:1] + listed[-1:]], [2, listed]]
+    assert line["chunk_seeds"] == [[2, 11]]
+    path = tmp_path / meta["replay"]["data_path"]
+    path.write_text(json.dumps(line) + "\n")
+    replay = [o for o in meta["replay"]["overrides"] if not o.startswith("data_path=")]
+    offline, _ = run_offline(tmp_path, [*replay, f"data_path={path}"])
+    assert torch.equal(offline.cpu(), torch.cat(steered, dim=1))

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ _INT = re.compile(r"-?\d+")
 # project does not read would otherwise be dropped without a word).
 SINGLE_FIELDS = ("prompt", "prompts", "switch_frame_indices", "image", "video")
 INTERACTIVE_FIELDS = ("prompts", "switch_frame_indices", "transition_chunks", "blend", "image",
-                      "video")
+                      "video", "chunk_steps", "chunk_seeds")
 START_FIELDS = ("image", "video")  # a line's start image or video to continue (pipeline/start.py)
 
 # One segment of a story: a prompt, or a weighted prompt ((text, weight), ...) whose
@@ -188,6 +188,10 @@ class InteractiveStory:
     prompts: list[Segment]
     switch_frame_indices: list[int] | None = None
     transitions: list[Transition] | None = None  # one per switch; None: all at once
+    # a live session's runtime controls, by the chunk they took effect at: the denoising steps
+    # (values of the config's list) and the seed the noise was drawn from
+    chunk_steps: dict[int, list[int]] = field(default_factory=dict)
+    chunk_seeds: dict[int, int] = field(default_factory=dict)
 
 
 def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveStory]:
@@ -206,7 +210,9 @@ def load_interactive_stories(path: str | os.PathLike[str]) -> list[InteractiveSt
             for j, s in enumerate(_prompt_list(obj, path, lineno))
         ]
         story = InteractiveStory(lineno, segments, _line_switches(obj, path, lineno),
-                                 _line_transitions(obj, len(segments) - 1, path, lineno))
+                                 _line_transitions(obj, len(segments) - 1, path, lineno),
+                                 _by_chunk(obj, "chunk_steps", path, lineno),
+                                 _by_chunk(obj, "chunk_seeds", path, lineno))
         if story.switch_frame_indices is None:
             if first is None:
                 first = story
@@ -242,6 +248,32 @@ def _check_segment(value: Any, path: Path, lineno: int, where: str) -> Segment:
     if sum(w for _, w in parts) <= 0:
         raise InputError(f"{path}:{lineno}: {where}: the weights are all 0")
     return tuple(parts)
+
+
+def _by_chunk(obj: dict[str, Any], key: str, path: Path, lineno: int) -> dict[int, Any]:
+    """A line's [[chunk, value], ...] (`chunk_steps`: a list of step values; `chunk_seeds`: a
+    seed) as {chunk: value}."""
+    entries = obj.get(key, [])
+    out: dict[int, Any] = {}
+    if not isinstance(entries, list):
+        raise InputError(f'{path}:{lineno}: "{key}" must be an array of [chunk, value] pairs')
+    for k, entry in enumerate(entries):
+        ok = isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and entry[0] >= 0
+        value = entry[1] if ok else None
+        if key == "chunk_steps":
+            ok = ok and isinstance(value, list) and bool(value) and all(_is_int(v) for v in value)
+        else:
+            ok = ok and _is_int(value)
+        if not ok:
+            kind = "a list of step values" if key == "chunk_steps" else "a seed"
+            raise InputError(f'{path}:{lineno}: "{key}"[{k}] must be [chunk, {kind}], got '
+                             f"{json.dumps(entry)[:60]}")
+        out[entry[0]] = value
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _per_switch(obj: dict[str, Any], key: str, switches: int, path: Path, lineno: int) -> list:

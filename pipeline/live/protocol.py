@@ -77,6 +77,17 @@ class SetPrompt:
 
 
 @dataclass(frozen=True)
+class Controls:
+    """Runtime controls, each optional: the denoising steps from the next chunk (values of the
+    config's list; `all_steps`: back to the whole list), the next chunk's seed, the memory
+    view on or off."""
+    steps: tuple[int, ...] | None = None
+    all_steps: bool = False
+    seed: int | None = None
+    memory_view: bool | None = None
+
+
+@dataclass(frozen=True)
 class PlannedSwitch:
     frame: int   # pixel frame (seconds are converted with the video's fps)
     prompt: str
@@ -103,17 +114,17 @@ class Simple:
     type: str
 
 
-Command = Hello | Start | SetPrompt | Plan | Ack | Ping | Simple
+Command = Hello | Start | SetPrompt | Plan | Controls | Ack | Ping | Simple
 SIMPLE_TYPES = ("stop", "resume", "reset", "save")
-CLIENT_TYPES = ("hello", "start", "prompt", "plan", "ack", "ping") + SIMPLE_TYPES
+CLIENT_TYPES = ("hello", "start", "prompt", "plan", "controls", "ack", "ping") + SIMPLE_TYPES
 
 
 def type_of(command: Command) -> str:
     """The wire `type` of a parsed command."""
     if isinstance(command, Simple):
         return command.type
-    return {Hello: "hello", Start: "start", SetPrompt: "prompt", Plan: "plan", Ack: "ack",
-            Ping: "ping"}[type(command)]
+    return {Hello: "hello", Start: "start", SetPrompt: "prompt", Plan: "plan",
+            Controls: "controls", Ack: "ack", Ping: "ping"}[type(command)]
 
 
 def decode_text(data: bytes | str) -> str:
@@ -159,6 +170,8 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
         return SetPrompt(_prompt(obj, settings), chunks, blend)
     if kind == "plan":
         return Plan(_plan(obj, settings, fps))
+    if kind == "controls":
+        return _controls(obj)
     if kind == "ack":
         return Ack(_int(obj, "frames", 0, 2**32 - 1))
     t = obj.get("t")
@@ -205,6 +218,24 @@ def _upload(obj: dict) -> tuple[str | None, str | None]:
         raise ProtocolError("bad_field", f"`{given[0]}` must be the id an upload returned "
                             "(POST /upload), not a path or anything else")
     return upload, given[0]
+
+
+def _controls(obj: dict) -> Controls:
+    steps, all_steps = None, False
+    if "steps" in obj:
+        value = obj["steps"]
+        if value is None:
+            all_steps = True
+        elif (not isinstance(value, list) or not value or len(value) > 64
+              or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ProtocolError("bad_field", "`steps` must be a non-empty list of step values "
+                                "(of the config's denoising_step_list) or null for all")
+        else:
+            steps = tuple(value)
+    memory = obj.get("memory_view")
+    if memory is not None and not isinstance(memory, bool):
+        raise ProtocolError("bad_field", "`memory_view` must be true or false")
+    return Controls(steps, all_steps, _seed(obj), memory)
 
 
 def _seed(obj: dict) -> int | None:

@@ -22,7 +22,16 @@ from pipeline.session import SessionLimitReached
 
 from .downloads import DownloadStore
 from .outbox import Outbox, encode_jpeg, frame_message
-from .protocol import Command, Plan, PlannedSwitch, SetPrompt, Simple, Start, error_frame
+from .protocol import (
+    Command,
+    Controls,
+    Plan,
+    PlannedSwitch,
+    SetPrompt,
+    Simple,
+    Start,
+    error_frame,
+)
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -163,6 +172,8 @@ class GenerationWorker(threading.Thread):
         elif isinstance(command, Plan):
             self.plan = list(command.switches)
             self._post_timeline()
+        elif isinstance(command, Controls):
+            self._controls(command)
         elif isinstance(command, Simple):
             {"stop": self._pause, "resume": self._resume, "reset": self._reset,
              "save": self._save}[command.type]()
@@ -201,6 +212,26 @@ class GenerationWorker(threading.Thread):
         chunks, blend = transition
         self.session.set_prompt(prompt, SwitchRequest(received, chunks_done, planned),
                                 transition_chunks=chunks, blend=blend)
+        self._post_status()
+
+    def _controls(self, command: Controls) -> None:
+        """Steps and seed apply from the next chunk of the video; the memory view at once."""
+        if command.memory_view is not None:
+            self.session.memory_view_enabled = command.memory_view
+        if command.steps is None and not command.all_steps and command.seed is None:
+            self._post_status()
+            return
+        if self.state in (WorkerState.IDLE, WorkerState.LOADING, WorkerState.ERROR):
+            self.outbox.put_message(error_frame("not_started", "steps and seed steer a video: "
+                                                "start one first"))
+            return
+        try:
+            if command.steps is not None or command.all_steps:
+                self.session.set_steps(None if command.all_steps else list(command.steps))
+            if command.seed is not None:
+                self.session.set_seed(command.seed)
+        except ValueError as e:
+            self.outbox.put_message(error_frame("bad_field", str(e)))
         self._post_status()
 
     def _pause(self, note: str = "stopped: resume to continue this video") -> None:
@@ -327,6 +358,8 @@ class GenerationWorker(threading.Thread):
             "positions": getattr(session, "positions", None),
             "max_latent_frames": getattr(session, "max_latent_frames", None),
             "chunk_ms": (last["generate_s"] + last["decode_s"]) * 1000 if last else None,
+            "steps": getattr(session, "steps", None),
+            "memory_view": getattr(session, "memory_view_enabled", None),
         })
 
     def _post_timeline(self) -> None:
@@ -339,6 +372,8 @@ class GenerationWorker(threading.Thread):
             "plan": [{"frame": s.frame, "prompt": s.prompt} for s in self.plan]})
 
     def _post_memory(self) -> None:
+        if not getattr(self.session, "memory_view_enabled", True):
+            return
         view = self.session.memory()
         frames = list(dict.fromkeys([*view.sink, *view.bank]))
         self._thumbs = {f: self._thumbs.get(f) or self._thumbnail(f) for f in frames}

@@ -129,6 +129,7 @@ function onStatus(m) {
   if (m.gen_fps) $("gen-fps").textContent = m.gen_fps.toFixed(1);
   if (m.chunk_ms) $("chunk-ms").textContent = `${m.chunk_ms.toFixed(0)} ms`;
   if (m.frames_generated !== undefined) live.framesGenerated = m.frames_generated;
+  if (m.steps) $("steps-now").textContent = `steps ${m.steps.join(",")}`;
   if (m.positions) {
     $("positions").textContent = m.max_latent_frames == null ? `${m.positions} (endless)`
       : `${m.positions} (ends at latent frame ${m.max_latent_frames})`;
@@ -424,6 +425,30 @@ function bind() {
   $("reset").onclick = () => { send({ type: "reset" }); clearVideo(); };
   $("save").onclick = () => send({ type: "save" });
   $("plan-add").onclick = () => { addPlanRow(); drawTimeline(); };
+  $("steps-apply").onclick = () => {
+    const text = $("steps").value.trim();
+    const steps = text ? text.split(",").map((v) => parseInt(v, 10)) : null;
+    if (steps && steps.some((v) => !Number.isFinite(v))) { logLine("steps: comma-separated integers", "err"); return; }
+    send({ type: "controls", steps });
+  };
+  $("seed-apply").onclick = () => {
+    const seed = parseInt($("next-seed").value, 10);
+    if (!Number.isFinite(seed) || seed < 0) { logLine("seed: an integer >= 0", "err"); return; }
+    send({ type: "controls", seed });
+  };
+  $("memory-view").onchange = (e) => send({ type: "controls", memory_view: e.target.checked });
+  $("timeline-file").onchange = (e) => {
+    const file = e.target.files[0]; if (!file) return;
+    file.text().then((text) => {
+      const saved = JSON.parse(text);
+      const entries = (saved.timeline || []).slice(1);  // the first is the start prompt
+      $("plan-rows").innerHTML = "";
+      entries.forEach((entry) => addPlanRow(entry.pixel_frame, "frame", entry.prompt));
+      drawTimeline();
+      sendPlan();
+      logLine(`plan loaded from ${file.name}: ${entries.length} switches`);
+    }).catch((err) => logLine(`not a timeline JSON: ${err}`, "err"));
+  };
   $("plan-send").onclick = sendPlan;
   setInterval(() => { const t = Math.round(performance.now()); live.pings.set(t, t); send({ type: "ping", t }); }, 2000);
 }
