@@ -264,7 +264,7 @@ def test_switch_chunks_match_the_reference_loop() -> None:
                 effective_switch_chunks(indices, fpb, num_chunks)
 
 
-@pytest.mark.parametrize("line, field", [('{"prompt": "a cat", "image": "cat.png"}', "image"),
+@pytest.mark.parametrize("line, field", [('{"prompt": "a cat", "picture": "cat.png"}', "picture"),
                                          ('{"prompts": ["a cat"], "promts": ["a dog"]}', "promts")])
 def test_an_unknown_field_of_a_prompt_line_is_an_error_naming_it(tmp_path, line, field) -> None:
     path = tmp_path / "p.jsonl"
