@@ -371,6 +371,9 @@ class LongTuningKeys:
     fixed_switch_index: int | None = None  # null: 21
     min_switch_frame_index: int | None = None
     max_switch_frame_index: int | None = None
+    # stage 2: every sequence starts from an image of this folder (sequence i: the i-th, in
+    # name order, cycling), encoded as its first latent frame; null: from nothing
+    start_images: str | None = field(default=None, metadata=_NONEMPTY)
 
 
 

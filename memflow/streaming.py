@@ -168,7 +168,8 @@ class StreamState(StreamStateBase):
         (`torch.save`-able with weights_only loading): a training sequence in flight survives a
         checkpoint with it."""
         return {"kv": self.kv.state_dict(), "text": self.text.state_dict(),
-                "sources": {source.name: source.state_dict() for source in self.sources}}
+                "sources": {source.name: source.state_dict() for source in self.sources},
+                "prefix_frames": self.prefix_frames}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` into a state built with the same configs, sizes and sources."""
@@ -180,6 +181,7 @@ class StreamState(StreamStateBase):
         for source in self.sources:
             source.load_state_dict(state["sources"][source.name], device)
         self.text.load_state_dict(state["text"], device)
+        self.prefix_frames = int(state.get("prefix_frames", 0))  # absent: saved before prefixes
 
     def clear_cache_values(self) -> None:
         """Zero the cached K/V, keeping the pointers: the reference's prompt switch without a

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import CPU, fixed_forward, make_trainer, named_params, train_settings
@@ -348,3 +349,59 @@ def test_generator_iteration_consumes_two_windows_or_three_without_train_first_c
     assert trainer.sequence.generated == frames  # windows of 6, then 3 new frames
     trainer.train_step()  # critic only: one more window
     assert trainer.sequence.generated == frames + 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequences that start from an image (`start_images`)
+# ------------------------------------------------------------------------------------------------
+def _images(folder: Path, count: int = 2) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for k in range(count):
+        pixels = np.zeros((40, 60, 3), np.uint8)
+        pixels[:, : 20 * (k + 1)] = (200, 40 + 80 * k, 30)
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+    return folder
+
+
+def test_stage2_sequences_start_from_images(tmp_path):
+    """With `start_images`, sequence i starts from the i-th image (cycling): its latent is the
+    stream's frame 0 (the sink), the first window is [that latent, the last window - 1 new
+    frames] with the image masked out of the loss, chunks start at frame 1, and training runs;
+    the same run resumes with its sequence in flight exactly."""
+    from utils.media import read_image
+
+    images = _images(tmp_path / "images")
+    overrides = dict(max_iters=5, log_iters=2, start_images=str(images))
+    trainer = make_trainer(make_settings(tmp_path / "a", **overrides))
+    seq = trainer._sequence()
+    assert seq.state.prefix_frames == 1
+    vae = trainer.vae()
+    height, width = (8 * n for n in trainer.settings.latent_hw)  # the VAE stride
+    expected = vae.encode(read_image(images / "0.png", height, width).to(vae.device))
+    assert torch.equal(seq.previous[:1].float().cpu(), expected.to(seq.previous.dtype).float().cpu())
+    window = seq.next_window(trainer.draws.rollout(0, "generator", [0]), grad=False)
+    assert window.start_frame == 0 and window.latents.shape[1] == trainer.settings.streaming.window_frames
+    assert torch.equal(window.latents[:, :1], expected.to(window.latents))
+    assert not window.gradient_mask[:, 0].any() and window.gradient_mask[:, 1:].all()
+    assert trainer.settings.streaming.start_image(3) == images / "1.png"
+
+    a = make_trainer(make_settings(tmp_path / "run_a", **overrides))
+    a.run()
+    b1 = make_trainer(make_settings(tmp_path / "run_b", **overrides))
+    b1.run(stop_after=3)
+    del b1
+    b2 = make_trainer(make_settings(tmp_path / "run_b", **overrides))
+    assert b2.sequence is not None and b2.sequence.state.prefix_frames == 1
+    b2.run()
+    assert _same(_state(a), _state(b2)) == 0.0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "is not a folder"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no images"),
+])
+def test_bad_start_images_are_one_line(tmp_path, make, message):
+    with pytest.raises(InputError, match=f"`start_images`: .*{message}"):
+        make_settings(start_images=str(make(tmp_path)))

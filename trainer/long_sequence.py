@@ -28,6 +28,7 @@ recomputation is exact, §10 item 6).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -105,6 +106,23 @@ def _switch_schedule(c: TrainConfig, fpb: int) -> tuple[SwitchSchedule, str, lis
     return schedule, "min_switch_frame_index", schedule.candidates(10**9, fpb)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _start_images(folder: str | None) -> tuple[Path, ...]:
+    """The images of `start_images` (a folder), in name order; none is an error."""
+    if folder is None:
+        return ()
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError(f"config key `start_images`: {path} is not a folder")
+    images = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    if not images:
+        raise InputError(f"config key `start_images`: no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                         f"{path}")
+    return images
+
+
 def _sequence_lengths(c: TrainConfig, window: int) -> tuple[int, tuple[int, ...]]:
     """(max_length, the lengths a sequence may draw); absent, the reference's fallback."""
     max_length = REFERENCE_FALLBACK_MAX_LENGTH if c.streaming_max_length is None else c.streaming_max_length
@@ -143,6 +161,7 @@ class LongTuningConfig:
     switch_options: SwitchOptions = SwitchOptions()
     recache_frames: int | None = None
     refresh_text_per_window: bool = True
+    start_images: tuple[Path, ...] = ()  # images sequences start from (sequence i: i mod n)
 
     @classmethod
     def from_config(cls, c: TrainConfig, compat: bool) -> LongTuningConfig:
@@ -190,7 +209,12 @@ class LongTuningConfig:
             switch_options=switch,
             recache_frames=window if compat else None,
             refresh_text_per_window=not compat,
+            start_images=_start_images(c.start_images),
         )
+
+    def start_image(self, index: int) -> Path | None:
+        """The image sequence `index` starts from, if the run starts sequences from images."""
+        return self.start_images[index % len(self.start_images)] if self.start_images else None
 
     def cache_frames(self, local_attn_size: int) -> int | None:
         """KV buffer of a sequence: the attention span plus a whole window (§5.3), so that the
@@ -283,7 +307,12 @@ class LongSequence:
         index: int,
         reencode: FirstFrameEncoder,
         track_frames: bool = False,
+        start: torch.Tensor | None = None,
     ):
+        """`start`: clean latents [B, 1, C, h, w] of an image the sequence starts from (committed
+        first, before chunk 0); its first window then is [that latent, the last
+        window_frames - 1 new frames], trained on the new ones, as a later window is with its
+        re-encoded first frame."""
         self.stepper = stepper
         self.config = config
         self.prompts, self.switch_prompts = list(prompts), list(switch_prompts)
@@ -299,6 +328,9 @@ class LongSequence:
         self.generated = 0
         self.switched = False
         self.previous: torch.Tensor | None = None
+        if start is not None:
+            stepper.commit_prefix(self.state, start, cond)
+            self.previous = start.to(cond.device, cond.dtype)
         self.recaches = 0
 
     @property
@@ -369,6 +401,10 @@ class LongSequence:
         mask = None
         if previous is None:
             window = full[:, -cfg.window_frames :]
+        elif start == 0:  # after a start image: it leads the first window, as a real clip's
+            window = torch.cat([previous, new[:, -(cfg.window_frames - 1) :]], dim=1)
+            mask = torch.ones(window.shape, dtype=torch.bool, device=window.device)
+            mask[:, 0] = False
         else:
             overlap = cfg.window_frames - n_new
             image = self.reencode(full[:, : n_new + 1].detach()).to(new.device, new.dtype)

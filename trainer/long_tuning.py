@@ -29,7 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from memflow.vae import VAE_STRIDE
 from utils.distributed import is_distributed
+from utils.media import read_image
 
 from .checkpoint_load import Resumed
 from .long_sequence import LongSequence, vae_first_frame_encoder
@@ -75,7 +77,21 @@ class Stage2Trainer(DistillationTrainer):
             self.models.stepper, cfg, prompts=prompts, switch_prompts=switch_prompts, cond=cond,
             switch_cond=switch_cond, latent_hw=s.latent_hw, max_length=max_length,
             switch_frame=switch_frame, index=index, reencode=self._first_frame_encoder(),
+            start=self._start_latent(index, cond),
         )
+
+    def _start_latent(self, index: int, cond: torch.Tensor) -> torch.Tensor | None:
+        """Sequence `index`'s start image (`start_images`) encoded into one latent frame, one
+        per sample of the batch; None without start images."""
+        path = self.settings.streaming.start_image(index)
+        if path is None:
+            return None
+        vae = self.vae()
+        height, width = (n * stride for n, stride in zip(self.settings.latent_hw, VAE_STRIDE[1:]))
+        with torch.no_grad():
+            latent = vae.encode(read_image(path, height, width).to(vae.device))
+        return latent.expand(cond.shape[0], -1, -1, -1, -1).to(self.device,
+                                                                self.settings.compute_dtype)
 
     def _sequence(self) -> LongSequence:
         """The current sequence, or a new one when there is none or it cannot produce another
