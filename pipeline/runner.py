@@ -55,7 +55,7 @@ from .build import (
 from .causal_inference import CausalInferencePipeline
 from .interactive_inference import InteractiveInferencePipeline
 from .outputs import Job, PlannedVideo, check_existing, plan_videos
-from .start import Start, encode_start
+from .start import Start, check_start, encode_start
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ def load_jobs(c: InferenceConfig, interactive: bool, settings: InferenceSettings
     if not data_path:
         raise InputError("config key `data_path` is not set")
     starts = {line: Start(kind, media) for line, (kind, media) in line_starts(data_path).items()}
+    for line, start in starts.items():  # an unusable file stops the run before it writes
+        try:
+            check_start(start, settings.stream.num_frame_per_block)
+        except InputError as err:
+            raise InputError(f"{data_path}:{line}: {err}") from None
     if not interactive:
         return [Job(i, line, [p], start=starts.get(line))
                 for i, (line, p) in enumerate(load_prompt_lines(data_path))]

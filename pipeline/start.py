@@ -44,6 +44,23 @@ class StartLatents:
     source_frames: torch.Tensor  # the pixels read, [1, T, 3, H, W] in [0, 1]
 
 
+def check_start(start: Start, frames_per_block: int) -> None:
+    """Refuse now, in one line, a start file that `encode_start` could not use (unreadable, not
+    an image, a clip shorter than one chunk), before any output exists: a prompt file's lines
+    are checked this way before generation begins."""
+    if start.kind == "image":
+        read_image(start.source, 16, 16)
+        return
+    _require_a_chunk(read_video(start.source, 16, 16).shape[1], frames_per_block)
+
+
+def _require_a_chunk(frames: int, frames_per_block: int) -> None:
+    shortest = video_frames(frames_per_block)
+    if frames < shortest:
+        raise InputError(f"the video to continue has {frames} frame{'s' * (frames != 1)}; at "
+                         f"least one chunk ({shortest} frames) is needed")
+
+
 def encode_start(start: Start, vae: WanVAE, height: int, width: int, window: int,
                  frames_per_block: int) -> StartLatents:
     """The latents a stream of `window` attended frames and chunks of `frames_per_block`
@@ -52,10 +69,7 @@ def encode_start(start: Start, vae: WanVAE, height: int, width: int, window: int
         frames = read_image(start.source, height, width)
         return StartLatents(vae.encode(frames.to(vae.device)), frames)
     frames = read_video(start.source, height, width)
-    shortest = video_frames(frames_per_block)
-    if frames.shape[1] < shortest:
-        raise InputError(f"the video to continue has {frames.shape[1]} frames; at least one "
-                         f"chunk ({shortest} frames) is needed")
+    _require_a_chunk(frames.shape[1], frames_per_block)
     keep = max(1, min(window - frames_per_block, latent_frames_within(frames.shape[1])))
     tail = frames[:, frames.shape[1] - video_frames(keep):]
     return StartLatents(vae.encode(tail.to(vae.device)), frames)

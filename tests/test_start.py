@@ -173,9 +173,12 @@ def test_prepend_source_writes_the_source_clip_first(tmp_path: Path):
     ({"prompt": "a", "image": "missing.png"}, "missing.png does not exist"),
     ({"prompt": "a", "image": "start.png", "video": "start.png"}, "not both"),
     ({"prompt": "a", "image": 5}, '"image" must be a file path'),
+    ({"prompt": "a", "image": "broken.png"}, "p.jsonl:1: "),  # truncated: found before writing
+    ({"prompt": "a", "video": "start.png"}, "has 1 frame; at least one chunk"),  # an image
 ])
 def test_bad_start_fields_are_one_line_and_nothing_is_written(tmp_path, capsys, line, message):
     (tmp_path / "start.png").write_bytes(_png())
+    (tmp_path / "broken.png").write_bytes(_png()[:150])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps(line) + "\n")
     code = run_inference(str(REPO / "configs" / "tiny.yaml"), tmp_path, f"data_path={prompts}")
