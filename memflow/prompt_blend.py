@@ -42,14 +42,26 @@ class Transition:
         return step / self.chunks
 
 
+def prompt_weights(weights: Sequence[object]) -> tuple[float, ...]:
+    """A weighted prompt's weights checked (ValueError naming the first bad one): numbers,
+    finite and >= 0, not all 0. The one rule for the API, prompt files and the live page."""
+    out = []
+    for k, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ValueError(f"weight {k} must be a finite number >= 0, got {w!r}")
+        out.append(float(w))
+    if not out or sum(out) <= 0:
+        raise ValueError("the weights are all 0")
+    return tuple(out)
+
+
 def weighted_embedding(embeds: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_i w_i e_i / sum_i w_i over prompt embeddings of one shape (in float32, returned in
-    the first's dtype). Weights must be finite and >= 0 with a positive sum."""
+    the first's dtype); `prompt_weights` checks the weights."""
     if len(embeds) != len(weights) or not embeds:
         raise ValueError(f"{len(embeds)} prompts and {len(weights)} weights")
-    if any(not float(w) >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"prompt weights must be finite, >= 0 and not all 0, got {list(weights)}")
-    total = float(sum(weights))
+    weights = prompt_weights(weights)
+    total = sum(weights)
     mixed = sum(e.float() * (float(w) / total) for e, w in zip(embeds, weights))
     return mixed.to(embeds[0].dtype)
 

@@ -53,7 +53,7 @@ from config.schema import SEED_RANGE, InferenceConfig
 from memflow.errors import InputError
 from memflow.files import atomic_write, atomic_write_text
 from memflow.noise import SeededNoise
-from memflow.prompt_blend import Transition
+from memflow.prompt_blend import Transition, prompt_weights
 from memflow.stream import Stream
 from memflow.streaming import StreamState
 from memflow.vae import VAE_STRIDE, latent_frames_within, video_frames
@@ -150,18 +150,10 @@ def check_segment(prompt: object) -> Segment:
         return check_prompt(prompt)
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError("a prompt must be a string or a list of (text, weight) pairs")
-    parts = []
-    for pair in prompt:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"a weighted prompt's parts are (text, weight) pairs, got {pair!r}")
-        text, weight = check_prompt(pair[0]), pair[1]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
-                or weight == float("inf"):
-            raise ValueError(f"a prompt weight must be a finite number >= 0, got {weight!r}")
-        parts.append((text, float(weight)))
-    if sum(w for _, w in parts) <= 0:
-        raise ValueError("a weighted prompt's weights are all 0")
-    return tuple(parts)
+    if any(not isinstance(pair, (list, tuple)) or len(pair) != 2 for pair in prompt):
+        raise ValueError(f"a weighted prompt's parts are (text, weight) pairs, got {prompt!r:.80}")
+    texts = [check_prompt(text) for text, _ in prompt]
+    return tuple(zip(texts, prompt_weights([weight for _, weight in prompt])))
 
 
 class FrameSpool:

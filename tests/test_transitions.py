@@ -106,7 +106,7 @@ def test_prompt_files_carry_transitions_blends_and_weighted_prompts(tmp_path: Pa
     ('"transition_chunks": [1]', '"transition_chunks" has 1 entries for 2 switches'),
     ('"transition_chunks": -2', "transition_chunks must be an integer >= 0"),
     ('"blend": "cubic"', "blend must be one of linear, slerp"),
-    ('"prompts": ["a", [["b", -1]], "c"]', "must be a finite weight >= 0"),
+    ('"prompts": ["a", [["b", -1]], "c"]', "weight 0 must be a finite number >= 0"),
     ('"prompts": ["a", [["b", 0]], "c"]', "the weights are all 0"),
     ('"prompts": ["a", [["b"]], "c"]', "must be a [text, weight] pair"),
 ])

@@ -19,7 +19,7 @@ from typing import Any
 from config.checker import did_you_mean
 from memflow.errors import InputError
 from memflow.files import reading
-from memflow.prompt_blend import Transition
+from memflow.prompt_blend import Transition, prompt_weights
 
 _INT = re.compile(r"-?\d+")
 # Fields a line of a .jsonl prompt file may carry; any other is an error naming it (a field this
@@ -233,21 +233,17 @@ def _check_segment(value: Any, path: Path, lineno: int, where: str) -> Segment:
         return _check_text(value, path, lineno, where)
     if not value:
         raise InputError(f"{path}:{lineno}: {where} is an empty array")
-    parts = []
     for k, pair in enumerate(value):
-        at = f"{where}[{k}]"
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise InputError(f"{path}:{lineno}: {at} must be a [text, weight] pair, got "
+            raise InputError(f"{path}:{lineno}: {where}[{k}] must be a [text, weight] pair, got "
                              f"{_json_type(pair)}")
-        text, weight = _check_text(pair[0], path, lineno, f"{at}[0]"), pair[1]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
-                or weight == float("inf"):
-            raise InputError(f"{path}:{lineno}: {at}[1] must be a finite weight >= 0, got "
-                             f"{weight!r}")
-        parts.append((text, float(weight)))
-    if sum(w for _, w in parts) <= 0:
-        raise InputError(f"{path}:{lineno}: {where}: the weights are all 0")
-    return tuple(parts)
+    texts = [_check_text(text, path, lineno, f"{where}[{k}][0]")
+             for k, (text, _) in enumerate(value)]
+    try:
+        weights = prompt_weights([weight for _, weight in value])
+    except ValueError as err:
+        raise InputError(f"{path}:{lineno}: {where}: {err}") from None
+    return tuple(zip(texts, weights))
 
 
 def _by_chunk(obj: dict[str, Any], key: str, path: Path, lineno: int) -> dict[int, Any]:
