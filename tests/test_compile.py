@@ -17,6 +17,8 @@ from torch._dynamo.utils import counters
 
 from memflow.chunk_loop import ChunkStepper
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: no thread contention
 TOL = 1e-4  # inductor reorders float32 reductions; videos are O(1)
 
 

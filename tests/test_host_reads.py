@@ -27,6 +27,8 @@ def _stream(positions: str, static: bool, track_frames: bool = False) -> Stream:
     return stream
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: no thread contention
+
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("positions", ["absolute", "relative"])
 def test_ten_steady_chunks_read_nothing_back(positions, static):

@@ -15,6 +15,8 @@ from memflow.config import MemoryOptions, StreamConfig, SwitchOptions
 from memflow.stream import Stream
 from utils.probes import AllocatedBytes
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: no thread contention
 TOL = 1e-5  # float32 round-off of a reordered softmax sum, over 15 chunks; videos are O(1)
 
 STREAMS = {
