@@ -432,7 +432,8 @@ class Session:
     def pending_prompt(self) -> str | None:
         """A prompt set with `set_prompt` that takes effect at the next chunk."""
         video = self._video
-        return None if video is None else video.stream.pending_label
+        label = None if video is None else video.stream.pending_label
+        return None if label is None else segment_label(label)
 
     @property
     def seed(self) -> int | None:

@@ -243,12 +243,14 @@ def test_page_uploads_an_image_and_starts_from_it(server, browser, tmp_path):
     Image.fromarray(image).save(path)
     browser.get(server)
     until(browser, lambda d: text(d, "state") == "idle", "the page never got the device")
-    browser.find_element(By.ID, "prompt").send_keys("a red barn in a field")
+    browser.find_element(By.ID, "prompt").send_keys("a red barn:2 | a field:1")  # weighted
     browser.find_element(By.ID, "start-file").send_keys(str(path))
     browser.find_element(By.ID, "start").click()
     until(browser, lambda d: "starting from the image start.png" in text(d, "log"),
           "the image was not uploaded")
     until(browser, lambda d: text(d, "state") == "running", "the video did not start")
+    until(browser, lambda d: d.execute_script("return live.chunkPrompt.get(0)")
+          == "a red barn:2 | a field:1", "the weighted prompt was not the first chunk's")
     until(browser, lambda d: int(text(d, "frames-received") or 0) > 1 + FRAMES_PER_CHUNK_PIXELS,
           "no chunk after the image")
     browser.find_element(By.ID, "stop").click()

@@ -459,3 +459,20 @@ def test_runtime_controls_through_the_server(tiny_session):
         ws.send_json({"type": "stop"})
         receive_until(ws, of_type("status", state="stopped"))
     assert_released(app)
+
+
+def test_a_weighted_prompt_through_the_server(tiny_session):
+    """`prompt` as [text, weight] pairs (the page's "a storm:2 | lightning:1"): the chunk under
+    it is named by its parts and weights; bad weights are error frames."""
+    app = create_app(lambda: tiny_session, settings())
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        receive_until(ws, of_type("status", state="idle"))
+        ws.send_json({"type": "start", "prompt": [["a storm", 2], ["lightning", 1]], "seed": 3})
+        first = receive_until(ws, of_type("chunk"))
+        assert first["prompt"] == "a storm:2 | lightning:1"
+        for bad in ([["a", -1]], [["a", 0]], [["a"]], [], [["", 1]]):
+            ws.send_json({"type": "prompt", "prompt": bad})
+            assert receive_until(ws, of_type("error"))["code"] == "bad_field", bad
+        ws.send_json({"type": "stop"})
+        receive_until(ws, of_type("status", state="stopped"))
+    assert_released(app)

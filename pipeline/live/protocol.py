@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config.schema import SEED_RANGE
-from memflow.prompt_blend import BLENDS
+from memflow.prompt_blend import BLENDS, prompt_weights
 from utils.prompts import prompt_problem
 
 from .settings import ServerSettings
@@ -62,7 +62,7 @@ class Hello:
 
 @dataclass(frozen=True)
 class Start:
-    prompt: str
+    prompt: str | tuple[tuple[str, float], ...]  # a text, or a weighted prompt
     seed: int | None
     upload: str | None = None  # the id of an uploaded start file (pipeline/live/uploads.py)
     kind: str | None = None  # "image" or "video": what the upload is
@@ -71,7 +71,7 @@ class Start:
 
 @dataclass(frozen=True)
 class SetPrompt:
-    prompt: str
+    prompt: str | tuple[tuple[str, float], ...]  # a text, or a weighted prompt
     transition_chunks: int = 0  # 0: at once (with recache); N: the conditioning moves over N chunks
     blend: str = "linear"
 
@@ -159,7 +159,7 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
         token = obj.get("token")
         return Hello(token if isinstance(token, str) else None)
     if kind == "start":
-        return Start(_prompt(obj, settings), _seed(obj), *_upload(obj))
+        return Start(_weighted_or_text(obj, settings), _seed(obj), *_upload(obj))
     if kind == "prompt":
         chunks = 0 if obj.get("transition_chunks") is None else \
             _int(obj, "transition_chunks", 0, MAX_TRANSITION_CHUNKS)
@@ -167,7 +167,7 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
         if blend not in BLENDS:
             raise ProtocolError("bad_field", f"`blend` must be one of {', '.join(BLENDS)}; got "
                                 f"{blend!r:.40}")
-        return SetPrompt(_prompt(obj, settings), chunks, blend)
+        return SetPrompt(_weighted_or_text(obj, settings), chunks, blend)
     if kind == "plan":
         return Plan(_plan(obj, settings, fps))
     if kind == "controls":
@@ -176,6 +176,22 @@ def parse_message(text: str, settings: ServerSettings, fps: float) -> Command:
         return Ack(_int(obj, "frames", 0, 2**32 - 1))
     t = obj.get("t")
     return Ping(float(t) if _is_number(t) else None)
+
+
+def _weighted_or_text(obj: dict, settings: ServerSettings) -> str | tuple[tuple[str, float], ...]:
+    """`prompt`: a text, or a weighted prompt, a list of [text, weight] pairs (at most 8)."""
+    value = obj.get("prompt")
+    if not isinstance(value, list):
+        return _prompt(obj, settings)
+    if not 0 < len(value) <= 8 or not all(isinstance(p, list) and len(p) == 2 for p in value):
+        raise ProtocolError("bad_field", "a weighted `prompt` is a list of 1 to 8 [text, weight] "
+                            "pairs")
+    texts = [_prompt({"prompt": text}, settings) for text, _ in value]
+    try:
+        weights = prompt_weights([weight for _, weight in value])
+    except ValueError as e:
+        raise ProtocolError("bad_field", f"a weighted `prompt`: {e}") from None
+    return tuple(zip(texts, weights))
 
 
 def _prompt(obj: dict, settings: ServerSettings, key: str = "prompt") -> str:

@@ -377,7 +377,10 @@ function clearVideo() {
 
 function promptText() {
   const text = $("prompt").value.trim();
-  if (!text) logLine("type a prompt first", "err");
+  if (!text) { logLine("type a prompt first", "err"); return text; }
+  // "a storm:2 | lightning:1": a weighted prompt, the mix of its parts
+  const parts = text.split(" | ").map((part) => part.match(/^(.*\S):\s*(\d+(?:\.\d+)?)$/));
+  if (parts.length > 1 && parts.every((m) => m)) return parts.map((m) => [m[1], parseFloat(m[2])]);
   return text;
 }
 
@@ -413,7 +416,8 @@ function bind() {
   });
   $("switch").onclick = () => {
     const prompt = promptText(); if (!prompt) return;
-    live.switchAsked = { prompt, t: performance.now() };
+    const label = typeof prompt === "string" ? prompt : prompt.map(([t, w]) => `${t}:${w}`).join(" | ");
+    live.switchAsked = { prompt: label, t: performance.now() };  // as the server names chunks
     const chunks = parseInt($("transition").value, 10);
     send({ type: "prompt", prompt, transition_chunks: Number.isFinite(chunks) && chunks > 0 ? chunks : 0,
            blend: $("blend").value });
